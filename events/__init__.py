@@ -1,0 +1,51 @@
+"""Baton's event contract: the envelope, every domain event, and the flow contract."""
+
+from events.catalog import (
+    EVENT_TYPES,
+    TERMINAL_TYPES,
+    AgentFinished,
+    AgentOutput,
+    AgentSessionStarted,
+    BaseEvent,
+    BranchPushed,
+    PromptDelivered,
+    SessionFailed,
+    TaskCompleted,
+    TaskFailed,
+    TaskSubmitted,
+    WorkspaceFailed,
+    WorkspaceReady,
+    WorkspaceRequested,
+    envelope_for,
+    parse_event,
+)
+from events.envelope import STREAM, Envelope, subject_for, task_subjects, type_subjects
+from events.flow import FLOW_CONTRACT, FlowReport, check_flow
+
+__all__ = [
+    "EVENT_TYPES",
+    "FLOW_CONTRACT",
+    "STREAM",
+    "TERMINAL_TYPES",
+    "AgentFinished",
+    "AgentOutput",
+    "AgentSessionStarted",
+    "BaseEvent",
+    "BranchPushed",
+    "Envelope",
+    "FlowReport",
+    "PromptDelivered",
+    "SessionFailed",
+    "TaskCompleted",
+    "TaskFailed",
+    "TaskSubmitted",
+    "WorkspaceFailed",
+    "WorkspaceReady",
+    "WorkspaceRequested",
+    "check_flow",
+    "envelope_for",
+    "parse_event",
+    "subject_for",
+    "task_subjects",
+    "type_subjects",
+]

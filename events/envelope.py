@@ -1,0 +1,79 @@
+"""The wire format: one JSON envelope per event, one JetStream subject per task and type."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+STREAM = "BATON_EVENTS"
+"""The JetStream stream that holds every domain event."""
+
+SUBJECT_PREFIX = "baton.task"
+STREAM_SUBJECTS = (f"{SUBJECT_PREFIX}.>",)
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def subject_for(task_id: str, event_type: str) -> str:
+    """`baton.task.<task_id>.<type>`: what a consumer filters on."""
+    return f"{SUBJECT_PREFIX}.{task_id}.{event_type}"
+
+
+def task_subjects(task_id: str) -> str:
+    """Every event of one task."""
+    return f"{SUBJECT_PREFIX}.{task_id}.>"
+
+
+def type_subjects(event_type: str) -> str:
+    """One event type, across all tasks."""
+    return f"{SUBJECT_PREFIX}.*.{event_type}"
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Envelope(BaseModel):
+    """One event on the bus: who, what, when and why, with the event's own fields in `data`.
+
+    `event_id` is also the `Nats-Msg-Id` header, so publishing the same envelope twice
+    stores it once. `causation_id` is the event_id of the event that caused this one
+    (None for a user's own action).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str = Field(default_factory=new_event_id)
+    type: str
+    task_id: str
+    occurred_at: datetime = Field(default_factory=utcnow)
+    actor: str
+    causation_id: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("task_id")
+    @classmethod
+    def _task_id_is_a_subject_token(cls, value: str) -> str:
+        # The task id becomes a subject token: no dots, no wildcards, no spaces.
+        if not _TOKEN.match(value):
+            raise ValueError("task_id must be 1-64 of [A-Za-z0-9_-]")
+        return value
+
+    @property
+    def subject(self) -> str:
+        return subject_for(self.task_id, self.type)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Envelope:
+        return cls.model_validate_json(raw)

@@ -1,0 +1,65 @@
+"""The flow contract: the handoffs every successful task shows on the stream, in this order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+FLOW_CONTRACT: tuple[str, ...] = (
+    "TaskSubmitted",
+    "WorkspaceRequested",
+    "WorkspaceReady",
+    "AgentSessionStarted",
+    "PromptDelivered",
+    "AgentOutput",
+    "AgentFinished",
+    "BranchPushed",
+    "TaskCompleted",
+)
+
+
+@dataclass(frozen=True)
+class FlowReport:
+    """How far a task's events follow the contract."""
+
+    reached: tuple[str, ...]
+    missing: tuple[str, ...]
+    out_of_order: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.out_of_order
+
+    @property
+    def first_gap(self) -> str | None:
+        """The first handoff that never happened, e.g. 'PromptDelivered'."""
+        return self.missing[0] if self.missing else None
+
+    def describe(self) -> str:
+        if self.ok:
+            return "flow complete: " + " → ".join(self.reached)
+        parts = []
+        if self.missing:
+            after = self.reached[-1] if self.reached else "nothing"
+            parts.append(f"missing handoff {self.missing[0]} (after {after})")
+        if self.out_of_order:
+            parts.append("out of order: " + ", ".join(self.out_of_order))
+        return "; ".join(parts)
+
+
+def check_flow(event_types: Iterable[str]) -> FlowReport:
+    """Compare the types of a task's events, in stream order, with FLOW_CONTRACT.
+
+    A handoff is out of order when its first occurrence precedes the first occurrence
+    of the handoff before it in the contract.
+    """
+    first_index: dict[str, int] = {}
+    for index, event_type in enumerate(event_types):
+        first_index.setdefault(event_type, index)
+    reached = tuple(step for step in FLOW_CONTRACT if step in first_index)
+    missing = tuple(step for step in FLOW_CONTRACT if step not in first_index)
+    positions = [first_index[step] for step in reached]
+    out_of_order = tuple(
+        step for i, step in enumerate(reached) if i and positions[i] < positions[i - 1]
+    )
+    return FlowReport(reached=reached, missing=missing, out_of_order=out_of_order)

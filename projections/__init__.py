@@ -1,0 +1,1 @@
+"""Read models projected from the event stream for the UI, the API and auditors."""

@@ -1,0 +1,1 @@
+"""The `baton` command line: run the stack, submit and follow tasks."""

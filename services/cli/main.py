@@ -1,0 +1,197 @@
+"""`baton`: run the stack (`up`), submit and follow tasks, read their events."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.cli.client import ApiError, BatonClient
+from services.cli.follow import follow_task, render_event
+from services.cli.supervisor import SERVICE_NAMES, Supervisor, SupervisorError
+from services.runtime.logs import setup_logging
+from services.runtime.settings import Settings
+
+app = typer.Typer(
+    help="Baton: run AI coding agents on tasks.", no_args_is_help=True, pretty_exceptions_enable=False
+)
+console = Console(highlight=False, soft_wrap=True)
+
+ApiOption = Annotated[
+    str, typer.Option("--api", envvar="BATON_API", help="Baton's HTTP API (or set BATON_API)")
+]
+DEFAULT_API = "http://127.0.0.1:8420"
+
+SERVICE_MODULES = {
+    "gateway": "services.gateway.main",
+    "task-runner": "services.task_runner.main",
+    "provisioner": "services.provisioner.main",
+    "projector": "services.projector.main",
+}
+
+DEMO_PROMPT = 'echo "Hello from Baton" > hello.txt\necho "wrote hello.txt in $(pwd)"'
+
+
+@app.command()
+def service(name: Annotated[str, typer.Argument(help=", ".join(SERVICE_NAMES))]) -> None:
+    """Run one service in the foreground (`baton up` runs each this way)."""
+    if name not in SERVICE_MODULES:
+        raise typer.BadParameter(f"unknown service {name!r}; one of {', '.join(SERVICE_NAMES)}")
+    setup_logging(name)
+    module = importlib.import_module(SERVICE_MODULES[name])
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await module.run(Settings())
+
+    try:
+        asyncio.run(main())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        pass
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="the gateway's HTTP port")] = 8420,
+    data_dir: Annotated[Optional[Path], typer.Option(help="where Baton keeps its data")] = None,
+    nats_url: Annotated[Optional[str], typer.Option(help="use this NATS (JetStream on) instead of starting one")] = None,
+    demo: Annotated[bool, typer.Option(help="submit a demo task once the stack is up")] = False,
+) -> None:
+    """Start NATS (unless --nats-url) and every service; restart any that dies; Ctrl-C stops all."""
+    overrides = {"port": port} | ({"data_dir": data_dir} if data_dir else {})
+    settings = Settings(**overrides)
+    supervisor = Supervisor(settings, nats_url=nats_url, say=lambda m: console.print(f"[yellow]{m}[/]"))
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    api = f"http://{settings.host}:{settings.port}"
+    try:
+        supervisor.start()
+        console.print(f"[dim]data: {settings.data_dir}  nats: {supervisor.nats_url}[/]")
+        if settings.faults:
+            console.print(f"[bold red]FAULT INJECTION ON: {', '.join(sorted(settings.faults))}[/]")
+        _wait_healthy(supervisor, api)
+        console.print(f"[bold green]Baton is up:[/] {api}   (Ctrl-C stops it)")
+        if demo:
+            _run_demo(BatonClient(api), settings)
+        while True:
+            supervisor.check()
+            time.sleep(0.2)
+    except SupervisorError as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    finally:
+        supervisor.stop()
+
+
+def _wait_healthy(supervisor: Supervisor, api: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        supervisor.check()
+        try:
+            if httpx.get(f"{api}/api/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SupervisorError(f"Baton did not become healthy within {timeout_s:.0f}s; "
+                          f"see the logs in {supervisor.settings.data_dir / 'logs'}")
+
+
+def _run_demo(client: BatonClient, settings: Settings) -> None:
+    origin = settings.data_dir / "demo" / "origin.git"
+    if not origin.exists():
+        _make_demo_repo(origin)
+    console.print(f"[bold]demo:[/] submitting a shell task on {origin}")
+    task = client.submit(repo=origin.as_uri(), prompt=DEMO_PROMPT, agent="shell", base_branch=None)
+    _follow_and_report(client, task["task_id"])
+
+
+def _make_demo_repo(origin: Path) -> None:
+    origin.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=main", str(origin)], check=True)
+    with tempfile.TemporaryDirectory() as work:
+        run = lambda *a: subprocess.run(["git", *a], cwd=work, check=True, capture_output=True)  # noqa: E731
+        run("clone", "--quiet", str(origin), ".")
+        Path(work, "README.md").write_text("# Baton demo repository\n")
+        run("add", "README.md")
+        run("-c", "user.name=Baton", "-c", "user.email=baton@localhost", "commit", "-m", "initial commit")
+        run("push", "--quiet", "origin", "HEAD:refs/heads/main")
+
+
+def _follow_and_report(client: BatonClient, task_id: str) -> bool:
+    console.print(f"task [bold]{task_id}[/]")
+    end = follow_task(client, task_id, console)
+    if end["type"] == "TaskCompleted":
+        console.print(f"[bold green]completed[/]: branch {end['data']['branch']} "
+                      f"at {end['data']['commit'][:10]}")
+        return True
+    console.print(f"[bold red]failed[/]: {end['data']['reason']}")
+    return False
+
+
+@app.command()
+def submit(
+    prompt: Annotated[str, typer.Argument(help="the agent's first prompt")],
+    repo: Annotated[str, typer.Option(help="git URL or path of the repository")],
+    agent: Annotated[str, typer.Option(help="an agent from GET /api/backends")] = "shell",
+    base_branch: Annotated[Optional[str], typer.Option(help="branch to start from")] = None,
+    follow: Annotated[bool, typer.Option(help="follow the task live until it ends")] = True,
+    api: ApiOption = DEFAULT_API,
+) -> None:
+    """Submit a task, print its id, and follow it to the end (exit code 1 if it fails)."""
+    client = BatonClient(api)
+    try:
+        task = client.submit(repo=repo, prompt=prompt, agent=agent, base_branch=base_branch)
+        if not follow:
+            console.print(task["task_id"])
+            return
+        ok = _follow_and_report(client, task["task_id"])
+    except (ApiError, httpx.HTTPError) as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def tasks(api: ApiOption = DEFAULT_API) -> None:
+    """The task board."""
+    table = Table("task", "state", "agent", "repo", "branch / reason")
+    colours = {"completed": "green", "failed": "red", "running": "cyan", "provisioning": "blue"}
+    for task in BatonClient(api).tasks():
+        colour = colours.get(task["state"], "white")
+        table.add_row(task["task_id"], f"[{colour}]{task['state']}[/]", task["agent"] or "",
+                      task["repo"] or "", task["branch"] or task["reason"] or "")
+    console.print(table)
+
+
+@app.command()
+def events(task_id: str, api: ApiOption = DEFAULT_API, json_lines: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """A task's events, from the stream, in order."""
+    history = BatonClient(api).events(task_id)
+    if json_lines:
+        import json
+
+        for event in history:
+            print(json.dumps(event))
+        return
+    for event in history:
+        from datetime import datetime
+
+        render_event(console, event, datetime.fromisoformat(history[0]["occurred_at"]))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""The gateway: Baton's HTTP API (and, later, its web UI)."""

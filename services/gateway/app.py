@@ -1,0 +1,48 @@
+"""The gateway's FastAPI app and its lifetime (bus, store, relay, heartbeats)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from projections.task_board import TaskBoard
+from services.gateway.context import Gateway
+from services.gateway.routes import system, tasks
+from services.projector.main import board_path
+from services.runtime.bus import open_bus
+from services.runtime.consumer import run_all
+from services.runtime.heartbeat import HeartbeatBoard, send_heartbeats
+from services.runtime.relay import Relay
+from services.runtime.settings import Settings
+from services.runtime.store import ServiceStore, store_env
+
+NAME = "gateway"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = ServiceStore(env=store_env(settings, NAME))
+        board = TaskBoard(board_path(settings))
+        async with open_bus(settings.nats_url, name=NAME) as bus:
+            relay = Relay(store, bus)
+            heartbeats = HeartbeatBoard()
+            await heartbeats.follow(bus.nc)
+            app.state.gateway = Gateway(settings, store, relay, bus, board, heartbeats)
+            loops = asyncio.create_task(
+                run_all(relay.run(), send_heartbeats(bus.nc, NAME, faults=settings.faults))
+            )
+            try:
+                yield
+            finally:
+                loops.cancel()
+                await asyncio.gather(loops, return_exceptions=True)
+                board.close()
+
+    app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan)
+    app.include_router(tasks.router)
+    app.include_router(system.router)
+    return app

@@ -1,0 +1,32 @@
+"""What the gateway's routes work with, built once at startup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from projections.task_board import TaskBoard
+from services.runtime.bus import Bus
+from services.runtime.heartbeat import HeartbeatBoard
+from services.runtime.relay import Relay
+from services.runtime.settings import Settings
+from services.runtime.store import ServiceStore
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    store: ServiceStore
+    relay: Relay
+    bus: Bus
+    board: TaskBoard
+    heartbeats: HeartbeatBoard
+
+
+def get_gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]

@@ -1,0 +1,16 @@
+"""Composition root of the gateway process."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.gateway.app import create_app
+from services.runtime.settings import Settings
+
+
+async def run(settings: Settings) -> None:
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+        lifespan="on",
+    )
+    await uvicorn.Server(config).serve()

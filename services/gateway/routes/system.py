@@ -1,0 +1,39 @@
+"""`/api/health` and `/api/backends`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from services.gateway.context import GatewayDep
+from vm_agent.backends import BACKENDS
+
+router = APIRouter(prefix="/api", tags=["system"])
+
+
+@router.get("/health")
+def health(gateway: GatewayDep) -> JSONResponse:
+    """200 only when NATS is connected and every service was heard from in the last seconds."""
+    services = gateway.heartbeats.status()
+    services["gateway"] = True
+    nats_ok = gateway.bus.nc.is_connected
+    faults = sorted(gateway.settings.faults)
+    body = {
+        "status": "ok" if nats_ok and all(services.values()) else "degraded",
+        "nats": nats_ok,
+        "services": services,
+        "faults": faults,
+    }
+    if faults:
+        body["warning"] = f"FAULT INJECTION ON: {', '.join(faults)} will silently not happen"
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+
+@router.get("/backends")
+def backends() -> dict:
+    """The agents this install knows, and whether each can run here."""
+    return {
+        "backends": [
+            {"name": b.name, "title": b.title, "available": b.available()} for b in BACKENDS.values()
+        ]
+    }

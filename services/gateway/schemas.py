@@ -1,0 +1,53 @@
+"""The HTTP API's request and response bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TaskCreate(BaseModel):
+    """`POST /api/tasks`: what to run, where, with which agent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo: str = Field(min_length=1, max_length=2000, description="git URL or path of the repository")
+    prompt: str = Field(min_length=1, max_length=200_000, description="the agent's first prompt")
+    agent: str = Field(default="shell", min_length=1, description="a name from GET /api/backends")
+    base_branch: str | None = Field(default=None, max_length=250)
+
+    @field_validator("repo", "prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("repo", "base_branch")
+    @classmethod
+    def _no_option_injection(cls, value: str | None) -> str | None:
+        # git would read a leading dash as an option.
+        if value is not None and value.startswith("-"):
+            raise ValueError("must not start with '-'")
+        return value.strip() if value else value
+
+
+class TaskPublic(BaseModel):
+    task_id: str
+    state: str
+    repo: str | None = None
+    agent: str | None = None
+    prompt: str | None = None
+    base_branch: str | None = None
+    branch: str | None = None
+    commit: str | None = None
+    reason: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    last_event: str | None = None
+
+
+class TaskEvents(BaseModel):
+    task_id: str
+    events: list[dict[str, Any]]

@@ -1,0 +1,1 @@
+"""The projector: keeps the read models (the task board) current from the stream."""

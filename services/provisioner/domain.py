@@ -1,0 +1,43 @@
+"""The Workspace aggregate: one per task, from request to ready or failed."""
+
+from __future__ import annotations
+
+from eventsourcing.domain import event
+
+from events import Envelope, WorkspaceFailed, WorkspaceReady
+from services.runtime.store import TaskAggregate
+
+ACTOR = "service:provisioner"
+
+
+class Workspace(TaskAggregate):
+    @event("Requested")
+    def __init__(
+        self, task_id: str, repo: str, base_branch: str | None, provider: str, cause: str
+    ) -> None:
+        super().__init__(task_id)
+        self.repo = repo
+        self.base_branch = base_branch
+        self.provider = provider
+        self.cause = cause
+        self.vm_agent_url: str | None = None
+        self.failure: str | None = None
+
+    @property
+    def is_settled(self) -> bool:
+        return self.vm_agent_url is not None or self.failure is not None
+
+    def ready(self, *, workspace_id: str, vm_agent_url: str) -> None:
+        event = WorkspaceReady(
+            workspace_id=workspace_id, provider=self.provider, vm_agent_url=vm_agent_url
+        )
+        self.emit(event, actor=ACTOR, causation_id=self.cause)
+
+    def failed(self, reason: str) -> None:
+        self.emit(WorkspaceFailed(reason=reason), actor=ACTOR, causation_id=self.cause)
+
+    def apply(self, envelope: Envelope) -> None:
+        if envelope.type == WorkspaceReady.type:
+            self.vm_agent_url = envelope.data["vm_agent_url"]
+        elif envelope.type == WorkspaceFailed.type:
+            self.failure = envelope.data["reason"]

@@ -1,0 +1,81 @@
+"""What the provisioner does on each event (the map is at the bottom).
+
+Provisioning is slow (a clone, a process start), so the handler only records the request
+with its consumer position and returns; the work runs in the background and is resumed
+from the store after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from eventsourcing.persistence import Tracking
+
+from events import Envelope, WorkspaceRequested, parse_event
+from services.provisioner.domain import Workspace
+from services.provisioner.local import LocalProvider, ProvisionError
+from services.runtime.consumer import Handler
+from services.runtime.store import ServiceStore
+
+log = logging.getLogger(__name__)
+
+
+class ProvisionerHandlers:
+    def __init__(self, store: ServiceStore, provider: LocalProvider, faults: frozenset[str]) -> None:
+        self.store = store
+        self.provider = provider
+        self.faults = faults
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    async def on_workspace_requested(self, envelope: Envelope, tracking: Tracking) -> None:
+        if self.store.get_task_aggregate(Workspace, envelope.task_id) is not None:
+            return
+        requested = parse_event(envelope)
+        assert isinstance(requested, WorkspaceRequested)
+        workspace = Workspace(
+            envelope.task_id, requested.repo, requested.base_branch, requested.provider,
+            envelope.event_id,
+        )
+        self.store.save_processed(tracking, workspace)
+        self.provision_in_background(workspace)
+
+    def provision_in_background(self, workspace: Workspace) -> None:
+        if workspace.task_id not in self._running:
+            task = asyncio.create_task(self.provision(workspace))
+            self._running[workspace.task_id] = task
+            task.add_done_callback(lambda _: self._running.pop(workspace.task_id, None))
+
+    async def provision(self, workspace: Workspace) -> None:
+        try:
+            path = await self.provider.clone(workspace.task_id, workspace.repo, workspace.base_branch)
+            url = await self.provider.start_vm_agent(workspace.task_id, path)
+        except ProvisionError as error:
+            workspace.failed(str(error))
+        else:
+            if "workspace_ready" in self.faults:
+                log.warning("fault workspace_ready: not announcing workspace %s", workspace.task_id)
+                return
+            workspace.ready(workspace_id=f"local-{workspace.task_id}", vm_agent_url=url)
+        self.store.save(workspace)
+
+    def resume_unsettled(self) -> None:
+        """After a restart, finish every workspace that was requested but never settled."""
+        for workspace in self.unsettled():
+            log.info("resuming provisioning of %s", workspace.task_id)
+            self.provision_in_background(workspace)
+
+    def unsettled(self) -> list[Workspace]:
+        recorder = self.store.process_recorder
+        topic = f"{Workspace.__module__}:{Workspace.__qualname__}.Requested"
+        found, start = [], 0
+        while batch := recorder.select_notifications(start, 500, topics=[topic], inclusive_of_start=False):
+            for notification in batch:
+                workspace = self.store.repository.get(notification.originator_id)
+                if not workspace.is_settled:
+                    found.append(workspace)
+            start = batch[-1].id
+        return found
+
+    def handlers(self) -> dict[str, Handler]:
+        return {WorkspaceRequested.type: self.on_workspace_requested}

@@ -1,0 +1,29 @@
+"""Composition root of the provisioner process."""
+
+from __future__ import annotations
+
+from services.provisioner.handlers import ProvisionerHandlers
+from services.provisioner.local import LocalProvider
+from services.runtime.bus import open_bus
+from services.runtime.consumer import consume, run_all, subscriptions_for
+from services.runtime.heartbeat import send_heartbeats
+from services.runtime.relay import Relay
+from services.runtime.settings import Settings
+from services.runtime.store import ServiceStore, store_env
+
+NAME = "provisioner"
+
+
+async def run(settings: Settings) -> None:
+    store = ServiceStore(env=store_env(settings, NAME))
+    handlers = ProvisionerHandlers(store, LocalProvider(settings), settings.faults)
+    async with open_bus(settings.nats_url, name=NAME) as bus:
+        handlers.resume_unsettled()
+        await run_all(
+            Relay(store, bus).run(),
+            send_heartbeats(bus.nc, NAME, faults=settings.faults),
+            *(
+                consume(bus, service=NAME, subscription=sub, store=store)
+                for sub in subscriptions_for(handlers.handlers())
+            ),
+        )

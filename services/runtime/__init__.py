@@ -1,0 +1,1 @@
+"""What every Baton process shares: settings, the event store, the relay to NATS, consumers."""

@@ -1,0 +1,157 @@
+"""Durable JetStream consumers whose effects happen once.
+
+Each subscription is one durable pull consumer for one event type. A handler records its
+new events together with the message's tracking position (`Tracking(consumer, stream_seq)`)
+in one transaction, so a redelivered message is recognised and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import nats.errors
+from eventsourcing.persistence import Tracking
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from services.runtime.bus import Bus
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pydantic import ValidationError
+
+from events import STREAM, Envelope, type_subjects
+
+log = logging.getLogger(__name__)
+
+MAX_DELIVER = 5
+DEAD_LETTER_PREFIX = "baton.deadletter"
+
+Handler = Callable[[Envelope, Tracking], Awaitable[None]]
+
+
+class TrackingStore(Protocol):
+    def is_processed(self, tracking: Tracking) -> bool: ...
+    def save_processed(self, tracking: Tracking, *aggregates: object) -> None: ...
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """`handle` runs for every event of `event_type`, across all tasks."""
+
+    event_type: str
+    handle: Handler
+
+
+class ConsumerSetupError(RuntimeError):
+    pass
+
+
+def consumer_config(durable: str, event_type: str, *, ack_wait_s: float) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=durable,
+        filter_subject=type_subjects(event_type),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        max_deliver=MAX_DELIVER,
+        ack_wait=ack_wait_s,
+    )
+
+
+async def _bind(js: JetStreamContext, durable: str, event_type: str, ack_wait_s: float):
+    config = consumer_config(durable, event_type, ack_wait_s=ack_wait_s)
+    subscription = await js.pull_subscribe(
+        config.filter_subject, durable=durable, stream=STREAM, config=config
+    )
+    got = (await subscription.consumer_info()).config
+    # nats-server 2.9 ignores settings it does not know: check what it kept.
+    if got.filter_subject != config.filter_subject or got.ack_policy != AckPolicy.EXPLICIT:
+        raise ConsumerSetupError(f"consumer {durable} has config {got}")
+    return subscription
+
+
+async def consume(
+    bus: Bus,
+    *,
+    service: str,
+    subscription: Subscription,
+    store: TrackingStore,
+    ack_wait_s: float = 60.0,
+    batch: int = 100,
+) -> None:
+    """Run one subscription until cancelled."""
+    durable = f"{service}-{subscription.event_type}"
+    pull = await _bind(bus.js, durable, subscription.event_type, ack_wait_s)
+    while True:
+        try:
+            messages = await pull.fetch(batch, timeout=1.0)
+        except (nats.errors.TimeoutError, TimeoutError):
+            continue  # Nothing new within the poll window.
+        except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as error:
+            log.warning("consumer %s: %s; retrying", durable, error)
+            await asyncio.sleep(0.5)
+            continue
+        for message in messages:
+            await _process(bus, durable, message, subscription.handle, store)
+
+
+async def _process(
+    bus: Bus, durable: str, message: Msg, handle: Handler, store: TrackingStore
+) -> None:
+    tracking = Tracking(durable, message.metadata.sequence.stream)
+    if store.is_processed(tracking):
+        await message.ack()
+        return
+    try:
+        envelope = Envelope.from_json(message.data)
+    except (ValidationError, ValueError) as error:
+        await dead_letter(bus, durable, message, f"undecodable envelope: {error}")
+        store.save_processed(tracking)
+        await message.ack()
+        return
+    try:
+        await handle(envelope, tracking)
+        if not store.is_processed(tracking):
+            store.save_processed(tracking)
+    except Exception as error:
+        log.exception("consumer %s failed on %s", durable, envelope.event_id)
+        if message.metadata.num_delivered >= MAX_DELIVER:
+            await dead_letter(bus, durable, message, repr(error))
+            await message.term()
+        else:
+            await message.nak(delay=min(2.0 * message.metadata.num_delivered, 10.0))
+        return
+    await message.ack()
+
+
+async def dead_letter(bus: Bus, durable: str, message: Msg, error: str) -> None:
+    """Park a message that cannot be handled where people can see it; never block on it."""
+    log.error("dead-lettering stream seq %s from %s: %s", message.metadata.sequence.stream, durable, error)
+    body = {
+        "consumer": durable,
+        "stream_seq": message.metadata.sequence.stream,
+        "subject": message.subject,
+        "error": error,
+        "data": message.data.decode(errors="replace"),
+    }
+    await bus.nc.publish(f"{DEAD_LETTER_PREFIX}.{durable}", json.dumps(body).encode())
+
+
+async def run_all(*tasks: Awaitable[None]) -> None:
+    """Run a service's long-lived loops; if one dies the process exits (its supervisor restarts it)."""
+    running = [asyncio.ensure_future(t) for t in tasks]
+    try:
+        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
+        for finished in done:
+            finished.result()
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+def subscriptions_for(handlers: dict[str, Handler]) -> Sequence[Subscription]:
+    return [Subscription(event_type, handle) for event_type, handle in handlers.items()]

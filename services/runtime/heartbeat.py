@@ -1,0 +1,48 @@
+"""Liveness on the bus: every process says it is alive once a second on `baton.heartbeat.<name>`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+
+HEARTBEAT_SUBJECT = "baton.heartbeat"
+REQUIRED_SERVICES = ("gateway", "task-runner", "provisioner", "projector")
+
+
+async def send_heartbeats(
+    nc: Client, service: str, *, faults: frozenset[str], interval_s: float = 1.0
+) -> None:
+    body = {"service": service, "pid": os.getpid(), "faults": sorted(faults)}
+    while True:
+        if nc.is_connected:
+            await nc.publish(f"{HEARTBEAT_SUBJECT}.{service}", json.dumps(body).encode())
+        await asyncio.sleep(interval_s)
+
+
+@dataclass
+class HeartbeatBoard:
+    """Who was heard from, and when (monotonic seconds)."""
+
+    stale_after_s: float = 5.0
+    last_seen: dict[str, float] = field(default_factory=dict)
+    faults: dict[str, list[str]] = field(default_factory=dict)
+
+    async def follow(self, nc: Client) -> None:
+        async def on_beat(msg) -> None:
+            body = json.loads(msg.data)
+            self.last_seen[body["service"]] = time.monotonic()
+            self.faults[body["service"]] = body.get("faults", [])
+
+        await nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=on_beat)
+
+    def status(self) -> dict[str, bool]:
+        now = time.monotonic()
+        return {
+            name: name in self.last_seen and now - self.last_seen[name] < self.stale_after_s
+            for name in REQUIRED_SERVICES
+        }

@@ -1,0 +1,56 @@
+"""One settings class for every Baton process, read from `BATON_*` environment variables."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+KNOWN_FAULTS = frozenset({"prompt_delivery", "workspace_ready", "agent_output", "branch_push"})
+
+
+class Settings(BaseSettings):
+    """Where Baton keeps its data, how it reaches NATS, and what it may do.
+
+    `baton up` passes these to every service it starts through the environment.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BATON_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".baton")
+    nats_url: str = "nats://127.0.0.1:4222"
+    host: str = "127.0.0.1"
+    port: int = 8420
+    faults: Annotated[frozenset[str], NoDecode] = frozenset()
+    secret: str | None = Field(default=None, repr=False)
+
+    @field_validator("faults", mode="before")
+    @classmethod
+    def _parse_faults(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = {part.strip() for part in value.split(",") if part.strip()}
+        unknown = set(value) - KNOWN_FAULTS if isinstance(value, (set, frozenset)) else set()
+        if unknown:
+            raise ValueError(
+                f"unknown fault(s) {sorted(unknown)}; known: {sorted(KNOWN_FAULTS)}"
+            )
+        return value
+
+    def path(self, *parts: str) -> Path:
+        """A path under the data dir, its parent created."""
+        target = self.data_dir.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def install_secret(self) -> str:
+        """The install's secret (vm_agent tokens derive from it); never logged, never in events."""
+        if self.secret:
+            return self.secret
+        secret_file = self.path("secret")
+        if not secret_file.exists():
+            secret_file.touch(mode=0o600)
+            secret_file.write_text(secrets.token_hex(32))
+        return secret_file.read_text().strip()

@@ -1,0 +1,130 @@
+"""Each service's own event store: `eventsourcing` aggregates whose events are bus envelopes.
+
+A service records an event by calling `emit` on one of its aggregates and saving it; the
+relay later reads the store's notification log and publishes each envelope unchanged.
+Storage is chosen by configuration (`store_env`), never by code.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from eventsourcing.application import Application, ProcessingEvent
+from eventsourcing.domain import Aggregate, event
+from eventsourcing.persistence import ProcessRecorder, Tracking
+
+from events import BaseEvent, Envelope, envelope_for
+from services.runtime.settings import Settings
+
+_ID_NAMESPACE = uuid.UUID("6f1c1d1e-8a56-4a59-9a8e-6b0a7f3b9a10")
+
+
+def aggregate_id(kind: str, task_id: str) -> uuid.UUID:
+    """A stable id per (aggregate kind, task), so a service finds a task's aggregate by task id."""
+    return uuid.uuid5(_ID_NAMESPACE, f"{kind}/{task_id}")
+
+
+class TaskAggregate(Aggregate):
+    """An aggregate about one task whose recorded events are the envelopes it emits.
+
+    Subclasses keep their state current in `apply`, which runs when an envelope is
+    emitted and again when the aggregate is rebuilt from its store.
+    """
+
+    INITIAL_VERSION = 1
+
+    @staticmethod
+    def create_id(task_id: str) -> uuid.UUID:  # overridden per kind by __init_subclass__
+        raise NotImplementedError
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__qualname__
+        cls.create_id = staticmethod(lambda task_id, **_: aggregate_id(kind, task_id))
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        self.seen_types: list[str] = []
+
+    @classmethod
+    def id_for(cls, task_id: str) -> uuid.UUID:
+        return cls.create_id(task_id)
+
+    def emit(self, event: BaseEvent, *, actor: str, causation_id: str | None = None) -> Envelope:
+        envelope = envelope_for(event, task_id=self.task_id, actor=actor, causation_id=causation_id)
+        self._recorded(envelope.model_dump(mode="json"))
+        return envelope
+
+    @event("Recorded")
+    def _recorded(self, envelope: dict[str, Any]) -> None:
+        parsed = Envelope.model_validate(envelope)
+        self.seen_types.append(parsed.type)
+        self.apply(parsed)
+
+    def apply(self, envelope: Envelope) -> None:
+        """Update state from one of this aggregate's envelopes."""
+
+
+def envelope_of(domain_event: object) -> Envelope | None:
+    """The bus envelope a stored domain event carries, or None for internal events."""
+    payload = getattr(domain_event, "envelope", None)
+    return Envelope.model_validate(payload) if payload is not None else None
+
+
+def store_env(settings: Settings, store_name: str) -> dict[str, str]:
+    """The `eventsourcing` environment for one service's store (SQLite under the data dir)."""
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+        "SQLITE_DBNAME": str(settings.path("stores", f"{store_name}.sqlite")),
+        "SQLITE_LOCK_TIMEOUT": "30",
+    }
+
+
+class ServiceStore(Application):
+    """A service's application: its aggregates, its notification log, its consumer positions."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        super().__init__(env)
+        self._listeners: list[Callable[[], None]] = []
+
+    @property
+    def process_recorder(self) -> ProcessRecorder:
+        assert isinstance(self.recorder, ProcessRecorder)
+        return self.recorder
+
+    def construct_recorder(self) -> ProcessRecorder:
+        # A process recorder also keeps tracking positions, in the same database.
+        return self.factory.process_recorder()
+
+    def on_recorded(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every commit (the relay wakes on it)."""
+        self._listeners.append(listener)
+
+    def save(self, *objs: Any, **kwargs: Any) -> Any:
+        recordings = super().save(*objs, **kwargs)
+        self._fire()
+        return recordings
+
+    def save_processed(self, tracking: Tracking, *aggregates: Aggregate | None) -> None:
+        """Save the aggregates' new events and the consumer position in one transaction."""
+        processing = ProcessingEvent(tracking)
+        processing.collect_events(*aggregates)
+        self._record(processing)
+        self._fire()
+
+    def is_processed(self, tracking: Tracking) -> bool:
+        return self.process_recorder.has_tracking_id(
+            tracking.application_name, tracking.notification_id
+        )
+
+    def get_task_aggregate(self, cls: type[TaskAggregate], task_id: str) -> Any | None:
+        aggregate_uuid = cls.id_for(task_id)
+        if aggregate_uuid not in self.repository:
+            return None
+        return self.repository.get(aggregate_uuid)
+
+    def _fire(self) -> None:
+        for listener in self._listeners:
+            listener()

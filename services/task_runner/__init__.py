@@ -1,0 +1,1 @@
+"""The task runner: owns each Task's state machine, from submission to its end."""

@@ -1,0 +1,62 @@
+"""The Task aggregate: what the task runner knows of a task and the only place a task ends."""
+
+from __future__ import annotations
+
+from eventsourcing.domain import event
+
+from events import Envelope, TaskCompleted, TaskFailed, WorkspaceRequested
+from services.runtime.store import TaskAggregate
+
+ACTOR = "service:task-runner"
+
+
+class Task(TaskAggregate):
+    """queued → provisioning → starting → completed | failed."""
+
+    @event("Accepted")
+    def __init__(
+        self, task_id: str, repo: str, prompt: str, agent: str, base_branch: str | None
+    ) -> None:
+        super().__init__(task_id)
+        self.repo = repo
+        self.prompt = prompt
+        self.agent = agent
+        self.base_branch = base_branch
+        self.state = "queued"
+        self.attempt = 0
+        self.vm_agent_url: str | None = None
+
+    @property
+    def is_over(self) -> bool:
+        return self.state in ("completed", "failed")
+
+    @property
+    def attempt_id(self) -> str:
+        return f"{self.task_id}-a{self.attempt}"
+
+    def request_workspace(self, *, cause: str) -> None:
+        event = WorkspaceRequested(repo=self.repo, agent=self.agent, base_branch=self.base_branch)
+        self.emit(event, actor=ACTOR, causation_id=cause)
+
+    @event("AgentStartRequested")
+    def agent_start_requested(self, vm_agent_url: str) -> None:
+        """Recorded once the workspace's vm_agent accepted `POST /sessions` for a new attempt."""
+        self.attempt += 1
+        self.vm_agent_url = vm_agent_url
+        self.state = "starting"
+
+    def complete(self, *, branch: str, commit: str, cause: str) -> None:
+        if not self.is_over:
+            self.emit(TaskCompleted(branch=branch, commit=commit), actor=ACTOR, causation_id=cause)
+
+    def fail(self, reason: str, *, cause: str | None) -> None:
+        if not self.is_over:
+            self.emit(TaskFailed(reason=reason), actor=ACTOR, causation_id=cause)
+
+    def apply(self, envelope: Envelope) -> None:
+        if envelope.type == WorkspaceRequested.type:
+            self.state = "provisioning"
+        elif envelope.type == TaskCompleted.type:
+            self.state = "completed"
+        elif envelope.type == TaskFailed.type:
+            self.state = "failed"

@@ -1,0 +1,113 @@
+"""What the task runner does on each event (the map is at the bottom)."""
+
+from __future__ import annotations
+
+import logging
+
+from eventsourcing.persistence import Tracking
+
+from events import (
+    AgentFinished,
+    BranchPushed,
+    Envelope,
+    SessionFailed,
+    TaskSubmitted,
+    WorkspaceFailed,
+    WorkspaceReady,
+    parse_event,
+)
+from services.runtime.consumer import Handler
+from services.runtime.store import ServiceStore
+from services.task_runner.domain import Task
+from services.task_runner.vm_agent_client import AgentStarter, AgentStartRefused
+
+log = logging.getLogger(__name__)
+
+
+class TaskRunnerHandlers:
+    def __init__(self, store: ServiceStore, starter: AgentStarter) -> None:
+        self.store = store
+        self.starter = starter
+
+    def _task(self, envelope: Envelope) -> Task | None:
+        task = self.store.get_task_aggregate(Task, envelope.task_id)
+        if task is None:
+            log.warning("%s for unknown task %s", envelope.type, envelope.task_id)
+        return task
+
+    async def on_task_submitted(self, envelope: Envelope, tracking: Tracking) -> None:
+        if self.store.get_task_aggregate(Task, envelope.task_id) is not None:
+            return
+        submitted = parse_event(envelope)
+        assert isinstance(submitted, TaskSubmitted)
+        task = Task(
+            envelope.task_id, submitted.repo, submitted.prompt, submitted.agent, submitted.base_branch
+        )
+        task.request_workspace(cause=envelope.event_id)
+        self.store.save_processed(tracking, task)
+
+    async def on_workspace_ready(self, envelope: Envelope, tracking: Tracking) -> None:
+        task = self._task(envelope)
+        if task is None or task.is_over or task.state == "starting":
+            return
+        ready = parse_event(envelope)
+        assert isinstance(ready, WorkspaceReady)
+        attempt_id = f"{task.task_id}-a{task.attempt + 1}"
+        try:
+            await self.starter.start_agent_with_prompt(
+                ready.vm_agent_url,
+                task_id=task.task_id,
+                agent=task.agent,
+                prompt=task.prompt,
+                attempt_id=attempt_id,
+                causation_id=envelope.event_id,
+            )
+        except AgentStartRefused as error:
+            task.fail(f"could not start the agent: {error}", cause=envelope.event_id)
+        else:
+            task.agent_start_requested(ready.vm_agent_url)
+        self.store.save_processed(tracking, task)
+
+    async def on_workspace_failed(self, envelope: Envelope, tracking: Tracking) -> None:
+        failed = parse_event(envelope)
+        assert isinstance(failed, WorkspaceFailed)
+        await self._fail(envelope, tracking, f"workspace failed: {failed.reason}")
+
+    async def on_session_failed(self, envelope: Envelope, tracking: Tracking) -> None:
+        failed = parse_event(envelope)
+        assert isinstance(failed, SessionFailed)
+        await self._fail(envelope, tracking, failed.reason)
+
+    async def on_agent_finished(self, envelope: Envelope, tracking: Tracking) -> None:
+        finished = parse_event(envelope)
+        assert isinstance(finished, AgentFinished)
+        if finished.stop_reason == "end_turn":
+            return  # The vm_agent pushes next; BranchPushed completes the task.
+        exit_note = f", exit code {finished.exit_code}" if finished.exit_code is not None else ""
+        await self._fail(envelope, tracking, f"agent stopped: {finished.stop_reason}{exit_note}")
+
+    async def on_branch_pushed(self, envelope: Envelope, tracking: Tracking) -> None:
+        task = self._task(envelope)
+        if task is None:
+            return
+        pushed = parse_event(envelope)
+        assert isinstance(pushed, BranchPushed)
+        task.complete(branch=pushed.branch, commit=pushed.commit, cause=envelope.event_id)
+        self.store.save_processed(tracking, task)
+
+    async def _fail(self, envelope: Envelope, tracking: Tracking, reason: str) -> None:
+        task = self._task(envelope)
+        if task is None:
+            return
+        task.fail(reason, cause=envelope.event_id)
+        self.store.save_processed(tracking, task)
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            TaskSubmitted.type: self.on_task_submitted,
+            WorkspaceReady.type: self.on_workspace_ready,
+            WorkspaceFailed.type: self.on_workspace_failed,
+            SessionFailed.type: self.on_session_failed,
+            AgentFinished.type: self.on_agent_finished,
+            BranchPushed.type: self.on_branch_pushed,
+        }

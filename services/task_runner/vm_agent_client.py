@@ -1,0 +1,59 @@
+"""The HTTP client the task runner uses to start an agent in a workspace."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import httpx
+
+from services.runtime.tokens import vm_agent_token
+
+
+class AgentStartRefused(Exception):
+    """The vm_agent could not be reached or refused to start the agent; str() says why."""
+
+
+class AgentStarter(Protocol):
+    async def start_agent_with_prompt(
+        self, vm_agent_url: str, *, task_id: str, agent: str, prompt: str, attempt_id: str,
+        causation_id: str,
+    ) -> None: ...
+
+
+class VmAgentClient:
+    """`POST /sessions` on a workspace's vm_agent: starts the agent and delivers the prompt.
+
+    The attempt id is the idempotency key: repeating the call never starts a second agent.
+    """
+
+    def __init__(self, secret: str, *, attempts: int = 4, timeout_s: float = 10.0) -> None:
+        self._secret = secret
+        self._attempts = attempts
+        self._http = httpx.AsyncClient(timeout=timeout_s)
+
+    async def start_agent_with_prompt(
+        self, vm_agent_url: str, *, task_id: str, agent: str, prompt: str, attempt_id: str,
+        causation_id: str,
+    ) -> None:
+        body = {
+            "task_id": task_id, "agent": agent, "initial_prompt": prompt,
+            "attempt_id": attempt_id, "causation_id": causation_id,
+        }
+        headers = {"Authorization": f"Bearer {vm_agent_token(self._secret, task_id)}"}
+        for attempt in range(1, self._attempts + 1):
+            try:
+                response = await self._http.post(f"{vm_agent_url}/sessions", json=body, headers=headers)
+            except httpx.TransportError as error:
+                if attempt == self._attempts:
+                    raise AgentStartRefused(f"vm_agent at {vm_agent_url} unreachable: {error!r}") from error
+                await asyncio.sleep(0.5 * 2**attempt)
+                continue
+            if response.status_code == 202:
+                return
+            raise AgentStartRefused(
+                f"vm_agent refused to start the agent ({response.status_code}): {response.text[:500]}"
+            )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

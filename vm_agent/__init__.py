@@ -1,0 +1,1 @@
+"""Baton VM-side agent runtime: runs coding agents over ACP on the worker machine."""

@@ -1,0 +1,3 @@
+from vm_agent.main import main
+
+main()

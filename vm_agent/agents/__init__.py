@@ -1,0 +1,1 @@
+"""ACP agents shipped with Baton (runnable as ``python -m vm_agent.agents.<name>``)."""

@@ -1,0 +1,65 @@
+"""The Session aggregate: one agent run in this workspace, as the vm_agent records it."""
+
+from __future__ import annotations
+
+from eventsourcing.domain import event
+
+from events import (
+    AgentFinished,
+    AgentOutput,
+    AgentSessionStarted,
+    BranchPushed,
+    Envelope,
+    PromptDelivered,
+    SessionFailed,
+)
+from services.runtime.store import TaskAggregate
+
+ACTOR = "vm_agent"
+
+
+class Session(TaskAggregate):
+    """Started → prompt delivered → output 1..n → finished → pushed (or failed)."""
+
+    @event("Opened")
+    def __init__(self, task_id: str, attempt_id: str, agent: str, cause: str | None) -> None:
+        super().__init__(task_id)
+        self.attempt_id = attempt_id
+        self.agent = agent
+        self.cause = cause
+        self.session_id: str | None = None
+        self.output_count = 0
+        self.ended = False
+
+    def started(self, session_id: str) -> None:
+        event = AgentSessionStarted(session_id=session_id, agent=self.agent, attempt_id=self.attempt_id)
+        self.emit(event, actor=ACTOR, causation_id=self.cause)
+
+    def prompt_delivered(self, prompt_sha256: str) -> None:
+        assert self.session_id is not None
+        event = PromptDelivered(session_id=self.session_id, prompt_sha256=prompt_sha256)
+        self.emit(event, actor=ACTOR, causation_id=self.cause)
+
+    def output(self, stream: str, text: str) -> None:
+        event = AgentOutput(seq=self.output_count + 1, stream=stream, text=text)
+        self.emit(event, actor=f"agent:{self.agent}", causation_id=self.cause)
+
+    def finished(self, stop_reason: str, exit_code: int | None) -> None:
+        event = AgentFinished(stop_reason=stop_reason, exit_code=exit_code)
+        self.emit(event, actor=f"agent:{self.agent}", causation_id=self.cause)
+
+    def pushed(self, branch: str, commit: str) -> None:
+        self.emit(BranchPushed(branch=branch, commit=commit), actor=ACTOR, causation_id=self.cause)
+
+    def failed(self, reason: str) -> None:
+        self.emit(SessionFailed(reason=reason), actor=ACTOR, causation_id=self.cause)
+
+    def apply(self, envelope: Envelope) -> None:
+        if envelope.type == AgentSessionStarted.type:
+            self.session_id = envelope.data["session_id"]
+        elif envelope.type == AgentOutput.type:
+            self.output_count = envelope.data["seq"]
+        elif envelope.type in (BranchPushed.type, SessionFailed.type):
+            self.ended = True
+        elif envelope.type == AgentFinished.type and envelope.data["stop_reason"] != "end_turn":
+            self.ended = True

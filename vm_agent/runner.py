@@ -1,0 +1,101 @@
+"""Runs one agent session to its end, recording every step in the vm_agent's store."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from services.runtime.store import ServiceStore
+from vm_agent.acp_session import AgentStartError, start_agent_with_prompt
+from vm_agent.backends import Backend
+from vm_agent.domain import Session
+from vm_agent.gitops import PushError, commit_and_push
+
+log = logging.getLogger(__name__)
+
+
+def branch_for(task_id: str) -> str:
+    return f"baton/{task_id}"
+
+
+class SessionRunner:
+    """Starts the agent, delivers the prompt, records its output, then pushes the branch.
+
+    It is also the ACP session's sink: each callback is recorded (and so relayed) at once.
+    """
+
+    def __init__(
+        self,
+        store: ServiceStore,
+        session: Session,
+        *,
+        workspace: Path,
+        backend: Backend,
+        prompt: str,
+        faults: frozenset[str],
+    ) -> None:
+        self.store = store
+        self.session = session
+        self.workspace = workspace
+        self.backend = backend
+        self.prompt = prompt
+        self.faults = faults
+
+    async def agent_started(self, session_id: str) -> None:
+        self.session.started(session_id)
+        self.store.save(self.session)
+
+    async def prompt_delivered(self, prompt_sha256: str) -> None:
+        self.session.prompt_delivered(prompt_sha256)
+        self.store.save(self.session)
+
+    async def output(self, stream: str, text: str) -> None:
+        if "agent_output" in self.faults:
+            return  # Rehearsal: the agent's output silently never reaches the bus.
+        self.session.output(stream, text)
+        self.store.save(self.session)
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except Exception as error:  # Whatever happens, the task must not hang.
+            log.exception("session for %s crashed", self.session.task_id)
+            self._fail(f"vm_agent error while running the agent: {error!r}")
+
+    async def _run(self) -> None:
+        try:
+            result = await start_agent_with_prompt(
+                self.backend.command,
+                cwd=self.workspace,
+                prompt=self.prompt,
+                sink=self,
+                deliver_prompt="prompt_delivery" not in self.faults,
+            )
+        except AgentStartError as error:
+            self._fail(f"agent {self.backend.name!r} could not start: {error}")
+            return
+        self.session.finished(result.stop_reason, result.exit_code)
+        self.store.save(self.session)
+        if result.stop_reason == "end_turn":
+            await self._push()
+
+    async def _push(self) -> None:
+        if "branch_push" in self.faults:
+            log.warning("fault branch_push: not pushing %s", self.session.task_id)
+            return
+        branch = branch_for(self.session.task_id)
+        first_line = self.prompt.strip().splitlines()[0][:60] if self.prompt.strip() else ""
+        try:
+            commit = await commit_and_push(
+                self.workspace, branch=branch, message=f"baton: {first_line}\n\nTask {self.session.task_id}"
+            )
+        except PushError as error:
+            self._fail(str(error))
+            return
+        self.session.pushed(branch, commit)
+        self.store.save(self.session)
+
+    def _fail(self, reason: str) -> None:
+        if not self.session.ended:
+            self.session.failed(reason)
+            self.store.save(self.session)
