@@ -274,11 +274,12 @@ async def _serve() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, main_task.cancel)
     try:
+        # Note: the SDK's receive loop swallows cancellation, so a signal makes
+        # run_agent return normally rather than raise CancelledError.
         await run_agent(agent)
-    except asyncio.CancelledError:
-        log.info("shell agent stopped by signal")
     finally:
         agent.kill_all()
+        log.info("shell agent exiting")
 
 
 def main() -> None:

@@ -1,0 +1,56 @@
+"""Fixtures that start real processes: nats-server, `baton up`, bare git remotes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.api import Api
+from tests.support.git_remote import make_origin
+from tests.support.processes import BatonStack, NatsServer
+
+
+def start_stack(root: Path, *, faults: str = "") -> tuple[NatsServer, BatonStack]:
+    nats = NatsServer(store_dir=root / "nats").start()
+    try:
+        stack = BatonStack(nats=nats, data_dir=root / "baton", faults=faults).start()
+    except BaseException:
+        nats.stop()
+        raise
+    return nats, stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]:
+    """A whole, healthy Baton (its own NATS, data dir and port) shared by the tests that only submit."""
+    nats, running = start_stack(tmp_path_factory.mktemp("stack"))
+    try:
+        yield running
+    finally:
+        running.stop()
+        nats.stop()
+
+
+@pytest.fixture(scope="session")
+def api(stack: BatonStack) -> Api:
+    return Api(stack.api)
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Path:
+    """A fresh bare repo (the task's origin), with `main` seeded."""
+    return make_origin(tmp_path)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # A failing test that used a stack shows that stack's logs.
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        for name in ("stack", "faulty_stack"):
+            running = item.funcargs.get(name)
+            if isinstance(running, BatonStack):
+                report.sections.append((f"{name} logs", running.logs()))

@@ -1,0 +1,1 @@
+"""Real-process helpers for Baton's tests: a hermetic nats-server, a `baton up` stack, git remotes."""

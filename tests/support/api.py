@@ -1,0 +1,42 @@
+"""Talking to a running stack the way a user's client does: over HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from events import TERMINAL_TYPES
+from tests.support.waiting import wait_for
+
+
+class Api:
+    def __init__(self, base_url: str) -> None:
+        self.http = httpx.Client(base_url=base_url, timeout=30)
+
+    def submit(self, **body: Any) -> dict:
+        response = self.http.post("/api/tasks", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def events(self, task_id: str) -> list[dict]:
+        response = self.http.get(f"/api/tasks/{task_id}/events")
+        assert response.status_code == 200, response.text
+        return response.json()["events"]
+
+    def task(self, task_id: str) -> dict:
+        response = self.http.get(f"/api/tasks/{task_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_for_end(self, task_id: str, *, timeout_s: float = 90) -> list[dict]:
+        """The task's events once TaskCompleted or TaskFailed is on the stream."""
+        def ended() -> list[dict] | None:
+            events = self.events(task_id)
+            return events if any(e["type"] in TERMINAL_TYPES for e in events) else None
+
+        return wait_for(ended, timeout_s=timeout_s, what=f"task {task_id} to end")
+
+    def wait_for_state(self, task_id: str, state: str, *, timeout_s: float = 30) -> dict:
+        return wait_for(lambda: (t := self.task(task_id))["state"] == state and t,
+                        timeout_s=timeout_s, what=f"task {task_id} to be {state} on the board")

@@ -1,0 +1,105 @@
+"""A nats-server on a free port and a `baton up` stack, each a real process, stopped in `finally`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.support.waiting import wait_for
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def nats_server_binary() -> str:
+    found = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not Path(found).exists():
+        raise RuntimeError("nats-server is required for these tests (apt-get install nats-server)")
+    return found
+
+
+@dataclass
+class NatsServer:
+    store_dir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        self.process = subprocess.Popen(
+            [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port),
+             "-sd", str(self.store_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: socket.create_connection(("127.0.0.1", self.port), 0.5).close() or True,
+                 timeout_s=20, what=f"nats-server on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@dataclass
+class BatonStack:
+    """`baton up` against a given NATS, with its own data dir and port."""
+
+    nats: NatsServer
+    data_dir: Path
+    faults: str = ""
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> BatonStack:
+        env = {**os.environ, "BATON_FAULTS": self.faults, "PYTHONUNBUFFERED": "1"}
+        env.pop("BATON_API", None)
+        self.log_path = self.data_dir / "baton-up.log"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.cli.main", "up", "--port", str(self.port),
+                 "--data-dir", str(self.data_dir), "--nats-url", self.nats.url],
+                stdout=log, stderr=log, env=env, cwd=REPO_ROOT, start_new_session=True,
+            )
+        wait_for(self.healthy, timeout_s=90, what="GET /api/health = 200")
+        return self
+
+    def healthy(self) -> bool:
+        return httpx.get(f"{self.api}/api/health", timeout=2).status_code == 200
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+    def logs(self) -> str:
+        """Every log of the stack, for a failing test's report."""
+        parts = []
+        for path in sorted(self.data_dir.rglob("*.log")):
+            text = path.read_text(errors="replace")
+            parts.append(f"==== {path.relative_to(self.data_dir)}\n{text[-4000:]}")
+        return "\n".join(parts)
