@@ -29,6 +29,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--advertise-host", default=None,
+                        help="host name in the URL others use to reach this vm_agent (default: --host)")
     parser.add_argument("--linger-s", type=float, default=5.0,
                         help="stay up this long after the session ended and every event was relayed")
     return parser.parse_args(argv)
@@ -69,7 +71,8 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
     async with open_bus(settings.nats_url, name=f"vm_agent-{args.task_id}") as bus:
         relay = asyncio.create_task(Relay(store, bus).run())
         watcher = asyncio.create_task(_exit_when_done(vm_agent, server, args.linger_s))
-        host, port = sock.getsockname()[:2]
+        port = sock.getsockname()[1]
+        host = args.advertise_host or args.host
         url_file = args.state_dir / "url"
         url_file.with_suffix(".tmp").write_text(f"http://{host}:{port}")
         url_file.with_suffix(".tmp").replace(url_file)

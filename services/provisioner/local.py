@@ -76,7 +76,9 @@ class LocalProvider:
         with log_file.open("ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "vm_agent", "--task-id", task_id,
-                 "--workspace", str(workspace), "--state-dir", str(state_dir)],
+                 "--workspace", str(workspace), "--state-dir", str(state_dir),
+                 "--host", self._settings.vm_agent_bind,
+                 "--advertise-host", self._settings.vm_agent_advertise or self._settings.vm_agent_bind],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,  # Outlives a provisioner restart.
             )

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     host: str = "127.0.0.1"
     port: int = 8420
+    vm_agent_bind: str = "127.0.0.1"
+    vm_agent_advertise: str | None = None
+    """The host name other services use to reach a local vm_agent (default: its bind address)."""
     faults: Annotated[frozenset[str], NoDecode] = frozenset()
     secret: str | None = Field(default=None, repr=False)
 
