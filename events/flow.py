@@ -40,7 +40,8 @@ class FlowReport:
             return "flow complete: " + " → ".join(self.reached)
         parts = []
         if self.missing:
-            after = self.reached[-1] if self.reached else "nothing"
+            index = FLOW_CONTRACT.index(self.missing[0])
+            after = FLOW_CONTRACT[index - 1] if index else "nothing"
             parts.append(f"missing handoff {self.missing[0]} (after {after})")
         if self.out_of_order:
             parts.append("out of order: " + ", ".join(self.out_of_order))

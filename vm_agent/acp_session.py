@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
-from acp import PROTOCOL_VERSION, RequestError, connect_to_agent, default_environment, text_block
+from acp import (
+    PROTOCOL_VERSION,
+    RequestError,
+    connect_to_agent,
+    default_environment,
+    text_block,
+)
 from acp.client.connection import ClientSideConnection
 from acp.schema import (
     AgentMessageChunk,

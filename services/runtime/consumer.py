@@ -18,16 +18,18 @@ import nats.errors
 from eventsourcing.persistence import Tracking
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-
-from services.runtime.bus import Bus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from events import STREAM, Envelope, type_subjects
+from services.runtime.bus import Bus
 
 log = logging.getLogger(__name__)
 
 MAX_DELIVER = 5
+"""A message delivered more often than this (the process died handling it) is dead-lettered."""
+RETRY_DELAYS_S = (0.2, 1.0, 3.0)
+"""In-place retries of a failing handler before its message is dead-lettered."""
 DEAD_LETTER_PREFIX = "baton.deadletter"
 
 Handler = Callable[[Envelope, Tracking], Awaitable[None]]
@@ -56,7 +58,7 @@ def consumer_config(durable: str, event_type: str, *, ack_wait_s: float) -> Cons
         filter_subject=type_subjects(event_type),
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
-        max_deliver=MAX_DELIVER,
+        max_deliver=-1,  # Baton counts deliveries itself and dead-letters; the server never drops.
         ack_wait=ack_wait_s,
     )
 
@@ -99,31 +101,49 @@ async def consume(
 
 
 async def _process(
-    bus: Bus, durable: str, message: Msg, handle: Handler, store: TrackingStore
+    bus: Bus, durable: str, message: Msg, handle: Handler, store: TrackingStore,
+    *, retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
 ) -> None:
+    """Handle one message exactly once, or dead-letter it; either way the consumer moves on.
+
+    Positions are a high-water mark per consumer, so messages are handled strictly in
+    stream order: a failing handler is retried here, never nak'd behind later messages.
+    """
     tracking = Tracking(durable, message.metadata.sequence.stream)
     if store.is_processed(tracking):
         await message.ack()
         return
+    if message.metadata.num_delivered > MAX_DELIVER:
+        # Delivered again and again without an ack: the handler keeps killing the process.
+        await _give_up(bus, durable, message, store, tracking,
+                       f"delivered {message.metadata.num_delivered} times without being handled")
+        return
     try:
         envelope = Envelope.from_json(message.data)
     except (ValidationError, ValueError) as error:
-        await dead_letter(bus, durable, message, f"undecodable envelope: {error}")
+        await _give_up(bus, durable, message, store, tracking, f"undecodable envelope: {error}")
+        return
+    for delay_s in (*retry_delays_s, None):
+        try:
+            await handle(envelope, tracking)
+            break
+        except Exception as error:
+            log.exception("consumer %s failed on %s", durable, envelope.event_id)
+            if delay_s is None:
+                await _give_up(bus, durable, message, store, tracking, repr(error))
+                return
+            await message.in_progress()
+            await asyncio.sleep(delay_s)
+    if not store.is_processed(tracking):
         store.save_processed(tracking)
-        await message.ack()
-        return
-    try:
-        await handle(envelope, tracking)
-        if not store.is_processed(tracking):
-            store.save_processed(tracking)
-    except Exception as error:
-        log.exception("consumer %s failed on %s", durable, envelope.event_id)
-        if message.metadata.num_delivered >= MAX_DELIVER:
-            await dead_letter(bus, durable, message, repr(error))
-            await message.term()
-        else:
-            await message.nak(delay=min(2.0 * message.metadata.num_delivered, 10.0))
-        return
+    await message.ack()
+
+
+async def _give_up(
+    bus: Bus, durable: str, message: Msg, store: TrackingStore, tracking: Tracking, error: str
+) -> None:
+    await dead_letter(bus, durable, message, error)
+    store.save_processed(tracking)
     await message.ack()
 
 

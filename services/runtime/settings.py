@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     def _parse_faults(cls, value: object) -> object:
         if isinstance(value, str):
             value = {part.strip() for part in value.split(",") if part.strip()}
-        unknown = set(value) - KNOWN_FAULTS if isinstance(value, (set, frozenset)) else set()
+        unknown = set(value) - KNOWN_FAULTS if isinstance(value, (set, frozenset, list, tuple)) else set()
         if unknown:
             raise ValueError(
                 f"unknown fault(s) {sorted(unknown)}; known: {sorted(KNOWN_FAULTS)}"

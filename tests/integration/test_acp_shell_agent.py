@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from acp import spawn_agent_process, text_block
 from acp.schema import UserMessageChunk
+
 from vm_agent.acp_session import AgentStartError, TurnResult, start_agent_with_prompt
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

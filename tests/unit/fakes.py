@@ -1,0 +1,98 @@
+"""In-memory fakes shared by the unit tests: no network, no subprocesses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from events import Envelope
+from services.runtime.store import ServiceStore
+from services.task_runner.vm_agent_client import AgentStartRefused
+
+
+def popo_store() -> ServiceStore:
+    return ServiceStore(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+
+
+class FakePublisher:
+    """Records every batch; raises `fail_with` (once per call) while it is set."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Envelope]] = []
+        self.fail_with: Exception | None = None
+
+    async def publish_batch(self, envelopes: list[Envelope]) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.batches.append(list(envelopes))
+
+    @property
+    def published(self) -> list[Envelope]:
+        return [e for batch in self.batches for e in batch]
+
+
+class FakeStarter:
+    """An AgentStarter that records calls and optionally refuses."""
+
+    def __init__(self, refuse_with: str | None = None) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.refuse_with = refuse_with
+
+    async def start_agent_with_prompt(self, vm_agent_url: str, **kwargs: Any) -> None:
+        self.calls.append({"vm_agent_url": vm_agent_url, **kwargs})
+        if self.refuse_with is not None:
+            raise AgentStartRefused(self.refuse_with)
+
+
+@dataclass
+class FakeMsg:
+    """The parts of a nats Msg that services.runtime.consumer._process uses."""
+
+    data: bytes
+    stream_seq: int
+    num_delivered: int = 1
+    subject: str = "baton.task.t.X"
+    acks: list[str] = field(default_factory=list)
+    nak_delays: list[float] = field(default_factory=list)
+
+    @property
+    def metadata(self) -> SimpleNamespace:
+        return SimpleNamespace(
+            sequence=SimpleNamespace(stream=self.stream_seq), num_delivered=self.num_delivered
+        )
+
+    async def ack(self) -> None:
+        self.acks.append("ack")
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.acks.append("nak")
+        self.nak_delays.append(delay)
+
+    async def term(self) -> None:
+        self.acks.append("term")
+
+    async def in_progress(self) -> None:
+        self.acks.append("in_progress")
+
+
+class FakeNc:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        self.published.append((subject, payload))
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.nc = FakeNc()
+
+
+def envelopes_in(store: ServiceStore) -> list[Envelope]:
+    """Every bus envelope in the store's notification log, in order."""
+    from services.runtime.store import envelope_of
+
+    notifications = store.process_recorder.select_notifications(0, 10_000)
+    found = (envelope_of(store.mapper.to_domain_event(n)) for n in notifications)
+    return [e for e in found if e is not None]

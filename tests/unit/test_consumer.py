@@ -1,0 +1,122 @@
+"""services.runtime.consumer._process with fake messages: effects happen once."""
+
+from __future__ import annotations
+
+import json
+
+from eventsourcing.persistence import Tracking
+
+from events import TaskFailed, envelope_for
+from services.runtime.consumer import (
+    DEAD_LETTER_PREFIX,
+    MAX_DELIVER,
+    _process,
+    consumer_config,
+)
+from tests.unit.fakes import FakeBus, FakeMsg, popo_store
+
+DURABLE = "svc-TaskFailed"
+
+
+def message(seq: int, reason: str = "r", *, delivered: int = 1) -> FakeMsg:
+    envelope = envelope_for(TaskFailed(reason=reason), task_id="t1", actor="a")
+    return FakeMsg(data=envelope.to_json(), stream_seq=seq, num_delivered=delivered)
+
+
+class Recorder:
+    """A handler that records what it saw and fails while `failing` is set."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+        self.failing = False
+
+    async def __call__(self, envelope, tracking: Tracking) -> None:
+        if self.failing:
+            raise RuntimeError("transient")
+        self.seen.append((envelope.data["reason"], tracking.notification_id))
+
+
+async def test_a_handled_message_is_tracked_under_the_durable_and_stream_seq_then_acked():
+    store, handler, msg = popo_store(), Recorder(), message(4, "x")
+    await _process(FakeBus(), DURABLE, msg, handler, store)
+    assert handler.seen == [("x", 4)]
+    assert store.is_processed(Tracking(DURABLE, 4))
+    assert msg.acks == ["ack"]
+
+
+async def test_a_redelivered_message_is_acked_without_running_the_handler_again():
+    store, handler = popo_store(), Recorder()
+    await _process(FakeBus(), DURABLE, message(4, "x"), handler, store)
+    again = message(4, "x", delivered=2)
+    await _process(FakeBus(), DURABLE, again, handler, store)
+    assert handler.seen == [("x", 4)]
+    assert again.acks == ["ack"]
+
+
+async def test_an_undecodable_message_is_dead_lettered_tracked_and_acked():
+    store, handler, bus = popo_store(), Recorder(), FakeBus()
+    msg = FakeMsg(data=b"{not json", stream_seq=2)
+    await _process(bus, DURABLE, msg, handler, store)
+    assert handler.seen == []
+    assert msg.acks == ["ack"]
+    assert store.is_processed(Tracking(DURABLE, 2))
+    [(subject, payload)] = bus.nc.published
+    assert subject == f"{DEAD_LETTER_PREFIX}.{DURABLE}"
+    body = json.loads(payload)
+    assert (body["stream_seq"], body["data"]) == (2, "{not json")
+    assert body["error"].startswith("undecodable envelope")
+
+
+class FailsTimes(Recorder):
+    """Fails the first `times` calls, then records."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.times = times
+
+    async def __call__(self, envelope, tracking: Tracking) -> None:
+        if self.times:
+            self.times -= 1
+            raise RuntimeError("transient")
+        await super().__call__(envelope, tracking)
+
+
+async def test_a_handler_that_fails_once_is_retried_in_place_and_its_effect_happens_once():
+    store, handler = popo_store(), FailsTimes(1)
+    msg = message(5, "five")
+    await _process(FakeBus(), DURABLE, msg, handler, store, retry_delays_s=(0, 0))
+    assert handler.seen == [("five", 5)]
+    assert msg.acks == ["in_progress", "ack"]
+    assert store.is_processed(Tracking(DURABLE, 5))
+
+
+async def test_messages_stay_in_order_so_a_failure_never_lets_a_later_one_overtake_it():
+    store, handler = popo_store(), FailsTimes(2)
+    await _process(FakeBus(), DURABLE, message(5, "five"), handler, store, retry_delays_s=(0, 0))
+    await _process(FakeBus(), DURABLE, message(6, "six"), handler, store, retry_delays_s=(0, 0))
+    assert handler.seen == [("five", 5), ("six", 6)]
+
+
+async def test_a_handler_that_keeps_failing_is_dead_lettered_tracked_and_the_consumer_moves_on():
+    store, handler, bus = popo_store(), Recorder(), FakeBus()
+    handler.failing = True
+    msg = message(3)
+    await _process(bus, DURABLE, msg, handler, store, retry_delays_s=(0, 0))
+    assert msg.acks[-1] == "ack"
+    assert store.is_processed(Tracking(DURABLE, 3))
+    assert "RuntimeError('transient')" in json.loads(bus.nc.published[0][1])["error"]
+
+
+async def test_a_message_delivered_too_often_is_dead_lettered_without_running_the_handler():
+    store, handler, bus = popo_store(), Recorder(), FakeBus()
+    msg = message(3, delivered=MAX_DELIVER + 1)
+    await _process(bus, DURABLE, msg, handler, store)
+    assert handler.seen == []
+    assert msg.acks == ["ack"]
+    assert "delivered 6 times" in json.loads(bus.nc.published[0][1])["error"]
+
+
+def test_each_consumer_filters_one_event_type_with_explicit_acks():
+    config = consumer_config("svc-TaskFailed", "TaskFailed", ack_wait_s=30)
+    assert config.filter_subject == "baton.task.*.TaskFailed"
+    assert (config.durable_name, config.max_deliver, config.ack_wait) == ("svc-TaskFailed", -1, 30)

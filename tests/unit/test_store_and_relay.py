@@ -1,0 +1,170 @@
+"""A service's store and the relay that publishes its notification log."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from events import TaskFailed, WorkspaceReady
+from services.provisioner.domain import Workspace
+from services.runtime.relay import RELAY_TRACKING, Relay, pending_envelopes
+from services.runtime.store import aggregate_id
+from services.task_runner.domain import Task
+from tests.unit.fakes import FakePublisher, envelopes_in, popo_store
+
+
+def new_task(task_id: str = "t1") -> Task:
+    return Task(task_id, "file:///repo", "fix it", "shell", None)
+
+
+def test_emitting_and_saving_puts_exactly_that_envelope_in_the_notification_log():
+    store = popo_store()
+    task = new_task()
+    envelope = task.emit(TaskFailed(reason="nope"), actor="tester", causation_id="c1")
+    store.save(task)
+    assert envelopes_in(store) == [envelope]
+    assert envelope.data == {"reason": "nope"}
+    assert envelope.causation_id == "c1"
+    assert envelope.task_id == "t1"
+
+
+def test_internal_aggregate_events_are_in_the_log_but_never_pending_for_the_bus():
+    store = popo_store()
+    task = new_task()
+    task.request_workspace(cause="submitted-1")
+    task.agent_start_requested("http://vm")
+    store.save(task)
+    notifications = store.process_recorder.select_notifications(0, 10)
+    assert len(notifications) == 3  # Accepted, Recorded(WorkspaceRequested), AgentStartRequested
+    assert [e.type for e in pending_envelopes(store)] == ["WorkspaceRequested"]
+
+
+async def test_relay_drain_publishes_in_notification_order_and_advances_its_position():
+    store = popo_store()
+    emitted = []
+    for n in range(3):
+        task = new_task(f"t{n}")
+        emitted.append(task.emit(TaskFailed(reason=f"r{n}"), actor="a"))
+        store.save(task)
+    publisher = FakePublisher()
+    relay = Relay(store, publisher)
+    assert relay.position() == 0
+    assert await relay.drain() == 3
+    assert publisher.published == emitted
+    assert relay.position() == 6  # three Accepted + three Recorded notifications
+    assert pending_envelopes(store) == []
+    assert await relay.drain() == 0
+    assert len(publisher.batches) == 1
+
+
+async def test_relay_publishes_a_long_log_in_batches_of_its_batch_size():
+    store = popo_store()
+    task = new_task()
+    emitted = [task.emit(TaskFailed(reason=str(n)), actor="a") for n in range(5)]
+    store.save(task)
+    publisher = FakePublisher()
+    assert await Relay(store, publisher, batch_size=2).drain() == 5
+    assert publisher.published == emitted
+    assert [len(b) for b in publisher.batches] == [1, 2, 2]  # first batch: Accepted + 1
+
+
+async def test_relay_resends_from_its_last_position_after_a_failed_publish():
+    store = popo_store()
+    task = new_task()
+    first = task.emit(TaskFailed(reason="one"), actor="a")
+    store.save(task)
+    publisher = FakePublisher()
+    publisher.fail_with = ConnectionError("nats down")
+    relay = Relay(store, publisher)
+    with pytest.raises(ConnectionError):
+        await relay.drain()
+    assert relay.position() == 0
+    assert [e.event_id for e in pending_envelopes(store)] == [first.event_id]
+    publisher.fail_with = None
+    assert await relay.drain() == 1
+    assert [e.event_id for e in publisher.published] == [first.event_id]
+    assert relay.position() == 2
+
+
+async def test_a_new_relay_after_a_crash_publishes_only_what_is_new():
+    store = popo_store()
+    task = new_task()
+    old = task.emit(TaskFailed(reason="old"), actor="a")
+    store.save(task)
+    first_publisher = FakePublisher()
+    await Relay(store, first_publisher).drain()
+    task.emit(TaskFailed(reason="new"), actor="a")
+    store.save(task)
+    assert [e.data["reason"] for e in pending_envelopes(store)] == ["new"]
+    second_publisher = FakePublisher()  # the process restarted: a fresh relay, same store
+    assert await Relay(store, second_publisher).drain() == 1
+    assert [e.data["reason"] for e in second_publisher.published] == ["new"]
+    assert old.event_id not in {e.event_id for e in second_publisher.published}
+    assert store.process_recorder.max_tracking_id(RELAY_TRACKING) == 3
+
+
+async def test_a_log_of_only_internal_events_advances_the_position_without_publishing():
+    store = popo_store()
+    store.save(new_task())
+    publisher = FakePublisher()
+    relay = Relay(store, publisher)
+    assert await relay.drain() == 0
+    assert publisher.batches == []
+    assert relay.position() == 1
+
+
+async def test_a_running_relay_publishes_soon_after_a_save_wakes_it():
+    store = popo_store()
+    publisher = FakePublisher()
+    running = asyncio.create_task(Relay(store, publisher).run(poll_interval_s=30))
+    try:
+        await asyncio.sleep(0)
+        task = new_task()
+        emitted = task.emit(TaskFailed(reason="x"), actor="a")
+        store.save(task)
+        for _ in range(200):
+            if publisher.published:
+                break
+            await asyncio.sleep(0.005)
+        assert publisher.published == [emitted]
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+def test_an_aggregate_rebuilt_from_the_store_has_the_same_state():
+    store = popo_store()
+    task = Task("t7", "file:///r", "p", "codex", "dev")
+    task.request_workspace(cause="c0")
+    task.agent_start_requested("http://vm:1")
+    store.save(task)
+    rebuilt = store.get_task_aggregate(Task, "t7")
+    assert rebuilt is not task
+    assert rebuilt.id == Task.id_for("t7") == aggregate_id("Task", "t7")
+    assert (rebuilt.state, rebuilt.attempt, rebuilt.attempt_id) == ("starting", 1, "t7-a1")
+    assert (rebuilt.repo, rebuilt.agent, rebuilt.base_branch) == ("file:///r", "codex", "dev")
+    assert rebuilt.vm_agent_url == "http://vm:1"
+    assert rebuilt.seen_types == ["WorkspaceRequested"]
+    assert rebuilt.version == task.version == 3
+
+
+def test_an_unknown_task_has_no_aggregate_and_kinds_have_distinct_ids():
+    store = popo_store()
+    assert store.get_task_aggregate(Task, "missing") is None
+    assert Task.id_for("t1") != Workspace.id_for("t1")
+    assert Task.id_for("t1") == Task.id_for("t1")
+
+
+def test_a_workspace_emits_ready_caused_by_its_request_and_remembers_the_url():
+    store = popo_store()
+    workspace = Workspace("t1", "file:///r", None, "local", cause="req-1")
+    workspace.ready(workspace_id="w1", vm_agent_url="http://vm:9")
+    store.save(workspace)
+    [ready] = envelopes_in(store)
+    assert (ready.type, ready.causation_id, ready.actor) == (
+        WorkspaceReady.type, "req-1", "service:provisioner"
+    )
+    assert ready.data == {"workspace_id": "w1", "provider": "local", "vm_agent_url": "http://vm:9"}
+    rebuilt = store.get_task_aggregate(Workspace, "t1")
+    assert rebuilt.is_settled and rebuilt.vm_agent_url == "http://vm:9" and rebuilt.failure is None

@@ -1,0 +1,186 @@
+"""The task runner's handlers, driven as the consumer drives them, over an in-memory store."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from eventsourcing.persistence import Tracking
+
+from events import (
+    AgentFinished,
+    BranchPushed,
+    Envelope,
+    SessionFailed,
+    TaskSubmitted,
+    WorkspaceFailed,
+    WorkspaceReady,
+    envelope_for,
+)
+from services.task_runner.domain import Task
+from services.task_runner.handlers import TaskRunnerHandlers
+from tests.unit.fakes import FakeStarter, envelopes_in, popo_store
+
+TASK = "t1"
+
+
+class Runner:
+    """The handlers plus what the consumer does around them (skip if processed, then track)."""
+
+    def __init__(self, starter: FakeStarter | None = None) -> None:
+        self.store = popo_store()
+        self.starter = starter or FakeStarter()
+        self.handlers = TaskRunnerHandlers(self.store, self.starter).handlers()
+        self._seq = itertools.count(1)
+
+    async def deliver(self, envelope: Envelope, tracking: Tracking | None = None) -> Tracking:
+        tracking = tracking or Tracking(f"task-runner-{envelope.type}", next(self._seq))
+        if not self.store.is_processed(tracking):
+            await self.handlers[envelope.type](envelope, tracking)
+            if not self.store.is_processed(tracking):
+                self.store.save_processed(tracking)
+        return tracking
+
+    def emitted(self) -> list[Envelope]:
+        return envelopes_in(self.store)
+
+    def task(self) -> Task:
+        return self.store.get_task_aggregate(Task, TASK)
+
+
+def event(evt, **kw) -> Envelope:
+    return envelope_for(evt, task_id=TASK, actor=kw.get("actor", "test"))
+
+
+SUBMITTED = event(TaskSubmitted(repo="file:///r", prompt="write tests", agent="shell"))
+READY = event(WorkspaceReady(workspace_id="w1", provider="local", vm_agent_url="http://vm:1"))
+
+
+async def started_runner(starter: FakeStarter | None = None) -> Runner:
+    runner = Runner(starter)
+    await runner.deliver(SUBMITTED)
+    await runner.deliver(READY)
+    return runner
+
+
+async def test_task_submitted_creates_a_task_that_requests_a_workspace_caused_by_the_submission():
+    runner = Runner()
+    tracking = await runner.deliver(SUBMITTED)
+    [requested] = runner.emitted()
+    assert requested.type == "WorkspaceRequested"
+    assert requested.causation_id == SUBMITTED.event_id
+    assert requested.actor == "service:task-runner"
+    assert requested.data == {
+        "repo": "file:///r", "agent": "shell", "base_branch": None, "provider": "local"
+    }
+    assert runner.store.is_processed(tracking)
+    assert runner.task().state == "provisioning"
+
+
+async def test_the_same_submission_redelivered_with_the_same_tracking_changes_nothing():
+    runner = Runner()
+    tracking = await runner.deliver(SUBMITTED)
+    log_before = runner.store.process_recorder.max_notification_id()
+    await runner.deliver(SUBMITTED, tracking)
+    assert runner.store.process_recorder.max_notification_id() == log_before
+    assert [e.type for e in runner.emitted()] == ["WorkspaceRequested"]
+
+
+async def test_a_second_submission_of_the_same_task_under_a_new_position_creates_nothing():
+    runner = Runner()
+    await runner.deliver(SUBMITTED)
+    second = await runner.deliver(SUBMITTED)
+    assert [e.type for e in runner.emitted()] == ["WorkspaceRequested"]
+    assert runner.store.is_processed(second)
+
+
+async def test_workspace_ready_starts_the_agent_once_with_the_prompt_agent_and_an_attempt_id():
+    runner = await started_runner()
+    assert runner.starter.calls == [{
+        "vm_agent_url": "http://vm:1", "task_id": TASK, "agent": "shell",
+        "prompt": "write tests", "attempt_id": "t1-a1", "causation_id": READY.event_id,
+    }]
+    task = runner.task()
+    assert (task.state, task.attempt, task.vm_agent_url) == ("starting", 1, "http://vm:1")
+    await runner.deliver(READY)  # a second WorkspaceReady while starting
+    assert len(runner.starter.calls) == 1
+
+
+async def test_an_agent_start_refusal_fails_the_task_with_the_error_in_the_reason():
+    runner = await started_runner(FakeStarter(refuse_with="vm_agent refused (503): busy"))
+    failed = runner.emitted()[-1]
+    assert failed.type == "TaskFailed"
+    assert failed.data["reason"] == "could not start the agent: vm_agent refused (503): busy"
+    assert failed.causation_id == READY.event_id
+    assert runner.task().state == "failed"
+
+
+async def test_a_failed_workspace_fails_the_task_with_workspace_failed_and_the_reason():
+    runner = Runner()
+    await runner.deliver(SUBMITTED)
+    cause = event(WorkspaceFailed(reason="clone failed: no such repo"))
+    await runner.deliver(cause)
+    failed = runner.emitted()[-1]
+    assert (failed.type, failed.data) == ("TaskFailed", {"reason": "workspace failed: clone failed: no such repo"})
+    assert failed.causation_id == cause.event_id
+
+
+async def test_an_agent_that_ends_its_turn_normally_emits_nothing():
+    runner = await started_runner()
+    before = runner.emitted()
+    tracking = await runner.deliver(event(AgentFinished(stop_reason="end_turn", exit_code=0)))
+    assert runner.emitted() == before
+    assert runner.store.is_processed(tracking)
+    assert runner.task().state == "starting"
+
+
+async def test_an_agent_that_refused_with_exit_code_7_fails_the_task_mentioning_it():
+    runner = await started_runner()
+    await runner.deliver(event(AgentFinished(stop_reason="refusal", exit_code=7)))
+    failed = runner.emitted()[-1]
+    assert failed.type == "TaskFailed"
+    assert failed.data["reason"] == "agent stopped: refusal, exit code 7"
+    assert "exit code 7" in failed.data["reason"]
+
+
+async def test_a_session_failure_fails_the_task_with_its_reason_verbatim():
+    runner = await started_runner()
+    await runner.deliver(event(SessionFailed(reason="push rejected")))
+    assert runner.emitted()[-1].data == {"reason": "push rejected"}
+
+
+async def test_a_pushed_branch_completes_the_task_with_its_branch_and_commit():
+    runner = await started_runner()
+    pushed = event(BranchPushed(branch="baton/t1", commit="abc123"))
+    await runner.deliver(pushed)
+    completed = runner.emitted()[-1]
+    assert completed.type == "TaskCompleted"
+    assert completed.data == {"branch": "baton/t1", "commit": "abc123"}
+    assert completed.causation_id == pushed.event_id
+    assert runner.task().state == "completed"
+
+
+@pytest.mark.parametrize("late", [
+    event(SessionFailed(reason="late")),
+    event(AgentFinished(stop_reason="cancelled", exit_code=1)),
+    event(WorkspaceFailed(reason="late")),
+    event(BranchPushed(branch="b2", commit="c2")),
+    READY,
+])
+async def test_nothing_after_a_terminal_event_emits_a_second_terminal_event(late):
+    runner = await started_runner()
+    await runner.deliver(event(BranchPushed(branch="baton/t1", commit="abc")))
+    tracking = await runner.deliver(late)
+    terminal = [e for e in runner.emitted() if e.type in ("TaskCompleted", "TaskFailed")]
+    assert [(e.type, e.data) for e in terminal] == [
+        ("TaskCompleted", {"branch": "baton/t1", "commit": "abc"})
+    ]
+    assert len(runner.starter.calls) == 1
+    assert runner.store.is_processed(tracking)
+
+
+async def test_events_for_an_unknown_task_are_tracked_and_ignored():
+    runner = Runner()
+    tracking = await runner.deliver(event(BranchPushed(branch="b", commit="c")))
+    assert runner.emitted() == []
+    assert runner.store.is_processed(tracking)

@@ -1,0 +1,85 @@
+"""The vm_agent's Session aggregate: what one agent run records."""
+
+from __future__ import annotations
+
+from events import AgentOutput, check_flow, parse_event
+from tests.unit.fakes import envelopes_in, popo_store
+from vm_agent.domain import Session
+
+
+def new_session() -> Session:
+    return Session("t1", "t1-a1", "shell", cause="ready-1")
+
+
+def outputs_in(store) -> list[AgentOutput]:
+    return [parse_event(e) for e in envelopes_in(store) if e.type == "AgentOutput"]
+
+
+def test_outputs_are_numbered_one_to_n_contiguously():
+    store = popo_store()
+    session = new_session()
+    session.started("s-1")
+    for n in range(5):
+        session.output("stdout" if n % 2 else "message", f"line {n}")
+    store.save(session)
+    outputs = outputs_in(store)
+    assert [o.seq for o in outputs] == [1, 2, 3, 4, 5]
+    assert [o.text for o in outputs] == [f"line {n}" for n in range(5)]
+    assert session.output_count == 5
+
+
+def test_after_a_rebuild_from_the_store_the_next_output_continues_the_sequence():
+    store = popo_store()
+    session = new_session()
+    session.output("stdout", "a")
+    session.output("stdout", "b")
+    store.save(session)
+    rebuilt = store.get_task_aggregate(Session, "t1")
+    assert rebuilt.output_count == 2
+    rebuilt.output("stderr", "c")
+    store.save(rebuilt)
+    assert [(o.seq, o.stream, o.text) for o in outputs_in(store)] == [
+        (1, "stdout", "a"), (2, "stdout", "b"), (3, "stderr", "c")
+    ]
+
+
+def test_a_full_session_records_its_handoffs_in_contract_order_with_the_session_id():
+    store = popo_store()
+    session = new_session()
+    session.started("s-9")
+    session.prompt_delivered("ab" * 32)
+    session.output("message", "done")
+    session.finished("end_turn", 0)
+    assert not session.ended
+    session.pushed("baton/t1", "c0ffee")
+    store.save(session)
+    envelopes = envelopes_in(store)
+    assert [e.type for e in envelopes] == [
+        "AgentSessionStarted", "PromptDelivered", "AgentOutput", "AgentFinished", "BranchPushed"
+    ]
+    assert all(e.causation_id == "ready-1" for e in envelopes)
+    assert envelopes[1].data == {"session_id": "s-9", "prompt_sha256": "ab" * 32}
+    assert envelopes[0].data == {"session_id": "s-9", "agent": "shell", "attempt_id": "t1-a1"}
+    assert [e.actor for e in envelopes] == [
+        "vm_agent", "vm_agent", "agent:shell", "agent:shell", "vm_agent"
+    ]
+    assert check_flow(["TaskSubmitted", "WorkspaceRequested", "WorkspaceReady"]
+                      + [e.type for e in envelopes] + ["TaskCompleted"]).ok
+    assert store.get_task_aggregate(Session, "t1").ended
+
+
+def test_a_session_ends_when_the_agent_stops_for_any_reason_but_end_turn():
+    session = new_session()
+    session.finished("refusal", 7)
+    assert session.ended
+
+
+def test_a_failed_session_is_ended_and_records_its_reason():
+    store = popo_store()
+    session = new_session()
+    session.failed("agent 'shell' could not start: boom")
+    store.save(session)
+    [failed] = envelopes_in(store)
+    assert failed.type == "SessionFailed"
+    assert failed.data == {"reason": "agent 'shell' could not start: boom"}
+    assert store.get_task_aggregate(Session, "t1").ended
