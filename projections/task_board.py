@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from eventsourcing.persistence import Tracking
 
 from events import Envelope
+from projections.sql import Database
 
 # The board's state for each lifecycle event. A task only moves forward through
 # STATE_RANK, so events that reach the projector out of order never move it back.
@@ -44,6 +41,11 @@ CREATE TABLE IF NOT EXISTS tracking (consumer TEXT PRIMARY KEY, position INTEGER
 
 _COLUMNS = ("task_id", "state", "repo", "agent", "prompt", "base_branch", "branch",
             "commit_sha", "reason", "created_at", "updated_at", "last_event")
+_UPSERT = (
+    f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)}) "
+    "ON CONFLICT (task_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
+)
 
 
 def _fields_from(envelope: Envelope) -> dict[str, Any]:
@@ -62,55 +64,41 @@ def _fields_from(envelope: Envelope) -> dict[str, Any]:
 class TaskBoard:
     """Writer (the projector) and reader (the gateway) of the task-board table."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
 
     def is_processed(self, tracking: Tracking) -> bool:
-        row = self._db.execute(
+        rows = self._db.execute(
             "SELECT position FROM tracking WHERE consumer = ?", (tracking.application_name,)
-        ).fetchone()
-        return row is not None and row[0] >= tracking.notification_id
+        )
+        return bool(rows) and rows[0]["position"] >= tracking.notification_id
 
     def save_processed(self, tracking: Tracking, *_: object) -> None:
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             self._track(db, tracking)
 
     def apply(self, envelope: Envelope, tracking: Tracking) -> None:
         """Fold one event into its task's row and move the consumer position, atomically."""
-        with self._transaction() as db:
-            row = db.execute("SELECT * FROM tasks WHERE task_id = ?", (envelope.task_id,)).fetchone()
-            current = dict(row) if row else {"task_id": envelope.task_id, "state": "queued"}
+        with self._db.transaction() as db:
+            rows = db.execute("SELECT * FROM tasks WHERE task_id = ?", (envelope.task_id,))
+            current = rows[0] if rows else {"task_id": envelope.task_id, "state": "queued"}
             current.update(_fields_from(envelope))
             new_state = STATE_OF.get(envelope.type, current["state"])
-            if STATE_RANK[new_state] > STATE_RANK[current["state"]] or row is None:
+            if not rows or STATE_RANK[new_state] > STATE_RANK[current["state"]]:
                 current["state"] = new_state
             current["updated_at"] = envelope.occurred_at.isoformat()
             current["last_event"] = envelope.type
             current.setdefault("created_at", current["updated_at"])
-            values = [current.get(column) for column in _COLUMNS]
-            db.execute(
-                f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) "
-                f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
-                values,
-            )
+            if current["created_at"] is None:
+                current["created_at"] = current["updated_at"]
+            db.execute(_UPSERT, [current.get(column) for column in _COLUMNS])
             self._track(db, tracking)
 
     @staticmethod
-    def _track(db: sqlite3.Connection, tracking: Tracking) -> None:
+    def _track(db: Database, tracking: Tracking) -> None:
         db.execute(
             "INSERT INTO tracking (consumer, position) VALUES (?, ?) "
             "ON CONFLICT (consumer) DO UPDATE SET position = excluded.position",
@@ -118,20 +106,18 @@ class TaskBoard:
         )
 
     def get(self, task_id: str) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-        return _public(row) if row else None
+        rows = self._db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
+        return _public(rows[0]) if rows else None
 
     def list(self, *, limit: int = 500) -> list[dict[str, Any]]:
-        rows = self._db.execute(
-            "SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,)
-        ).fetchall()
+        rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,))
         return [_public(row) for row in rows]
 
     def close(self) -> None:
         self._db.close()
 
 
-def _public(row: sqlite3.Row) -> dict[str, Any]:
+def _public(row: dict[str, Any]) -> dict[str, Any]:
     task = dict(row)
     task["commit"] = task.pop("commit_sha")
     return task

@@ -15,7 +15,7 @@ from services.runtime.bus import open_bus
 from services.runtime.logs import setup_logging
 from services.runtime.relay import Relay, pending_envelopes
 from services.runtime.settings import Settings
-from services.runtime.store import ServiceStore
+from services.runtime.store import ServiceStore, sqlite_env
 from vm_agent.app import VmAgent, create_app
 from vm_agent.domain import Session
 
@@ -34,6 +34,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--linger-s", type=float, default=5.0,
                         help="stay up this long after the session ended and every event was relayed")
     return parser.parse_args(argv)
+
+
+def open_vm_agent_store(state_dir: Path) -> ServiceStore:
+    """The vm_agent's own store lives beside its workspace (on the VM), so it is always SQLite."""
+    return ServiceStore("vm_agent", sqlite_env(state_dir / "events.sqlite"))
 
 
 def _recover(store: ServiceStore, task_id: str) -> None:
@@ -59,11 +64,7 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
     if not token:
         raise SystemExit("vm_agent: BATON_VM_AGENT_TOKEN is not set; refusing to serve unauthenticated")
     args.state_dir.mkdir(parents=True, exist_ok=True)
-    store = ServiceStore(env={
-        "PERSISTENCE_MODULE": "eventsourcing.sqlite",
-        "SQLITE_DBNAME": str(args.state_dir / "events.sqlite"),
-        "SQLITE_LOCK_TIMEOUT": "30",
-    })
+    store = open_vm_agent_store(args.state_dir)
     _recover(store, args.task_id)
     vm_agent = VmAgent(args.task_id, args.workspace.resolve(), token, store, settings.faults)
     sock = socket.create_server((args.host, args.port))

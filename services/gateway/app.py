@@ -8,10 +8,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from projections.task_board import TaskBoard
 from services.gateway.context import Gateway
 from services.gateway.routes import system, tasks
-from services.projector.main import board_path
+from services.projector.main import open_task_board
 from services.runtime.bus import open_bus
 from services.runtime.consumer import run_all
 from services.runtime.heartbeat import HeartbeatBoard, send_heartbeats
@@ -25,8 +24,8 @@ NAME = "gateway"
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = ServiceStore(env=store_env(settings, NAME))
-        board = TaskBoard(board_path(settings))
+        store = ServiceStore(NAME, store_env(settings, NAME))
+        board = open_task_board(settings)
         async with open_bus(settings.nats_url, name=NAME) as bus:
             relay = Relay(store, bus)
             heartbeats = HeartbeatBoard()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from eventsourcing.persistence import Tracking
 
 from events import Envelope
+from projections.sql import open_database
 from projections.task_board import STATE_OF, TaskBoard
 from services.runtime.bus import open_bus
 from services.runtime.consumer import Subscription, consume, run_all
@@ -14,12 +15,18 @@ from services.runtime.settings import Settings
 NAME = "projector"
 
 
-def board_path(settings: Settings):
-    return settings.path("projections", "task_board.sqlite")
+def open_task_board(settings: Settings) -> TaskBoard:
+    """The task board, in PostgreSQL when BATON_DATABASE_URL is set, else SQLite in the data dir."""
+    db = open_database(
+        database_url=settings.database_url,
+        sqlite_path=settings.path("projections", "task_board.sqlite"),
+        schema="baton_projections",
+    )
+    return TaskBoard(db)
 
 
 async def run(settings: Settings) -> None:
-    board = TaskBoard(board_path(settings))
+    board = open_task_board(settings)
 
     async def project(envelope: Envelope, tracking: Tracking) -> None:
         board.apply(envelope, tracking)

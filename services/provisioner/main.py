@@ -15,7 +15,7 @@ NAME = "provisioner"
 
 
 async def run(settings: Settings) -> None:
-    store = ServiceStore(env=store_env(settings, NAME))
+    store = ServiceStore(NAME, store_env(settings, NAME))
     handlers = ProvisionerHandlers(store, LocalProvider(settings), settings.faults)
     async with open_bus(settings.nats_url, name=NAME) as bus:
         handlers.resume_unsettled()

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     vm_agent_bind: str = "127.0.0.1"
     vm_agent_advertise: str | None = None
     """The host name other services use to reach a local vm_agent (default: its bind address)."""
+    database_url: str | None = Field(default=None, repr=False)
+    """`postgresql://user:password@host:port/dbname`: every service store and read model in
+    PostgreSQL (each in its own tables). Unset: SQLite files under the data dir."""
     faults: Annotated[frozenset[str], NoDecode] = frozenset()
     secret: str | None = Field(default=None, repr=False)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import Aggregate, event
@@ -74,18 +76,56 @@ def envelope_of(domain_event: object) -> Envelope | None:
 
 
 def store_env(settings: Settings, store_name: str) -> dict[str, str]:
-    """The `eventsourcing` environment for one service's store (SQLite under the data dir)."""
+    """The `eventsourcing` environment for one service's store.
+
+    PostgreSQL when `database_url` is set (tables named after the store), else a SQLite file
+    under the data dir.
+    """
+    if settings.database_url:
+        return postgres_env(settings.database_url, schema=f"baton_{store_name.replace('-', '_')}")
+    return sqlite_env(settings.path("stores", f"{store_name}.sqlite"))
+
+
+def sqlite_env(path: Path) -> dict[str, str]:
+    return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(path),
+            "SQLITE_LOCK_TIMEOUT": "30"}
+
+
+def postgres_env(database_url: str, *, schema: str) -> dict[str, str]:
+    url = urlsplit(database_url)
+    if url.scheme not in ("postgresql", "postgres") or not url.path.strip("/"):
+        raise ValueError("BATON_DATABASE_URL must look like postgresql://user:password@host:5432/dbname")
     return {
-        "PERSISTENCE_MODULE": "eventsourcing.sqlite",
-        "SQLITE_DBNAME": str(settings.path("stores", f"{store_name}.sqlite")),
-        "SQLITE_LOCK_TIMEOUT": "30",
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": unquote(url.path.strip("/")),
+        "POSTGRES_HOST": url.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(url.port or 5432),
+        "POSTGRES_USER": unquote(url.username or "postgres"),
+        "POSTGRES_PASSWORD": unquote(url.password or ""),
+        "POSTGRES_LOCK_TIMEOUT": "10",
+        # One schema per store: services starting together never race on shared types.
+        "POSTGRES_SCHEMA": schema,
     }
+
+
+def _ensure_postgres_schema(env: dict[str, str]) -> None:
+    import psycopg
+
+    with psycopg.connect(
+        dbname=env["POSTGRES_DBNAME"], host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"],
+        user=env["POSTGRES_USER"], password=env["POSTGRES_PASSWORD"] or None, autocommit=True,
+    ) as connection:
+        connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{env["POSTGRES_SCHEMA"]}"')
 
 
 class ServiceStore(Application):
     """A service's application: its aggregates, its notification log, its consumer positions."""
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, env: dict[str, str] | None = None) -> None:
+        # The name keeps each service's tables apart when they share one PostgreSQL database.
+        self.name = name.replace("-", "_")
+        if env and env.get("PERSISTENCE_MODULE") == "eventsourcing.postgres":
+            _ensure_postgres_schema(env)
         super().__init__(env)
         self._listeners: list[Callable[[], None]] = []
 

@@ -15,7 +15,7 @@ NAME = "task-runner"
 
 
 async def run(settings: Settings) -> None:
-    store = ServiceStore(env=store_env(settings, NAME))
+    store = ServiceStore(NAME, store_env(settings, NAME))
     starter = VmAgentClient(settings.install_secret())
     handlers = TaskRunnerHandlers(store, starter)
     async with open_bus(settings.nats_url, name=NAME) as bus:

@@ -12,7 +12,7 @@ from services.task_runner.vm_agent_client import AgentStartRefused
 
 
 def popo_store() -> ServiceStore:
-    return ServiceStore(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    return ServiceStore("test", {"PERSISTENCE_MODULE": "eventsourcing.popo"})
 
 
 class FakePublisher:

@@ -8,6 +8,7 @@ import pytest
 from eventsourcing.persistence import Tracking
 
 from events import Envelope
+from projections.sql import SQLiteDatabase
 from projections.task_board import TaskBoard
 
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
@@ -16,7 +17,7 @@ SUBMITTED_DATA = {"repo": "file:///r", "agent": "shell", "prompt": "p", "base_br
 
 @pytest.fixture
 def board(tmp_path):
-    board = TaskBoard(tmp_path / "proj" / "board.sqlite")
+    board = TaskBoard(SQLiteDatabase(tmp_path / "proj" / "board.sqlite"))
     yield board
     board.close()
 
@@ -130,11 +131,11 @@ def test_list_orders_tasks_newest_first_and_respects_its_limit(board, feed):
 
 def test_an_unknown_task_is_none_and_a_reopened_board_keeps_its_rows(tmp_path):
     path = tmp_path / "b.sqlite"
-    first = TaskBoard(path)
+    first = TaskBoard(SQLiteDatabase(path))
     assert first.get("nope") is None
     Feed(first)("TaskSubmitted", **SUBMITTED_DATA)
     first.close()
-    second = TaskBoard(path)
+    second = TaskBoard(SQLiteDatabase(path))
     try:
         assert second.get("t1")["state"] == "queued"
     finally:

@@ -1,0 +1,79 @@
+"""One small SQL adapter for read models: SQLite by default, PostgreSQL by configuration.
+
+Statements are written once with `?` placeholders and portable SQL (`ON CONFLICT … DO UPDATE`
+works on both); the PostgreSQL side translates placeholders.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Database(Protocol):
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
+    def transaction(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+class SQLiteDatabase:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._lock = threading.RLock()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(row) for row in self._db.execute(sql, params).fetchall()]
+
+    @contextmanager
+    def transaction(self) -> Iterator[SQLiteDatabase]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class PostgresDatabase:
+    """psycopg 3 with one connection; each `transaction()` is one PostgreSQL transaction."""
+
+    def __init__(self, url: str, *, schema: str) -> None:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+        self._db.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        self._db.execute(f'SET search_path TO "{schema}"')
+        self._lock = threading.RLock()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            cursor = self._db.execute(sql.replace("?", "%s"), params)
+            return list(cursor.fetchall()) if cursor.description else []
+
+    @contextmanager
+    def transaction(self) -> Iterator[PostgresDatabase]:
+        with self._lock, self._db.transaction():
+            yield self
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def open_database(*, database_url: str | None, sqlite_path: Path, schema: str) -> Database:
+    if database_url:
+        return PostgresDatabase(database_url, schema=schema)
+    return SQLiteDatabase(sqlite_path)
