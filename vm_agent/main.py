@@ -41,12 +41,14 @@ def open_vm_agent_store(state_dir: Path) -> ServiceStore:
     return ServiceStore("vm_agent", sqlite_env(state_dir / "events.sqlite"))
 
 
-def _recover(store: ServiceStore, task_id: str) -> None:
-    """A session left unfinished by a previous vm_agent process ends now, with the reason."""
+def end_unfinished_session(store: ServiceStore, task_id: str, *, reason: str) -> bool:
+    """End a session a dead vm_agent process left unfinished with `reason`; True if there was one."""
     session = store.get_task_aggregate(Session, task_id)
-    if session is not None and not session.ended:
-        session.failed("the vm_agent restarted while the agent was running; the run was lost")
-        store.save(session)
+    if session is None or session.ended:
+        return False
+    session.failed(reason)
+    store.save(session)
+    return True
 
 
 async def _exit_when_done(vm_agent: VmAgent, server: uvicorn.Server, linger_s: float) -> None:
@@ -65,7 +67,9 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
         raise SystemExit("vm_agent: BATON_VM_AGENT_TOKEN is not set; refusing to serve unauthenticated")
     args.state_dir.mkdir(parents=True, exist_ok=True)
     store = open_vm_agent_store(args.state_dir)
-    _recover(store, args.task_id)
+    end_unfinished_session(
+        store, args.task_id, reason="the vm_agent restarted while the agent was running; the run was lost"
+    )
     vm_agent = VmAgent(args.task_id, args.workspace.resolve(), token, store, settings.faults)
     sock = socket.create_server((args.host, args.port))
     server = uvicorn.Server(uvicorn.Config(create_app(vm_agent), log_level="warning"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from eventsourcing.domain import event
 
 from events import Envelope, WorkspaceFailed, WorkspaceReady
-from services.runtime.store import TaskAggregate
+from services.runtime.store import ServiceStore, TaskAggregate
 
 ACTOR = "service:provisioner"
 
@@ -22,6 +22,7 @@ class Workspace(TaskAggregate):
         self.cause = cause
         self.vm_agent_url: str | None = None
         self.failure: str | None = None
+        self.released = False
 
     @property
     def is_settled(self) -> bool:
@@ -36,8 +37,25 @@ class Workspace(TaskAggregate):
     def failed(self, reason: str) -> None:
         self.emit(WorkspaceFailed(reason=reason), actor=ACTOR, causation_id=self.cause)
 
+    @event("Released")
+    def release(self, note: str) -> None:
+        """The workspace's vm_agent is gone and everything it recorded is on the bus."""
+        self.released = True
+
     def apply(self, envelope: Envelope) -> None:
         if envelope.type == WorkspaceReady.type:
             self.vm_agent_url = envelope.data["vm_agent_url"]
         elif envelope.type == WorkspaceFailed.type:
             self.failure = envelope.data["reason"]
+
+
+def all_workspaces(store: ServiceStore) -> list[Workspace]:
+    """Every workspace in the provisioner's store (read once at startup)."""
+    topic = f"{Workspace.__module__}:{Workspace.__qualname__}.Requested"
+    found, start = [], 0
+    while batch := store.process_recorder.select_notifications(
+        start, 500, topics=[topic], inclusive_of_start=False
+    ):
+        found += [store.repository.get(n.originator_id) for n in batch]
+        start = batch[-1].id
+    return found

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from eventsourcing.persistence import Tracking
 
 from events import Envelope, WorkspaceRequested, parse_event
-from services.provisioner.domain import Workspace
+from services.provisioner.domain import Workspace, all_workspaces
 from services.provisioner.local import LocalProvider, ProvisionError
 from services.runtime.consumer import Handler
 from services.runtime.store import ServiceStore
@@ -22,8 +23,15 @@ log = logging.getLogger(__name__)
 
 
 class ProvisionerHandlers:
-    def __init__(self, store: ServiceStore, provider: LocalProvider, faults: frozenset[str]) -> None:
+    def __init__(
+        self,
+        store: ServiceStore,
+        provider: LocalProvider,
+        faults: frozenset[str],
+        on_ready: Callable[[str], None] = lambda task_id: None,
+    ) -> None:
         self.store = store
+        self.on_ready = on_ready
         self.provider = provider
         self.faults = faults
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -58,6 +66,8 @@ class ProvisionerHandlers:
                 return
             workspace.ready(workspace_id=f"local-{workspace.task_id}", vm_agent_url=url)
         self.store.save(workspace)
+        if workspace.vm_agent_url:
+            self.on_ready(workspace.task_id)
 
     def resume_unsettled(self) -> None:
         """After a restart, finish every workspace that was requested but never settled."""
@@ -66,16 +76,7 @@ class ProvisionerHandlers:
             self.provision_in_background(workspace)
 
     def unsettled(self) -> list[Workspace]:
-        recorder = self.store.process_recorder
-        topic = f"{Workspace.__module__}:{Workspace.__qualname__}.Requested"
-        found, start = [], 0
-        while batch := recorder.select_notifications(start, 500, topics=[topic], inclusive_of_start=False):
-            for notification in batch:
-                workspace = self.store.repository.get(notification.originator_id)
-                if not workspace.is_settled:
-                    found.append(workspace)
-            start = batch[-1].id
-        return found
+        return [w for w in all_workspaces(self.store) if not w.is_settled]
 
     def handlers(self) -> dict[str, Handler]:
         return {WorkspaceRequested.type: self.on_workspace_requested}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.provisioner.handlers import ProvisionerHandlers
 from services.provisioner.local import LocalProvider
+from services.provisioner.watcher import VmAgentWatcher
 from services.runtime.bus import open_bus
 from services.runtime.consumer import consume, run_all, subscriptions_for
 from services.runtime.heartbeat import send_heartbeats
@@ -16,11 +17,14 @@ NAME = "provisioner"
 
 async def run(settings: Settings) -> None:
     store = ServiceStore(NAME, store_env(settings, NAME))
-    handlers = ProvisionerHandlers(store, LocalProvider(settings), settings.faults)
+    provider = LocalProvider(settings)
     async with open_bus(settings.nats_url, name=NAME) as bus:
+        watcher = VmAgentWatcher(store, provider, bus)
+        handlers = ProvisionerHandlers(store, provider, settings.faults, on_ready=watcher.watch)
         handlers.resume_unsettled()
         await run_all(
             Relay(store, bus).run(),
+            watcher.run(),
             send_heartbeats(bus.nc, NAME, faults=settings.faults),
             *(
                 consume(bus, service=NAME, subscription=sub, store=store)

@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from events import STREAM, Envelope
+from events import STREAM, Envelope, subject_for
 from events.envelope import STREAM_SUBJECTS
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,14 @@ class Bus:
             headers={"Nats-Msg-Id": envelope.event_id},
         )
         return ack.seq
+
+    async def last_event(self, task_id: str, event_type: str) -> Envelope | None:
+        """The task's most recent event of `event_type` on the stream, if any."""
+        try:
+            message = await self.js.get_last_msg(STREAM, subject_for(task_id, event_type))
+        except NotFoundError:
+            return None
+        return Envelope.from_json(message.data)
 
     async def publish_batch(self, envelopes: list[Envelope]) -> None:
         """Publish in order, then wait for every ack (one round trip for the batch)."""

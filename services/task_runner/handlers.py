@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from eventsourcing.persistence import Tracking
 
 from events import (
     AgentFinished,
+    AgentSessionStarted,
     BranchPushed,
     Envelope,
     SessionFailed,
@@ -24,10 +26,15 @@ from services.task_runner.vm_agent_client import AgentStarter, AgentStartRefused
 log = logging.getLogger(__name__)
 
 
+class EventLookup(Protocol):
+    async def last_event(self, task_id: str, event_type: str) -> Envelope | None: ...
+
+
 class TaskRunnerHandlers:
-    def __init__(self, store: ServiceStore, starter: AgentStarter) -> None:
+    def __init__(self, store: ServiceStore, starter: AgentStarter, lookup: EventLookup) -> None:
         self.store = store
         self.starter = starter
+        self.lookup = lookup
 
     def _task(self, envelope: Envelope) -> Task | None:
         task = self.store.get_task_aggregate(Task, envelope.task_id)
@@ -63,10 +70,19 @@ class TaskRunnerHandlers:
                 causation_id=envelope.event_id,
             )
         except AgentStartRefused as error:
-            task.fail(f"could not start the agent: {error}", cause=envelope.event_id)
+            # A redelivered WorkspaceReady may find the vm_agent done and gone: the stream
+            # says whether this attempt already started.
+            if not await self._attempt_started(task.task_id, attempt_id):
+                task.fail(f"could not start the agent: {error}", cause=envelope.event_id)
+            else:
+                task.agent_start_requested(ready.vm_agent_url)
         else:
             task.agent_start_requested(ready.vm_agent_url)
         self.store.save_processed(tracking, task)
+
+    async def _attempt_started(self, task_id: str, attempt_id: str) -> bool:
+        started = await self.lookup.last_event(task_id, AgentSessionStarted.type)
+        return started is not None and started.data.get("attempt_id") == attempt_id
 
     async def on_workspace_failed(self, envelope: Envelope, tracking: Tracking) -> None:
         failed = parse_event(envelope)

@@ -17,8 +17,8 @@ NAME = "task-runner"
 async def run(settings: Settings) -> None:
     store = ServiceStore(NAME, store_env(settings, NAME))
     starter = VmAgentClient(settings.install_secret())
-    handlers = TaskRunnerHandlers(store, starter)
     async with open_bus(settings.nats_url, name=NAME) as bus:
+        handlers = TaskRunnerHandlers(store, starter, bus)
         await run_all(
             Relay(store, bus).run(),
             send_heartbeats(bus.nc, NAME, faults=settings.faults),

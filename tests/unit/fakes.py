@@ -96,3 +96,13 @@ def envelopes_in(store: ServiceStore) -> list[Envelope]:
     notifications = store.process_recorder.select_notifications(0, 10_000)
     found = (envelope_of(store.mapper.to_domain_event(n)) for n in notifications)
     return [e for e in found if e is not None]
+
+
+class FakeLookup:
+    """The stream as the task runner's EventLookup sees it: last event per (task, type)."""
+
+    def __init__(self) -> None:
+        self.last: dict[tuple[str, str], object] = {}
+
+    async def last_event(self, task_id: str, event_type: str):
+        return self.last.get((task_id, event_type))

@@ -9,6 +9,7 @@ from eventsourcing.persistence import Tracking
 
 from events import (
     AgentFinished,
+    AgentSessionStarted,
     BranchPushed,
     Envelope,
     SessionFailed,
@@ -19,7 +20,7 @@ from events import (
 )
 from services.task_runner.domain import Task
 from services.task_runner.handlers import TaskRunnerHandlers
-from tests.unit.fakes import FakeStarter, envelopes_in, popo_store
+from tests.unit.fakes import FakeLookup, FakeStarter, envelopes_in, popo_store
 
 TASK = "t1"
 
@@ -30,7 +31,8 @@ class Runner:
     def __init__(self, starter: FakeStarter | None = None) -> None:
         self.store = popo_store()
         self.starter = starter or FakeStarter()
-        self.handlers = TaskRunnerHandlers(self.store, self.starter).handlers()
+        self.lookup = FakeLookup()
+        self.handlers = TaskRunnerHandlers(self.store, self.starter, self.lookup).handlers()
         self._seq = itertools.count(1)
 
     async def deliver(self, envelope: Envelope, tracking: Tracking | None = None) -> Tracking:
@@ -184,3 +186,16 @@ async def test_events_for_an_unknown_task_are_tracked_and_ignored():
     tracking = await runner.deliver(event(BranchPushed(branch="b", commit="c")))
     assert runner.emitted() == []
     assert runner.store.is_processed(tracking)
+
+
+async def test_a_refused_restart_of_an_attempt_the_stream_shows_started_does_not_fail_the_task():
+    # A redelivered WorkspaceReady reaches a vm_agent that already ran this attempt and exited.
+    runner = Runner(FakeStarter(refuse_with="connection refused"))
+    await runner.deliver(SUBMITTED)
+    started = event(AgentSessionStarted(session_id="s", agent="shell", attempt_id=f"{TASK}-a1"))
+    runner.lookup.last[(TASK, "AgentSessionStarted")] = started
+
+    await runner.deliver(READY)
+
+    assert [e.type for e in runner.emitted()] == ["WorkspaceRequested"]
+    assert runner.task().state == "starting"

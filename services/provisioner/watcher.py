@@ -1,0 +1,74 @@
+"""Watches the vm_agents the local provider started: a vm_agent that is gone never leaves a task hanging.
+
+When a vm_agent process has exited, for whatever reason, the watcher opens its store, ends a
+session it left unfinished with `SessionFailed` (the reason names the lost vm_agent), relays
+everything it had not yet published, and releases the workspace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from services.provisioner.domain import Workspace, all_workspaces
+from services.provisioner.local import LocalProvider
+from services.runtime.relay import BatchPublisher, Relay
+from services.runtime.store import ServiceStore
+from vm_agent.main import end_unfinished_session, open_vm_agent_store
+
+log = logging.getLogger(__name__)
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class VmAgentWatcher:
+    def __init__(self, store: ServiceStore, provider: LocalProvider, publisher: BatchPublisher) -> None:
+        self.store = store
+        self.provider = provider
+        self.publisher = publisher
+        self._watched: set[str] = set()
+
+    def watch(self, task_id: str) -> None:
+        self._watched.add(task_id)
+
+    async def run(self, *, interval_s: float = 1.0) -> None:
+        for workspace in all_workspaces(self.store):
+            if workspace.vm_agent_url and not workspace.released:
+                self.watch(workspace.task_id)
+        while True:
+            for task_id in sorted(self._watched):
+                if not self._vm_agent_alive(task_id):
+                    await self.settle_lost_vm_agent(task_id)
+            await asyncio.sleep(interval_s)
+
+    def _vm_agent_alive(self, task_id: str) -> bool:
+        pid_file = self.provider.vm_agent_dir(task_id) / "pid"
+        try:
+            return process_alive(int(pid_file.read_text()))
+        except (OSError, ValueError):
+            return False
+
+    async def settle_lost_vm_agent(self, task_id: str) -> None:
+        workspace = self.store.get_task_aggregate(Workspace, task_id)
+        state_dir = self.provider.vm_agent_dir(task_id)
+        vm_store = open_vm_agent_store(state_dir)
+        try:
+            if end_unfinished_session(
+                vm_store, workspace.task_id,
+                reason="the workspace's vm_agent exited while the agent was running; the run was lost",
+            ):
+                log.warning("vm_agent of task %s died mid-run; session ended", workspace.task_id)
+            await Relay(vm_store, self.publisher).drain()
+        finally:
+            vm_store.close()
+        workspace.release("vm_agent gone; its events are relayed")
+        self.store.save(workspace)
+        self._watched.discard(task_id)
