@@ -45,6 +45,7 @@ class Child:
     name: str
     argv: list[str]
     log_path: Path
+    pid_path: Path
     process: subprocess.Popen | None = None
     restarts: int = 0
     restart_at: float | None = None
@@ -55,6 +56,7 @@ class Child:
                 self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,  # Ctrl-C reaches `baton up`, which stops children in order.
             )
+        self.pid_path.write_text(str(self.process.pid))
 
     def stop(self, timeout_s: float = 5.0) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -94,6 +96,7 @@ class Supervisor:
                 name,
                 [sys.executable, "-m", "services.cli.main", "service", name],
                 self.settings.path("logs", f"{name}.log"),
+                self.settings.path("run", f"{name}.pid"),
             )
             child.start(env)
             self.children[name] = child

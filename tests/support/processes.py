@@ -96,6 +96,18 @@ class BatonStack:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
 
+    def service_pid(self, name: str) -> int:
+        return int((self.data_dir / "run" / f"{name}.pid").read_text())
+
+    def kill_service(self, name: str) -> None:
+        """kill -9 one service and wait until `baton up` has restarted it."""
+        old = self.service_pid(name)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: self.service_pid(name) != old, timeout_s=30, what=f"{name} restarted")
+
+    def vm_agent_pid(self, task_id: str) -> int:
+        return int((self.data_dir / "vm_agents" / task_id / "pid").read_text())
+
     def logs(self) -> str:
         """Every log of the stack, for a failing test's report."""
         parts = []
