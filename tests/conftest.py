@@ -9,13 +9,18 @@ import pytest
 
 from tests.support.api import Api
 from tests.support.git_remote import make_origin
+from tests.support.postgres import fresh_postgres_database
 from tests.support.processes import BatonStack, NatsServer
 
 
-def start_stack(root: Path, *, faults: str = "") -> tuple[NatsServer, BatonStack]:
+def start_stack(
+    root: Path, *, faults: str = "", database_url: str | None = None
+) -> tuple[NatsServer, BatonStack]:
     nats = NatsServer(store_dir=root / "nats").start()
     try:
-        stack = BatonStack(nats=nats, data_dir=root / "baton", faults=faults).start()
+        stack = BatonStack(
+            nats=nats, data_dir=root / "baton", faults=faults, database_url=database_url
+        ).start()
     except BaseException:
         nats.stop()
         raise
@@ -31,6 +36,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]:
     finally:
         running.stop()
         nats.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test session, dropped afterwards."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

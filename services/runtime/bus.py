@@ -68,6 +68,22 @@ class Bus:
         await asyncio.gather(*futures)
 
 
+DEAD_LETTER_STREAM = "BATON_DEADLETTER"
+DEAD_LETTER_PREFIX = "baton.deadletter"
+
+
+def dead_letter_stream_config() -> StreamConfig:
+    """Messages no consumer could handle, with the error, kept for people to inspect."""
+    return StreamConfig(
+        name=DEAD_LETTER_STREAM,
+        subjects=[f"{DEAD_LETTER_PREFIX}.>"],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        max_msgs=100_000,
+    )
+
+
 def stream_config() -> StreamConfig:
     return StreamConfig(
         name=STREAM,
@@ -80,14 +96,10 @@ def stream_config() -> StreamConfig:
 
 
 async def ensure_stream(js: JetStreamContext) -> None:
-    """Create or update the stream idempotently, then verify what the server really kept."""
+    """Create or update both streams idempotently, then verify what the server really kept."""
+    await _create_or_update(js, dead_letter_stream_config())
     wanted = stream_config()
-    try:
-        await js.stream_info(STREAM)
-        await js.update_stream(wanted)
-    except NotFoundError:
-        await js.add_stream(wanted)
-    got = (await js.stream_info(STREAM)).config
+    got = await _create_or_update(js, wanted)
     mismatches = {
         name: (want, have)
         for name, want, have in (
@@ -100,6 +112,19 @@ async def ensure_stream(js: JetStreamContext) -> None:
     }
     if mismatches:
         raise StreamSetupError(mismatches)
+
+
+async def _create_or_update(js: JetStreamContext, wanted: StreamConfig) -> StreamConfig:
+    try:
+        await js.stream_info(wanted.name)
+        await js.update_stream(wanted)
+    except NotFoundError:
+        await js.add_stream(wanted)
+    return (await js.stream_info(wanted.name)).config
+
+
+async def dead_letter_count(js: JetStreamContext) -> int:
+    return (await js.stream_info(DEAD_LETTER_STREAM)).state.messages
 
 
 async def connect_nats(url: str, *, name: str, timeout_s: float = 30.0) -> Client:

@@ -22,7 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from events import STREAM, Envelope, type_subjects
-from services.runtime.bus import Bus
+from services.runtime.bus import DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, Bus
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,6 @@ MAX_DELIVER = 5
 """A message delivered more often than this (the process died handling it) is dead-lettered."""
 RETRY_DELAYS_S = (0.2, 1.0, 3.0)
 """In-place retries of a failing handler before its message is dead-lettered."""
-DEAD_LETTER_PREFIX = "baton.deadletter"
 
 Handler = Callable[[Envelope, Tracking], Awaitable[None]]
 
@@ -157,7 +156,8 @@ async def dead_letter(bus: Bus, durable: str, message: Msg, error: str) -> None:
         "error": error,
         "data": message.data.decode(errors="replace"),
     }
-    await bus.nc.publish(f"{DEAD_LETTER_PREFIX}.{durable}", json.dumps(body).encode())
+    await bus.js.publish(f"{DEAD_LETTER_PREFIX}.{durable}", json.dumps(body).encode(),
+                         stream=DEAD_LETTER_STREAM)
 
 
 async def run_all(*tasks: Awaitable[None]) -> None:

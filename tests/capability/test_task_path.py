@@ -7,6 +7,7 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from events import FLOW_CONTRACT
@@ -24,6 +25,30 @@ def nonce_prompt(nonce: str) -> str:
 
 
 def test_submitted_task_reaches_the_agent_and_comes_back_as_a_pushed_branch(api: Api, origin: Path):
+    assert_task_travels_the_whole_path(api, origin)
+
+
+def test_the_task_path_works_with_every_store_on_postgresql(postgres_url: str, tmp_path: Path):
+    nats, pg_stack = start_stack(tmp_path / "pg", database_url=postgres_url)
+    try:
+        assert_task_travels_the_whole_path(Api(pg_stack.api), make_origin(tmp_path))
+        # The stores really are in PostgreSQL: each service's events are in its own schema.
+        with psycopg.connect(postgres_url) as db:
+            counts = {
+                schema: db.execute(f"SELECT count(*) FROM {schema}.{table}").fetchone()[0]
+                for schema, table in (("baton_gateway", "gateway_events"),
+                                      ("baton_task_runner", "task_runner_events"),
+                                      ("baton_provisioner", "provisioner_events"),
+                                      ("baton_projections", "tasks"))
+            }
+        assert all(counts.values()), counts
+        assert not list((pg_stack.data_dir / "stores").glob("*.sqlite"))
+    finally:
+        pg_stack.stop()
+        nats.stop()
+
+
+def assert_task_travels_the_whole_path(api: Api, origin: Path) -> None:
     nonce = secrets.token_hex(8)
     prompt = nonce_prompt(nonce)
 

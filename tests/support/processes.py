@@ -64,6 +64,7 @@ class BatonStack:
     nats: NatsServer
     data_dir: Path
     faults: str = ""
+    database_url: str | None = None
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
 
@@ -74,6 +75,9 @@ class BatonStack:
     def start(self) -> BatonStack:
         env = {**os.environ, "BATON_FAULTS": self.faults, "PYTHONUNBUFFERED": "1"}
         env.pop("BATON_API", None)
+        env.pop("BATON_DATABASE_URL", None)
+        if self.database_url:
+            env["BATON_DATABASE_URL"] = self.database_url
         self.log_path = self.data_dir / "baton-up.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:

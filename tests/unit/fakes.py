@@ -76,17 +76,17 @@ class FakeMsg:
         self.acks.append("in_progress")
 
 
-class FakeNc:
+class FakeJetStream:
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
 
-    async def publish(self, subject: str, payload: bytes) -> None:
+    async def publish(self, subject: str, payload: bytes, **_: Any) -> None:
         self.published.append((subject, payload))
 
 
 class FakeBus:
     def __init__(self) -> None:
-        self.nc = FakeNc()
+        self.js = FakeJetStream()
 
 
 def envelopes_in(store: ServiceStore) -> list[Envelope]:

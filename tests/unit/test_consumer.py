@@ -7,8 +7,8 @@ import json
 from eventsourcing.persistence import Tracking
 
 from events import TaskFailed, envelope_for
+from services.runtime.bus import DEAD_LETTER_PREFIX
 from services.runtime.consumer import (
-    DEAD_LETTER_PREFIX,
     MAX_DELIVER,
     _process,
     consumer_config,
@@ -60,7 +60,7 @@ async def test_an_undecodable_message_is_dead_lettered_tracked_and_acked():
     assert handler.seen == []
     assert msg.acks == ["ack"]
     assert store.is_processed(Tracking(DURABLE, 2))
-    [(subject, payload)] = bus.nc.published
+    [(subject, payload)] = bus.js.published
     assert subject == f"{DEAD_LETTER_PREFIX}.{DURABLE}"
     body = json.loads(payload)
     assert (body["stream_seq"], body["data"]) == (2, "{not json")
@@ -104,7 +104,7 @@ async def test_a_handler_that_keeps_failing_is_dead_lettered_tracked_and_the_con
     await _process(bus, DURABLE, msg, handler, store, retry_delays_s=(0, 0))
     assert msg.acks[-1] == "ack"
     assert store.is_processed(Tracking(DURABLE, 3))
-    assert "RuntimeError('transient')" in json.loads(bus.nc.published[0][1])["error"]
+    assert "RuntimeError('transient')" in json.loads(bus.js.published[0][1])["error"]
 
 
 async def test_a_message_delivered_too_often_is_dead_lettered_without_running_the_handler():
@@ -113,7 +113,7 @@ async def test_a_message_delivered_too_often_is_dead_lettered_without_running_th
     await _process(bus, DURABLE, msg, handler, store)
     assert handler.seen == []
     assert msg.acks == ["ack"]
-    assert "delivered 6 times" in json.loads(bus.nc.published[0][1])["error"]
+    assert "delivered 6 times" in json.loads(bus.js.published[0][1])["error"]
 
 
 def test_each_consumer_filters_one_event_type_with_explicit_acks():

@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from services.gateway.context import GatewayDep
+from services.runtime.bus import dead_letter_count
 from vm_agent.backends import BACKENDS
 
 router = APIRouter(prefix="/api", tags=["system"])
 
 
 @router.get("/health")
-def health(gateway: GatewayDep) -> JSONResponse:
+async def health(gateway: GatewayDep) -> JSONResponse:
     """200 only when NATS is connected and every service was heard from in the last seconds."""
     services = gateway.heartbeats.status()
     services["gateway"] = True
     nats_ok = gateway.bus.nc.is_connected
+    try:
+        dead_letters = await asyncio.wait_for(dead_letter_count(gateway.bus.js), 2.0)
+    except Exception:  # NATS down or slow: health says so through "nats".
+        dead_letters = None
     faults = sorted(gateway.settings.faults)
     body = {
         "status": "ok" if nats_ok and all(services.values()) else "degraded",
         "nats": nats_ok,
         "services": services,
         "faults": faults,
+        "dead_letters": dead_letters,
     }
     if faults:
         body["warning"] = f"FAULT INJECTION ON: {', '.join(faults)} will silently not happen"

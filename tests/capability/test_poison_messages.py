@@ -1,0 +1,66 @@
+"""A message no consumer can handle is dead-lettered with its error, counted, and blocks nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import nats
+import pytest
+
+from events import STREAM, Envelope
+from services.runtime.bus import DEAD_LETTER_STREAM
+from tests.support.api import Api
+from tests.support.flow import assert_flow_completes
+from tests.support.processes import BatonStack
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.capability
+
+
+async def publish_raw(url: str, subject: str, payload: bytes) -> None:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().publish(subject, payload, stream=STREAM)
+    finally:
+        await nc.close()
+
+
+async def dead_letters(url: str) -> list[dict]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe("baton.deadletter.>", stream=DEAD_LETTER_STREAM)
+        try:
+            messages = await sub.fetch(100, timeout=2)
+        except (nats.errors.TimeoutError, TimeoutError):
+            messages = []
+        return [json.loads(m.data) for m in messages]
+    finally:
+        await nc.close()
+
+
+def test_undecodable_and_unhandleable_events_are_dead_lettered_and_the_flow_goes_on(
+    stack: BatonStack, api: Api, origin: Path
+):
+    before = api.http.get("/api/health").json()["dead_letters"]
+
+    # Garbage where the task runner expects a TaskSubmitted…
+    asyncio.run(publish_raw(stack.nats.url, "baton.task.poison1.TaskSubmitted", b"{not an envelope"))
+    # …and a well-formed envelope whose data breaks the contract (the handler cannot parse it).
+    bad = Envelope(type="TaskSubmitted", task_id="poison2", actor="test", data={"repo": 1})
+    asyncio.run(publish_raw(stack.nats.url, bad.subject, bad.to_json()))
+
+    # Both are dead-lettered by the task runner, the garbage by the projector too; all counted…
+    wait_for(lambda: api.http.get("/api/health").json()["dead_letters"] >= before + 3,
+             timeout_s=60, what="the dead letters to be counted")
+    parked = asyncio.run(dead_letters(stack.nats.url))
+    errors = {(d["consumer"], d["error"].split(":")[0]) for d in parked}
+    assert ("task-runner-TaskSubmitted", "undecodable envelope") in errors
+    assert any(d["consumer"] == "task-runner-TaskSubmitted" and "poison2" in d["data"] for d in parked)
+
+    # …and a real task behind them still travels the whole path; health stays 200.
+    task = api.submit(repo=origin.as_uri(), prompt="echo after the poison", agent="shell")
+    assert_flow_completes(api, task["task_id"], timeout_s=90)
+    assert api.http.get("/api/health").status_code == 200
