@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from datetime import datetime
 
+import websockets
 from rich.console import Console
 from rich.markup import escape
 
 from events import FLOW_CONTRACT, TERMINAL_TYPES
-from services.cli.client import BatonClient
 
 _OUTPUT_STYLE = {"stdout": "white", "stderr": "yellow", "message": "cyan", "tool": "magenta"}
 
@@ -34,16 +36,33 @@ def render_event(console: Console, event: dict, started: datetime) -> None:
     console.print(f"[dim]{elapsed}[/] {mark} [bold]{kind}[/] [dim]{escape(str(detail))}[/]")
 
 
-def follow_task(client: BatonClient, task_id: str, console: Console, *, poll_s: float = 0.25) -> dict:
-    """Print each event as it lands; returns the terminal event (TaskCompleted or TaskFailed)."""
-    next_seq, started = 1, None
+def stream_url(api: str, task_id: str, from_seq: int) -> str:
+    base = api.rstrip("/").replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    return f"{base}/api/tasks/{task_id}/stream?from_seq={from_seq}"
+
+
+async def follow_task(
+    api: str, task_id: str, console: Console, *, from_seq: int = 1, give_up_after_s: float = 60.0
+) -> dict:
+    """Render the task's events from `from_seq` as they land, over the WebSocket stream.
+
+    Reconnects after a dropped connection from the last sequence seen + 1 (no gap, no
+    duplicate). Returns the terminal event (TaskCompleted or TaskFailed).
+    """
+    next_seq, started, failing_since = from_seq, None, None
     while True:
-        events = client.events(task_id, from_seq=next_seq)
-        for event in events:
-            started = started or datetime.fromisoformat(event["occurred_at"])
-            render_event(console, event, started)
-            next_seq = event["stream_seq"] + 1
-            if event["type"] in TERMINAL_TYPES:
-                return event
-        if not events:
-            time.sleep(poll_s)
+        try:
+            async with websockets.connect(stream_url(api, task_id, next_seq)) as socket:
+                failing_since = None
+                async for raw in socket:
+                    event = json.loads(raw)
+                    started = started or datetime.fromisoformat(event["occurred_at"])
+                    render_event(console, event, started)
+                    next_seq = event["stream_seq"] + 1
+                    if event["type"] in TERMINAL_TYPES:
+                        return event
+        except (OSError, websockets.ConnectionClosed, websockets.InvalidHandshake) as error:
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > give_up_after_s:
+                raise ConnectionError(f"lost the stream of task {task_id}: {error}") from error
+            await asyncio.sleep(0.5)

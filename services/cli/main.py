@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import signal
 import subprocess
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -116,7 +118,7 @@ def _run_demo(client: BatonClient, settings: Settings) -> None:
         _make_demo_repo(origin)
     console.print(f"[bold]demo:[/] submitting a shell task on {origin}")
     task = client.submit(repo=origin.as_uri(), prompt=DEMO_PROMPT, agent="shell", base_branch=None)
-    _follow_and_report(client, task["task_id"])
+    _follow_and_report(client.api, task["task_id"])
 
 
 def _make_demo_repo(origin: Path) -> None:
@@ -131,9 +133,9 @@ def _make_demo_repo(origin: Path) -> None:
         run("push", "--quiet", "origin", "HEAD:refs/heads/main")
 
 
-def _follow_and_report(client: BatonClient, task_id: str) -> bool:
+def _follow_and_report(api: str, task_id: str, *, from_seq: int = 1) -> bool:
     console.print(f"task [bold]{task_id}[/]")
-    end = follow_task(client, task_id, console)
+    end = asyncio.run(follow_task(api, task_id, console, from_seq=from_seq))
     if end["type"] == "TaskCompleted":
         console.print(f"[bold green]completed[/]: branch {end['data']['branch']} "
                       f"at {end['data']['commit'][:10]}")
@@ -158,8 +160,23 @@ def submit(
         if not follow:
             console.print(task["task_id"])
             return
-        ok = _follow_and_report(client, task["task_id"])
-    except (ApiError, httpx.HTTPError) as error:
+        ok = _follow_and_report(api, task["task_id"])
+    except (ApiError, httpx.HTTPError, ConnectionError) as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def watch(
+    task_id: str,
+    from_seq: Annotated[int, typer.Option("--from", min=1, help="start at this stream sequence")] = 1,
+    api: ApiOption = DEFAULT_API,
+) -> None:
+    """Watch a task live (history first, from any sequence); exit code 1 if it failed."""
+    try:
+        ok = _follow_and_report(api, task_id, from_seq=from_seq)
+    except ConnectionError as error:
         console.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(2) from None
     raise typer.Exit(0 if ok else 1)
@@ -178,19 +195,22 @@ def tasks(api: ApiOption = DEFAULT_API) -> None:
 
 
 @app.command()
-def events(task_id: str, api: ApiOption = DEFAULT_API, json_lines: Annotated[bool, typer.Option("--json")] = False) -> None:
+def events(
+    task_id: str,
+    api: ApiOption = DEFAULT_API,
+    json_lines: Annotated[bool, typer.Option("--json", help="one JSON envelope per line")] = False,
+) -> None:
     """A task's events, from the stream, in order."""
-    history = BatonClient(api).events(task_id)
-    if json_lines:
-        import json
-
-        for event in history:
-            print(json.dumps(event))
-        return
+    try:
+        history = BatonClient(api).events(task_id)
+    except (ApiError, httpx.HTTPError) as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
     for event in history:
-        from datetime import datetime
-
-        render_event(console, event, datetime.fromisoformat(history[0]["occurred_at"]))
+        if json_lines:
+            print(json.dumps(event))
+        else:
+            render_event(console, event, datetime.fromisoformat(history[0]["occurred_at"]))
 
 
 if __name__ == "__main__":

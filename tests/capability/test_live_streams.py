@@ -1,0 +1,129 @@
+"""Live WebSocket streams: history then the live tail, from any sequence, no gap, no duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import websockets
+
+from events import TERMINAL_TYPES
+from tests.support.api import Api
+from tests.support.invariants import counting_prompt
+from tests.support.processes import BatonStack
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.capability
+
+
+def ws_base(stack: BatonStack) -> str:
+    return stack.api.replace("http://", "ws://")
+
+
+async def collect_until_end(url: str, *, timeout_s: float = 120) -> list[dict]:
+    """Every message of one viewer until the task's terminal event."""
+    received: list[dict] = []
+    async with asyncio.timeout(timeout_s):
+        async with websockets.connect(url, max_size=None) as socket:
+            async for raw in socket:
+                received.append(json.loads(raw))
+                if received[-1]["type"] in TERMINAL_TYPES:
+                    return received
+    raise AssertionError("stream closed before the task ended")
+
+
+def key(events: list[dict]) -> list[tuple[int, str]]:
+    return [(e["stream_seq"], e["event_id"]) for e in events]
+
+
+def submit_counting(api: Api, origin: Path, lines: int, pause_s: float = 0.05) -> str:
+    prompt = counting_prompt(secrets.token_hex(4), lines, pause_s=pause_s)
+    return api.submit(repo=origin.as_uri(), prompt=prompt, agent="shell")["task_id"]
+
+
+def test_a_viewer_joining_mid_run_gets_the_whole_history_then_the_live_tail(stack, api, origin):
+    task_id = submit_counting(api, origin, 60)
+    wait_for(lambda: any(e["type"] == "AgentOutput" for e in api.events(task_id)),
+             timeout_s=60, what="the run to be under way")
+
+    received = asyncio.run(collect_until_end(f"{ws_base(stack)}/api/tasks/{task_id}/stream"))
+
+    # Exactly the stream's history of the task, in order: nothing missing, nothing twice.
+    assert key(received) == key(api.events(task_id))
+    assert received[0]["type"] == "TaskSubmitted" and received[-1]["type"] == "TaskCompleted"
+    assert [e["stream_seq"] for e in received] == sorted({e["stream_seq"] for e in received})
+
+
+def test_a_viewer_resuming_from_a_sequence_gets_exactly_the_rest(stack, api, origin):
+    task_id = submit_counting(api, origin, 20, pause_s=0.02)
+    history = api.wait_for_end(task_id)
+    resume_at = history[len(history) // 2]["stream_seq"]
+
+    received = asyncio.run(
+        collect_until_end(f"{ws_base(stack)}/api/tasks/{task_id}/stream?from_seq={resume_at}")
+    )
+
+    assert key(received) == key([e for e in history if e["stream_seq"] >= resume_at])
+
+
+def test_two_hundred_viewers_of_one_running_task_all_get_the_full_identical_sequence(stack, api, origin):
+    task_id = submit_counting(api, origin, 100, pause_s=0.02)
+    url = f"{ws_base(stack)}/api/tasks/{task_id}/stream"
+
+    async def viewers() -> list[list[dict]]:
+        return await asyncio.gather(*(collect_until_end(url, timeout_s=240) for _ in range(200)))
+
+    everyone = asyncio.run(viewers())
+
+    expected = key(api.events(task_id))
+    assert sum(1 for e in expected) > 100
+    assert all(key(seen) == expected for seen in everyone)
+
+
+def test_the_board_feed_carries_every_task_without_output_when_asked(stack, api, origin):
+    async def watch_board(task_ids: list[str]) -> list[dict]:
+        url = f"{ws_base(stack)}/api/stream?exclude=AgentOutput"
+        seen: list[dict] = []
+        async with asyncio.timeout(120), websockets.connect(url) as socket:
+            async for raw in socket:
+                event = json.loads(raw)
+                seen.append(event)
+                if task_ids and event["task_id"] == task_ids[0] and event["type"] in TERMINAL_TYPES:
+                    return seen
+        return seen
+
+    task_id = submit_counting(api, origin, 5, pause_s=0.01)
+    seen = asyncio.run(watch_board([task_id]))
+
+    mine = [e["type"] for e in seen if e["task_id"] == task_id]
+    assert mine[0] == "TaskSubmitted" and mine[-1] == "TaskCompleted"
+    assert "AgentOutput" not in {e["type"] for e in seen}
+    assert [e["stream_seq"] for e in seen] == sorted(e["stream_seq"] for e in seen)
+
+
+def test_a_bad_from_seq_is_refused(stack):
+    async def connect() -> None:
+        async with websockets.connect(f"{ws_base(stack)}/api/stream?from_seq=0") as socket:
+            await socket.recv()
+
+    with pytest.raises((websockets.InvalidStatus, websockets.ConnectionClosedError)):
+        asyncio.run(connect())
+
+
+def test_baton_watch_replays_from_a_sequence_and_exits_with_the_outcome(stack, api, origin):
+    task_id = submit_counting(api, origin, 5, pause_s=0.01)
+    history = api.wait_for_end(task_id)
+    env = {**os.environ, "BATON_API": stack.api, "COLUMNS": "200"}
+    later = history[3]["stream_seq"]
+
+    done = subprocess.run([sys.executable, "-m", "services.cli.main", "watch", task_id, "--from", str(later)],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "TaskCompleted" in done.stdout and "TaskSubmitted" not in done.stdout
