@@ -6,10 +6,13 @@ from events.catalog import (
     AgentFinished,
     AgentOutput,
     AgentSessionStarted,
+    AgentStalled,
     BaseEvent,
     BranchPushed,
     PromptDelivered,
     SessionFailed,
+    StepOverdue,
+    StepRecovered,
     TaskCompleted,
     TaskFailed,
     TaskSubmitted,
@@ -20,9 +23,22 @@ from events.catalog import (
     parse_event,
 )
 from events.envelope import STREAM, Envelope, subject_for, task_subjects, type_subjects
-from events.flow import FLOW_CONTRACT, FlowReport, check_flow
+from events.flow import (
+    DEADLINES,
+    FLOW_CONTRACT,
+    Deadline,
+    FlowReport,
+    check_flow,
+    parse_deadlines,
+)
 
 __all__ = [
+    "DEADLINES",
+    "Deadline",
+    "AgentStalled",
+    "StepOverdue",
+    "StepRecovered",
+    "parse_deadlines",
     "EVENT_TYPES",
     "FLOW_CONTRACT",
     "STREAM",

@@ -128,6 +128,36 @@ class TaskFailed(BaseEvent):
     reason: str
 
 
+class StepOverdue(BaseEvent):
+    """Emitted by the flow monitor when a handoff did not happen within its deadline.
+
+    Promises: `expected` had not been seen `waited_s` seconds after `after`, or the flow
+    moved past `after` without it. This is a named gap, visible on the task.
+    """
+
+    expected: str
+    after: str
+    waited_s: float
+
+
+class StepRecovered(BaseEvent):
+    """Emitted by the flow monitor when an overdue handoff arrives after all.
+
+    `waited_s` is how long after `after` it finally came.
+    """
+
+    expected: str
+    after: str
+    waited_s: float
+
+
+class AgentStalled(BaseEvent):
+    """Emitted by the flow monitor when a running agent produced no output for `silent_s` seconds."""
+
+    silent_s: float
+    last_seq: int
+
+
 EVENT_TYPES: dict[str, type[BaseEvent]] = {
     cls.type: cls
     for cls in (
@@ -143,6 +173,9 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
         SessionFailed,
         TaskCompleted,
         TaskFailed,
+        StepOverdue,
+        StepRecovered,
+        AgentStalled,
     )
 }
 

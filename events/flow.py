@@ -18,6 +18,47 @@ FLOW_CONTRACT: tuple[str, ...] = (
 )
 
 
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """`expected` must follow `after` within `seconds`."""
+
+    expected: str
+    after: str
+    seconds: float
+
+
+DEADLINES: tuple[Deadline, ...] = (
+    Deadline("WorkspaceRequested", "TaskSubmitted", 30),
+    Deadline("WorkspaceReady", "WorkspaceRequested", 120),
+    Deadline("AgentSessionStarted", "WorkspaceReady", 60),
+    Deadline("PromptDelivered", "WorkspaceReady", 30),
+    Deadline("AgentOutput", "PromptDelivered", 120),
+    Deadline("BranchPushed", "AgentFinished", 60),
+    Deadline("TaskCompleted", "BranchPushed", 30),
+)
+"""The flow contract's deadlines, by awaited handoff. AgentFinished has none: agents may work
+long; a silent agent is caught as AgentStalled instead."""
+
+
+def parse_deadlines(spec: str, base: tuple[Deadline, ...] = DEADLINES) -> tuple[Deadline, ...]:
+    """Override deadlines from `"PromptDelivered=30,AgentOutput=120"` (seconds, by awaited event)."""
+    overrides: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, seconds = part.partition("=")
+        known = {d.expected for d in base}
+        if name.strip() not in known:
+            raise ValueError(f"no deadline for {name.strip()!r}; known: {', '.join(sorted(known))}")
+        try:
+            overrides[name.strip()] = float(seconds)
+        except ValueError:
+            raise ValueError(f"deadline for {name.strip()} must be seconds, got {seconds!r}") from None
+        if overrides[name.strip()] <= 0:
+            raise ValueError(f"deadline for {name.strip()} must be positive")
+    return tuple(Deadline(d.expected, d.after, overrides.get(d.expected, d.seconds)) for d in base)
+
+
 @dataclass(frozen=True)
 class FlowReport:
     """How far a task's events follow the contract."""

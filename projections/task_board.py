@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from eventsourcing.persistence import Tracking
@@ -24,6 +25,10 @@ STATE_OF = {
     "TaskCompleted": "completed",
     "TaskFailed": "failed",
 }
+GAP_TYPES = ("StepOverdue", "StepRecovered", "AgentStalled")
+PROJECTED_TYPES = (*STATE_OF, *GAP_TYPES)
+"""Every event type the board folds in (AgentOutput is not one: the board has no use for it)."""
+
 STATE_RANK = {"queued": 0, "provisioning": 1, "running": 2, "completed": 3, "failed": 3}
 STATES = tuple(STATE_RANK)
 
@@ -33,19 +38,36 @@ CREATE TABLE IF NOT EXISTS tasks (
     state TEXT NOT NULL,
     repo TEXT, agent TEXT, prompt TEXT, base_branch TEXT,
     branch TEXT, commit_sha TEXT, reason TEXT,
-    created_at TEXT, updated_at TEXT, last_event TEXT
+    created_at TEXT, updated_at TEXT, last_event TEXT, gaps TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created_at);
 CREATE TABLE IF NOT EXISTS tracking (consumer TEXT PRIMARY KEY, position INTEGER NOT NULL);
 """
 
 _COLUMNS = ("task_id", "state", "repo", "agent", "prompt", "base_branch", "branch",
-            "commit_sha", "reason", "created_at", "updated_at", "last_event")
+            "commit_sha", "reason", "created_at", "updated_at", "last_event", "gaps")
 _UPSERT = (
     f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)}) "
     "ON CONFLICT (task_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
 )
+
+
+def _gaps_after(envelope: Envelope, gaps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The task's gaps once `envelope` (StepOverdue, StepRecovered, AgentStalled) is folded in."""
+    data = envelope.data
+    if envelope.type == "StepOverdue":
+        return [*gaps, {"expected": data["expected"], "after": data["after"],
+                        "waited_s": data["waited_s"], "recovered": False,
+                        "at": envelope.occurred_at.isoformat()}]
+    if envelope.type == "AgentStalled":
+        return [*gaps, {"expected": "AgentOutput", "after": "AgentOutput", "waited_s": data["silent_s"],
+                        "recovered": False, "stalled": True, "at": envelope.occurred_at.isoformat()}]
+    for gap in reversed(gaps):  # StepRecovered closes the latest open gap it names.
+        if gap["expected"] == data["expected"] and not gap["recovered"]:
+            gap.update(recovered=True, recovered_after_s=data["waited_s"])
+            break
+    return gaps
 
 
 def _fields_from(envelope: Envelope) -> dict[str, Any]:
@@ -86,6 +108,9 @@ class TaskBoard:
             rows = db.execute("SELECT * FROM tasks WHERE task_id = ?", (envelope.task_id,))
             current = rows[0] if rows else {"task_id": envelope.task_id, "state": "queued"}
             current.update(_fields_from(envelope))
+            if envelope.type in GAP_TYPES:
+                gaps = _gaps_after(envelope, json.loads(current.get("gaps") or "[]"))
+                current["gaps"] = json.dumps(gaps)
             new_state = STATE_OF.get(envelope.type, current["state"])
             if not rows or STATE_RANK[new_state] > STATE_RANK[current["state"]]:
                 current["state"] = new_state
@@ -120,4 +145,5 @@ class TaskBoard:
 def _public(row: dict[str, Any]) -> dict[str, Any]:
     task = dict(row)
     task["commit"] = task.pop("commit_sha")
+    task["gaps"] = json.loads(task.get("gaps") or "[]")
     return task

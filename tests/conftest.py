@@ -14,12 +14,13 @@ from tests.support.processes import BatonStack, NatsServer
 
 
 def start_stack(
-    root: Path, *, faults: str = "", database_url: str | None = None
+    root: Path, *, faults: str = "", database_url: str | None = None, env: dict[str, str] | None = None
 ) -> tuple[NatsServer, BatonStack]:
     nats = NatsServer(store_dir=root / "nats").start()
     try:
         stack = BatonStack(
-            nats=nats, data_dir=root / "baton", faults=faults, database_url=database_url
+            nats=nats, data_dir=root / "baton", faults=faults, database_url=database_url,
+            extra_env=env or {},
         ).start()
     except BaseException:
         nats.stop()

@@ -39,6 +39,7 @@ SERVICE_MODULES = {
     "task-runner": "services.task_runner.main",
     "provisioner": "services.provisioner.main",
     "projector": "services.projector.main",
+    "monitor": "services.monitor.main",
 }
 
 DEMO_PROMPT = 'echo "Hello from Baton" > hello.txt\necho "wrote hello.txt in $(pwd)"'
@@ -185,12 +186,17 @@ def watch(
 @app.command()
 def tasks(api: ApiOption = DEFAULT_API) -> None:
     """The task board."""
-    table = Table("task", "state", "agent", "repo", "branch / reason")
+    table = Table("task", "state", "agent", "repo", "branch / reason", "gaps")
     colours = {"completed": "green", "failed": "red", "running": "cyan", "provisioning": "blue"}
     for task in BatonClient(api).tasks():
         colour = colours.get(task["state"], "white")
+        gaps = " ".join(
+            f"[{'yellow' if g['recovered'] else 'bold red'}]⚠ {g['expected']} {g['waited_s']:.0f}s"
+            f"{' (late)' if g['recovered'] else ''}[/]"
+            for g in task.get("gaps", [])
+        )
         table.add_row(task["task_id"], f"[{colour}]{task['state']}[/]", task["agent"] or "",
-                      task["repo"] or "", task["branch"] or task["reason"] or "")
+                      task["repo"] or "", task["branch"] or task["reason"] or "", gaps)
     console.print(table)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from services.runtime.settings import Settings
 
-SERVICE_NAMES = ("gateway", "task-runner", "provisioner", "projector")
+SERVICE_NAMES = ("gateway", "task-runner", "provisioner", "projector", "monitor")
 
 
 class SupervisorError(RuntimeError):
@@ -90,6 +90,8 @@ class Supervisor:
             "BATON_PORT": str(self.settings.port),
             "BATON_FAULTS": ",".join(sorted(self.settings.faults)),
         }
+        if self.settings.database_url:
+            env["BATON_DATABASE_URL"] = self.settings.database_url
         self._env = env
         for name in SERVICE_NAMES:
             child = Child(

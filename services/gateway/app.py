@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.gateway.context import Gateway
-from services.gateway.routes import system, tasks
+from services.gateway.routes import streams, system, tasks
 from services.projector.main import open_task_board
 from services.runtime.bus import open_bus
 from services.runtime.consumer import run_all
@@ -44,4 +44,5 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan)
     app.include_router(tasks.router)
     app.include_router(system.router)
+    app.include_router(streams.router)
     return app

@@ -46,6 +46,8 @@ class TaskPublic(BaseModel):
     created_at: str | None = None
     updated_at: str | None = None
     last_event: str | None = None
+    gaps: list[dict[str, Any]] = Field(default_factory=list)
+    """Handoffs that were overdue: `{"expected", "after", "waited_s", "recovered"}`."""
 
 
 class TaskEvents(BaseModel):

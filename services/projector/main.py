@@ -6,7 +6,7 @@ from eventsourcing.persistence import Tracking
 
 from events import Envelope
 from projections.sql import open_database
-from projections.task_board import STATE_OF, TaskBoard
+from projections.task_board import PROJECTED_TYPES, TaskBoard
 from services.runtime.bus import open_bus
 from services.runtime.consumer import Subscription, consume, run_all
 from services.runtime.heartbeat import send_heartbeats
@@ -36,6 +36,6 @@ async def run(settings: Settings) -> None:
             send_heartbeats(bus.nc, NAME, faults=settings.faults),
             *(
                 consume(bus, service=NAME, subscription=Subscription(event_type, project), store=board)
-                for event_type in STATE_OF
+                for event_type in PROJECTED_TYPES
             ),
         )

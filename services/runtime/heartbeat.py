@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client
 
 HEARTBEAT_SUBJECT = "baton.heartbeat"
-REQUIRED_SERVICES = ("gateway", "task-runner", "provisioner", "projector")
+REQUIRED_SERVICES = ("gateway", "task-runner", "provisioner", "projector", "monitor")
 
 
 async def send_heartbeats(

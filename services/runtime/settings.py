@@ -9,6 +9,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from events.flow import Deadline, parse_deadlines
+
 KNOWN_FAULTS = frozenset({"prompt_delivery", "workspace_ready", "agent_output", "branch_push"})
 
 
@@ -32,6 +34,30 @@ class Settings(BaseSettings):
     PostgreSQL (each in its own tables). Unset: SQLite files under the data dir."""
     faults: Annotated[frozenset[str], NoDecode] = frozenset()
     secret: str | None = Field(default=None, repr=False)
+
+    deadlines: str = ""
+    """Override flow deadlines: `"PromptDelivered=30,AgentOutput=120"` (seconds, by awaited event)."""
+    stall_after_s: float = Field(default=300.0, gt=0)
+    """A running agent silent this long is reported as AgentStalled."""
+    overdue_backoff_s: Annotated[tuple[float, ...], NoDecode] = (1.0, 2.0, 4.0)
+    """After StepOverdue the task runner retries (or waits) at these intervals, then fails the task."""
+
+    @field_validator("deadlines")
+    @classmethod
+    def _check_deadlines(cls, value: str) -> str:
+        parse_deadlines(value)
+        return value
+
+    @field_validator("overdue_backoff_s", mode="before")
+    @classmethod
+    def _parse_backoff(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(float(part) for part in value.split(",") if part.strip())
+        return value
+
+    @property
+    def flow_deadlines(self) -> tuple[Deadline, ...]:
+        return parse_deadlines(self.deadlines)
 
     @field_validator("faults", mode="before")
     @classmethod

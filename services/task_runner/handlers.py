@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 from eventsourcing.persistence import Tracking
 
 from events import (
+    FLOW_CONTRACT,
     AgentFinished,
     AgentSessionStarted,
     BranchPushed,
     Envelope,
+    PromptDelivered,
     SessionFailed,
+    StepOverdue,
     TaskSubmitted,
     WorkspaceFailed,
     WorkspaceReady,
@@ -31,10 +36,18 @@ class EventLookup(Protocol):
 
 
 class TaskRunnerHandlers:
-    def __init__(self, store: ServiceStore, starter: AgentStarter, lookup: EventLookup) -> None:
+    def __init__(
+        self,
+        store: ServiceStore,
+        starter: AgentStarter,
+        lookup: EventLookup,
+        *,
+        overdue_backoff_s: Sequence[float] = (1.0, 2.0, 4.0),
+    ) -> None:
         self.store = store
         self.starter = starter
         self.lookup = lookup
+        self.overdue_backoff_s = tuple(overdue_backoff_s)
 
     def _task(self, envelope: Envelope) -> Task | None:
         task = self.store.get_task_aggregate(Task, envelope.task_id)
@@ -108,8 +121,48 @@ class TaskRunnerHandlers:
             return
         pushed = parse_event(envelope)
         assert isinstance(pushed, BranchPushed)
-        task.complete(branch=pushed.branch, commit=pushed.commit, cause=envelope.event_id)
+        # The path is the product: a task completes only if every handoff before the push happened.
+        missing = await self._missing_handoffs(task.task_id, before=BranchPushed.type)
+        if missing:
+            task.fail(f"{missing[0]} missing: the flow reached BranchPushed without it",
+                      cause=envelope.event_id)
+        else:
+            task.complete(branch=pushed.branch, commit=pushed.commit, cause=envelope.event_id)
         self.store.save_processed(tracking, task)
+
+    async def _missing_handoffs(self, task_id: str, *, before: str) -> list[str]:
+        steps = FLOW_CONTRACT[: FLOW_CONTRACT.index(before)]
+        found = await asyncio.gather(*(self.lookup.last_event(task_id, step) for step in steps))
+        return [step for step, event in zip(steps, found, strict=True) if event is None]
+
+    async def on_step_overdue(self, envelope: Envelope, tracking: Tracking) -> None:
+        """Retry what can be retried, wait for the late handoff, then fail naming it."""
+        task = self._task(envelope)
+        overdue = parse_event(envelope)
+        assert isinstance(overdue, StepOverdue)
+        if task is None or task.is_over or overdue.expected == overdue.after:
+            return
+        for delay_s in self.overdue_backoff_s:
+            if overdue.expected == PromptDelivered.type and task.vm_agent_url:
+                await self._retry_start(task, cause=envelope.event_id)
+            await asyncio.sleep(delay_s)
+            if await self.lookup.last_event(task.task_id, overdue.expected) is not None:
+                return  # It came after all (the monitor names that StepRecovered).
+        waited_s = overdue.waited_s + sum(self.overdue_backoff_s)
+        task.fail(f"{overdue.expected} missing {waited_s:.0f}s after {overdue.after}",
+                  cause=envelope.event_id)
+        self.store.save_processed(tracking, task)
+
+    async def _retry_start(self, task: Task, *, cause: str) -> None:
+        # Same attempt id: the vm_agent starts nothing twice and never re-sends a delivered prompt.
+        assert task.vm_agent_url is not None
+        try:
+            await self.starter.start_agent_with_prompt(
+                task.vm_agent_url, task_id=task.task_id, agent=task.agent, prompt=task.prompt,
+                attempt_id=task.attempt_id, causation_id=cause,
+            )
+        except AgentStartRefused as error:
+            log.warning("retrying the start of %s: %s", task.task_id, error)
 
     async def _fail(self, envelope: Envelope, tracking: Tracking, reason: str) -> None:
         task = self._task(envelope)
@@ -126,4 +179,5 @@ class TaskRunnerHandlers:
             SessionFailed.type: self.on_session_failed,
             AgentFinished.type: self.on_agent_finished,
             BranchPushed.type: self.on_branch_pushed,
+            StepOverdue.type: self.on_step_overdue,
         }

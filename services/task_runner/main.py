@@ -18,7 +18,9 @@ async def run(settings: Settings) -> None:
     store = ServiceStore(NAME, store_env(settings, NAME))
     starter = VmAgentClient(settings.install_secret())
     async with open_bus(settings.nats_url, name=NAME) as bus:
-        handlers = TaskRunnerHandlers(store, starter, bus)
+        handlers = TaskRunnerHandlers(
+            store, starter, bus, overdue_backoff_s=settings.overdue_backoff_s
+        )
         await run_all(
             Relay(store, bus).run(),
             send_heartbeats(bus.nc, NAME, faults=settings.faults),

@@ -65,6 +65,7 @@ class BatonStack:
     data_dir: Path
     faults: str = ""
     database_url: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
 
@@ -73,7 +74,7 @@ class BatonStack:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> BatonStack:
-        env = {**os.environ, "BATON_FAULTS": self.faults, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "BATON_FAULTS": self.faults, "PYTHONUNBUFFERED": "1", **self.extra_env}
         env.pop("BATON_API", None)
         env.pop("BATON_DATABASE_URL", None)
         if self.database_url:

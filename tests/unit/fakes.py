@@ -104,5 +104,13 @@ class FakeLookup:
     def __init__(self) -> None:
         self.last: dict[tuple[str, str], object] = {}
 
+    def has_whole_flow(self, task_id: str, *, but: tuple[str, ...] = ()) -> None:
+        """Every handoff of the flow contract is on the stream for the task, except `but`."""
+        from events import FLOW_CONTRACT, Envelope
+
+        for step in FLOW_CONTRACT:
+            if step not in but:
+                self.last[(task_id, step)] = Envelope(type=step, task_id=task_id, actor="test")
+
     async def last_event(self, task_id: str, event_type: str):
         return self.last.get((task_id, event_type))

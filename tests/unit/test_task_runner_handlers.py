@@ -13,6 +13,7 @@ from events import (
     BranchPushed,
     Envelope,
     SessionFailed,
+    StepOverdue,
     TaskSubmitted,
     WorkspaceFailed,
     WorkspaceReady,
@@ -32,6 +33,7 @@ class Runner:
         self.store = popo_store()
         self.starter = starter or FakeStarter()
         self.lookup = FakeLookup()
+        self.lookup.has_whole_flow(TASK)
         self.handlers = TaskRunnerHandlers(self.store, self.starter, self.lookup).handlers()
         self._seq = itertools.count(1)
 
@@ -199,3 +201,40 @@ async def test_a_refused_restart_of_an_attempt_the_stream_shows_started_does_not
 
     assert [e.type for e in runner.emitted()] == ["WorkspaceRequested"]
     assert runner.task().state == "starting"
+
+
+async def test_a_push_without_agent_output_on_the_stream_fails_the_task_naming_the_gap():
+    runner = await started_runner()
+    # The stream lacks AgentOutput (what the agent_output fault produces).
+    del runner.lookup.last[(TASK, "AgentOutput")]
+
+    await runner.deliver(event(BranchPushed(branch="baton/t1", commit="c0ffee")))
+
+    failed = runner.emitted()[-1]
+    assert failed.type == "TaskFailed"
+    assert failed.data["reason"] == "AgentOutput missing: the flow reached BranchPushed without it"
+
+
+async def test_an_overdue_prompt_is_retried_with_the_same_attempt_then_fails_naming_the_handoff():
+    runner = await started_runner()
+    runner.handlers = TaskRunnerHandlers(runner.store, runner.starter, runner.lookup,
+                                         overdue_backoff_s=(0, 0)).handlers()
+    del runner.lookup.last[(TASK, "PromptDelivered")]
+    calls_before = len(runner.starter.calls)
+
+    overdue = StepOverdue(expected="PromptDelivered", after="WorkspaceReady", waited_s=30.0)
+    await runner.deliver(event(overdue))
+
+    retries = runner.starter.calls[calls_before:]
+    assert len(retries) == 2 and {c["attempt_id"] for c in retries} == {f"{TASK}-a1"}
+    assert runner.emitted()[-1].data["reason"] == "PromptDelivered missing 30s after WorkspaceReady"
+
+
+async def test_an_overdue_step_that_arrives_while_waiting_does_not_fail_the_task():
+    runner = await started_runner()
+    runner.handlers = TaskRunnerHandlers(runner.store, runner.starter, runner.lookup,
+                                         overdue_backoff_s=(0,)).handlers()
+
+    await runner.deliver(event(StepOverdue(expected="AgentOutput", after="PromptDelivered", waited_s=5)))
+
+    assert "TaskFailed" not in [e.type for e in runner.emitted()]

@@ -110,6 +110,9 @@ class ShellAgent:
             script = _prompt_text(prompt)
             await self._send(session_id, UserMessageChunk(session_update="user_message_chunk", content=text_block(script)))
             exit_code = None if session.cancelled else await self._run_script(session, session_id, script)
+            if exit_code is not None and not session.cancelled:
+                # Always report how the script ended: even a silent script shows the agent worked.
+                await self._forward_text(session_id, "message", f"bash exited with code {exit_code}\n")
         finally:
             session.busy = False
         return _turn_response(exit_code, cancelled=session.cancelled)

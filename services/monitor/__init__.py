@@ -1,0 +1,1 @@
+"""The flow monitor: follows every task against the flow contract's deadlines and names each gap."""

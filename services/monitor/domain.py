@@ -1,0 +1,78 @@
+"""The Watch aggregate: what the monitor has seen of one task, and the gaps it has named.
+
+Only first occurrences are recorded (not every AgentOutput), with their times, so the
+timers are rebuilt from the store after a restart and fire on time.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from eventsourcing.domain import event
+
+from events import (
+    FLOW_CONTRACT,
+    TERMINAL_TYPES,
+    AgentStalled,
+    Deadline,
+    Envelope,
+    StepOverdue,
+    StepRecovered,
+)
+from services.runtime.store import TaskAggregate
+
+ACTOR = "service:monitor"
+
+
+class Watch(TaskAggregate):
+    @event("Opened")
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+        self.seen: dict[str, str] = {}
+        self.overdue: dict[str, str] = {}  # expected → after, while not recovered
+        self.stalled_at_seq: int | None = None
+        self.last_seq = 0
+
+    @property
+    def ended(self) -> bool:
+        return any(t in self.seen for t in TERMINAL_TYPES)
+
+    def seen_at(self, event_type: str) -> datetime | None:
+        at = self.seen.get(event_type)
+        return datetime.fromisoformat(at) if at else None
+
+    @event("Observed")
+    def observe(self, event_type: str, at: str) -> None:
+        """First occurrence of a handoff (or the task's end)."""
+        self.seen.setdefault(event_type, at)
+
+    def overdue_step(self, deadline: Deadline, now: datetime) -> None:
+        started = self.seen_at(deadline.after)
+        assert started is not None
+        waited = round((now - started).total_seconds(), 1)
+        event_ = StepOverdue(expected=deadline.expected, after=deadline.after, waited_s=waited)
+        self.emit(event_, actor=ACTOR)
+
+    def recovered_step(self, expected: str, at: datetime) -> None:
+        after = self.overdue[expected]
+        waited = round((at - self.seen_at(after)).total_seconds(), 1) if self.seen_at(after) else 0.0
+        self.emit(StepRecovered(expected=expected, after=after, waited_s=waited), actor=ACTOR)
+
+    def stalled(self, silent_s: float) -> None:
+        self.emit(AgentStalled(silent_s=round(silent_s, 1), last_seq=self.last_seq), actor=ACTOR)
+
+    def apply(self, envelope: Envelope) -> None:
+        data = envelope.data
+        if envelope.type == StepOverdue.type:
+            self.overdue[data["expected"]] = data["after"]
+        elif envelope.type == StepRecovered.type:
+            self.overdue.pop(data["expected"], None)
+        elif envelope.type == AgentStalled.type:
+            self.stalled_at_seq = data["last_seq"]
+            self.overdue["AgentOutput"] = "AgentOutput"
+
+
+def skipped(deadline: Deadline, watch: Watch) -> bool:
+    """The flow moved past `deadline.expected` without it (a later handoff already happened)."""
+    later = FLOW_CONTRACT[FLOW_CONTRACT.index(deadline.expected) + 1:]
+    return any(step in watch.seen for step in later)

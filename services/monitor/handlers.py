@@ -1,0 +1,105 @@
+"""The monitor's reactions: observe each handoff, and on every tick name the gaps that opened."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from eventsourcing.persistence import Tracking
+
+from events import FLOW_CONTRACT, Deadline, Envelope, TaskFailed
+from services.monitor.domain import Watch, skipped
+from services.runtime.consumer import Handler
+from services.runtime.store import ServiceStore
+
+log = logging.getLogger(__name__)
+
+WATCHED_TYPES = (*FLOW_CONTRACT, TaskFailed.type)
+
+
+class Monitor:
+    """Keeps one live Watch per running task (the only copy that is saved)."""
+
+    def __init__(self, store: ServiceStore, deadlines: tuple[Deadline, ...], *, stall_after_s: float) -> None:
+        self.store = store
+        self.deadlines = deadlines
+        self.stall_after_s = stall_after_s
+        self.watches: dict[str, Watch] = {}
+        self.last_output_at: dict[str, datetime] = {}
+
+    def watch_for(self, task_id: str) -> Watch:
+        if task_id not in self.watches:
+            existing = self.store.get_task_aggregate(Watch, task_id)
+            self.watches[task_id] = existing or Watch(task_id)
+        return self.watches[task_id]
+
+    def resume(self) -> None:
+        """After a restart, every unfinished task's timers continue from the stored times."""
+        topic = f"{Watch.__module__}:{Watch.__qualname__}.Opened"
+        start = 0
+        while batch := self.store.process_recorder.select_notifications(
+            start, 500, topics=[topic], inclusive_of_start=False
+        ):
+            for notification in batch:
+                watch = self.store.repository.get(notification.originator_id)
+                if not watch.ended:
+                    self.watches[watch.task_id] = watch
+            start = batch[-1].id
+
+    async def on_event(self, envelope: Envelope, tracking: Tracking) -> None:
+        watch = self.watch_for(envelope.task_id)
+        if envelope.type == "AgentOutput":
+            self.last_output_at[envelope.task_id] = envelope.occurred_at
+            watch.last_seq = max(watch.last_seq, envelope.data["seq"])
+            if watch.stalled_at_seq is not None and "AgentOutput" in watch.overdue and "AgentOutput" in watch.seen:
+                watch.recovered_step("AgentOutput", envelope.occurred_at)
+        if envelope.type not in watch.seen:
+            watch.observe(envelope.type, envelope.occurred_at.isoformat())
+            if envelope.type in watch.overdue:
+                watch.recovered_step(envelope.type, envelope.occurred_at)
+            self._name_skipped_steps(watch)
+        self.store.save_processed(tracking, watch)
+        if watch.ended:
+            self.watches.pop(envelope.task_id, None)
+            self.last_output_at.pop(envelope.task_id, None)
+
+    def _name_skipped_steps(self, watch: Watch) -> None:
+        for deadline in self.deadlines:
+            if (deadline.after in watch.seen and deadline.expected not in watch.seen
+                    and deadline.expected not in watch.overdue and skipped(deadline, watch)):
+                watch.overdue_step(deadline, datetime.now(UTC))
+
+    def tick(self, now: datetime) -> None:
+        """Name every deadline that passed and every agent that went silent."""
+        for watch in list(self.watches.values()):
+            changed = False
+            for deadline in self.deadlines:
+                started = watch.seen_at(deadline.after)
+                if (started and deadline.expected not in watch.seen and deadline.expected not in watch.overdue
+                        and (now - started).total_seconds() > deadline.seconds):
+                    watch.overdue_step(deadline, now)
+                    changed = True
+            changed |= self._check_stall(watch, now)
+            if changed:
+                self.store.save(watch)
+
+    def _check_stall(self, watch: Watch, now: datetime) -> bool:
+        if "PromptDelivered" not in watch.seen or "AgentFinished" in watch.seen or watch.ended:
+            return False
+        if watch.stalled_at_seq == watch.last_seq and "AgentOutput" in watch.overdue:
+            return False
+        quiet_since = self.last_output_at.get(watch.task_id) or watch.seen_at("PromptDelivered")
+        silent_s = (now - quiet_since).total_seconds()
+        if silent_s <= self.stall_after_s:
+            return False
+        watch.stalled(silent_s)
+        return True
+
+    async def run_ticks(self, interval_s: float = 0.5) -> None:
+        while True:
+            self.tick(datetime.now(UTC))
+            await asyncio.sleep(interval_s)
+
+    def handlers(self) -> dict[str, Handler]:
+        return {event_type: self.on_event for event_type in WATCHED_TYPES}

@@ -1,0 +1,112 @@
+"""Every handoff watched: a missing one is a named gap within its deadline, acted on, and rehearsable."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import start_stack
+from tests.support.api import Api
+from tests.support.flow import assert_flow_completes
+from tests.support.git_remote import make_origin
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.capability
+
+DEADLINE_S = 4
+MARGIN_S = 6
+FAST_MONITOR = {
+    "BATON_DEADLINES": ",".join(f"{step}={DEADLINE_S}" for step in
+                                ("WorkspaceReady", "PromptDelivered", "AgentOutput", "BranchPushed")),
+    "BATON_OVERDUE_BACKOFF_S": "0.5,1",
+}
+PROMPT = 'echo "working"\necho done > done.txt\n'
+
+# fault → (the handoff that silently does not happen, the one it is awaited after)
+FAULTS = {
+    "prompt_delivery": ("PromptDelivered", "WorkspaceReady"),
+    "workspace_ready": ("WorkspaceReady", "WorkspaceRequested"),
+    "agent_output": ("AgentOutput", "PromptDelivered"),
+    "branch_push": ("BranchPushed", "AgentFinished"),
+}
+
+
+def at(event: dict) -> datetime:
+    return datetime.fromisoformat(event["occurred_at"])
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_silently_missing_handoff_is_named_acted_on_and_shown(tmp_path: Path, fault: str):
+    expected, after = FAULTS[fault]
+    nats, stack = start_stack(tmp_path / "stack", faults=fault, env=FAST_MONITOR)
+    try:
+        api = Api(stack.api)
+        # Health says loudly that faults are injected.
+        health = api.http.get("/api/health").json()
+        assert health["faults"] == [fault] and "FAULT INJECTION ON" in health["warning"]
+
+        task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt=PROMPT, agent="shell")
+        events = api.wait_for_end(task["task_id"], timeout_s=90)
+
+        # The monitor named the gap, within the deadline and a small margin.
+        overdue = next(e for e in events if e["type"] == "StepOverdue")
+        assert (overdue["data"]["expected"], overdue["data"]["after"]) == (expected, after)
+        since = next(e for e in events if e["type"] == after)
+        assert (at(overdue) - at(since)).total_seconds() <= DEADLINE_S + MARGIN_S
+        # The task failed with a reason naming the handoff, never "running" forever.
+        assert events[-1]["type"] == "TaskFailed"
+        assert expected in events[-1]["data"]["reason"]
+        # The board shows the gap.
+        board = api.wait_for_state(task["task_id"], "failed")
+        assert [(g["expected"], g["recovered"]) for g in board["gaps"]] == [(expected, False)]
+    finally:
+        stack.stop()
+        nats.stop()
+
+
+def test_a_late_handoff_is_recovered_and_the_task_completes(tmp_path: Path):
+    env = {"BATON_DEADLINES": "AgentOutput=2", "BATON_OVERDUE_BACKOFF_S": "3,3,3"}
+    nats, stack = start_stack(tmp_path / "stack", env=env)
+    try:
+        api = Api(stack.api)
+        # The agent is silent for longer than the AgentOutput deadline, then speaks.
+        task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="sleep 5\necho late", agent="shell")
+
+        events = assert_flow_completes(api, task["task_id"], timeout_s=90)
+
+        types = [e["type"] for e in events]
+        assert types.index("StepOverdue") < types.index("StepRecovered") < types.index("TaskCompleted")
+        recovered = next(e for e in events if e["type"] == "StepRecovered")["data"]
+        assert recovered["expected"] == "AgentOutput" and recovered["waited_s"] >= 4
+        board = api.wait_for_state(task["task_id"], "completed")
+        assert [(g["expected"], g["recovered"]) for g in board["gaps"]] == [("AgentOutput", True)]
+    finally:
+        stack.stop()
+        nats.stop()
+
+
+def test_the_monitor_restarted_mid_wait_still_fires_on_time(tmp_path: Path):
+    deadline_s = 8
+    env = {"BATON_DEADLINES": f"PromptDelivered={deadline_s}", "BATON_OVERDUE_BACKOFF_S": "0.5"}
+    nats, stack = start_stack(tmp_path / "stack", faults="prompt_delivery", env=env)
+    try:
+        api = Api(stack.api)
+        task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt=PROMPT, agent="shell")
+        wait_for(lambda: any(e["type"] == "WorkspaceReady" for e in api.events(task["task_id"])),
+                 timeout_s=60, what="WorkspaceReady")
+
+        # The monitor dies while it waits for PromptDelivered; `baton up` restarts it.
+        stack.kill_service("monitor")
+
+        events = api.wait_for_end(task["task_id"], timeout_s=90)
+        overdue = next(e for e in events if e["type"] == "StepOverdue")
+        ready = next(e for e in events if e["type"] == "WorkspaceReady")
+        waited = (at(overdue) - at(ready)).total_seconds()
+        assert deadline_s <= waited <= deadline_s + MARGIN_S
+        assert [e["type"] for e in events].count("StepOverdue") == 1
+        assert "PromptDelivered missing" in events[-1]["data"]["reason"]
+    finally:
+        stack.stop()
+        nats.stop()
