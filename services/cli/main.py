@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.audit import audit_app
 from services.cli.client import ApiError, BatonClient
 from services.cli.follow import follow_task, render_event
 from services.cli.supervisor import SERVICE_NAMES, Supervisor, SupervisorError
@@ -28,6 +29,8 @@ app = typer.Typer(
     help="Baton: run AI coding agents on tasks.", no_args_is_help=True, pretty_exceptions_enable=False
 )
 console = Console(highlight=False, soft_wrap=True)
+
+app.add_typer(audit_app, name="audit")
 
 ApiOption = Annotated[
     str, typer.Option("--api", envvar="BATON_API", help="Baton's HTTP API (or set BATON_API)")

@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.gateway.context import Gateway
+from services.gateway.routes import audit as audit_routes
 from services.gateway.routes import streams, system, tasks
+from services.projector.audit_sources import open_audit_log
 from services.projector.main import open_task_board
 from services.runtime.bus import open_bus
 from services.runtime.consumer import run_all
@@ -26,11 +28,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = ServiceStore(NAME, store_env(settings, NAME))
         board = open_task_board(settings)
+        audit = open_audit_log(settings)
         async with open_bus(settings.nats_url, name=NAME) as bus:
             relay = Relay(store, bus)
             heartbeats = HeartbeatBoard()
             await heartbeats.follow(bus.nc)
-            app.state.gateway = Gateway(settings, store, relay, bus, board, heartbeats)
+            app.state.gateway = Gateway(settings, store, relay, bus, board, audit, heartbeats)
             loops = asyncio.create_task(
                 run_all(relay.run(), send_heartbeats(bus.nc, NAME, faults=settings.faults))
             )
@@ -40,9 +43,11 @@ def create_app(settings: Settings) -> FastAPI:
                 loops.cancel()
                 await asyncio.gather(loops, return_exceptions=True)
                 board.close()
+                audit.close()
 
     app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan)
     app.include_router(tasks.router)
     app.include_router(system.router)
     app.include_router(streams.router)
+    app.include_router(audit_routes.router)
     return app

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from projections.audit_log import AuditLog
 from projections.task_board import TaskBoard
 from services.runtime.bus import Bus
 from services.runtime.heartbeat import HeartbeatBoard
@@ -22,6 +23,7 @@ class Gateway:
     relay: Relay
     bus: Bus
     board: TaskBoard
+    audit: AuditLog
     heartbeats: HeartbeatBoard
 
 

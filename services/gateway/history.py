@@ -7,7 +7,7 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from events import task_subjects
-from services.gateway.streams import stream_events
+from services.runtime.streams import stream_events
 
 
 async def read_task_events(

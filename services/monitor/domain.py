@@ -29,6 +29,7 @@ class Watch(TaskAggregate):
     def __init__(self, task_id: str) -> None:
         super().__init__(task_id)
         self.seen: dict[str, str] = {}
+        self.seen_ids: dict[str, str] = {}
         self.overdue: dict[str, str] = {}  # expected → after, while not recovered
         self.stalled_at_seq: int | None = None
         self.last_seq = 0
@@ -42,24 +43,28 @@ class Watch(TaskAggregate):
         return datetime.fromisoformat(at) if at else None
 
     @event("Observed")
-    def observe(self, event_type: str, at: str) -> None:
+    def observe(self, event_type: str, at: str, event_id: str) -> None:
         """First occurrence of a handoff (or the task's end)."""
         self.seen.setdefault(event_type, at)
+        self.seen_ids.setdefault(event_type, event_id)
 
     def overdue_step(self, deadline: Deadline, now: datetime) -> None:
         started = self.seen_at(deadline.after)
         assert started is not None
         waited = round((now - started).total_seconds(), 1)
         event_ = StepOverdue(expected=deadline.expected, after=deadline.after, waited_s=waited)
-        self.emit(event_, actor=ACTOR)
+        self.emit(event_, actor=ACTOR, causation_id=self.seen_ids.get(deadline.after))
 
-    def recovered_step(self, expected: str, at: datetime) -> None:
+    def recovered_step(self, expected: str, at: datetime, *, cause: str) -> None:
         after = self.overdue[expected]
         waited = round((at - self.seen_at(after)).total_seconds(), 1) if self.seen_at(after) else 0.0
-        self.emit(StepRecovered(expected=expected, after=after, waited_s=waited), actor=ACTOR)
+        event_ = StepRecovered(expected=expected, after=after, waited_s=waited)
+        self.emit(event_, actor=ACTOR, causation_id=cause)
 
     def stalled(self, silent_s: float) -> None:
-        self.emit(AgentStalled(silent_s=round(silent_s, 1), last_seq=self.last_seq), actor=ACTOR)
+        event_ = AgentStalled(silent_s=round(silent_s, 1), last_seq=self.last_seq)
+        cause = self.seen_ids.get("AgentOutput") or self.seen_ids.get("PromptDelivered")
+        self.emit(event_, actor=ACTOR, causation_id=cause)
 
     def apply(self, envelope: Envelope) -> None:
         data = envelope.data

@@ -53,11 +53,11 @@ class Monitor:
             self.last_output_at[envelope.task_id] = envelope.occurred_at
             watch.last_seq = max(watch.last_seq, envelope.data["seq"])
             if watch.stalled_at_seq is not None and "AgentOutput" in watch.overdue and "AgentOutput" in watch.seen:
-                watch.recovered_step("AgentOutput", envelope.occurred_at)
+                watch.recovered_step("AgentOutput", envelope.occurred_at, cause=envelope.event_id)
         if envelope.type not in watch.seen:
-            watch.observe(envelope.type, envelope.occurred_at.isoformat())
+            watch.observe(envelope.type, envelope.occurred_at.isoformat(), envelope.event_id)
             if envelope.type in watch.overdue:
-                watch.recovered_step(envelope.type, envelope.occurred_at)
+                watch.recovered_step(envelope.type, envelope.occurred_at, cause=envelope.event_id)
             self._name_skipped_steps(watch)
         self.store.save_processed(tracking, watch)
         if watch.ended:

@@ -22,6 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from events import STREAM, Envelope, type_subjects
+from events.envelope import STREAM_SUBJECTS
 from services.runtime.bus import DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, Bus
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,19 @@ class TrackingStore(Protocol):
     def save_processed(self, tracking: Tracking, *aggregates: object) -> None: ...
 
 
+ALL_EVENTS = "*"
+"""A subscription to every event of every task, in stream order (e.g. the audit log)."""
+
+
 @dataclass(frozen=True)
 class Subscription:
-    """`handle` runs for every event of `event_type`, across all tasks."""
+    """`handle` runs for every event of `event_type` (or of every type: ALL_EVENTS), across all tasks."""
 
     event_type: str
     handle: Handler
+
+    def durable_for(self, service: str) -> str:
+        return f"{service}-{'all' if self.event_type == ALL_EVENTS else self.event_type}"
 
 
 class ConsumerSetupError(RuntimeError):
@@ -54,7 +62,7 @@ class ConsumerSetupError(RuntimeError):
 def consumer_config(durable: str, event_type: str, *, ack_wait_s: float) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=durable,
-        filter_subject=type_subjects(event_type),
+        filter_subject=STREAM_SUBJECTS[0] if event_type == ALL_EVENTS else type_subjects(event_type),
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         max_deliver=-1,  # Baton counts deliveries itself and dead-letters; the server never drops.
@@ -84,7 +92,7 @@ async def consume(
     batch: int = 100,
 ) -> None:
     """Run one subscription until cancelled."""
-    durable = f"{service}-{subscription.event_type}"
+    durable = subscription.durable_for(service)
     pull = await _bind(bus.js, durable, subscription.event_type, ack_wait_s)
     while True:
         try:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from events import task_subjects
 from events.envelope import STREAM_SUBJECTS
 from services.gateway.context import Gateway
-from services.gateway.streams import stream_events
+from services.runtime.streams import stream_events
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,171 @@
+"""The audit log: every event of every task, append-only, in stream order, hash-chained.
+
+Each record carries `hash = sha256(prev_hash, stream_seq, canonical envelope)`, so altering,
+deleting or reordering a record breaks the chain from there on. The log is a pure function of
+the stream: rebuilt from it, it is identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from eventsourcing.persistence import Tracking
+
+from events import Envelope
+from projections.sql import Database
+
+GENESIS = "0" * 64
+MAX_PAGE = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_log (
+    stream_seq BIGINT PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    task_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    occurred_at TEXT NOT NULL,
+    causation_id TEXT,
+    envelope TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_task ON audit_log (task_id, stream_seq);
+CREATE INDEX IF NOT EXISTS audit_by_type ON audit_log (type, stream_seq);
+CREATE INDEX IF NOT EXISTS audit_by_actor ON audit_log (actor, stream_seq);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit_log (occurred_at);
+CREATE TABLE IF NOT EXISTS audit_tracking (consumer TEXT PRIMARY KEY, position BIGINT NOT NULL);
+"""
+
+
+def canonical(envelope: dict[str, Any]) -> str:
+    """The one text of an envelope that is hashed and compared: sorted keys, no spaces."""
+    return json.dumps(envelope, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def chain_hash(prev_hash: str, stream_seq: int, envelope_text: str) -> str:
+    return hashlib.sha256(f"{prev_hash}\n{stream_seq}\n{envelope_text}".encode()).hexdigest()
+
+
+class AuditLog:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+
+    # -- writing (the projector) -------------------------------------------------------
+
+    def is_processed(self, tracking: Tracking) -> bool:
+        rows = self._db.execute("SELECT position FROM audit_tracking WHERE consumer = ?",
+                                (tracking.application_name,))
+        return bool(rows) and rows[0]["position"] >= tracking.notification_id
+
+    def save_processed(self, tracking: Tracking, *_: object) -> None:
+        with self._db.transaction() as db:
+            self._track(db, tracking)
+
+    def append(self, envelope: Envelope, tracking: Tracking) -> None:
+        """Append one event (its stream sequence is the tracking position), atomically with it."""
+        with self._db.transaction() as db:
+            # Checked inside the transaction: a rebuild may have written this position meanwhile.
+            if self._position(db, tracking.application_name) >= tracking.notification_id:
+                return
+            self._append(db, envelope.model_dump(mode="json"), tracking.notification_id)
+            self._track(db, tracking)
+
+    def rebuild(self, records: Iterator[tuple[int, dict[str, Any]]], *, consumer: str) -> int:
+        """Replace the whole log with `records` (stream_seq, envelope) in one transaction.
+
+        The consumer's position moves to the last sequence, so the projector carries on after it.
+        """
+        count, last = 0, 0
+        with self._db.transaction() as db:
+            db.execute("DELETE FROM audit_log")
+            for stream_seq, envelope in records:
+                self._append(db, envelope, stream_seq)
+                count, last = count + 1, stream_seq
+            db.execute("DELETE FROM audit_tracking")
+            self._track(db, Tracking(consumer, last))
+        return count
+
+    @staticmethod
+    def _position(db: Database, consumer: str) -> int:
+        rows = db.execute("SELECT position FROM audit_tracking WHERE consumer = ?", (consumer,))
+        return rows[0]["position"] if rows else 0
+
+    def _append(self, db: Database, envelope: dict[str, Any], stream_seq: int) -> None:
+        last = db.execute("SELECT hash FROM audit_log ORDER BY stream_seq DESC LIMIT 1")
+        prev = last[0]["hash"] if last else GENESIS
+        text = canonical(envelope)
+        db.execute(
+            "INSERT INTO audit_log (stream_seq, event_id, task_id, type, actor, occurred_at, "
+            "causation_id, envelope, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (stream_seq, envelope["event_id"], envelope["task_id"], envelope["type"],
+             envelope["actor"], _utc_text(envelope["occurred_at"]), envelope.get("causation_id"),
+             text, prev, chain_hash(prev, stream_seq, text)),
+        )
+
+    @staticmethod
+    def _track(db: Database, tracking: Tracking) -> None:
+        db.execute(
+            "INSERT INTO audit_tracking (consumer, position) VALUES (?, ?) "
+            "ON CONFLICT (consumer) DO UPDATE SET position = excluded.position",
+            (tracking.application_name, tracking.notification_id),
+        )
+
+    # -- reading (the API, the CLI, verify) ----------------------------------------------
+
+    def query(
+        self,
+        *,
+        task_id: str | None = None,
+        type: str | None = None,
+        actor: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_seq: int = 0,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Events in stream order matching every filter given, after `after_seq`."""
+        clauses, params = ["stream_seq > ?"], [after_seq]
+        for column, value in (("task_id", task_id), ("type", type), ("actor", actor)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            clauses.append("occurred_at >= ?")
+            params.append(_utc_text(since))
+        if until is not None:
+            clauses.append("occurred_at < ?")
+            params.append(_utc_text(until))
+        rows = self._db.execute(
+            f"SELECT stream_seq, envelope FROM audit_log WHERE {' AND '.join(clauses)} "
+            "ORDER BY stream_seq LIMIT ?",
+            (*params, min(limit, MAX_PAGE)),
+        )
+        return [json.loads(row["envelope"]) | {"stream_seq": row["stream_seq"]} for row in rows]
+
+    def records(self, batch: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every raw record in stream order (for verify and export)."""
+        after = 0
+        while rows := self._db.execute(
+            "SELECT * FROM audit_log WHERE stream_seq > ? ORDER BY stream_seq LIMIT ?", (after, batch)
+        ):
+            yield from rows
+            after = rows[-1]["stream_seq"]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _utc_text(value: datetime | str) -> str:
+    """ISO-8601 in UTC with microseconds, so text order is time order."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        raise ValueError(f"time {value!r} has no timezone")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
