@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from services.gateway.context import Gateway
 from services.gateway.routes import audit as audit_routes
-from services.gateway.routes import streams, system, tasks
+from services.gateway.routes import streams, system, tasks, ui
 from services.projector.audit_sources import open_audit_log
 from services.projector.main import open_task_board
 from services.runtime.bus import open_bus
@@ -50,4 +50,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(system.router)
     app.include_router(streams.router)
     app.include_router(audit_routes.router)
+    app.include_router(ui.router)  # last: the web UI never shadows /api or /docs
     return app

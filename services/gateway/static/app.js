@@ -1,0 +1,397 @@
+// Baton's web UI: the task board at "/" and a task's page at "/tasks/<id>". No build step.
+// Everything live comes from the event stream over WebSocket; user text is only ever set as text.
+
+// events/flow.py FLOW_CONTRACT, in the same order (the capability test checks they agree).
+const FLOW = ["TaskSubmitted", "WorkspaceRequested", "WorkspaceReady", "AgentSessionStarted",
+  "PromptDelivered", "AgentOutput", "AgentFinished", "BranchPushed", "TaskCompleted"];
+const LABEL = {
+  TaskSubmitted: "Submitted", WorkspaceRequested: "Workspace requested", WorkspaceReady: "Workspace ready",
+  AgentSessionStarted: "Agent started", PromptDelivered: "Prompt delivered", AgentOutput: "Agent output",
+  AgentFinished: "Agent finished", BranchPushed: "Branch pushed", TaskCompleted: "Completed",
+  TaskFailed: "Task failed", WorkspaceFailed: "Workspace failed", SessionFailed: "Session failed",
+  StepOverdue: "Step overdue", StepRecovered: "Step recovered", AgentStalled: "Agent stalled",
+};
+const STATES = ["queued", "provisioning", "running", "completed", "failed"];
+// As projections/task_board.py: a task only moves forward in rank.
+const STATE_OF = {
+  TaskSubmitted: "queued", WorkspaceRequested: "provisioning", WorkspaceReady: "provisioning",
+  WorkspaceFailed: "provisioning", AgentSessionStarted: "running", PromptDelivered: "running",
+  AgentFinished: "running", SessionFailed: "running", BranchPushed: "running",
+  TaskCompleted: "completed", TaskFailed: "failed",
+};
+const RANK = { queued: 0, provisioning: 1, running: 2, completed: 3, failed: 3 };
+const GAPS = new Set(["StepOverdue", "AgentStalled"]); // named gaps: shown red, as markers
+const RED = new Set(["TaskFailed", "WorkspaceFailed", "SessionFailed", ...GAPS]);
+const TERMINAL = new Set(["TaskCompleted", "TaskFailed"]);
+
+// ---- small helpers -------------------------------------------------------------------------
+
+function h(tag, attrs = {}, ...kids) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value == null || value === false) continue;
+    if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+    else if (key === "class") el.className = value;
+    else el.setAttribute(key, value === true ? "" : value);
+  }
+  el.append(...kids.flat().filter((k) => k != null && k !== false));
+  return el;
+}
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const short = (sha) => (sha || "").slice(0, 10);
+const firstLine = (text) => (text || "").trim().split("\n")[0];
+
+function ago(iso) {
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (s < 10) return "just now";
+  if (s < 60) return `${Math.floor(s)}s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+  return new Date(iso).toLocaleDateString();
+}
+
+function duration(ms) {
+  const s = Math.max(0, ms) / 1000;
+  if (s < 60) return `${s.toFixed(1)}s`;
+  const m = Math.floor(s / 60);
+  return m < 60 ? `${m}m ${String(Math.floor(s % 60)).padStart(2, "0")}s` : `${Math.floor(m / 60)}h ${m % 60}m`;
+}
+
+function badge(state) {
+  return h("span", { class: `badge state-${state || "unknown"}`, "data-state": state || "" }, state || "…");
+}
+
+// Keep every "N min ago" fresh.
+setInterval(() => document.querySelectorAll("[data-since]").forEach((el) => { el.textContent = ago(el.dataset.since); }), 15000);
+
+/** Follow a WebSocket event stream from stream_seq 1; on a drop, resume from last + 1.
+ *  Events are deduplicated by stream_seq, so a replayed event is never applied twice. */
+function follow(path, onEvent, onStatus = () => {}) {
+  let last = 0, delay = 500;
+  const open = () => {
+    const url = new URL(path, location.href);
+    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    url.searchParams.set("from_seq", String(last + 1));
+    const ws = new WebSocket(url);
+    ws.onopen = () => { delay = 500; onStatus("live"); };
+    ws.onmessage = (message) => {
+      const event = JSON.parse(message.data);
+      if (!(event.stream_seq > last)) return;
+      last = event.stream_seq;
+      try { onEvent(event); } catch (error) { console.error("event not shown", event, error); }
+    };
+    ws.onclose = () => { onStatus("reconnecting"); setTimeout(open, delay); delay = Math.min(delay * 2, 8000); };
+  };
+  open();
+}
+
+function connection(el) {
+  return (status) => {
+    el.className = `conn conn-${status}`;
+    el.textContent = status === "live" ? "live" : "reconnecting…";
+  };
+}
+
+// ---- health: the fault banner and the status pill, on every page ------------------------------
+
+async function pollHealth() {
+  const pill = $("#health");
+  const banner = $("#fault-banner");
+  try {
+    const health = await (await fetch("/api/health", { cache: "no-store" })).json();
+    const down = Object.entries(health.services || {}).filter(([, up]) => !up).map(([name]) => name);
+    const ok = health.status === "ok";
+    pill.className = `health ${ok ? "health-ok" : "health-bad"}`;
+    pill.textContent = ok ? "All services up"
+      : !health.nats ? "NATS unreachable" : `Degraded: ${down.join(", ") || "see /api/health"}`;
+    const faults = health.faults || [];
+    banner.hidden = !faults.length;
+    banner.textContent = faults.length
+      ? `Fault injection on: ${faults.join(", ")}. These steps will silently not happen; do not trust results from this install.`
+      : "";
+  } catch {
+    pill.className = "health health-bad";
+    pill.textContent = "Gateway unreachable";
+  }
+}
+
+// ---- the board --------------------------------------------------------------------------------
+
+async function boardPage(app) {
+  document.title = "Board · Baton";
+  const tasks = new Map();
+  const columns = Object.fromEntries(STATES.map((state) => [state, h("div", { class: "cards" })]));
+  const counts = Object.fromEntries(STATES.map((state) => [state, h("span", { class: "count" }, "0")]));
+  const conn = h("span", { class: "conn" }, "connecting…");
+  app.replaceChildren(
+    submitForm(),
+    h("section", { class: "board-head" }, h("h2", {}, "Tasks"), conn),
+    h("section", { class: "board" }, STATES.map((state) => h("div", { class: `column column-${state}`, "data-column": state },
+      h("h3", {}, h("span", { class: `dot state-${state}` }), state, counts[state]), columns[state]))),
+  );
+
+  let scheduled = false;
+  const render = () => {
+    if (scheduled) return;
+    scheduled = true;
+    requestAnimationFrame(() => {
+      scheduled = false;
+      const sorted = [...tasks.values()].sort((a, b) => (b.created_at || "").localeCompare(a.created_at || ""));
+      for (const state of STATES) {
+        const mine = sorted.filter((task) => task.state === state);
+        counts[state].textContent = String(mine.length);
+        const shown = mine.slice(0, 60).map(card);
+        if (mine.length > 60) shown.push(h("p", { class: "more" }, `and ${mine.length - 60} more`));
+        columns[state].replaceChildren(...(shown.length ? shown : [h("p", { class: "empty" }, "none")]));
+      }
+    });
+  };
+
+  try {
+    for (const task of (await (await fetch("/api/tasks")).json()).tasks) tasks.set(task.task_id, task);
+  } catch (error) { console.error("GET /api/tasks failed", error); }
+  render();
+  // The board has no stream position to resume from, so replay the stream (forward-only states).
+  follow("/api/stream?exclude=AgentOutput", (event) => {
+    if (!tasks.has(event.task_id)) tasks.set(event.task_id, { task_id: event.task_id });
+    fold(tasks.get(event.task_id), event);
+    render();
+  }, connection(conn));
+}
+
+function fold(task, event) {
+  const data = event.data || {};
+  if (event.type === "TaskSubmitted") {
+    for (const key of ["repo", "prompt", "agent", "base_branch"]) task[key] = data[key];
+    task.created_at = task.created_at || event.occurred_at;
+  }
+  if (event.type === "BranchPushed" || event.type === "TaskCompleted") Object.assign(task, { branch: data.branch, commit: data.commit });
+  if (event.type === "TaskFailed") task.reason = data.reason;
+  if (GAPS.has(event.type)) (task.open_gaps ||= new Set()).add(data.expected || "AgentOutput");
+  if (event.type === "StepRecovered") task.open_gaps?.delete(data.expected);
+  const state = STATE_OF[event.type];
+  if (state && (!task.state || RANK[state] > RANK[task.state])) task.state = state;
+  task.created_at = task.created_at || event.occurred_at;
+  if (!task.updated_at || event.occurred_at > task.updated_at) task.updated_at = event.occurred_at;
+}
+
+function card(task) {
+  const repo = (task.repo || "").replace(/\/+$/, "").split("/").pop().replace(/\.git$/, "") || task.repo;
+  return h("a", { class: `card card-${task.state}`, href: `/tasks/${encodeURIComponent(task.task_id)}`, "data-task": task.task_id },
+    h("div", { class: "card-top" }, h("code", {}, task.task_id), task.agent && h("span", { class: "chip" }, task.agent)),
+    h("p", { class: "card-prompt" }, firstLine(task.prompt) || "(no prompt)"),
+    task.state === "failed" && task.reason && h("p", { class: "card-reason", title: task.reason }, task.reason),
+    RANK[task.state] < 3 && task.open_gaps?.size > 0 && h("p", { class: "card-gap" }, `⚠ overdue: ${[...task.open_gaps].join(", ")}`),
+    task.state === "completed" && task.branch && h("p", { class: "card-branch" }, "⎇ ", h("code", {}, task.branch)),
+    h("div", { class: "card-meta" }, h("span", { title: task.repo || "" }, repo || ""),
+      task.updated_at && h("time", { "data-since": task.updated_at, title: task.updated_at }, ago(task.updated_at))));
+}
+
+function submitForm() {
+  const field = (label, control, hint, cls = "") => h("label", { class: `field ${cls}` },
+    h("span", { class: "label" }, label, hint && h("span", { class: "hint" }, hint)), control);
+  const repo = h("input", { name: "repo", required: true, placeholder: "https://github.com/you/repo.git or file:///path/repo.git", autocomplete: "off", spellcheck: "false" });
+  const prompt = h("textarea", { name: "prompt", required: true, rows: "3", placeholder: "What should the agent do? For the shell agent: a bash script." });
+  const agent = h("select", { name: "agent", required: true }, h("option", { value: "" }, "loading…"));
+  const base = h("input", { name: "base_branch", placeholder: "default branch", autocomplete: "off", spellcheck: "false" });
+  const errors = h("div", { class: "form-errors", role: "alert", hidden: true });
+  const button = h("button", { type: "submit", class: "primary" }, "Run task");
+  const form = h("form", { class: "panel submit", novalidate: true },
+    h("h2", {}, "New task"),
+    h("div", { class: "form-grid" }, field("Repository", repo), field("Agent", agent), field("Base branch", base, "optional"),
+      field("Prompt", prompt, null, "field-prompt")),
+    h("div", { class: "form-foot" }, errors, button));
+
+  fetch("/api/backends").then((r) => r.json()).then(({ backends }) => {
+    agent.replaceChildren(...backends.map((b) => h("option", { value: b.name, disabled: !b.available },
+      b.available ? b.title || b.name : `${b.title || b.name} (not installed)`)));
+    const first = backends.find((b) => b.available);
+    if (first) agent.value = first.name;
+  }).catch(() => agent.replaceChildren(h("option", { value: "shell" }, "shell")));
+
+  const showErrors = (messages) => {
+    errors.hidden = !messages.length;
+    errors.replaceChildren(...messages.map((m) => h("p", {}, m)));
+  };
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    for (const control of [repo, prompt, agent]) control.removeAttribute("aria-invalid");
+    const body = { repo: repo.value.trim(), prompt: prompt.value, agent: agent.value, base_branch: base.value.trim() || null };
+    const missing = [["repository", repo], ["prompt", prompt], ["agent", agent]].filter(([, c]) => !c.value.trim());
+    if (missing.length) {
+      missing.forEach(([, c]) => c.setAttribute("aria-invalid", "true"));
+      return showErrors(missing.map(([name]) => `Please fill in the ${name}.`));
+    }
+    button.disabled = true;
+    button.textContent = "Submitting…";
+    try {
+      const response = await fetch("/api/tasks", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+      const result = await response.json().catch(() => ({}));
+      if (response.ok) return location.assign(`/tasks/${encodeURIComponent(result.task_id)}`);
+      showErrors(describeError(response.status, result.detail, form));
+    } catch (error) {
+      showErrors([`Could not reach the gateway: ${error.message}`]);
+    }
+    button.disabled = false;
+    button.textContent = "Run task";
+  });
+  return form;
+}
+
+// FastAPI's 422 detail is either a string or a list of {loc, msg}: make it a sentence per problem.
+function describeError(status, detail, form) {
+  if (typeof detail === "string") return [detail];
+  if (Array.isArray(detail)) {
+    return detail.map((item) => {
+      const name = (item.loc || []).filter((part) => part !== "body").join(".");
+      const control = name && form.elements.namedItem(name);
+      if (control) control.setAttribute("aria-invalid", "true");
+      const message = String(item.msg || "is invalid").replace(/^Value error, /, "");
+      return name ? `${name.replace("_", " ")}: ${message}` : message;
+    });
+  }
+  return [`The gateway answered ${status}.`];
+}
+
+// ---- a task's page ----------------------------------------------------------------------------
+
+async function taskPage(app, id) {
+  document.title = `Task ${id} · Baton`;
+  const state = h("span", { id: "state" }, badge(""));
+  const conn = h("span", { class: "conn" }, "connecting…");
+  const facts = h("dl", { class: "facts" });
+  const prompt = h("pre", { class: "prompt" });
+  const result = h("div", { id: "result" });
+  const timeline = h("ol", { class: "timeline", id: "timeline" });
+  const output = h("pre", { class: "terminal", id: "output", "aria-live": "off" });
+  const outputCount = h("span", { class: "count" }, "0 lines");
+  const rows = {};
+  for (const type of FLOW) {
+    rows[type] = h("li", { class: "step pending", "data-step": type },
+      h("span", { class: "mark", "aria-hidden": "true" }), h("span", { class: "name" }, LABEL[type]),
+      h("time", { class: "at" }, "pending"), h("div", { class: "detail" }, h("code", {}, type), h("span", { class: "info" })));
+    timeline.append(rows[type]);
+  }
+  app.replaceChildren(
+    h("section", { class: "task-head" },
+      h("div", { class: "title-row" }, h("h1", {}, h("a", { class: "back", href: "/", title: "Back to the board" }, "Board ›"), " Task ", h("code", {}, id)), state, conn),
+      facts, prompt),
+    result,
+    h("div", { class: "task-body" },
+      h("section", { class: "panel" }, h("h2", {}, "Flow"), timeline),
+      h("section", { class: "panel output-panel" }, h("h2", {}, "Agent output", outputCount), output)));
+
+  const task = { task_id: id };
+  const response = await fetch(`/api/tasks/${encodeURIComponent(id)}`);
+  if (response.status === 404) {
+    app.replaceChildren(h("section", { class: "panel notice" }, h("h1", {}, "No such task"),
+      h("p", {}, "Nobody submitted a task with id ", h("code", {}, id), ". ", h("a", { href: "/" }, "Back to the board"))));
+    return;
+  }
+  if (response.ok) Object.assign(task, await response.json());
+
+  let t0 = task.created_at ? Date.parse(task.created_at) : null;
+  let lines = 0;
+  const seenOutput = new Set();
+  const showHeader = () => {
+    state.replaceChildren(badge(task.state));
+    const fact = (label, value) => value && h("div", {}, h("dt", {}, label), h("dd", {}, value));
+    const submitted = task.created_at && new Date(task.created_at).toLocaleString([], { dateStyle: "medium", timeStyle: "medium" });
+    facts.replaceChildren(...[fact("Repository", task.repo), fact("Agent", task.agent), fact("Base branch", task.base_branch),
+      fact("Submitted", submitted), fact("Took", task.took)].filter(Boolean));
+    prompt.textContent = task.prompt || "";
+    prompt.hidden = !task.prompt;
+    result.replaceChildren();
+    if (task.branch) {
+      result.append(h("div", { class: "result result-ok", id: "branch" },
+        h("div", {}, h("strong", {}, task.state === "completed" ? "✓ Work pushed" : "Branch pushed"), " to branch ",
+          h("code", { class: "branch" }, task.branch), " at ", h("code", { class: "commit", title: task.commit }, short(task.commit))),
+        task.repo && h("code", { class: "cmd" }, `$ git fetch ${task.repo} ${task.branch}`)));
+    }
+    if (task.state === "failed") {
+      result.append(h("div", { class: "result result-failed", id: "failure" },
+        h("div", {}, h("strong", {}, "✕ Task failed: "), h("span", { class: "reason" }, task.reason || "no reason given"))));
+    }
+  };
+  showHeader();
+
+  const at = (event) => (t0 == null ? "" : `+${duration(Date.parse(event.occurred_at) - t0)}`);
+  const open = (row) => row && !row.classList.contains("reached");
+  // Extra events go after the last row shown so far; a gap goes right before the step it awaits.
+  const extraRow = (event) => {
+    const data = event.data || {};
+    const gap = GAPS.has(event.type);
+    const secs = (s) => (s != null ? `${Math.round(s)}s ` : "");
+    let detail = data.reason || "";
+    if (event.type === "StepOverdue") detail = `No ${data.expected} ${secs(data.waited_s)}after ${data.after}`;
+    else if (event.type === "AgentStalled") detail = `No output for ${secs(data.silent_s)}`;
+    else if (event.type === "StepRecovered") detail = `${data.expected} came ${secs(data.waited_s)}after ${data.after}`;
+    else if (!LABEL[event.type]) detail = JSON.stringify(data).slice(0, 160);
+    const kind = gap ? " red gap" : RED.has(event.type) ? " red" : event.type === "StepRecovered" ? " recovered" : "";
+    const row = h("li", { class: `step extra${kind}`, "data-event": event.type, "data-gap": gap ? data.expected || "AgentOutput" : null },
+      h("span", { class: "mark", "aria-hidden": "true" }), h("span", { class: "name" }, LABEL[event.type] || event.type),
+      h("time", { class: "at" }, at(event)), h("div", { class: "detail", title: detail }, h("code", {}, event.type), h("span", { class: "info" }, detail)));
+    if (event.type === "StepRecovered") timeline.querySelector(`[data-gap="${CSS.escape(data.expected || "")}"]:not(.closed)`)?.classList.add("closed");
+    const placed = [...timeline.children].filter((r) => !(r.dataset.step && open(r))).pop();
+    if (gap && open(rows[data.expected])) rows[data.expected].before(row);
+    else if (placed) placed.after(row);
+    else timeline.prepend(row);
+  };
+  const detailOf = (event) => {
+    const d = event.data || {};
+    return {
+      WorkspaceReady: d.workspace_id, AgentSessionStarted: d.session_id && `session ${d.session_id.slice(0, 8)}`,
+      PromptDelivered: d.prompt_sha256 && `sha256 ${d.prompt_sha256.slice(0, 8)}`,
+      AgentFinished: `${d.stop_reason || ""}${d.exit_code != null ? `, exit ${d.exit_code}` : ""}`, BranchPushed: d.commit && `at ${short(d.commit)}`,
+    }[event.type] || "";
+  };
+
+  const apply = (event) => {
+    const data = event.data || {};
+    if (event.type === "TaskSubmitted" && event.occurred_at) t0 = Date.parse(event.occurred_at);
+    fold(task, event);
+    if (event.type === "AgentOutput") {
+      if (seenOutput.has(data.seq)) return;
+      seenOutput.add(data.seq);
+      const stick = output.scrollTop + output.clientHeight >= output.scrollHeight - 24;
+      output.append(h("span", { class: `out-${data.stream}`, "data-seq": data.seq }, data.text));
+      lines += (data.text.match(/\n/g) || []).length;
+      outputCount.textContent = `${lines} line${lines === 1 ? "" : "s"}`;
+      if (stick) output.scrollTop = output.scrollHeight;
+    }
+    const row = rows[event.type];
+    if (row && !row.classList.contains("reached")) {
+      row.classList.remove("pending", "skipped");
+      row.classList.add("reached");
+      $(".at", row).textContent = at(event);
+      $(".info", row).textContent = detailOf(event);
+    } else if (!row) {
+      extraRow(event);
+    }
+    if (event.type === "AgentOutput") $(".info", rows.AgentOutput).textContent = `${seenOutput.size} piece${seenOutput.size === 1 ? "" : "s"}`;
+    if (TERMINAL.has(event.type)) {
+      conn.hidden = true;
+      output.dataset.ended = "true";
+      task.took = t0 == null ? null : duration(Date.parse(event.occurred_at) - t0);
+      if (event.type === "TaskFailed") {
+        for (const type of FLOW) if (rows[type].classList.contains("pending")) {
+          rows[type].classList.replace("pending", "skipped");
+          $(".at", rows[type]).textContent = "not reached";
+        }
+      }
+    }
+    if (event.type !== "AgentOutput") showHeader();
+  };
+  follow(`/api/tasks/${encodeURIComponent(id)}/stream`, apply, connection(conn));
+}
+
+// ---- routing ------------------------------------------------------------------------------------
+
+const app = $("#app");
+const match = location.pathname.match(/^\/tasks\/([^/]+)\/?$/);
+pollHealth();
+setInterval(pollHealth, 10000);
+if (match) taskPage(app, decodeURIComponent(match[1]));
+else if (location.pathname === "/") boardPage(app);
+else app.replaceChildren(h("section", { class: "panel notice" }, h("h1", {}, "Not found"), h("p", {}, h("a", { href: "/" }, "Back to the board"))));

@@ -1,0 +1,191 @@
+"""The web UI in a real browser against a real stack: submit, watch live, reload mid-run, see it done."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, WebSocketRoute, expect, sync_playwright
+
+from events import FLOW_CONTRACT
+from tests.conftest import start_stack
+from tests.support.api import Api
+from tests.support.processes import REPO_ROOT, BatonStack
+
+pytestmark = pytest.mark.capability
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+LINES = 30
+SCREENSHOT = REPO_ROOT / "docs" / "task-page.png"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        # `.ci/bootstrap test` installs it: in CI a missing browser is a failure, not a skip.
+        missing = f"the web UI tests drive Debian's chromium at {CHROMIUM} (apt-get install chromium)"
+        pytest.fail(missing) if os.environ.get("CI") else pytest.skip(missing)
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        yield opened
+    finally:
+        context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def counting_prompt(nonce: str) -> str:
+    return f'for i in $(seq 1 {LINES}); do echo "line $i {nonce}"; sleep 0.2; done\necho "{nonce}" > done.txt\n'
+
+
+def output_lines(page: Page, nonce: str) -> Counter:
+    text = page.locator("#output").inner_text()
+    return Counter(line.strip() for line in text.splitlines() if nonce in line)
+
+
+def test_ui_routes_serve_the_page_and_leave_the_api_alone(stack: BatonStack):
+    with httpx.Client(base_url=stack.api, timeout=10) as http:
+        for path in ("/", "/tasks/0123456789abcdef"):
+            response = http.get(path)
+            assert response.status_code == 200 and "/static/app.js" in response.text, path
+        assert http.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+        assert http.get("/static/style.css").headers["content-type"].startswith("text/css")
+        assert http.get("/static/nope.js").status_code == 404
+        assert http.get("/static/..%2Froutes%2Fui.py").status_code == 404
+        assert http.get("/api/tasks").json().keys() == {"tasks"}
+        assert http.get("/api/tasks/0123456789abcdef").status_code == 404
+        assert "swagger" in http.get("/docs").text.lower()
+
+
+def test_a_task_submitted_in_the_browser_streams_live_and_survives_a_reload(
+    stack: BatonStack, api: Api, origin: Path, page: Page
+):
+    nonce = secrets.token_hex(6)
+    # The page's first connection to the task's stream is cut after a few events; the page must
+    # resume with from_seq = last + 1 and show nothing twice.
+    stream_urls: list[str] = []
+
+    def route_task_stream(ws: WebSocketRoute) -> None:
+        stream_urls.append(ws.url)
+        server = ws.connect_to_server()
+        if len(stream_urls) > 1:
+            return  # later connections pass through untouched
+        forwarded = 0
+
+        def forward(message: str | bytes) -> None:
+            nonlocal forwarded
+            forwarded += 1
+            if forwarded <= 10:
+                ws.send(message)
+            if forwarded == 10:
+                ws.close(code=4000, reason="cut by the test")
+                server.close()
+
+        server.on_message(forward)
+
+    page.route_web_socket(re.compile(r"/api/tasks/[^/]+/stream"), route_task_stream)
+
+    # Submit on the board.
+    page.goto(stack.api + "/")
+    expect(page.locator("select[name=agent] option[value=shell]")).to_be_enabled(timeout=10_000)
+    page.fill("input[name=repo]", origin.as_uri())
+    page.fill("textarea[name=prompt]", counting_prompt(nonce))
+    page.select_option("select[name=agent]", "shell")
+    page.click("button[type=submit]")
+
+    # Land on the task page and watch the output arrive.
+    expect(page).to_have_url(re.compile(r"/tasks/[0-9a-f]+$"), timeout=10_000)
+    task_id = page.url.rsplit("/", 1)[1]
+    expect(page.locator("h1")).to_contain_text(task_id)
+    # Line 8 is past the cut (5 handoffs, then one AgentOutput per line): it came on a new connection.
+    expect(page.locator("#output")).to_contain_text(f"line 8 {nonce}", timeout=60_000)
+    assert len(stream_urls) >= 2, "the page did not reconnect after its stream was cut"
+    assert re.search(r"from_seq=([2-9]|\d\d+)", stream_urls[1]), f"reconnected without resuming: {stream_urls}"
+
+    # Reload mid-run: the page rebuilds from the stream's start.
+    assert f"line {LINES} {nonce}" not in page.locator("#output").inner_text(), "the run ended before the reload"
+    page.reload()
+    expect(page.locator("#output")).to_contain_text(f"line 1 {nonce}", timeout=30_000)
+
+    # Completed: the badge, the branch, every handoff of the flow, every line exactly once.
+    expect(page.locator("#state .badge")).to_have_text("completed", timeout=90_000)
+    expect(page.locator("#branch .branch")).to_have_text(f"baton/{task_id}")
+    expect(page.locator("#output")).to_contain_text(f"line {LINES} {nonce}")
+    assert output_lines(page, nonce) == Counter(f"line {i} {nonce}" for i in range(1, LINES + 1))
+    steps = page.locator("#timeline [data-step]")
+    assert steps.evaluate_all("rows => rows.map(r => r.dataset.step)") == list(FLOW_CONTRACT)
+    for step in FLOW_CONTRACT:
+        expect(page.locator(f'#timeline [data-step="{step}"]')).to_have_class(re.compile(r"\breached\b"))
+    assert api.task(task_id)["state"] == "completed"
+
+    if os.environ.get("BATON_SCREENSHOT") == "1":
+        page.wait_for_function("document.fonts.ready.then(() => true)")
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT))
+
+
+def test_the_board_moves_a_task_to_completed_live(stack: BatonStack, api: Api, origin: Path, page: Page):
+    page.goto(stack.api + "/")
+    expect(page.locator(".conn")).to_have_text("live", timeout=10_000)
+    task = api.submit(repo=origin.as_uri(), prompt="echo board > board.txt\n", agent="shell")
+    card = page.locator(f'[data-task="{task["task_id"]}"]')
+    expect(card).to_be_visible(timeout=10_000)
+    expect(page.locator(f'[data-column=completed] [data-task="{task["task_id"]}"]')).to_be_visible(timeout=90_000)
+    expect(card).to_have_count(1)
+    expect(card).to_contain_text(f"baton/{task['task_id']}")
+    card.click()
+    expect(page).to_have_url(re.compile(rf"/tasks/{task['task_id']}$"))
+    expect(page.locator("#state .badge")).to_have_text("completed", timeout=10_000)
+
+
+def test_the_form_shows_the_gateways_422_readably(stack: BatonStack, page: Page):
+    page.goto(stack.api + "/")
+    expect(page.locator("select[name=agent] option[value=shell]")).to_be_enabled(timeout=10_000)
+    page.fill("input[name=repo]", "-oops")
+    page.fill("textarea[name=prompt]", "echo hi")
+    page.click("button[type=submit]")
+    errors = page.locator(".form-errors")
+    expect(errors).to_contain_text("repo: must not start with '-'")
+    expect(page.locator("input[name=repo]")).to_have_attribute("aria-invalid", "true")
+    assert page.url.rstrip("/") == stack.api
+
+
+def test_every_page_warns_loudly_when_faults_are_injected(tmp_path: Path, page: Page):
+    nats, faulty_stack = start_stack(tmp_path / "faulty", faults="prompt_delivery")
+    try:
+        task = Api(faulty_stack.api).submit(repo="file:///nowhere.git", prompt="echo hi", agent="shell")
+        for path in ("/", f"/tasks/{task['task_id']}"):
+            page.goto(faulty_stack.api + path)
+            banner = page.locator("#fault-banner")
+            expect(banner).to_be_visible(timeout=10_000)
+            expect(banner).to_contain_text("Fault injection on: prompt_delivery")
+            expect(banner).to_have_css("background-color", "rgb(192, 38, 45)")
+    finally:
+        faulty_stack.stop()
+        nats.stop()
+
+
+def test_no_fault_banner_on_a_healthy_install(stack: BatonStack, page: Page):
+    page.goto(stack.api + "/")
+    expect(page.locator("#health")).not_to_have_text("checking…", timeout=10_000)
+    expect(page.locator("#fault-banner")).to_be_hidden()
