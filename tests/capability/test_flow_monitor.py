@@ -110,3 +110,24 @@ def test_the_monitor_restarted_mid_wait_still_fires_on_time(tmp_path: Path):
     finally:
         stack.stop()
         nats.stop()
+
+
+def test_a_silent_agent_is_reported_stalled_and_recovers_when_it_speaks_again(tmp_path: Path):
+    env = {"BATON_STALL_AFTER_S": "2"}
+    nats, stack = start_stack(tmp_path / "stack", env=env)
+    try:
+        api = Api(stack.api)
+        task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="echo start\nsleep 6\necho end",
+                          agent="shell")
+
+        events = assert_flow_completes(api, task["task_id"], timeout_s=90)
+
+        types = [e["type"] for e in events]
+        assert types.index("AgentStalled") < types.index("StepRecovered") < types.index("AgentFinished")
+        stalled = next(e for e in events if e["type"] == "AgentStalled")["data"]
+        assert stalled["silent_s"] >= 2 and stalled["last_seq"] == 1
+        board = api.wait_for_state(task["task_id"], "completed")
+        assert [(g.get("stalled"), g["recovered"]) for g in board["gaps"]] == [(True, True)]
+    finally:
+        stack.stop()
+        nats.stop()

@@ -127,3 +127,22 @@ def test_baton_watch_replays_from_a_sequence_and_exits_with_the_outcome(stack, a
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "TaskCompleted" in done.stdout and "TaskSubmitted" not in done.stdout
+
+
+def test_a_slow_viewer_is_back_pressured_never_dropped(stack, api, origin):
+    task_id = submit_counting(api, origin, 400, pause_s=0)
+    url = f"{ws_base(stack)}/api/tasks/{task_id}/stream"
+
+    async def slow_viewer() -> list[dict]:
+        received: list[dict] = []
+        async with asyncio.timeout(180), websockets.connect(url, max_queue=1) as socket:
+            async for raw in socket:
+                received.append(json.loads(raw))
+                await asyncio.sleep(0.005)  # Reads far slower than the agent writes.
+                if received[-1]["type"] in TERMINAL_TYPES:
+                    return received
+        raise AssertionError("stream closed before the task ended")
+
+    received = asyncio.run(slow_viewer())
+
+    assert key(received) == key(api.events(task_id))
