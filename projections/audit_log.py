@@ -16,7 +16,7 @@ from typing import Any
 from eventsourcing.persistence import Tracking
 
 from events import Envelope
-from projections.sql import Database
+from projections.sql import Database, TrackedProjection
 
 GENESIS = "0" * 64
 MAX_PAGE = 1000
@@ -37,8 +37,7 @@ CREATE TABLE IF NOT EXISTS audit_log (
 CREATE INDEX IF NOT EXISTS audit_by_task ON audit_log (task_id, stream_seq);
 CREATE INDEX IF NOT EXISTS audit_by_type ON audit_log (type, stream_seq);
 CREATE INDEX IF NOT EXISTS audit_by_actor ON audit_log (actor, stream_seq);
-CREATE INDEX IF NOT EXISTS audit_by_time ON audit_log (occurred_at);
-CREATE TABLE IF NOT EXISTS audit_tracking (consumer TEXT PRIMARY KEY, position BIGINT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit_log (occurred_at)
 """
 
 
@@ -51,32 +50,20 @@ def chain_hash(prev_hash: str, stream_seq: int, envelope_text: str) -> str:
     return hashlib.sha256(f"{prev_hash}\n{stream_seq}\n{envelope_text}".encode()).hexdigest()
 
 
-class AuditLog:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                self._db.execute(statement)
+class AuditLog(TrackedProjection):
+    SCHEMA = _SCHEMA
+    TRACKING_TABLE = "audit_tracking"
 
     # -- writing (the projector) -------------------------------------------------------
-
-    def is_processed(self, tracking: Tracking) -> bool:
-        rows = self._db.execute("SELECT position FROM audit_tracking WHERE consumer = ?",
-                                (tracking.application_name,))
-        return bool(rows) and rows[0]["position"] >= tracking.notification_id
-
-    def save_processed(self, tracking: Tracking, *_: object) -> None:
-        with self._db.transaction() as db:
-            self._track(db, tracking)
 
     def append(self, envelope: Envelope, tracking: Tracking) -> None:
         """Append one event (its stream sequence is the tracking position), atomically with it."""
         with self._db.transaction() as db:
             # Checked inside the transaction: a rebuild may have written this position meanwhile.
-            if self._position(db, tracking.application_name) >= tracking.notification_id:
+            if self.position(tracking.application_name, db) >= tracking.notification_id:
                 return
             self._append(db, envelope.model_dump(mode="json"), tracking.notification_id)
-            self._track(db, tracking)
+            self.track(db, tracking)
 
     def rebuild(self, records: Iterator[tuple[int, dict[str, Any]]], *, consumer: str) -> int:
         """Replace the whole log with `records` (stream_seq, envelope) in one transaction.
@@ -89,14 +76,9 @@ class AuditLog:
             for stream_seq, envelope in records:
                 self._append(db, envelope, stream_seq)
                 count, last = count + 1, stream_seq
-            db.execute("DELETE FROM audit_tracking")
-            self._track(db, Tracking(consumer, last))
+            db.execute(f"DELETE FROM {self.TRACKING_TABLE}")
+            self.track(db, Tracking(consumer, last))
         return count
-
-    @staticmethod
-    def _position(db: Database, consumer: str) -> int:
-        rows = db.execute("SELECT position FROM audit_tracking WHERE consumer = ?", (consumer,))
-        return rows[0]["position"] if rows else 0
 
     def _append(self, db: Database, envelope: dict[str, Any], stream_seq: int) -> None:
         last = db.execute("SELECT hash FROM audit_log ORDER BY stream_seq DESC LIMIT 1")
@@ -108,14 +90,6 @@ class AuditLog:
             (stream_seq, envelope["event_id"], envelope["task_id"], envelope["type"],
              envelope["actor"], _utc_text(envelope["occurred_at"]), envelope.get("causation_id"),
              text, prev, chain_hash(prev, stream_seq, text)),
-        )
-
-    @staticmethod
-    def _track(db: Database, tracking: Tracking) -> None:
-        db.execute(
-            "INSERT INTO audit_tracking (consumer, position) VALUES (?, ?) "
-            "ON CONFLICT (consumer) DO UPDATE SET position = excluded.position",
-            (tracking.application_name, tracking.notification_id),
         )
 
     # -- reading (the API, the CLI, verify) ----------------------------------------------
@@ -158,9 +132,6 @@ class AuditLog:
         ):
             yield from rows
             after = rows[-1]["stream_seq"]
-
-    def close(self) -> None:
-        self._db.close()
 
 
 def _utc_text(value: datetime | str) -> str:

@@ -77,3 +77,47 @@ def open_database(*, database_url: str | None, sqlite_path: Path, schema: str) -
     if database_url:
         return PostgresDatabase(database_url, schema=schema)
     return SQLiteDatabase(sqlite_path)
+
+
+class TrackedProjection:
+    """A read model whose rows and consumer positions live in the same database.
+
+    Subclasses write their rows and call `track(db, tracking)` in the same `db.transaction()`,
+    so a redelivered event changes nothing (`is_processed`).
+    """
+
+    SCHEMA = ""
+    TRACKING_TABLE = "tracking"
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        schema = self.SCHEMA + (
+            f";CREATE TABLE IF NOT EXISTS {self.TRACKING_TABLE} "
+            "(consumer TEXT PRIMARY KEY, position BIGINT NOT NULL)"
+        )
+        for statement in schema.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+
+    def position(self, consumer: str, db: Database | None = None) -> int:
+        rows = (db or self._db).execute(
+            f"SELECT position FROM {self.TRACKING_TABLE} WHERE consumer = ?", (consumer,)
+        )
+        return rows[0]["position"] if rows else 0
+
+    def is_processed(self, tracking: Any) -> bool:
+        return self.position(tracking.application_name) >= tracking.notification_id
+
+    def save_processed(self, tracking: Any, *_: object) -> None:
+        with self._db.transaction() as db:
+            self.track(db, tracking)
+
+    def track(self, db: Database, tracking: Any) -> None:
+        db.execute(
+            f"INSERT INTO {self.TRACKING_TABLE} (consumer, position) VALUES (?, ?) "
+            "ON CONFLICT (consumer) DO UPDATE SET position = excluded.position",
+            (tracking.application_name, tracking.notification_id),
+        )
+
+    def close(self) -> None:
+        self._db.close()

@@ -8,7 +8,7 @@ from typing import Any
 from eventsourcing.persistence import Tracking
 
 from events import Envelope
-from projections.sql import Database
+from projections.sql import TrackedProjection
 
 # The board's state for each lifecycle event. A task only moves forward through
 # STATE_RANK, so events that reach the projector out of order never move it back.
@@ -40,8 +40,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     branch TEXT, commit_sha TEXT, reason TEXT,
     created_at TEXT, updated_at TEXT, last_event TEXT, gaps TEXT
 );
-CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created_at);
-CREATE TABLE IF NOT EXISTS tracking (consumer TEXT PRIMARY KEY, position INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created_at)
 """
 
 _COLUMNS = ("task_id", "state", "repo", "agent", "prompt", "base_branch", "branch",
@@ -83,24 +82,10 @@ def _fields_from(envelope: Envelope) -> dict[str, Any]:
     return {}
 
 
-class TaskBoard:
+class TaskBoard(TrackedProjection):
     """Writer (the projector) and reader (the gateway) of the task-board table."""
 
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                self._db.execute(statement)
-
-    def is_processed(self, tracking: Tracking) -> bool:
-        rows = self._db.execute(
-            "SELECT position FROM tracking WHERE consumer = ?", (tracking.application_name,)
-        )
-        return bool(rows) and rows[0]["position"] >= tracking.notification_id
-
-    def save_processed(self, tracking: Tracking, *_: object) -> None:
-        with self._db.transaction() as db:
-            self._track(db, tracking)
+    SCHEMA = _SCHEMA
 
     def apply(self, envelope: Envelope, tracking: Tracking) -> None:
         """Fold one event into its task's row and move the consumer position, atomically."""
@@ -120,15 +105,7 @@ class TaskBoard:
             if current["created_at"] is None:
                 current["created_at"] = current["updated_at"]
             db.execute(_UPSERT, [current.get(column) for column in _COLUMNS])
-            self._track(db, tracking)
-
-    @staticmethod
-    def _track(db: Database, tracking: Tracking) -> None:
-        db.execute(
-            "INSERT INTO tracking (consumer, position) VALUES (?, ?) "
-            "ON CONFLICT (consumer) DO UPDATE SET position = excluded.position",
-            (tracking.application_name, tracking.notification_id),
-        )
+            self.track(db, tracking)
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         rows = self._db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
@@ -137,9 +114,6 @@ class TaskBoard:
     def list(self, *, limit: int = 500) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,))
         return [_public(row) for row in rows]
-
-    def close(self) -> None:
-        self._db.close()
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:

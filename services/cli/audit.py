@@ -22,10 +22,10 @@ from projections.audit_verify import (
 )
 from services.projector.audit_sources import (
     AUDIT_CONSUMER,
-    open_audit_log,
     relayed_envelopes,
     stream_history,
 )
+from services.projector.read_models import open_audit_log
 from services.runtime.bus import connect_nats
 from services.runtime.settings import Settings
 

@@ -11,8 +11,7 @@ from fastapi import FastAPI
 from services.gateway.context import Gateway
 from services.gateway.routes import audit as audit_routes
 from services.gateway.routes import streams, system, tasks, ui
-from services.projector.audit_sources import open_audit_log
-from services.projector.main import open_task_board
+from services.projector.read_models import open_audit_log, open_task_board
 from services.runtime.bus import open_bus
 from services.runtime.consumer import run_all
 from services.runtime.heartbeat import HeartbeatBoard, send_heartbeats

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from services.monitor.handlers import Monitor
 from services.runtime.bus import open_bus
-from services.runtime.consumer import consume, run_all, subscriptions_for
-from services.runtime.heartbeat import send_heartbeats
-from services.runtime.relay import Relay
+from services.runtime.service import serve
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore, store_env
 
@@ -18,12 +16,5 @@ async def run(settings: Settings) -> None:
     monitor = Monitor(store, settings.flow_deadlines, stall_after_s=settings.stall_after_s)
     monitor.resume()
     async with open_bus(settings.nats_url, name=NAME) as bus:
-        await run_all(
-            Relay(store, bus).run(),
-            monitor.run_ticks(),
-            send_heartbeats(bus.nc, NAME, faults=settings.faults),
-            *(
-                consume(bus, service=NAME, subscription=sub, store=store)
-                for sub in subscriptions_for(monitor.handlers())
-            ),
-        )
+        await serve(bus, name=NAME, settings=settings, store=store, handlers=monitor.handlers(),
+                    loops=(monitor.run_ticks(),))

@@ -9,8 +9,6 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from events.envelope import STREAM_SUBJECTS
-from projections.audit_log import AuditLog
-from projections.sql import open_database
 from services.runtime.relay import RELAY_TRACKING
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore, envelope_of, sqlite_env, store_env
@@ -18,16 +16,6 @@ from services.runtime.streams import stream_events
 
 PRODUCERS = ("gateway", "task-runner", "provisioner", "monitor")
 AUDIT_CONSUMER = "projector-all"
-
-
-def open_audit_log(settings: Settings) -> AuditLog:
-    """The audit log, in PostgreSQL when BATON_DATABASE_URL is set, else SQLite in the data dir."""
-    db = open_database(
-        database_url=settings.database_url,
-        sqlite_path=settings.path("projections", "audit_log.sqlite"),
-        schema="baton_audit",
-    )
-    return AuditLog(db)
 
 
 async def stream_history(js: JetStreamContext) -> list[tuple[int, dict[str, Any]]]:

@@ -5,25 +5,14 @@ from __future__ import annotations
 from eventsourcing.persistence import Tracking
 
 from events import Envelope
-from projections.sql import open_database
-from projections.task_board import PROJECTED_TYPES, TaskBoard
-from services.projector.audit_sources import open_audit_log
+from projections.task_board import PROJECTED_TYPES
+from services.projector.read_models import open_audit_log, open_task_board
 from services.runtime.bus import open_bus
 from services.runtime.consumer import ALL_EVENTS, Subscription, consume, run_all
 from services.runtime.heartbeat import send_heartbeats
 from services.runtime.settings import Settings
 
 NAME = "projector"
-
-
-def open_task_board(settings: Settings) -> TaskBoard:
-    """The task board, in PostgreSQL when BATON_DATABASE_URL is set, else SQLite in the data dir."""
-    db = open_database(
-        database_url=settings.database_url,
-        sqlite_path=settings.path("projections", "task_board.sqlite"),
-        schema="baton_projections",
-    )
-    return TaskBoard(db)
 
 
 async def run(settings: Settings) -> None:

@@ -6,9 +6,7 @@ from services.provisioner.handlers import ProvisionerHandlers
 from services.provisioner.local import LocalProvider
 from services.provisioner.watcher import VmAgentWatcher
 from services.runtime.bus import open_bus
-from services.runtime.consumer import consume, run_all, subscriptions_for
-from services.runtime.heartbeat import send_heartbeats
-from services.runtime.relay import Relay
+from services.runtime.service import serve
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore, store_env
 
@@ -22,12 +20,5 @@ async def run(settings: Settings) -> None:
         watcher = VmAgentWatcher(store, provider, bus)
         handlers = ProvisionerHandlers(store, provider, settings.faults, on_ready=watcher.watch)
         handlers.resume_unsettled()
-        await run_all(
-            Relay(store, bus).run(),
-            watcher.run(),
-            send_heartbeats(bus.nc, NAME, faults=settings.faults),
-            *(
-                consume(bus, service=NAME, subscription=sub, store=store)
-                for sub in subscriptions_for(handlers.handlers())
-            ),
-        )
+        await serve(bus, name=NAME, settings=settings, store=store, handlers=handlers.handlers(),
+                    loops=(watcher.run(),))

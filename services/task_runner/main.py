@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from services.runtime.bus import open_bus
-from services.runtime.consumer import consume, run_all, subscriptions_for
-from services.runtime.heartbeat import send_heartbeats
-from services.runtime.relay import Relay
+from services.runtime.service import serve
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore, store_env
 from services.task_runner.handlers import TaskRunnerHandlers
@@ -21,11 +19,4 @@ async def run(settings: Settings) -> None:
         handlers = TaskRunnerHandlers(
             store, starter, bus, overdue_backoff_s=settings.overdue_backoff_s
         )
-        await run_all(
-            Relay(store, bus).run(),
-            send_heartbeats(bus.nc, NAME, faults=settings.faults),
-            *(
-                consume(bus, service=NAME, subscription=sub, store=store)
-                for sub in subscriptions_for(handlers.handlers())
-            ),
-        )
+        await serve(bus, name=NAME, settings=settings, store=store, handlers=handlers.handlers())

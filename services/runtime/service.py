@@ -1,0 +1,30 @@
+"""The shape every event-sourced service runs in: relay, heartbeats, consumers, its own loops."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from services.runtime.bus import Bus
+from services.runtime.consumer import Handler, consume, run_all, subscriptions_for
+from services.runtime.heartbeat import send_heartbeats
+from services.runtime.relay import Relay
+from services.runtime.settings import Settings
+from services.runtime.store import ServiceStore
+
+
+async def serve(
+    bus: Bus,
+    *,
+    name: str,
+    settings: Settings,
+    store: ServiceStore,
+    handlers: dict[str, Handler],
+    loops: tuple[Awaitable[None], ...] = (),
+) -> None:
+    """Relay the store to the bus and handle `handlers`' event types, until cancelled."""
+    await run_all(
+        Relay(store, bus).run(),
+        send_heartbeats(bus.nc, name, faults=settings.faults),
+        *loops,
+        *(consume(bus, service=name, subscription=sub, store=store) for sub in subscriptions_for(handlers)),
+    )
