@@ -58,17 +58,17 @@ class Monitor:
             watch.observe(envelope.type, envelope.occurred_at.isoformat(), envelope.event_id)
             if envelope.type in watch.overdue:
                 watch.recovered_step(envelope.type, envelope.occurred_at, cause=envelope.event_id)
-            self._name_skipped_steps(watch)
+            self._name_skipped_steps(watch, at=envelope.occurred_at)
         self.store.save_processed(tracking, watch)
         if watch.ended:
             self.watches.pop(envelope.task_id, None)
             self.last_output_at.pop(envelope.task_id, None)
 
-    def _name_skipped_steps(self, watch: Watch) -> None:
+    def _name_skipped_steps(self, watch: Watch, *, at: datetime) -> None:
         for deadline in self.deadlines:
             if (deadline.after in watch.seen and deadline.expected not in watch.seen
                     and deadline.expected not in watch.overdue and skipped(deadline, watch)):
-                watch.overdue_step(deadline, datetime.now(UTC))
+                watch.overdue_step(deadline, at)
 
     def tick(self, now: datetime) -> None:
         """Name every deadline that passed and every agent that went silent."""

@@ -1,0 +1,100 @@
+"""The flow monitor's rules, with an in-memory store and a clock the test controls."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+from eventsourcing.persistence import Tracking
+
+from events import DEADLINES, Envelope, parse_deadlines
+from services.monitor.handlers import Monitor
+from tests.unit.fakes import envelopes_in, popo_store
+
+T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+TASK = "t1"
+_seq = itertools.count(1)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def monitor(spec: str = "PromptDelivered=30", stall_after_s: float = 300) -> Monitor:
+    return Monitor(popo_store(), parse_deadlines(spec, DEADLINES), stall_after_s=stall_after_s)
+
+
+async def observe(m: Monitor, event_type: str, seconds: float, **data) -> None:
+    envelope = Envelope(type=event_type, task_id=TASK, actor="test", occurred_at=at(seconds), data=data)
+    await m.on_event(envelope, Tracking(f"monitor-{event_type}", next(_seq)))
+
+
+def named(m: Monitor) -> list[tuple[str, dict]]:
+    return [(e.type, e.data) for e in envelopes_in(m.store)]
+
+
+async def test_a_deadline_that_passes_is_named_once_with_how_long_it_waited():
+    m = monitor()
+    await observe(m, "WorkspaceReady", 0)
+
+    m.tick(at(29))
+    assert named(m) == []
+    m.tick(at(31))
+    m.tick(at(40))
+
+    assert named(m) == [("StepOverdue", {"expected": "PromptDelivered", "after": "WorkspaceReady", "waited_s": 31.0})]
+    assert envelopes_in(m.store)[0].causation_id is not None
+
+
+async def test_a_late_handoff_is_named_recovered_with_its_real_delay():
+    m = monitor()
+    await observe(m, "WorkspaceReady", 0)
+    await observe(m, "AgentSessionStarted", 1, session_id="s", agent="shell", attempt_id="a")
+    m.tick(at(31))
+
+    await observe(m, "PromptDelivered", 45, session_id="s", prompt_sha256="x")
+
+    assert named(m)[-1] == ("StepRecovered", {"expected": "PromptDelivered", "after": "WorkspaceReady", "waited_s": 45.0})
+
+
+async def test_a_handoff_the_flow_moved_past_is_named_at_once():
+    m = monitor("AgentOutput=120")
+    await observe(m, "PromptDelivered", 0, session_id="s", prompt_sha256="x")
+
+    await observe(m, "AgentFinished", 1, stop_reason="end_turn")
+
+    assert [(t, d["expected"]) for t, d in named(m)] == [("StepOverdue", "AgentOutput")]
+
+
+async def test_a_silent_agent_is_stalled_once_and_recovers_when_it_speaks():
+    m = monitor(stall_after_s=10)
+    await observe(m, "PromptDelivered", 0, session_id="s", prompt_sha256="x")
+    await observe(m, "AgentOutput", 1, seq=1, stream="stdout", text="hi\n")
+
+    m.tick(at(12))
+    m.tick(at(20))
+    await observe(m, "AgentOutput", 25, seq=2, stream="stdout", text="again\n")
+
+    assert [t for t, _ in named(m)] == ["AgentStalled", "StepRecovered"]
+    assert named(m)[0][1]["last_seq"] == 1
+
+
+async def test_a_restarted_monitor_rebuilds_its_timers_from_the_store():
+    m = monitor()
+    await observe(m, "WorkspaceReady", 0)
+
+    again = Monitor(m.store, m.deadlines, stall_after_s=300)
+    again.resume()
+    again.tick(at(31))
+
+    assert [t for t, _ in named(again)] == ["StepOverdue"]
+
+
+async def test_an_ended_task_is_no_longer_watched():
+    m = monitor()
+    await observe(m, "WorkspaceReady", 0)
+    await observe(m, "TaskFailed", 1, reason="no")
+
+    m.tick(at(100))
+
+    assert named(m) == [] and TASK not in m.watches
