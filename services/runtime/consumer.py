@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 MAX_DELIVER = 5
 """A message delivered more often than this (the process died handling it) is dead-lettered."""
+ACK_WAIT_S = 10.0
+"""Short, so a message a killed process was handling is redelivered soon after its restart;
+a handler that runs longer keeps its message alive with `in_progress` (KEEPALIVE_S)."""
+KEEPALIVE_S = 3.0
 RETRY_DELAYS_S = (0.2, 1.0, 3.0)
 """In-place retries of a failing handler before its message is dead-lettered."""
 
@@ -88,7 +92,7 @@ async def consume(
     service: str,
     subscription: Subscription,
     store: TrackingStore,
-    ack_wait_s: float = 60.0,
+    ack_wait_s: float = ACK_WAIT_S,
     batch: int = 100,
 ) -> None:
     """Run one subscription until cancelled."""
@@ -132,7 +136,7 @@ async def _process(
         return
     for delay_s in (*retry_delays_s, None):
         try:
-            await handle(envelope, tracking)
+            await _handle_keeping_alive(message, handle, envelope, tracking)
             break
         except Exception as error:
             log.exception("consumer %s failed on %s", durable, envelope.event_id)
@@ -144,6 +148,17 @@ async def _process(
     if not store.is_processed(tracking):
         store.save_processed(tracking)
     await message.ack()
+
+
+async def _handle_keeping_alive(message: Msg, handle: Handler, envelope: Envelope, tracking: Tracking) -> None:
+    """Run the handler; while it runs, tell JetStream every few seconds not to redeliver yet."""
+    handling = asyncio.ensure_future(handle(envelope, tracking))
+    try:
+        while not (await asyncio.wait({handling}, timeout=KEEPALIVE_S))[0]:
+            await message.in_progress()
+    finally:
+        handling.cancel()
+    handling.result()
 
 
 async def _give_up(
