@@ -7,7 +7,7 @@ from typing import Any
 
 from eventsourcing.persistence import Tracking
 
-from events import Envelope
+from events import Envelope, parse_event
 from projections.sql import TrackedProjection
 
 # The board's state for each lifecycle event. A task only moves forward through
@@ -88,7 +88,12 @@ class TaskBoard(TrackedProjection):
     SCHEMA = _SCHEMA
 
     def apply(self, envelope: Envelope, tracking: Tracking) -> None:
-        """Fold one event into its task's row and move the consumer position, atomically."""
+        """Fold one event into its task's row and move the consumer position, atomically.
+
+        An event that breaks the contract raises (and is dead-lettered): the board shows
+        only what the contract allows.
+        """
+        parse_event(envelope)
         with self._db.transaction() as db:
             rows = db.execute("SELECT * FROM tasks WHERE task_id = ?", (envelope.task_id,))
             current = rows[0] if rows else {"task_id": envelope.task_id, "state": "queued"}

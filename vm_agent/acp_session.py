@@ -47,7 +47,7 @@ from acp.schema import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AgentStartError", "SessionSink", "TurnResult", "start_agent_with_prompt"]
+__all__ = ["AgentProcess", "AgentStartError", "SessionSink", "TurnResult", "start_agent_with_prompt"]
 
 STREAM_META_KEY = "baton.stream"
 EXIT_CODE_META_KEY = "exit_code"
@@ -95,6 +95,62 @@ class AgentStartError(Exception):
     """The agent could not be spawned or initialized (message includes its stderr tail)."""
 
 
+class AgentProcess:
+    """An ACP agent subprocess, spawned and initialized, ready for one prompt run.
+
+    Starting an agent (a Python SDK import alone can take most of a second) is the slow
+    part of a run; a vm_agent can start one ahead of time and hand it a run later.
+    """
+
+    def __init__(self, command: Sequence[str]) -> None:
+        self.command = list(command)
+        self._events = _AgentEvents()
+        self._stack = contextlib.AsyncExitStack()
+        self._conn: ClientSideConnection | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stderr_tail: _StderrTail | None = None
+
+    @classmethod
+    async def start(
+        cls, command: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None
+    ) -> AgentProcess:
+        """Spawn `command` in `cwd` and run ACP initialize; raises AgentStartError."""
+        agent = cls(command)
+        connection = _agent_connection(command, Path(cwd).resolve(), env, agent._events)
+        agent._conn, agent._proc, agent._stderr_tail = await agent._stack.enter_async_context(connection)
+        try:
+            await _initialize(agent._conn, agent._proc, agent._stderr_tail)
+        except BaseException:
+            await agent.close()
+            raise
+        return agent
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    async def run_prompt(
+        self, *, cwd: Path, prompt: str, sink: SessionSink, deliver_prompt: bool = True
+    ) -> TurnResult:
+        """Open a session in `cwd` and play one prompt turn (see start_agent_with_prompt)."""
+        assert self._conn and self._proc and self._stderr_tail, "start() first"
+        self._events.attach(sink, prompt)
+        session_id = await _new_session(self._conn, Path(cwd).resolve(), self._proc, self._stderr_tail)
+        await sink.agent_started(session_id)
+        if not deliver_prompt:
+            await _withhold_prompt(self._proc, self._stderr_tail)
+        try:
+            return await _run_turn(self._conn, session_id, prompt, self._events)
+        except ConnectionError as exc:
+            await self._stderr_tail.settle(self._proc)
+            failure = _describe_failure("agent connection lost mid-turn", exc, self._proc, self._stderr_tail)
+            raise ConnectionError(failure) from exc
+
+    async def close(self) -> None:
+        """Tear the agent and its whole process group down."""
+        await self._stack.aclose()
+
+
 async def start_agent_with_prompt(
     command: Sequence[str],
     *,
@@ -103,9 +159,11 @@ async def start_agent_with_prompt(
     sink: SessionSink,
     env: Mapping[str, str] | None = None,
     deliver_prompt: bool = True,
+    agent: AgentProcess | None = None,
 ) -> TurnResult:
     """Run ``command`` as an ACP agent in ``cwd`` and play one prompt turn.
 
+    ``agent`` is one already started (AgentProcess.start) to use instead of spawning.
     ``env=None`` inherits this process's environment; otherwise the agent gets
     the SDK's minimal default environment (PATH, HOME, ...) overlaid with ``env``.
     With ``deliver_prompt=False`` (fault injection) the prompt is never sent and
@@ -114,18 +172,11 @@ async def start_agent_with_prompt(
     ``acp.RequestError`` if it rejects the prompt. The subprocess (and its
     process group) is always gone when this returns or raises.
     """
-    cwd = Path(cwd).resolve()
-    events = _AgentEvents(sink, prompt)
-    async with _agent_connection(command, cwd, env, events) as (conn, proc, stderr_tail):
-        session_id = await _handshake(conn, cwd, proc, stderr_tail)
-        await sink.agent_started(session_id)
-        if not deliver_prompt:
-            await _withhold_prompt(proc, stderr_tail)
-        try:
-            return await _run_turn(conn, session_id, prompt, events)
-        except ConnectionError as exc:
-            await stderr_tail.settle(proc)
-            raise ConnectionError(_describe_failure("agent connection lost mid-turn", exc, proc, stderr_tail)) from exc
+    agent = agent if agent is not None and agent.alive else await AgentProcess.start(command, cwd=cwd, env=env)
+    try:
+        return await agent.run_prompt(cwd=cwd, prompt=prompt, sink=sink, deliver_prompt=deliver_prompt)
+    finally:
+        await agent.close()
 
 
 # --------------------------------------------------------------------------- agent -> client
@@ -142,13 +193,18 @@ class _AgentEvents:
 
     _END = object()
 
-    def __init__(self, sink: SessionSink, prompt: str) -> None:
-        self._sink = sink
-        self._prompt_sha = _sha256(prompt)
+    def __init__(self) -> None:
+        self._sink: SessionSink | None = None
+        self._prompt_sha = ""
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._session_id: str | None = None
         self._delivered = False
         self._tool_titles: dict[str, str] = {}
+
+    def attach(self, sink: SessionSink, prompt: str) -> None:
+        """The run this agent now serves (an agent may be started before its run is known)."""
+        self._sink = sink
+        self._prompt_sha = _sha256(prompt)
 
     def begin_turn(self, session_id: str) -> None:
         """From now on, updates for ``session_id`` are turn content."""
@@ -202,11 +258,13 @@ class _AgentEvents:
             return  # the echo is proof of delivery, not output
         described = self._describe(update)
         if described is not None:
+            assert self._sink is not None
             await self._sink.output(*described)
 
     async def _mark_delivered(self, prompt_sha256: str) -> None:
         if not self._delivered:
             self._delivered = True
+            assert self._sink is not None
             await self._sink.prompt_delivered(prompt_sha256)
 
     def _echo_sha(self, update: Any) -> str:
@@ -247,10 +305,10 @@ def _sha256(text: str) -> str:
 # --------------------------------------------------------------------------- protocol steps
 
 
-async def _handshake(
-    conn: ClientSideConnection, cwd: Path, proc: asyncio.subprocess.Process, stderr_tail: _StderrTail
-) -> str:
-    """initialize + session/new; any failure becomes :class:`AgentStartError`."""
+async def _initialize(
+    conn: ClientSideConnection, proc: asyncio.subprocess.Process, stderr_tail: _StderrTail
+) -> None:
+    """ACP initialize; any failure becomes :class:`AgentStartError`."""
     try:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
             await conn.initialize(
@@ -260,10 +318,21 @@ async def _handshake(
                 ),
                 client_info=Implementation(name="baton", version="0.1.0"),
             )
-            session = await conn.new_session(cwd=str(cwd), mcp_servers=[])
     except (RequestError, ConnectionError, OSError, TimeoutError) as exc:
         await stderr_tail.settle(proc)
         raise AgentStartError(_describe_failure("agent failed to initialize", exc, proc, stderr_tail)) from exc
+
+
+async def _new_session(
+    conn: ClientSideConnection, cwd: Path, proc: asyncio.subprocess.Process, stderr_tail: _StderrTail
+) -> str:
+    """ACP session/new in `cwd`; any failure becomes :class:`AgentStartError`."""
+    try:
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+            session = await conn.new_session(cwd=str(cwd), mcp_servers=[])
+    except (RequestError, ConnectionError, OSError, TimeoutError) as exc:
+        await stderr_tail.settle(proc)
+        raise AgentStartError(_describe_failure("agent failed to open a session", exc, proc, stderr_tail)) from exc
     log.info("agent pid %s: session %s ready", proc.pid, session.session_id)
     return session.session_id
 

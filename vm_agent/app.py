@@ -1,20 +1,33 @@
-"""The vm_agent's HTTP API: `POST /sessions` starts the agent and delivers the prompt."""
+"""The vm_agent's HTTP API.
+
+A vm_agent starts unassigned (perhaps ahead of time, with an agent already warm), is assigned
+one task's workspace with `POST /assign`, and then `POST /sessions` starts the agent and
+delivers the prompt.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from pydantic import BaseModel, Field
 
-from services.runtime.store import ServiceStore
 from vm_agent.backends import available_backends
-from vm_agent.domain import Session
 from vm_agent.runner import SessionRunner
+from vm_agent.state import VmAgent
+
+
+class Assignment(BaseModel):
+    """This vm_agent now serves `task_id` in `workspace`, recording into `state_dir`; `token`
+    is what the task runner will present from now on."""
+
+    task_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    workspace: Path
+    state_dir: Path
+    token: str = Field(min_length=32, repr=False)
 
 
 class SessionStart(BaseModel):
@@ -33,20 +46,7 @@ class SessionAccepted(BaseModel):
     started_now: bool
 
 
-@dataclass
-class VmAgent:
-    task_id: str
-    workspace: Path
-    token: str
-    store: ServiceStore
-    faults: frozenset[str]
-    runs: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-
-    def session(self) -> Session | None:
-        return self.store.get_task_aggregate(Session, self.task_id)
-
-
-def get_vm_agent(request: Request, authorization: Annotated[str, Header()] = "") -> VmAgent:
+def authorized(request: Request, authorization: Annotated[str, Header()] = "") -> VmAgent:
     vm_agent: VmAgent = request.app.state.vm_agent
     presented = authorization.removeprefix("Bearer ").strip()
     if not hmac.compare_digest(presented, vm_agent.token):
@@ -54,7 +54,7 @@ def get_vm_agent(request: Request, authorization: Annotated[str, Header()] = "")
     return vm_agent
 
 
-VmAgentDep = Annotated[VmAgent, Depends(get_vm_agent)]
+VmAgentDep = Annotated[VmAgent, Depends(authorized)]
 
 
 def create_app(vm_agent: VmAgent) -> FastAPI:
@@ -63,28 +63,41 @@ def create_app(vm_agent: VmAgent) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict:
-        session = vm_agent.session()
-        return {"status": "ok", "task_id": vm_agent.task_id, "session_ended": bool(session and session.ended)}
+        session = vm_agent.session() if vm_agent.assigned else None
+        return {
+            "status": "ok",
+            "task_id": vm_agent.assigned.task_id if vm_agent.assigned else None,
+            "warm_agent": vm_agent.warm_backend,
+            "session_ended": bool(session and session.ended),
+        }
+
+    @app.post("/assign")
+    async def assign(body: Assignment, vm: VmAgentDep) -> dict:
+        if vm.assigned is not None:
+            if vm.assigned.task_id != body.task_id:
+                raise HTTPException(409, f"this vm_agent already serves task {vm.assigned.task_id}")
+            return {"task_id": body.task_id, "assigned_now": False}
+        vm.assign(body.task_id, body.workspace.resolve(), body.state_dir, body.token)
+        return {"task_id": body.task_id, "assigned_now": True}
 
     @app.post("/sessions", status_code=202)
     async def start_session(body: SessionStart, vm: VmAgentDep) -> SessionAccepted:
-        if body.task_id != vm.task_id:
-            raise HTTPException(409, f"this vm_agent serves task {vm.task_id}, not {body.task_id}")
+        if vm.assigned is None or body.task_id != vm.assigned.task_id:
+            raise HTTPException(409, f"this vm_agent does not serve task {body.task_id}")
         existing = vm.session()
         if existing is not None:
             if existing.attempt_id != body.attempt_id:
                 raise HTTPException(409, f"attempt {existing.attempt_id} already ran here")
-            return SessionAccepted(task_id=vm.task_id, attempt_id=body.attempt_id, started_now=False)
+            return SessionAccepted(task_id=body.task_id, attempt_id=body.attempt_id, started_now=False)
         backend = available_backends().get(body.agent)
         if backend is None:
             raise HTTPException(422, f"agent {body.agent!r} is not available on this machine")
-        session = Session(vm.task_id, body.attempt_id, body.agent, body.causation_id)
-        vm.store.save(session)
+        session = vm.open_session(body.attempt_id, body.agent, body.causation_id)
         runner = SessionRunner(
-            vm.store, session, workspace=vm.workspace, backend=backend,
-            prompt=body.initial_prompt, faults=vm.faults,
+            vm.assigned.store, session, workspace=vm.assigned.workspace, backend=backend,
+            prompt=body.initial_prompt, faults=vm.faults, warm_agent=vm.take_warm_agent(body.agent),
         )
         vm.runs[body.attempt_id] = asyncio.get_running_loop().create_task(runner.run())
-        return SessionAccepted(task_id=vm.task_id, attempt_id=body.attempt_id, started_now=True)
+        return SessionAccepted(task_id=body.task_id, attempt_id=body.attempt_id, started_now=True)
 
     return app

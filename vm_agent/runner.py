@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from pathlib import Path
 
 from services.runtime.store import ServiceStore
-from vm_agent.acp_session import AgentStartError, start_agent_with_prompt
+from vm_agent.acp_session import AgentProcess, AgentStartError, start_agent_with_prompt
 from vm_agent.backends import Backend
 from vm_agent.domain import Session
 from vm_agent.gitops import PushError, commit_and_push
@@ -33,6 +34,7 @@ class SessionRunner:
         backend: Backend,
         prompt: str,
         faults: frozenset[str],
+        warm_agent: Awaitable[AgentProcess] | None = None,
     ) -> None:
         self.store = store
         self.session = session
@@ -40,6 +42,7 @@ class SessionRunner:
         self.backend = backend
         self.prompt = prompt
         self.faults = faults
+        self.warm_agent = warm_agent
 
     async def agent_started(self, session_id: str) -> None:
         self.session.started(session_id)
@@ -62,6 +65,15 @@ class SessionRunner:
             log.exception("session for %s crashed", self.session.task_id)
             self._fail(f"vm_agent error while running the agent: {error!r}")
 
+    async def _warm(self) -> AgentProcess | None:
+        if self.warm_agent is None:
+            return None
+        try:
+            return await self.warm_agent
+        except AgentStartError as error:
+            log.warning("the warm agent failed (%s); starting one now", error)
+            return None
+
     async def _run(self) -> None:
         try:
             result = await start_agent_with_prompt(
@@ -70,6 +82,7 @@ class SessionRunner:
                 prompt=self.prompt,
                 sink=self,
                 deliver_prompt="prompt_delivery" not in self.faults,
+                agent=await self._warm(),
             )
         except AgentStartError as error:
             self._fail(f"agent {self.backend.name!r} could not start: {error}")

@@ -144,7 +144,7 @@ class Supervisor:
             self.nats.wait(10)
 
     def _stop_vm_agents(self) -> None:
-        for pid_file in (self.settings.data_dir / "vm_agents").glob("*/pid"):
+        for pid_file in (self.settings.data_dir / "vm_agents").rglob("pid"):
             try:
                 os.killpg(int(pid_file.read_text()), signal.SIGTERM)
             except (ProcessLookupError, ValueError, PermissionError):

@@ -13,9 +13,11 @@ ACTOR = "service:provisioner"
 class Workspace(TaskAggregate):
     @event("Requested")
     def __init__(
-        self, task_id: str, repo: str, base_branch: str | None, provider: str, cause: str
+        self, task_id: str, repo: str, base_branch: str | None, provider: str, cause: str,
+        agent: str = "shell",
     ) -> None:
         super().__init__(task_id)
+        self.agent = agent
         self.repo = repo
         self.base_branch = base_branch
         self.provider = provider

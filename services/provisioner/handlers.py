@@ -43,7 +43,7 @@ class ProvisionerHandlers:
         assert isinstance(requested, WorkspaceRequested)
         workspace = Workspace(
             envelope.task_id, requested.repo, requested.base_branch, requested.provider,
-            envelope.event_id,
+            envelope.event_id, requested.agent,
         )
         self.store.save_processed(tracking, workspace)
         self.provision_in_background(workspace)
@@ -57,7 +57,7 @@ class ProvisionerHandlers:
     async def provision(self, workspace: Workspace) -> None:
         try:
             path = await self.provider.clone(workspace.task_id, workspace.repo, workspace.base_branch)
-            url = await self.provider.start_vm_agent(workspace.task_id, path)
+            url = await self.provider.start_vm_agent(workspace.task_id, path, agent=workspace.agent)
         except ProvisionError as error:
             workspace.failed(str(error))
         else:

@@ -6,24 +6,14 @@ import asyncio
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-import httpx
-
+from services.provisioner.vm_agents import VmAgentError, VmAgentPool, answers
 from services.runtime.settings import Settings
-from services.runtime.tokens import vm_agent_token
 
 
 class ProvisionError(Exception):
     """No workspace could be made; str() is the reason users see."""
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 class LocalProvider:
@@ -31,7 +21,7 @@ class LocalProvider:
 
     def __init__(self, settings: Settings, *, ready_timeout_s: float = 60.0) -> None:
         self._settings = settings
-        self._ready_timeout_s = ready_timeout_s
+        self.pool = VmAgentPool(settings, size=settings.warm_pool, ready_timeout_s=ready_timeout_s)
 
     def workspace_dir(self, task_id: str) -> Path:
         return self._settings.data_dir / "workspaces" / task_id
@@ -57,53 +47,23 @@ class LocalProvider:
             raise ProvisionError(f"git clone {repo} failed: {stderr.decode(errors='replace').strip()}")
         return target
 
-    async def start_vm_agent(self, task_id: str, workspace: Path) -> str:
-        """Start the workspace's vm_agent (or find the one already running); returns its URL."""
+    async def start_vm_agent(self, task_id: str, workspace: Path, *, agent: str) -> str:
+        """A vm_agent serving the task's workspace (the one already assigned, if any); its URL."""
         state_dir = self.vm_agent_dir(task_id)
         url_file = state_dir / "url"
-        if url_file.exists() and await self._answers(url_file.read_text().strip()):
+        if url_file.exists() and await answers(url_file.read_text().strip(), task_id=task_id):
             return url_file.read_text().strip()
-        state_dir.mkdir(parents=True, exist_ok=True)
-        url_file.unlink(missing_ok=True)
-        log_file = state_dir / "vm_agent.log"
-        env = {
-            **os.environ,
-            "BATON_NATS_URL": self._settings.nats_url,
-            "BATON_FAULTS": ",".join(sorted(self._settings.faults)),
-            "BATON_VM_AGENT_TOKEN": vm_agent_token(self._settings.install_secret(), task_id),
-        }
-        env.pop("BATON_SECRET", None)  # The vm_agent gets its own token, never the install secret.
-        with log_file.open("ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "vm_agent", "--task-id", task_id,
-                 "--workspace", str(workspace), "--state-dir", str(state_dir),
-                 "--host", self._settings.vm_agent_bind,
-                 "--advertise-host", self._settings.vm_agent_advertise or self._settings.vm_agent_bind],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True,  # Outlives a provisioner restart.
-            )
-        (state_dir / "pid").write_text(str(process.pid))
-        return await self._wait_until_answering(process, url_file, log_file)
-
-    async def _wait_until_answering(
-        self, process: subprocess.Popen, url_file: Path, log_file: Path
-    ) -> str:
-        deadline = asyncio.get_running_loop().time() + self._ready_timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            if process.poll() is not None:
-                raise ProvisionError(
-                    f"vm_agent exited with code {process.returncode}: {_tail(log_file)}"
-                )
-            if url_file.exists() and await self._answers(url_file.read_text().strip()):
-                return url_file.read_text().strip()
-            await asyncio.sleep(0.05)
-        process.kill()
-        raise ProvisionError(f"vm_agent did not answer within {self._ready_timeout_s:.0f}s")
-
-    @staticmethod
-    async def _answers(url: str) -> bool:
         try:
-            async with httpx.AsyncClient(timeout=2.0) as client:
-                return (await client.get(f"{url}/health")).status_code == 200
-        except httpx.HTTPError:
-            return False
+            member = await self.pool.take(agent)
+            await self.pool.assign(member, task_id=task_id, workspace=workspace, state_dir=state_dir)
+        except VmAgentError as error:
+            raise ProvisionError(str(error)) from error
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "pid").write_text(str(member.process.pid))
+        # From now on it is the task's: a restarted provisioner's pool reset must not stop it.
+        (member.state_dir / "pid").unlink(missing_ok=True)
+        url_file.write_text(member.url)
+        log_link = state_dir / "vm_agent.log"
+        if not log_link.exists():
+            log_link.symlink_to(member.state_dir / "vm_agent.log")
+        return member.url

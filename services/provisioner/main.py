@@ -16,9 +16,14 @@ NAME = "provisioner"
 async def run(settings: Settings) -> None:
     store = ServiceStore(NAME, store_env(settings, NAME))
     provider = LocalProvider(settings)
+    provider.pool.reset()
     async with open_bus(settings.nats_url, name=NAME) as bus:
         watcher = VmAgentWatcher(store, provider, bus)
         handlers = ProvisionerHandlers(store, provider, settings.faults, on_ready=watcher.watch)
         handlers.resume_unsettled()
-        await serve(bus, name=NAME, settings=settings, store=store, handlers=handlers.handlers(),
-                    loops=(watcher.run(),))
+        provider.pool.refill_soon()
+        try:
+            await serve(bus, name=NAME, settings=settings, store=store, handlers=handlers.handlers(),
+                        loops=(watcher.run(),))
+        finally:
+            provider.pool.stop_idle()

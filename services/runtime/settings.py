@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     host: str = "127.0.0.1"
     port: int = 8420
+    warm_pool: int = Field(default=2, ge=0, le=64)
+    """Local vm_agents kept started ahead of time (each with a shell agent warm); 0 turns it off."""
     vm_agent_bind: str = "127.0.0.1"
     vm_agent_advertise: str | None = None
     """The host name other services use to reach a local vm_agent (default: its bind address)."""

@@ -177,7 +177,7 @@ function fold(task, event) {
 }
 
 function card(task) {
-  const repo = (task.repo || "").replace(/\/+$/, "").split("/").pop().replace(/\.git$/, "") || task.repo;
+  const repo = String(task.repo ?? "").replace(/\/+$/, "").split("/").pop().replace(/\.git$/, "") || task.repo;
   return h("a", { class: `card card-${task.state}`, href: `/tasks/${encodeURIComponent(task.task_id)}`, "data-task": task.task_id },
     h("div", { class: "card-top" }, h("code", {}, task.task_id), task.agent && h("span", { class: "chip" }, task.agent)),
     h("p", { class: "card-prompt" }, firstLine(task.prompt) || "(no prompt)"),

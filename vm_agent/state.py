@@ -1,0 +1,82 @@
+"""What a vm_agent process holds: its assignment (task, workspace, store, relay) and a warm agent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.runtime.relay import BatchPublisher, Relay
+from services.runtime.store import ServiceStore, sqlite_env
+from vm_agent.acp_session import AgentProcess
+from vm_agent.domain import Session
+
+log = logging.getLogger(__name__)
+
+
+def open_vm_agent_store(state_dir: Path) -> ServiceStore:
+    """The vm_agent's own store lives beside its workspace (on the VM), so it is always SQLite."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return ServiceStore("vm_agent", sqlite_env(state_dir / "events.sqlite"))
+
+
+def end_unfinished_session(store: ServiceStore, task_id: str, *, reason: str) -> bool:
+    """End a session a dead vm_agent process left unfinished with `reason`; True if there was one."""
+    session = store.get_task_aggregate(Session, task_id)
+    if session is None or session.ended:
+        return False
+    session.failed(reason)
+    store.save(session)
+    return True
+
+
+@dataclass
+class Assigned:
+    task_id: str
+    workspace: Path
+    token: str
+    store: ServiceStore
+    relay: asyncio.Task[None]
+
+
+@dataclass
+class VmAgent:
+    pool_token: str
+    publisher: BatchPublisher
+    faults: frozenset[str]
+    warm_backend: str | None = None
+    warming: Awaitable[AgentProcess] | None = None
+    assigned: Assigned | None = None
+    runs: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+    @property
+    def token(self) -> str:
+        return self.assigned.token if self.assigned else self.pool_token
+
+    def assign(self, task_id: str, workspace: Path, state_dir: Path, token: str) -> None:
+        store = open_vm_agent_store(state_dir)
+        end_unfinished_session(
+            store, task_id, reason="the vm_agent restarted while the agent was running; the run was lost"
+        )
+        relay = asyncio.get_running_loop().create_task(Relay(store, self.publisher).run())
+        self.assigned = Assigned(task_id, workspace, token, store, relay)
+        log.info("assigned to task %s in %s", task_id, workspace)
+
+    def session(self) -> Session | None:
+        assert self.assigned is not None
+        return self.assigned.store.get_task_aggregate(Session, self.assigned.task_id)
+
+    def open_session(self, attempt_id: str, agent: str, cause: str | None) -> Session:
+        assert self.assigned is not None
+        session = Session(self.assigned.task_id, attempt_id, agent, cause)
+        self.assigned.store.save(session)
+        return session
+
+    def take_warm_agent(self, backend: str) -> Awaitable[AgentProcess] | None:
+        """The agent started ahead of time, if it is of the kind asked for (used once)."""
+        if backend != self.warm_backend or self.warming is None:
+            return None
+        warming, self.warming = self.warming, None
+        return warming
