@@ -10,33 +10,14 @@ import pytest
 from tests.support.api import Api
 from tests.support.git_remote import make_origin
 from tests.support.postgres import fresh_postgres_database
-from tests.support.processes import BatonStack, NatsServer
-
-
-def start_stack(
-    root: Path, *, faults: str = "", database_url: str | None = None, env: dict[str, str] | None = None
-) -> tuple[NatsServer, BatonStack]:
-    nats = NatsServer(store_dir=root / "nats").start()
-    try:
-        stack = BatonStack(
-            nats=nats, data_dir=root / "baton", faults=faults, database_url=database_url,
-            extra_env=env or {},
-        ).start()
-    except BaseException:
-        nats.stop()
-        raise
-    return nats, stack
+from tests.support.processes import BatonStack, running_stack
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]:
     """A whole, healthy Baton (its own NATS, data dir and port) shared by the tests that only submit."""
-    nats, running = start_stack(tmp_path_factory.mktemp("stack"))
-    try:
+    with running_stack(tmp_path_factory.mktemp("stack")) as running:
         yield running
-    finally:
-        running.stop()
-        nats.stop()
 
 
 @pytest.fixture(scope="session")

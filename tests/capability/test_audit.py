@@ -12,10 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from events import FLOW_CONTRACT
-from tests.conftest import start_stack
 from tests.support.api import Api
 from tests.support.git_remote import make_origin
-from tests.support.processes import BatonStack
+from tests.support.processes import BatonStack, running_stack
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
@@ -25,8 +24,7 @@ pytestmark = pytest.mark.capability
 def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BatonStack, Api, list[str]]]:
     """A stack that ran three tasks (two completed, one failed) and whose audit log caught up."""
     root = tmp_path_factory.mktemp("audit")
-    nats, stack = start_stack(root)
-    try:
+    with running_stack(root) as stack:
         api = Api(stack.api)
         origin = make_origin(root)
         ids = [api.submit(repo=origin.as_uri(), prompt=f"echo task {n}", agent="shell")["task_id"] for n in (1, 2)]
@@ -36,9 +34,6 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BatonSta
             wait_for(lambda t=task_id: len(audit_history(api, t, limit=1000)) == len(api.events(t)),
                      timeout_s=60, what=f"the audit log to hold task {task_id}")
         yield stack, api, ids
-    finally:
-        stack.stop()
-        nats.stop()
 
 
 def audit_history(api: Api, task_id: str | None = None, *, limit: int, **filters) -> list[dict]:

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import start_stack
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import branch_file, make_origin
 from tests.support.invariants import assert_nothing_lost_nothing_twice, counting_prompt
-from tests.support.processes import BatonStack
+from tests.support.processes import BatonStack, running_stack
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
@@ -25,12 +24,8 @@ LINES = 40
 
 @pytest.fixture(scope="module")
 def crash_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]:
-    nats, running = start_stack(tmp_path_factory.mktemp("crash"))
-    try:
+    with running_stack(tmp_path_factory.mktemp("crash")) as running:
         yield running
-    finally:
-        running.stop()
-        nats.stop()
 
 
 def seen(api: Api, task_id: str, event_type: str) -> Callable[[], bool]:
@@ -86,8 +81,7 @@ def test_killing_the_vm_agent_mid_run_ends_the_task_with_a_clear_reason(crash_st
 
 
 def test_nothing_is_lost_when_nats_stops_mid_run_and_comes_back(tmp_path: Path):
-    nats, stack = start_stack(tmp_path / "stack")
-    try:
+    with running_stack(tmp_path / "stack") as stack:
         api = Api(stack.api)
         origin = make_origin(tmp_path)
         nonce = secrets.token_hex(6)
@@ -95,14 +89,11 @@ def test_nothing_is_lost_when_nats_stops_mid_run_and_comes_back(tmp_path: Path):
         wait_for(seen(api, task["task_id"], "AgentOutput"), timeout_s=60, what="first AgentOutput")
 
         # NATS goes away mid-run: health says so…
-        nats.stop()
+        stack.nats.stop()
         wait_for(lambda: api.http.get("/api/health").json()["nats"] is False, timeout_s=30, what="health to see NATS down")
         # …and comes back on the same port and store.
-        nats.start()
+        stack.nats.start()
 
         events = assert_flow_completes(api, task["task_id"], timeout_s=120)
         assert_nothing_lost_nothing_twice(events, nonce=nonce, lines=60)
         wait_for(stack.healthy, timeout_s=60, what="health back to 200")
-    finally:
-        stack.stop()
-        nats.stop()

@@ -7,21 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import start_stack
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import make_origin
+from tests.support.processes import running_stack
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
 
 DEADLINE_S = 4
 MARGIN_S = 6
-FAST_MONITOR = {
-    "BATON_DEADLINES": ",".join(f"{step}={DEADLINE_S}" for step in
-                                ("WorkspaceReady", "PromptDelivered", "AgentOutput", "BranchPushed")),
-    "BATON_OVERDUE_BACKOFF_S": "0.5,1",
-}
+
+
+def fast_monitor(handoff: str) -> dict[str, str]:
+    """A short deadline for the handoff under test only (a busy machine may be slow elsewhere)."""
+    return {"BATON_DEADLINES": f"{handoff}={DEADLINE_S}", "BATON_OVERDUE_BACKOFF_S": "0.5,1"}
+
 PROMPT = 'echo "working"\necho done > done.txt\n'
 
 # fault → (the handoff that silently does not happen, the one it is awaited after)
@@ -40,8 +41,7 @@ def at(event: dict) -> datetime:
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_a_silently_missing_handoff_is_named_acted_on_and_shown(tmp_path: Path, fault: str):
     expected, after = FAULTS[fault]
-    nats, stack = start_stack(tmp_path / "stack", faults=fault, env=FAST_MONITOR)
-    try:
+    with running_stack(tmp_path / "stack", faults=fault, env=fast_monitor(expected)) as stack:
         api = Api(stack.api)
         # Health says loudly that faults are injected.
         health = api.http.get("/api/health").json()
@@ -51,8 +51,8 @@ def test_a_silently_missing_handoff_is_named_acted_on_and_shown(tmp_path: Path, 
         events = api.wait_for_end(task["task_id"], timeout_s=90)
 
         # The monitor named the gap, within the deadline and a small margin.
-        overdue = next(e for e in events if e["type"] == "StepOverdue")
-        assert (overdue["data"]["expected"], overdue["data"]["after"]) == (expected, after)
+        overdue = next(e for e in events if e["type"] == "StepOverdue" and e["data"]["expected"] == expected)
+        assert overdue["data"]["after"] == after
         since = next(e for e in events if e["type"] == after)
         assert (at(overdue) - at(since)).total_seconds() <= DEADLINE_S + MARGIN_S
         # The task failed with a reason naming the handoff, never "running" forever.
@@ -61,15 +61,11 @@ def test_a_silently_missing_handoff_is_named_acted_on_and_shown(tmp_path: Path, 
         # The board shows the gap.
         board = api.wait_for_state(task["task_id"], "failed")
         assert [(g["expected"], g["recovered"]) for g in board["gaps"]] == [(expected, False)]
-    finally:
-        stack.stop()
-        nats.stop()
 
 
 def test_a_late_handoff_is_recovered_and_the_task_completes(tmp_path: Path):
     env = {"BATON_DEADLINES": "AgentOutput=2", "BATON_OVERDUE_BACKOFF_S": "3,3,3"}
-    nats, stack = start_stack(tmp_path / "stack", env=env)
-    try:
+    with running_stack(tmp_path / "stack", env=env) as stack:
         api = Api(stack.api)
         # The agent is silent for longer than the AgentOutput deadline, then speaks.
         task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="sleep 5\necho late", agent="shell")
@@ -82,16 +78,12 @@ def test_a_late_handoff_is_recovered_and_the_task_completes(tmp_path: Path):
         assert recovered["expected"] == "AgentOutput" and recovered["waited_s"] >= 4
         board = api.wait_for_state(task["task_id"], "completed")
         assert [(g["expected"], g["recovered"]) for g in board["gaps"]] == [("AgentOutput", True)]
-    finally:
-        stack.stop()
-        nats.stop()
 
 
 def test_the_monitor_restarted_mid_wait_still_fires_on_time(tmp_path: Path):
     deadline_s = 8
     env = {"BATON_DEADLINES": f"PromptDelivered={deadline_s}", "BATON_OVERDUE_BACKOFF_S": "0.5"}
-    nats, stack = start_stack(tmp_path / "stack", faults="prompt_delivery", env=env)
-    try:
+    with running_stack(tmp_path / "stack", faults="prompt_delivery", env=env) as stack:
         api = Api(stack.api)
         task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt=PROMPT, agent="shell")
         wait_for(lambda: any(e["type"] == "WorkspaceReady" for e in api.events(task["task_id"])),
@@ -107,15 +99,11 @@ def test_the_monitor_restarted_mid_wait_still_fires_on_time(tmp_path: Path):
         assert deadline_s <= waited <= deadline_s + MARGIN_S
         assert [e["type"] for e in events].count("StepOverdue") == 1
         assert "PromptDelivered missing" in events[-1]["data"]["reason"]
-    finally:
-        stack.stop()
-        nats.stop()
 
 
 def test_a_silent_agent_is_reported_stalled_and_recovers_when_it_speaks_again(tmp_path: Path):
     env = {"BATON_STALL_AFTER_S": "2"}
-    nats, stack = start_stack(tmp_path / "stack", env=env)
-    try:
+    with running_stack(tmp_path / "stack", env=env) as stack:
         api = Api(stack.api)
         task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="echo start\nsleep 6\necho end",
                           agent="shell")
@@ -128,6 +116,3 @@ def test_a_silent_agent_is_reported_stalled_and_recovers_when_it_speaks_again(tm
         assert stalled["silent_s"] >= 2 and stalled["last_seq"] == 1
         board = api.wait_for_state(task["task_id"], "completed")
         assert [(g.get("stalled"), g["recovered"]) for g in board["gaps"]] == [(True, True)]
-    finally:
-        stack.stop()
-        nats.stop()

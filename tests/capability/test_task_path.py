@@ -11,10 +11,10 @@ import psycopg
 import pytest
 
 from events import FLOW_CONTRACT
-from tests.conftest import start_stack
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import branch_commit, branch_file, make_origin
+from tests.support.processes import running_stack
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
@@ -29,8 +29,7 @@ def test_submitted_task_reaches_the_agent_and_comes_back_as_a_pushed_branch(api:
 
 
 def test_the_task_path_works_with_every_store_on_postgresql(postgres_url: str, tmp_path: Path):
-    nats, pg_stack = start_stack(tmp_path / "pg", database_url=postgres_url)
-    try:
+    with running_stack(tmp_path / "pg", database_url=postgres_url) as pg_stack:
         assert_task_travels_the_whole_path(Api(pg_stack.api), make_origin(tmp_path))
         # The stores really are in PostgreSQL: each service's events are in its own schema.
         with psycopg.connect(postgres_url) as db:
@@ -43,9 +42,6 @@ def test_the_task_path_works_with_every_store_on_postgresql(postgres_url: str, t
             }
         assert all(counts.values()), counts
         assert not list((pg_stack.data_dir / "stores").glob("*.sqlite"))
-    finally:
-        pg_stack.stop()
-        nats.stop()
 
 
 def assert_task_travels_the_whole_path(api: Api, origin: Path) -> None:
@@ -88,8 +84,7 @@ def assert_task_travels_the_whole_path(api: Api, origin: Path) -> None:
 
 def test_the_flow_check_names_the_missing_prompt_delivered_when_delivery_is_broken(tmp_path: Path):
     # Rehearse the original incident: the agent starts but the prompt silently never arrives.
-    nats, faulty_stack = start_stack(tmp_path / "faulty", faults="prompt_delivery")
-    try:
+    with running_stack(tmp_path / "faulty", faults="prompt_delivery") as faulty_stack:
         api = Api(faulty_stack.api)
         origin = make_origin(tmp_path)
         task = api.submit(repo=origin.as_uri(), prompt=nonce_prompt("x"), agent="shell")
@@ -98,9 +93,6 @@ def test_the_flow_check_names_the_missing_prompt_delivered_when_delivery_is_brok
                  timeout_s=60, what="AgentSessionStarted")
         with pytest.raises(AssertionError, match=r"missing handoff PromptDelivered \(after AgentSessionStarted\)"):
             assert_flow_completes(api, task["task_id"], timeout_s=5)
-    finally:
-        faulty_stack.stop()
-        nats.stop()
 
 
 def test_ten_tasks_submitted_at_once_all_complete(api: Api, tmp_path: Path):

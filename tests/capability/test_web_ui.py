@@ -14,9 +14,8 @@ import pytest
 from playwright.sync_api import Browser, Page, WebSocketRoute, expect, sync_playwright
 
 from events import FLOW_CONTRACT
-from tests.conftest import start_stack
 from tests.support.api import Api
-from tests.support.processes import REPO_ROOT, BatonStack
+from tests.support.processes import REPO_ROOT, BatonStack, running_stack
 
 pytestmark = pytest.mark.capability
 
@@ -171,8 +170,7 @@ def test_the_form_shows_the_gateways_422_readably(stack: BatonStack, page: Page)
 
 
 def test_every_page_warns_loudly_when_faults_are_injected(tmp_path: Path, page: Page):
-    nats, faulty_stack = start_stack(tmp_path / "faulty", faults="prompt_delivery")
-    try:
+    with running_stack(tmp_path / "faulty", faults="prompt_delivery") as faulty_stack:
         task = Api(faulty_stack.api).submit(repo="file:///nowhere.git", prompt="echo hi", agent="shell")
         for path in ("/", f"/tasks/{task['task_id']}"):
             page.goto(faulty_stack.api + path)
@@ -180,9 +178,6 @@ def test_every_page_warns_loudly_when_faults_are_injected(tmp_path: Path, page: 
             expect(banner).to_be_visible(timeout=10_000)
             expect(banner).to_contain_text("Fault injection on: prompt_delivery")
             expect(banner).to_have_css("background-color", "rgb(192, 38, 45)")
-    finally:
-        faulty_stack.stop()
-        nats.stop()
 
 
 def test_no_fault_banner_on_a_healthy_install(stack: BatonStack, page: Page):

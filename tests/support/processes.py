@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,3 +122,20 @@ class BatonStack:
             text = path.read_text(errors="replace")
             parts.append(f"==== {path.relative_to(self.data_dir)}\n{text[-4000:]}")
         return "\n".join(parts)
+
+
+@contextmanager
+def running_stack(
+    root: Path, *, faults: str = "", database_url: str | None = None, env: dict[str, str] | None = None
+) -> Iterator[BatonStack]:
+    """A nats-server of its own and `baton up` on it; both stopped on exit."""
+    nats = NatsServer(store_dir=root / "nats").start()
+    try:
+        stack = BatonStack(nats=nats, data_dir=root / "baton", faults=faults,
+                           database_url=database_url, extra_env=env or {}).start()
+        try:
+            yield stack
+        finally:
+            stack.stop()
+    finally:
+        nats.stop()
