@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
 from pathlib import Path
@@ -13,6 +14,12 @@ from vm_agent.domain import Session
 from vm_agent.gitops import PushError, commit_and_push
 
 log = logging.getLogger(__name__)
+
+
+OUTPUT_FLUSH_S = 0.02
+"""Output is committed at most this long after the agent wrote it…"""
+OUTPUT_BATCH_MAX = 500
+"""…or once this many lines are waiting."""
 
 
 def branch_for(task_id: str) -> str:
@@ -43,19 +50,34 @@ class SessionRunner:
         self.prompt = prompt
         self.faults = faults
         self.warm_agent = warm_agent
+        self._flush: asyncio.TimerHandle | None = None
+        self._unsaved_outputs = 0
 
     async def agent_started(self, session_id: str) -> None:
         self.session.started(session_id)
-        self.store.save(self.session)
+        self._save()
 
     async def prompt_delivered(self, prompt_sha256: str) -> None:
         self.session.prompt_delivered(prompt_sha256)
-        self.store.save(self.session)
+        self._save()
 
     async def output(self, stream: str, text: str) -> None:
         if "agent_output" in self.faults:
             return  # Rehearsal: the agent's output silently never reaches the bus.
         self.session.output(stream, text)
+        # A chatty agent writes thousands of lines a second: commit them in small batches.
+        self._unsaved_outputs += 1
+        if self._unsaved_outputs >= OUTPUT_BATCH_MAX:
+            self._save()
+        elif self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(OUTPUT_FLUSH_S, self._save)
+
+    def _save(self) -> None:
+        """Commit every pending event of the session, in order, in one transaction."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        self._unsaved_outputs = 0
         self.store.save(self.session)
 
     async def run(self) -> None:
@@ -88,7 +110,7 @@ class SessionRunner:
             self._fail(f"agent {self.backend.name!r} could not start: {error}")
             return
         self.session.finished(result.stop_reason, result.exit_code)
-        self.store.save(self.session)
+        self._save()
         if result.stop_reason == "end_turn":
             await self._push()
 
@@ -106,9 +128,9 @@ class SessionRunner:
             self._fail(str(error))
             return
         self.session.pushed(branch, commit)
-        self.store.save(self.session)
+        self._save()
 
     def _fail(self, reason: str) -> None:
         if not self.session.ended:
             self.session.failed(reason)
-            self.store.save(self.session)
+            self._save()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
@@ -21,21 +22,31 @@ from events import STREAM
 
 log = logging.getLogger(__name__)
 
+_ENVELOPE_START = b'{"event_id":'
 
-def _event_of(message: Msg) -> dict[str, Any] | None:
-    try:
-        event = json.loads(message.data)
-    except ValueError:
-        log.warning("skipping undecodable message at stream seq %s", message.metadata.sequence.stream)
+
+@dataclass(frozen=True)
+class RawEvent:
+    """One event as stored, with `"stream_seq"` spliced into its JSON (no decode, no re-encode)."""
+
+    stream_seq: int
+    type: str
+    json: bytes
+
+
+def _raw_event(message: Msg) -> RawEvent | None:
+    data, seq = message.data, message.metadata.sequence.stream
+    # Relays publish pydantic's JSON, event_id first; anything else is not an event.
+    if not (data.startswith(_ENVELOPE_START) and data.endswith(b"}")):
+        log.warning("skipping a message that is not an envelope at stream seq %s", seq)
         return None
-    event["stream_seq"] = message.metadata.sequence.stream
-    return event
+    return RawEvent(seq, message.subject.rsplit(".", 1)[-1], b'%s,"stream_seq":%d}' % (data[:-1], seq))
 
 
-async def stream_events(
-    js: JetStreamContext, subject: str, *, from_seq: int = 1, follow: bool = True, batch: int = 256
-) -> AsyncIterator[list[dict[str, Any]]]:
-    """Batches of events (envelope + `stream_seq`) on `subject` from `from_seq` on, in order.
+async def stream_raw(
+    js: JetStreamContext, subject: str, *, from_seq: int = 1, follow: bool = True, batch: int = 1000
+) -> AsyncIterator[list[RawEvent]]:
+    """Batches of events on `subject` from `from_seq` on, in order.
 
     With `follow=False` it ends once the history is read; otherwise it waits for new events.
     """
@@ -46,21 +57,29 @@ async def stream_events(
         inactive_threshold=60.0,
     )
     pull = await js.pull_subscribe(subject, stream=STREAM, config=config)
-    name = (await pull.consumer_info()).name
+    info = await pull.consumer_info()
     try:
-        pending = (await pull.consumer_info()).num_pending
+        pending = info.num_pending
         while follow or pending:
             try:
                 messages = await pull.fetch(batch, timeout=5.0)
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             pending = messages[-1].metadata.num_pending
-            events = [e for e in map(_event_of, messages) if e is not None]
+            events = [e for e in map(_raw_event, messages) if e is not None]
             if events:
                 yield events
     finally:
         try:
             await pull.unsubscribe()
-            await js.delete_consumer(STREAM, name)
+            await js.delete_consumer(STREAM, info.name)
         except Exception:  # The consumer expires by itself (inactive_threshold).
             pass
+
+
+async def stream_events(
+    js: JetStreamContext, subject: str, *, from_seq: int = 1, follow: bool = True, batch: int = 1000
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Like stream_raw, as decoded envelopes (each with its `stream_seq`)."""
+    async for raw in stream_raw(js, subject, from_seq=from_seq, follow=follow, batch=batch):
+        yield [json.loads(event.json) for event in raw]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -11,7 +10,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from events import task_subjects
 from events.envelope import STREAM_SUBJECTS
 from services.gateway.context import Gateway
-from services.runtime.streams import stream_events
+from services.runtime.streams import stream_raw
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,11 @@ async def _send_events(
     websocket: WebSocket, gateway: Gateway, subject: str, from_seq: int, exclude: frozenset[str]
 ) -> None:
     try:
-        async for batch in stream_events(gateway.bus.js, subject, from_seq=from_seq):
+        async for batch in stream_raw(gateway.bus.js, subject, from_seq=from_seq):
             for event in batch:
-                if event.get("type") not in exclude:
+                if event.type not in exclude:
                     # Awaiting each send is the back-pressure: nothing more is fetched meanwhile.
-                    await websocket.send_text(json.dumps(event))
+                    await websocket.send_text(event.json.decode())
     except (WebSocketDisconnect, RuntimeError):
         pass
     except Exception as error:  # NATS trouble: tell the viewer where to resume.
