@@ -58,38 +58,49 @@ class AuditLog(TrackedProjection):
 
     def append(self, envelope: Envelope, tracking: Tracking) -> None:
         """Append one event (its stream sequence is the tracking position), atomically with it."""
+        self.append_batch([(envelope, tracking)])
+
+    def append_batch(self, items: list[tuple[Envelope, Tracking]]) -> None:
+        """Append events in stream order, with the last position, in one transaction."""
         with self._db.transaction() as db:
-            # Checked inside the transaction: a rebuild may have written this position meanwhile.
-            if self.position(tracking.application_name, db) >= tracking.notification_id:
-                return
-            self._append(db, envelope.model_dump(mode="json"), tracking.notification_id)
-            self.track(db, tracking)
+            # Checked inside the transaction: a rebuild may have written these positions meanwhile.
+            position = self.position(items[0][1].application_name, db)
+            fresh = [(e.model_dump(mode="json"), t.notification_id) for e, t in items
+                     if t.notification_id > position]
+            if fresh:
+                self._append_all(db, fresh)
+                self.track(db, items[-1][1])
 
     def rebuild(self, records: Iterator[tuple[int, dict[str, Any]]], *, consumer: str) -> int:
         """Replace the whole log with `records` (stream_seq, envelope) in one transaction.
 
         The consumer's position moves to the last sequence, so the projector carries on after it.
         """
-        count, last = 0, 0
+        ordered = [(envelope, stream_seq) for stream_seq, envelope in records]
         with self._db.transaction() as db:
             db.execute("DELETE FROM audit_log")
-            for stream_seq, envelope in records:
-                self._append(db, envelope, stream_seq)
-                count, last = count + 1, stream_seq
+            self._append_all(db, ordered)
             db.execute(f"DELETE FROM {self.TRACKING_TABLE}")
-            self.track(db, Tracking(consumer, last))
-        return count
+            self.track(db, Tracking(consumer, ordered[-1][1] if ordered else 0))
+        return len(ordered)
 
-    def _append(self, db: Database, envelope: dict[str, Any], stream_seq: int) -> None:
+    @staticmethod
+    def _append_all(db: Database, records: list[tuple[dict[str, Any], int]]) -> None:
+        """Insert (envelope, stream_seq) records, each chained to the one before."""
         last = db.execute("SELECT hash FROM audit_log ORDER BY stream_seq DESC LIMIT 1")
         prev = last[0]["hash"] if last else GENESIS
-        text = canonical(envelope)
-        db.execute(
+        rows = []
+        for envelope, stream_seq in records:
+            text = canonical(envelope)
+            digest = chain_hash(prev, stream_seq, text)
+            rows.append((stream_seq, envelope["event_id"], envelope["task_id"], envelope["type"],
+                         envelope["actor"], _utc_text(envelope["occurred_at"]),
+                         envelope.get("causation_id"), text, prev, digest))
+            prev = digest
+        db.executemany(
             "INSERT INTO audit_log (stream_seq, event_id, task_id, type, actor, occurred_at, "
             "causation_id, envelope, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (stream_seq, envelope["event_id"], envelope["task_id"], envelope["type"],
-             envelope["actor"], _utc_text(envelope["occurred_at"]), envelope.get("causation_id"),
-             text, prev, chain_hash(prev, stream_seq, text)),
+            rows,
         )
 
     # -- reading (the API, the CLI, verify) ----------------------------------------------

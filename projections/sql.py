@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 class Database(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
     def transaction(self) -> Any: ...
     def close(self) -> None: ...
 
@@ -31,6 +32,10 @@ class SQLiteDatabase:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(row) for row in self._db.execute(sql, params).fetchall()]
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._lock:
+            self._db.executemany(sql, rows)
 
     @contextmanager
     def transaction(self) -> Iterator[SQLiteDatabase]:
@@ -63,6 +68,10 @@ class PostgresDatabase:
         with self._lock:
             cursor = self._db.execute(sql.replace("?", "%s"), params)
             return list(cursor.fetchall()) if cursor.description else []
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._lock, self._db.cursor() as cursor:
+            cursor.executemany(sql.replace("?", "%s"), rows)
 
     @contextmanager
     def transaction(self) -> Iterator[PostgresDatabase]:

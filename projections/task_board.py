@@ -88,29 +88,25 @@ class TaskBoard(TrackedProjection):
     SCHEMA = _SCHEMA
 
     def apply(self, envelope: Envelope, tracking: Tracking) -> None:
-        """Fold one event into its task's row and move the consumer position, atomically.
+        """Fold one event into its task's row and move the consumer position, atomically."""
+        self.apply_batch([(envelope, tracking)])
 
-        An event that breaks the contract raises (and is dead-lettered): the board shows
-        only what the contract allows.
-        """
-        parse_event(envelope)
+    def apply_batch(self, items: list[tuple[Envelope, Tracking]]) -> None:
+        """Fold events in stream order into their tasks' rows, with the last position, in one
+        transaction. An event that breaks the contract raises (and is dead-lettered): the board
+        shows only what the contract allows."""
+        for envelope, _ in items:
+            parse_event(envelope)
+        rows: dict[str, dict[str, Any]] = {}
         with self._db.transaction() as db:
-            rows = db.execute("SELECT * FROM tasks WHERE task_id = ?", (envelope.task_id,))
-            current = rows[0] if rows else {"task_id": envelope.task_id, "state": "queued"}
-            current.update(_fields_from(envelope))
-            if envelope.type in GAP_TYPES:
-                gaps = _gaps_after(envelope, json.loads(current.get("gaps") or "[]"))
-                current["gaps"] = json.dumps(gaps)
-            new_state = STATE_OF.get(envelope.type, current["state"])
-            if not rows or STATE_RANK[new_state] > STATE_RANK[current["state"]]:
-                current["state"] = new_state
-            current["updated_at"] = envelope.occurred_at.isoformat()
-            current["last_event"] = envelope.type
-            current.setdefault("created_at", current["updated_at"])
-            if current["created_at"] is None:
-                current["created_at"] = current["updated_at"]
-            db.execute(_UPSERT, [current.get(column) for column in _COLUMNS])
-            self.track(db, tracking)
+            for envelope, _ in items:
+                if envelope.task_id not in rows:
+                    found = db.execute("SELECT * FROM tasks WHERE task_id = ?", (envelope.task_id,))
+                    rows[envelope.task_id] = found[0] if found else {"task_id": envelope.task_id}
+                _fold(rows[envelope.task_id], envelope)
+            for row in rows.values():
+                db.execute(_UPSERT, [row.get(column) for column in _COLUMNS])
+            self.track(db, items[-1][1])
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         rows = self._db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
@@ -119,6 +115,20 @@ class TaskBoard(TrackedProjection):
     def list(self, *, limit: int = 500) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,))
         return [_public(row) for row in rows]
+
+
+def _fold(row: dict[str, Any], envelope: Envelope) -> None:
+    """One event into its task's row (a row without a state is new)."""
+    row.update(_fields_from(envelope))
+    if envelope.type in GAP_TYPES:
+        row["gaps"] = json.dumps(_gaps_after(envelope, json.loads(row.get("gaps") or "[]")))
+    new_state = STATE_OF.get(envelope.type, row.get("state") or "queued")
+    if "state" not in row or STATE_RANK[new_state] > STATE_RANK[row["state"]]:
+        row["state"] = new_state
+    row["updated_at"] = envelope.occurred_at.isoformat()
+    row["last_event"] = envelope.type
+    if not row.get("created_at"):
+        row["created_at"] = row["updated_at"]
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:

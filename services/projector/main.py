@@ -22,17 +22,24 @@ async def run(settings: Settings) -> None:
     async def project(envelope: Envelope, tracking: Tracking) -> None:
         board.apply(envelope, tracking)
 
+    async def project_batch(items: list[tuple[Envelope, Tracking]]) -> None:
+        board.apply_batch(items)
+
     async def append_to_audit_log(envelope: Envelope, tracking: Tracking) -> None:
         audit.append(envelope, tracking)
+
+    async def append_batch_to_audit_log(items: list[tuple[Envelope, Tracking]]) -> None:
+        audit.append_batch(items)
 
     async with open_bus(settings.nats_url, name=NAME) as bus:
         await run_all(
             send_heartbeats(bus.nc, NAME, faults=settings.faults),
             # The audit log follows every event in stream order, through one consumer.
-            consume(bus, service=NAME, subscription=Subscription(ALL_EVENTS, append_to_audit_log),
-                    store=audit),
+            consume(bus, service=NAME, store=audit, subscription=Subscription(
+                ALL_EVENTS, append_to_audit_log, append_batch_to_audit_log)),
             *(
-                consume(bus, service=NAME, subscription=Subscription(event_type, project), store=board)
+                consume(bus, service=NAME, store=board,
+                        subscription=Subscription(event_type, project, project_batch))
                 for event_type in PROJECTED_TYPES
             ),
         )

@@ -37,6 +37,8 @@ RETRY_DELAYS_S = (0.2, 1.0, 3.0)
 """In-place retries of a failing handler before its message is dead-lettered."""
 
 Handler = Callable[[Envelope, Tracking], Awaitable[None]]
+BatchHandler = Callable[[list[tuple[Envelope, Tracking]]], Awaitable[None]]
+"""Handles a run of events in stream order in one transaction (read models keeping up)."""
 
 
 class TrackingStore(Protocol):
@@ -54,6 +56,7 @@ class Subscription:
 
     event_type: str
     handle: Handler
+    handle_batch: BatchHandler | None = None
 
     def durable_for(self, service: str) -> str:
         return f"{service}-{'all' if self.event_type == ALL_EVENTS else self.event_type}"
@@ -107,13 +110,42 @@ async def consume(
             log.warning("consumer %s: %s; retrying", durable, error)
             await asyncio.sleep(0.5)
             continue
+        if subscription.handle_batch is not None and len(messages) > 1:
+            await _process_batch(bus, durable, messages, subscription, store)
+            continue
         for message in messages:
             await _process(bus, durable, message, subscription.handle, store)
 
 
+async def _process_batch(
+    bus: Bus, durable: str, messages: list[Msg], subscription: Subscription, store: TrackingStore
+) -> None:
+    """Apply a fetched batch in one transaction; if that fails, fall back to one at a time
+    (which retries, and dead-letters only the message that cannot be handled)."""
+    assert subscription.handle_batch is not None
+    items = []
+    for message in messages:
+        tracking = Tracking(durable, message.metadata.sequence.stream)
+        try:
+            items.append((Envelope.from_json(message.data), tracking))
+        except (ValidationError, ValueError):
+            break  # Undecodable: leave it and what follows to the one-at-a-time path.
+    fresh = [(e, t) for e, t in items if not store.is_processed(t)]
+    try:
+        if fresh:
+            await subscription.handle_batch(fresh)
+    except Exception:
+        log.warning("consumer %s: batch of %d failed; handling one at a time", durable, len(fresh))
+        items = []
+    for message in messages[: len(items)]:
+        await message.ack()
+    for message in messages[len(items):]:
+        await _process(bus, durable, message, subscription.handle, store)
+
+
 async def _process(
     bus: Bus, durable: str, message: Msg, handle: Handler, store: TrackingStore,
-    *, retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
+    *, retry_delays_s: Sequence[float] | None = None,
 ) -> None:
     """Handle one message exactly once, or dead-letter it; either way the consumer moves on.
 
@@ -134,7 +166,7 @@ async def _process(
     except (ValidationError, ValueError) as error:
         await _give_up(bus, durable, message, store, tracking, f"undecodable envelope: {error}")
         return
-    for delay_s in (*retry_delays_s, None):
+    for delay_s in (*(RETRY_DELAYS_S if retry_delays_s is None else retry_delays_s), None):
         try:
             await _handle_keeping_alive(message, handle, envelope, tracking)
             break

@@ -120,3 +120,44 @@ def test_each_consumer_filters_one_event_type_with_explicit_acks():
     config = consumer_config("svc-TaskFailed", "TaskFailed", ack_wait_s=30)
     assert config.filter_subject == "baton.task.*.TaskFailed"
     assert (config.durable_name, config.max_deliver, config.ack_wait) == ("svc-TaskFailed", -1, 30)
+
+
+async def test_a_batch_is_applied_once_in_order_and_acked():
+    from services.runtime.consumer import Subscription, _process_batch
+
+    store, seen = popo_store(), []
+
+    async def apply_batch(items):
+        seen.append([t.notification_id for _, t in items])
+        store.save_processed(items[-1][1])
+
+    msgs = [message(seq, f"r{seq}") for seq in (1, 2, 3)]
+    await _process_batch(FakeBus(), DURABLE, msgs, Subscription("TaskFailed", Recorder(), apply_batch), store)
+
+    assert seen == [[1, 2, 3]]
+    assert all(m.acks == ["ack"] for m in msgs)
+
+
+async def test_a_failing_batch_falls_back_to_one_at_a_time_and_dead_letters_only_the_bad_one(monkeypatch):
+    from services.runtime.consumer import Subscription, _process_batch
+
+    store, bus, handler = popo_store(), FakeBus(), Recorder()
+
+    async def broken_batch(items):
+        raise RuntimeError("one of these is bad")
+
+    class FailsOnBad(Recorder):
+        async def __call__(self, envelope, tracking):
+            if envelope.data["reason"] == "bad":
+                raise RuntimeError("bad")
+            await super().__call__(envelope, tracking)
+
+    handler = FailsOnBad()
+    msgs = [message(1, "ok1"), message(2, "bad"), message(3, "ok3")]
+    batch = Subscription("TaskFailed", handler, broken_batch)
+    monkeypatch.setattr("services.runtime.consumer.RETRY_DELAYS_S", (0,))
+
+    await _process_batch(bus, DURABLE, msgs, batch, store)
+
+    assert handler.seen == [("ok1", 1), ("ok3", 3)]
+    assert len(bus.js.published) == 1 and "bad" in bus.js.published[0][1].decode()
