@@ -86,12 +86,16 @@ class VmAgentPool:
             self._filling = asyncio.get_running_loop().create_task(self._fill())
 
     async def _fill(self) -> None:
-        while len(self._ready) < self._size:
-            try:
-                self._ready.append(await self.spawn(self.pool_dir / str(next(self._numbers)), warm_agent="shell"))
-            except VmAgentError as error:
-                log.warning("could not warm a vm_agent: %s", error)
-                return
+        missing = self._size - len(self._ready)
+        started = await asyncio.gather(
+            *(self.spawn(self.pool_dir / str(next(self._numbers)), warm_agent="shell") for _ in range(missing)),
+            return_exceptions=True,
+        )
+        for member in started:
+            if isinstance(member, VmAgentProcess):
+                self._ready.append(member)
+            else:
+                log.warning("could not warm a vm_agent: %s", member)
 
     async def take(self, agent: str) -> VmAgentProcess:
         """A running, unassigned vm_agent: a warm one (with `agent` warm if possible), else a new one."""
