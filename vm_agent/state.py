@@ -39,6 +39,7 @@ class Assigned:
     token: str
     store: ServiceStore
     relay: asyncio.Task[None]
+    session: Session | None = None
 
 
 @dataclass
@@ -61,17 +62,20 @@ class VmAgent:
             store, task_id, reason="the vm_agent restarted while the agent was running; the run was lost"
         )
         relay = asyncio.get_running_loop().create_task(Relay(store, self.publisher).run())
-        self.assigned = Assigned(task_id, workspace, token, store, relay)
+        existing = store.get_task_aggregate(Session, task_id)
+        self.assigned = Assigned(task_id, workspace, token, store, relay, existing)
         log.info("assigned to task %s in %s", task_id, workspace)
 
     def session(self) -> Session | None:
-        assert self.assigned is not None
-        return self.assigned.store.get_task_aggregate(Session, self.assigned.task_id)
+        """The task's session: the live object the runner records into (never rebuilt per call,
+        which would replay every output event)."""
+        return self.assigned.session if self.assigned else None
 
     def open_session(self, attempt_id: str, agent: str, cause: str | None) -> Session:
         assert self.assigned is not None
         session = Session(self.assigned.task_id, attempt_id, agent, cause)
         self.assigned.store.save(session)
+        self.assigned.session = session
         return session
 
     def take_warm_agent(self, backend: str) -> Awaitable[AgentProcess] | None:

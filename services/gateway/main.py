@@ -12,5 +12,7 @@ async def run(settings: Settings) -> None:
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level="warning",
         lifespan="on",
+        # Events are small and many: compressing each WebSocket message costs more than it saves.
+        ws_per_message_deflate=False,
     )
     await uvicorn.Server(config).serve()

@@ -10,7 +10,7 @@ from eventsourcing.persistence import Tracking
 
 from events import FLOW_CONTRACT, Deadline, Envelope, TaskFailed
 from services.monitor.domain import Watch, skipped
-from services.runtime.consumer import Handler
+from services.runtime.consumer import Subscription
 from services.runtime.store import ServiceStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,19 @@ class Monitor:
             start = batch[-1].id
 
     async def on_event(self, envelope: Envelope, tracking: Tracking) -> None:
+        await self.on_batch([(envelope, tracking)])
+
+    async def on_batch(self, items: list[tuple[Envelope, Tracking]]) -> None:
+        """Fold a run of one consumer's events, then save what changed with the last position
+        in one transaction (a chatty agent's output costs one commit per fetch, not per line)."""
+        watches = {envelope.task_id: self._fold(envelope) for envelope, _ in items}
+        self.store.save_processed(items[-1][1], *watches.values())
+        for task_id, watch in watches.items():
+            if watch.ended:
+                self.watches.pop(task_id, None)
+                self.last_output_at.pop(task_id, None)
+
+    def _fold(self, envelope: Envelope) -> Watch:
         watch = self.watch_for(envelope.task_id)
         if envelope.type == "AgentOutput":
             self.last_output_at[envelope.task_id] = envelope.occurred_at
@@ -59,10 +72,7 @@ class Monitor:
             if envelope.type in watch.overdue:
                 watch.recovered_step(envelope.type, envelope.occurred_at, cause=envelope.event_id)
             self._name_skipped_steps(watch, at=envelope.occurred_at)
-        self.store.save_processed(tracking, watch)
-        if watch.ended:
-            self.watches.pop(envelope.task_id, None)
-            self.last_output_at.pop(envelope.task_id, None)
+        return watch
 
     def _name_skipped_steps(self, watch: Watch, *, at: datetime) -> None:
         for deadline in self.deadlines:
@@ -101,5 +111,5 @@ class Monitor:
             self.tick(datetime.now(UTC))
             await asyncio.sleep(interval_s)
 
-    def handlers(self) -> dict[str, Handler]:
-        return {event_type: self.on_event for event_type in WATCHED_TYPES}
+    def subscriptions(self) -> list[Subscription]:
+        return [Subscription(event_type, self.on_event, self.on_batch) for event_type in WATCHED_TYPES]

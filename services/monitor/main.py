@@ -16,5 +16,5 @@ async def run(settings: Settings) -> None:
     monitor = Monitor(store, settings.flow_deadlines, stall_after_s=settings.stall_after_s)
     monitor.resume()
     async with open_bus(settings.nats_url, name=NAME) as bus:
-        await serve(bus, name=NAME, settings=settings, store=store, handlers=monitor.handlers(),
+        await serve(bus, name=NAME, settings=settings, store=store, subscriptions=monitor.subscriptions(),
                     loops=(monitor.run_ticks(),))

@@ -52,11 +52,21 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+_http: httpx.AsyncClient | None = None
+
+
+def http() -> httpx.AsyncClient:
+    """One client for every probe and call (each new client builds a TLS context: costly)."""
+    global _http
+    if _http is None:
+        _http = httpx.AsyncClient(timeout=10.0)
+    return _http
+
+
 async def answers(url: str, *, task_id: str | None = None) -> bool:
     """The vm_agent at `url` is up (and, if `task_id` is given, serves that task)."""
     try:
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            response = await client.get(f"{url}/health")
+        response = await http().get(f"{url}/health", timeout=2.0)
     except httpx.HTTPError:
         return False
     return response.status_code == 200 and (task_id is None or response.json().get("task_id") == task_id)
@@ -70,6 +80,8 @@ class VmAgentPool:
         self._ready: list[VmAgentProcess] = []
         self._numbers = itertools.count(1)
         self._filling: asyncio.Task[None] | None = None
+        # Python start-ups compete for the CPUs: a few at a time finish sooner than all at once.
+        self._starting = asyncio.Semaphore(max(2, os.cpu_count() or 2))
         self.pool_dir = settings.data_dir / "vm_agents" / "pool"
 
     def reset(self) -> None:
@@ -109,6 +121,10 @@ class VmAgentPool:
         return await self.spawn(self.pool_dir / str(next(self._numbers)), warm_agent=agent)
 
     async def spawn(self, state_dir: Path, *, warm_agent: str | None) -> VmAgentProcess:
+        async with self._starting:  # The readiness timeout counts from the real start.
+            return await self._spawn(state_dir, warm_agent=warm_agent)
+
+    async def _spawn(self, state_dir: Path, *, warm_agent: str | None) -> VmAgentProcess:
         state_dir.mkdir(parents=True, exist_ok=True)
         log_file = state_dir / "vm_agent.log"
         settings = self._settings
@@ -152,8 +168,7 @@ class VmAgentPool:
                 "token": vm_agent_token(self._settings.install_secret(), task_id)}
         headers = {"Authorization": f"Bearer {self.pool_token(member.state_dir)}"}
         try:
-            async with httpx.AsyncClient(timeout=10.0) as client:
-                response = await client.post(f"{member.url}/assign", json=body, headers=headers)
+            response = await http().post(f"{member.url}/assign", json=body, headers=headers)
         except httpx.HTTPError as error:
             member.kill()
             raise VmAgentError(f"vm_agent at {member.url} could not be assigned: {error!r}") from error

@@ -61,8 +61,9 @@ class VmAgentWatcher:
         state_dir = self.provider.vm_agent_dir(task_id)
         vm_store = open_vm_agent_store(state_dir)
         try:
-            if end_unfinished_session(
-                vm_store, workspace.task_id,
+            # Rebuilding a long session replays every output: off the event loop.
+            if await asyncio.to_thread(
+                end_unfinished_session, vm_store, workspace.task_id,
                 reason="the workspace's vm_agent exited while the agent was running; the run was lost",
             ):
                 log.warning("vm_agent of task %s died mid-run; session ended", workspace.task_id)

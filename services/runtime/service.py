@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable
 
 from services.runtime.bus import Bus
-from services.runtime.consumer import Handler, consume, run_all, subscriptions_for
+from services.runtime.consumer import (
+    Handler,
+    Subscription,
+    consume,
+    run_all,
+    subscriptions_for,
+)
 from services.runtime.heartbeat import send_heartbeats
 from services.runtime.relay import Relay
 from services.runtime.settings import Settings
@@ -18,13 +24,16 @@ async def serve(
     name: str,
     settings: Settings,
     store: ServiceStore,
-    handlers: dict[str, Handler],
+    handlers: dict[str, Handler] | None = None,
+    subscriptions: list[Subscription] | None = None,
     loops: tuple[Awaitable[None], ...] = (),
 ) -> None:
-    """Relay the store to the bus and handle `handlers`' event types, until cancelled."""
+    """Relay the store to the bus and handle the subscriptions (or `handlers`' event types),
+    until cancelled."""
+    subscriptions = [*(subscriptions or ()), *subscriptions_for(handlers or {})]
     await run_all(
         Relay(store, bus).run(),
         send_heartbeats(bus.nc, name, faults=settings.faults),
         *loops,
-        *(consume(bus, service=name, subscription=sub, store=store) for sub in subscriptions_for(handlers)),
+        *(consume(bus, service=name, subscription=sub, store=store) for sub in subscriptions),
     )

@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from eventsourcing.application import Application, ProcessingEvent
+from eventsourcing.application import (
+    AggregateNotFoundError,
+    Application,
+    ProcessingEvent,
+)
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import ProcessRecorder, Tracking
 
@@ -160,10 +164,11 @@ class ServiceStore(Application):
         )
 
     def get_task_aggregate(self, cls: type[TaskAggregate], task_id: str) -> Any | None:
-        aggregate_uuid = cls.id_for(task_id)
-        if aggregate_uuid not in self.repository:
+        """The task's aggregate rebuilt from the store (one replay), or None."""
+        try:
+            return self.repository.get(cls.id_for(task_id))
+        except AggregateNotFoundError:
             return None
-        return self.repository.get(aggregate_uuid)
 
     def _fire(self) -> None:
         for listener in self._listeners:

@@ -7,6 +7,7 @@ it has sent what it has: a slow viewer slows its own consumer, and JetStream is 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -64,6 +65,13 @@ async def stream_raw(
             try:
                 messages = await pull.fetch(batch, timeout=5.0)
             except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except nats.errors.Error as error:
+                # A busy server may fail one pull request; the next one resumes where this left.
+                if isinstance(error, nats.errors.ConnectionClosedError):
+                    raise
+                log.warning("fetch on %s failed, retrying: %r", subject, error)
+                await asyncio.sleep(0.1)
                 continue
             pending = messages[-1].metadata.num_pending
             events = [e for e in map(_raw_event, messages) if e is not None]

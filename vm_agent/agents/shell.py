@@ -27,7 +27,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,7 @@ class ShellAgent:
     def __init__(self) -> None:
         self._conn: Client | None = None
         self._sessions: dict[str, _Session] = {}
+        self._forwarded = 0  # Lines sent so far: how _drain tells a slow reader from a stuck pipe.
 
     def on_connect(self, conn: Client) -> None:
         """Keep the client connection so we can push ``session/update``s."""
@@ -168,7 +169,7 @@ class ShellAgent:
         ]
         try:
             returncode = await proc.wait()
-            await _drain(readers)
+            await _drain(readers, progress=lambda: self._forwarded)
         finally:
             for reader in readers:
                 reader.cancel()
@@ -181,6 +182,7 @@ class ShellAgent:
             await self._forward_text(session_id, stream, line)
 
     async def _forward_text(self, session_id: str, stream: str, text: str) -> None:
+        self._forwarded += 1
         chunk = AgentMessageChunk(
             session_update="agent_message_chunk",
             content=text_block(text),
@@ -235,9 +237,18 @@ async def _spawn(argv: list[str], cwd: str) -> asyncio.subprocess.Process:
     )
 
 
-async def _drain(readers: list[asyncio.Task[None]]) -> None:
-    """Wait (bounded) for the output readers to hit EOF; re-raise their failures."""
-    done, pending = await asyncio.wait(readers, timeout=_DRAIN_GRACE_S)
+async def _drain(readers: list[asyncio.Task[None]], *, progress: Callable[[], int]) -> None:
+    """Wait for the output readers to hit EOF; re-raise their failures.
+
+    Bash has exited, but its output may still be in the pipes: wait as long as lines keep
+    being forwarded, and give up only on pipes that stay silent for the grace period (a
+    background job holding them open), so no line already written is ever dropped.
+    """
+    while True:
+        before = progress()
+        done, pending = await asyncio.wait(readers, timeout=_DRAIN_GRACE_S)
+        if not pending or progress() == before:
+            break
     if pending:
         log.warning("output pipes still open %.1fs after bash exited (background job?)", _DRAIN_GRACE_S)
     for task in done:
