@@ -73,6 +73,8 @@ async def stream_raw(
                 log.warning("fetch on %s failed, retrying: %r", subject, error)
                 await asyncio.sleep(0.1)
                 continue
+            if not messages:  # nats-py may answer a pull that timed out with an empty batch.
+                continue
             pending = messages[-1].metadata.num_pending
             events = [e for e in map(_raw_event, messages) if e is not None]
             if events:

@@ -1,0 +1,459 @@
+"""Baton's benchmarks, in one command: `.venv/bin/python bench/run.py [--quick]`.
+
+Starts its own nats-server (free port) and `baton up` (free port, temp data dir), runs every
+benchmark, prints a table, and prints one JSON object as the very last line of stdout.
+Every process it started is stopped in `finally`. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench import pipeline, projection, raw_nats
+from bench.stack import RssSampler, Stack, log, wait_until_consumers_idle
+
+SIZES = {
+    #                          quick    full
+    "output_lines":          (5_000,  50_000),
+    "replay_events":         (5_000,  50_000),
+    "replay_rounds":         (1,      2),
+    "submit_sequential":     (3,      10),
+    "submit_tasks":          (20,     100),
+    "submit_concurrency":    (5,      5),
+    "concurrent_tasks":      (40,     200),
+    "projection_events":     (20_000, 100_000),
+    "tail_sleep_s":          (5,      5),       # 0 shows the shell agent's lost output tail
+}
+
+RUN_BUDGET_S = (140, 840)
+"""Quick and full: benchmarks stop by then; stopping the stack (up to ~30 s) and printing follow."""
+
+BENCHMARKS = ("projection", "output", "replay", "submit", "concurrent")
+
+GOALS = {
+    "output_ratio": (">=", 0.5),
+    "replay_ratio": (">=", 0.5),
+    "submit_to_prompt_p50_ms": ("<=", 150),
+    "submit_to_prompt_p99_ms": ("<=", 500),
+    "projection_rebuild_eps": (">=", 20_000),
+    "gateway_peak_rss_mb": ("<", 300),
+}
+
+
+def met(key: str, value: Any) -> bool | None:
+    if key not in GOALS or value is None:
+        return None
+    op, goal = GOALS[key]
+    return {">=": value >= goal, "<=": value <= goal, "<": value < goal}[op]
+
+
+class Bench:
+    def __init__(self, *, quick: bool, only: tuple[str, ...], profile_dir: Path | None,
+                 sizes: dict[str, int]) -> None:
+        self.quick = quick
+        self.only = only
+        self.profile_dir = profile_dir
+        self.size = {k: v[0 if quick else 1] for k, v in SIZES.items()} | sizes
+        self.details: dict[str, Any] = {}
+        self.errors: dict[str, str] = {}
+        self.load_at_start = os.getloadavg()[0]
+        # Everything must end in time (quick: 3 min, full: 15 min), stopping the stack included.
+        self.deadline = time.monotonic() + (RUN_BUDGET_S[0 if quick else 1] if profile_dir is None else 3600)
+
+    def budget(self, wanted_s: float) -> float:
+        """A benchmark's timeout: what it wants, but never past the run's deadline."""
+        return max(1.0, min(wanted_s, self.deadline - time.monotonic()))
+
+    def wants(self, name: str) -> bool:
+        return name in self.only
+
+    async def settle(self, stack: Stack) -> float:
+        """Let the services finish the previous benchmark's backlog before the next starts.
+
+        Returns how long that took (after a direct publish, it is the services' consume rate).
+        """
+        assert stack.nats is not None
+        started = time.monotonic()
+        busy = await wait_until_consumers_idle(stack.nats.url, timeout_s=self.budget(120 if self.quick else 240))
+        waited = time.monotonic() - started
+        if waited > 1 or busy:
+            log(f"waited {waited:.1f}s for the services' backlog" + (f"; still pending: {busy}" if busy else ""))
+        return waited
+
+    async def step(self, name: str, run: Callable[[], Awaitable[Any]]) -> Any:
+        if self.deadline - time.monotonic() < 5:
+            self.errors[name] = "skipped: the run's time budget is spent"
+            log(f"{name} skipped: out of time")
+            return None
+        log(f"{name} …")
+        started = time.monotonic()
+        try:
+            result = await run()
+        except Exception as error:  # noqa: BLE001 - one failing benchmark must not hide the others.
+            self.errors[name] = f"{type(error).__name__}: {error}"
+            log(f"{name} FAILED: {self.errors[name]}")
+            traceback.print_exc(file=sys.stderr)
+            return None
+        self.details[name] = result
+        log(f"{name} done in {time.monotonic() - started:.1f}s")
+        return result
+
+    # -- the benchmarks that need the stack ----------------------------------------------------
+
+    async def run_stack_benchmarks(self, stack: Stack, sampler: RssSampler) -> None:
+        assert stack.nats is not None
+        output = None
+        if self.wants("output") or self.wants("replay"):
+            lines = self.size["output_lines"]
+            sampler.phase = "output"
+            await self.settle(stack)
+            output = await self.step("output", lambda: self._profiled(
+                "output", stack, lambda: self._output(stack, lines)))
+            if output and self.wants("output"):
+                await self.settle(stack)  # The ceiling is measured with Baton idle.
+                sampler.phase = "raw"
+                await self.step("raw_publish_consume", lambda: raw_nats.publish_and_consume(
+                    stack.nats.url, lines, output["envelope_bytes"]))
+        if self.wants("replay") and output:
+            sampler.phase = "replay"
+            replay_task = await self.step("replay_task", lambda: self._replay_task(stack, output))
+            if replay_task:
+                drained_s = await self.settle(stack)
+                if replay_task["source"].startswith("published"):
+                    # Every durable consumer (projector, monitor) had the whole task to read at once.
+                    self.details["consumers_catch_up"] = {"events": replay_task["events"], "seconds": drained_s}
+                await self.step("replay", lambda: self._profiled("replay", stack, lambda: pipeline.replay(
+                    stack, replay_task["task_id"], replay_task["events"],
+                    rounds=self.size["replay_rounds"], timeout_s=self.budget(300)), services=("gateway",)))
+        everything = ("gateway", "task-runner", "provisioner", "projector", "monitor")
+        if self.wants("submit"):
+            await self.settle(stack)
+            sampler.phase = "submit"
+            await self.step("submit_sequential", lambda: pipeline.submit_to_prompt(
+                stack, self.size["submit_sequential"], concurrency=1,
+                timeout_s=self.budget(60 if self.quick else 120)))
+            await self.step("submit_to_prompt", lambda: self._profiled("submit", stack, lambda: (
+                pipeline.submit_to_prompt(stack, self.size["submit_tasks"],
+                                          concurrency=self.size["submit_concurrency"],
+                                          timeout_s=self.budget(90 if self.quick else 300))), services=everything))
+        if self.wants("concurrent"):
+            await self.settle(stack)
+            await self.step("concurrent", lambda: self._profiled("concurrent", stack, lambda: (
+                pipeline.concurrent_tasks(stack, self.size["concurrent_tasks"], sampler,
+                                          timeout_s=self.budget(100 if self.quick else 420))), services=everything))
+
+    async def _output(self, stack: Stack, lines: int) -> dict[str, Any]:
+        timeout_s = 900 if self.profile_dir else self.budget(120 if self.quick else 600)
+        return await pipeline.output_throughput(stack, lines, timeout_s=timeout_s,
+                                                tail_sleep_s=self.size["tail_sleep_s"])
+
+    async def _replay_task(self, stack: Stack, output: dict[str, Any]) -> dict[str, Any]:
+        """The task a late viewer replays: the output benchmark's real task when it is big enough
+        (`--size output_lines=N` with N ≥ replay_events), else one published straight to the stream.
+
+        No real task is printed just for the replay: how long one takes cannot be predicted from
+        a smaller run (before 5621244 the output rate fell as a task grew; docs/benchmarks.md).
+        """
+        target = self.size["replay_events"]
+        if output["events"] >= target:
+            return {"task_id": output["task_id"], "events": output["events"],
+                    "source": f"real: the output benchmark's shell task ({output['lines']:,} lines)"}
+        task_id = await pipeline.publish_replay_task(stack, target)
+        return {"task_id": task_id, "events": target,
+                "source": (f"published directly: {target - 1:,} AgentOutput envelopes + TaskCompleted "
+                           f"(the real output task has {output['events']:,} events; "
+                           f"--size output_lines={target} makes the replay task real)")}
+
+    async def _profiled(self, prefix: str, stack: Stack, run: Callable[[], Awaitable[Any]],
+                        services: tuple[str, ...] = ("gateway", "projector", "monitor")) -> Any:
+        """Run a benchmark, with py-spy attached when --profile was given."""
+        if self.profile_dir is None:
+            return await run()
+        from bench.profiling import Profilers
+
+        profilers = Profilers(stack, self.profile_dir, prefix=prefix, services=services)
+        profilers.start()
+        # Attach to the task's vm_agent (and its agent) as soon as the provisioner starts it.
+        original = pipeline._submit
+
+        async def submit_and_follow(client: Any, stack_: Stack, prompt: str) -> tuple[str, float]:
+            task_id, sent_at = await original(client, stack_, prompt)
+            profilers.follow_task(task_id)
+            return task_id, sent_at
+
+        pipeline._submit = submit_and_follow
+        try:
+            return await run()
+        finally:
+            pipeline._submit = original
+            await profilers.stop()
+
+    # -- the result --------------------------------------------------------------------------
+
+    def summary(self, elapsed_s: float, sampler: RssSampler | None) -> dict[str, Any]:
+        d = self.details
+        out, raw, rep = d.get("output"), d.get("raw_publish_consume"), d.get("replay")
+        seq, sub, con, proj = (d.get("submit_sequential"), d.get("submit_to_prompt"), d.get("concurrent"),
+                               d.get("projection"))
+        result: dict[str, Any] = {
+            "quick": self.quick,
+            "source": source_state(),
+            "output_ratio": out["rate"] / raw["rate"] if out and raw else None,
+            "output_rate_eps": out and out["rate"],
+            "output_raw_rate_eps": raw and raw["rate"],
+            "output_raw_variant": raw and raw["best"],
+            "output_raw_variants_eps": raw and raw["variants"],
+            "output_vm_agent_record_rate_eps": out and out["recorded_rate"],
+            "output_lines": out and out["lines"],
+            "output_lines_lost": out and out["lost"],
+            "output_envelope_bytes": out and out["envelope_bytes"],
+            "replay_ratio": rep["ws_rate"] / rep["raw_ordered_rate"] if rep else None,
+            "replay_rate_eps": rep and rep["ws_rate"],
+            "replay_raw_rate_eps": rep and rep["raw_ordered_rate"],
+            "replay_raw_pull256_rate_eps": rep and rep["raw_pull256_rate"],
+            "replay_events": rep and rep["events"],
+            "replay_source": d.get("replay_task", {}).get("source"),
+            # After the replay task was published at once: how fast the projector and the monitor
+            # worked through it (None when the replay task was real and consumed as it ran).
+            "consumers_catch_up_eps": (d["consumers_catch_up"]["events"] / d["consumers_catch_up"]["seconds"]
+                                       if d.get("consumers_catch_up") else None),
+            "submit_to_prompt_p50_ms": sub and sub["p50_ms"],
+            "submit_to_prompt_p99_ms": sub and sub["p99_ms"],
+            "submit_to_prompt_observed_p50_ms": sub and sub["observed_p50_ms"],
+            "submit_to_prompt_stage_p50_ms": sub and sub["stage_p50_ms"],
+            "submit_tasks": sub and sub["tasks"],
+            "submit_without_prompt": sub and sub["missing_prompt"],
+            "submit_concurrency": sub and sub["concurrency"],
+            "submit_to_prompt_sequential_p50_ms": seq and seq["p50_ms"],
+            "submit_to_prompt_sequential_stage_p50_ms": seq and seq["stage_p50_ms"],
+            "projection_rebuild_eps": proj and proj["combined_eps"],
+            "projection_board_eps": proj and proj["board_eps"],
+            "projection_audit_eps": proj and proj["audit_eps"],
+            "projection_events": proj and proj["events"],
+            "projection_mode": proj and proj["mode"],
+            "projection_per_event_eps": proj and (proj.get("per_event") or {}).get("combined_eps"),
+            "concurrent_tasks": con and con["tasks"],
+            "concurrent_tasks_s": con and con["seconds"],
+            "concurrent_all_completed": con and con["outcomes"] == {"TaskCompleted": con["tasks"]},
+            "concurrent_outcomes": con and con["outcomes"],
+            "concurrent_submit_s": con and con["submit_s"],
+            "concurrent_feed_drops": con and con["feed_drops"],
+            "gateway_restarts": sampler.gateway_restarts if sampler else None,
+            "gateway_peak_rss_mb": con and con["gateway_peak_rss_mb"],
+            "gateway_peak_rss_mb_any_phase": sampler.overall_peak if sampler else None,
+            "profile_dir": str(self.profile_dir) if self.profile_dir else None,
+            "errors": self.errors,
+            "run_s": elapsed_s,
+            # Other work on the machine skews every figure: the 1-minute load at start and end.
+            "load_avg_1m": [round(self.load_at_start, 2), round(os.getloadavg()[0], 2)],
+        }
+        result["goals_met"] = {k: met(k, result.get(k)) for k in GOALS}
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}
+
+
+def source_state() -> str:
+    """Which code was measured: the commit, and how many files differ from it."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!bench"], cwd=REPO_ROOT,
+                                 capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("BENCH_SOURCE", "unknown")
+    return f"{commit}" + (f" + {len(changed)} uncommitted file(s)" if changed else "")
+
+
+def print_table(result: dict[str, Any], bench: Bench) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout, width=140)
+
+    def fmt(value: Any, unit: str = "") -> str:
+        if value is None:
+            return "—"
+        if isinstance(value, float):
+            text = f"{value:,.3f}" if abs(value) < 10 else f"{value:,.0f}"
+        else:
+            text = f"{value:,}" if isinstance(value, int) else str(value)
+        return f"{text}{unit}"
+
+    def verdict(key: str) -> str:
+        ok = result["goals_met"].get(key)
+        return "—" if ok is None else ("[green]met[/]" if ok else "[red]not met[/]")
+
+    def goal(key: str) -> str:
+        op, value = GOALS[key]
+        return f"{op} {value:,}"
+
+    d = bench.details
+    table = Table(title=f"Baton benchmarks ({'quick' if bench.quick else 'full'}, {result['run_s']:.0f}s, "
+                        f"{os.cpu_count()} CPUs, source {result['source']})")
+    for column in ("figure", "value", "goal", "", "how (raw figures)"):
+        table.add_column(column)
+    out = d.get("output")
+    if out:
+        table.add_row("output_ratio", fmt(result["output_ratio"]), goal("output_ratio"), verdict("output_ratio"),
+                      f"{fmt(result['output_rate_eps'])}/s viewer vs {fmt(result['output_raw_rate_eps'])}/s "
+                      f"raw ({result['output_raw_variant']}), {fmt(out['lines'])} lines in "
+                      f"{fmt(result['output_envelope_bytes'])} B envelopes; the vm_agent recorded "
+                      f"{fmt(result['output_vm_agent_record_rate_eps'])}/s"
+                      + (f"; [red]{out['lost']} lines lost[/]" if out["lost"] else ""))
+    if d.get("replay"):
+        table.add_row("replay_ratio", fmt(result["replay_ratio"]), goal("replay_ratio"), verdict("replay_ratio"),
+                      f"{fmt(result['replay_rate_eps'])}/s WebSocket vs {fmt(result['replay_raw_rate_eps'])}/s "
+                      f"ordered consumer ({fmt(result['replay_raw_pull256_rate_eps'])}/s pull 256), "
+                      f"{fmt(result['replay_events'])} events; {result['replay_source']}"
+                      + (f"; the projector and monitor then took {fmt(d['consumers_catch_up']['seconds'])} s "
+                         f"to read it ({fmt(result['consumers_catch_up_eps'])}/s)" if d.get("consumers_catch_up") else ""))
+    seq, sub = d.get("submit_sequential"), d.get("submit_to_prompt")
+    if sub:
+        stages = ", ".join(f"{k.split('->')[1]} +{v:,.0f}" for k, v in sub["stage_p50_ms"].items())
+        table.add_row("submit_to_prompt_p50_ms", fmt(result["submit_to_prompt_p50_ms"], " ms"),
+                      goal("submit_to_prompt_p50_ms"), verdict("submit_to_prompt_p50_ms"),
+                      f"{sub['tasks']} tasks, {sub['concurrency']} at a time; p50 of each handoff (ms): {stages}")
+        table.add_row("submit_to_prompt_p99_ms", fmt(result["submit_to_prompt_p99_ms"], " ms"),
+                      goal("submit_to_prompt_p99_ms"), verdict("submit_to_prompt_p99_ms"),
+                      f"seen on the stream: p50 {fmt(sub['observed_p50_ms'])} ms, p99 {fmt(sub['observed_p99_ms'])} "
+                      f"ms; outcomes {sub['outcomes']}"
+                      + (f"; [red]{sub['missing_prompt']} without PromptDelivered[/]" if sub["missing_prompt"] else ""))
+    if seq:
+        stages = ", ".join(f"{k.split('->')[1]} +{v:,.0f}" for k, v in seq["stage_p50_ms"].items())
+        table.add_row("… one at a time, p50", fmt(seq["p50_ms"], " ms"), "", "",
+                      f"{seq['tasks']} tasks sequentially; p50 of each handoff (ms): {stages}")
+    proj = d.get("projection")
+    if proj:
+        table.add_row("projection_rebuild_eps", fmt(result["projection_rebuild_eps"], "/s"),
+                      goal("projection_rebuild_eps"), verdict("projection_rebuild_eps"),
+                      f"board {fmt(proj['board_eps'])}/s ({fmt(proj['board_events'])} events), audit log "
+                      f"{fmt(proj['audit_eps'])}/s ({fmt(proj['events'])} events), {proj['mode']}"
+                      + (f"; one event per transaction: {fmt(proj['per_event']['combined_eps'])}/s"
+                         if proj.get("per_event") else ""))
+    con = d.get("concurrent")
+    if con:
+        table.add_row("concurrent_tasks_s", fmt(result["concurrent_tasks_s"], " s"), "—",
+                      "" if result["concurrent_all_completed"] else "[red]not all completed[/]",
+                      f"{con['tasks']} at once (the POSTs took {fmt(con['submit_s'])} s); outcomes {con['outcomes']}"
+                      + (f"; failures {con['failure_reasons']}" if con["failure_reasons"] else "")
+                      + (f"; last end after {fmt(con['last_end_s'])} s" if con["seconds"] is None else "")
+                      + (f"; ABORTED: {con['aborted']}" if con["aborted"] else "")
+                      + (f"; [red]board feed dropped {len(con['feed_drops'])}x: {con['feed_drops'][:2]}[/]"
+                         if con["feed_drops"] else "")
+                      + (f"; [red]the gateway restarted {con['gateway_restarts']}x[/]"
+                         if con["gateway_restarts"] else ""))
+        table.add_row("gateway_peak_rss_mb", fmt(result["gateway_peak_rss_mb"], " MB"),
+                      goal("gateway_peak_rss_mb"), verdict("gateway_peak_rss_mb"),
+                      f"VmRSS every 100 ms during the concurrent run ({con['rss_samples']} samples); "
+                      f"peak over every phase {fmt(result['gateway_peak_rss_mb_any_phase'])} MB; machine's "
+                      f"lowest MemAvailable {fmt(con['min_mem_available_mb'])} MB")
+    console.print(table)
+    busy = max(result["load_avg_1m"])
+    if busy > (os.cpu_count() or 1):
+        console.print(f"[yellow]The machine was busy (1-minute load up to {busy:.1f} on {os.cpu_count()} CPUs): "
+                      "figures are lower than on an idle machine.[/]")
+    for name, error in result["errors"].items():
+        console.print(f"[red]{name} failed:[/] {error}")
+
+
+async def main_async(bench: Bench, root: Path, sampler_box: list[RssSampler]) -> None:
+    if bench.wants("projection"):
+        # In-process, before the stack starts, so nothing else competes for the CPU or the disk.
+        await bench.step("projection", lambda: asyncio.to_thread(
+            projection.run, bench.size["projection_events"], workdir=root,
+            per_event_max=5_000 if bench.quick else 20_000))
+    if not set(bench.only) - {"projection"}:
+        return
+    stack = Stack(root)
+    sampler: RssSampler | None = None
+    try:
+        log(f"starting nats-server and baton up under {root}")
+        stack.start()
+        log(f"stack up at {stack.api} (nats {stack.nats.url if stack.nats else '?'})")
+        sampler = RssSampler(stack).start()
+        sampler_box.append(sampler)
+        await bench.run_stack_benchmarks(stack, sampler)
+    except Exception as error:  # noqa: BLE001 - reported in the JSON; processes still stopped.
+        bench.errors["stack"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc(file=sys.stderr)
+        if stack.baton is not None:
+            print(stack.baton.logs()[-6000:], file=sys.stderr)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        log("stopping every process")
+        stopping = time.monotonic()
+        stack.stop()
+        log(f"stopped in {time.monotonic() - stopping:.1f}s"
+            + (f"; ended {stack.swept} leftover process(es) of this run" if stack.swept else "")
+            + (f"; {stack.still_running} STILL RUNNING" if stack.still_running else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes; finishes in under 3 minutes")
+    parser.add_argument("--only", default=",".join(BENCHMARKS),
+                        help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--size", action="append", default=[], metavar="NAME=N",
+                        help=f"override a size, e.g. --size output_lines=50000 (names: {', '.join(SIZES)})")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="attach py-spy to Baton's services (and the first task's vm_agent) during "
+                             "each benchmark; speedscope files go to DIR. Slows Baton down: use with --only")
+    parser.add_argument("--keep", action="store_true", help="keep the temp data dir (logs, stores)")
+    args = parser.parse_args()
+
+    only = tuple(name.strip() for name in args.only.split(",") if name.strip())
+    unknown = set(only) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    sizes = {}
+    for item in args.size:
+        name, _, value = item.partition("=")
+        if name not in SIZES or not value.isdigit():
+            parser.error(f"--size {item!r}: use NAME=N with NAME one of {', '.join(SIZES)}")
+        sizes[name] = int(value)
+
+    bench = Bench(quick=args.quick, only=only, profile_dir=args.profile.resolve() if args.profile else None,
+                  sizes=sizes)
+    root = Path(tempfile.mkdtemp(prefix="baton-bench-"))
+    started = time.monotonic()
+    samplers: list[RssSampler] = []
+    try:
+        asyncio.run(main_async(bench, root, samplers))
+    finally:
+        if args.keep:
+            log(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    result = bench.summary(time.monotonic() - started, samplers[0] if samplers else None)
+    if args.profile:
+        from bench.profiling import summarize
+
+        for path in sorted(args.profile.glob("*.speedscope.json")):
+            result.setdefault("profiles", {})[path.name] = {
+                name: {"cpu_s": data["seconds"], "own_pct": data["own"][:6]}
+                for name, data in summarize(path, top=6).items() if data["seconds"] >= 0.5
+            }
+    print_table(result, bench)
+    sys.stdout.flush()
+    print(json.dumps(result, separators=(",", ":"), default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
