@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
@@ -38,6 +42,7 @@ class Bus:
 
     nc: Client
     js: JetStreamContext
+    _acks: _BatchAcks | None = field(default=None, repr=False)
 
     async def publish(self, envelope: Envelope) -> int:
         """Publish and wait for the stream's ack; returns the stream sequence."""
@@ -57,15 +62,117 @@ class Bus:
             return None
         return Envelope.from_json(message.data)
 
-    async def publish_batch(self, envelopes: list[Envelope]) -> None:
-        """Publish in order, then wait for every ack (one round trip for the batch)."""
-        futures = [
-            await self.js.publish_async(
-                e.subject, e.to_json(), stream=STREAM, headers={"Nats-Msg-Id": e.event_id}
-            )
-            for e in envelopes
-        ]
-        await asyncio.gather(*futures)
+    async def publish_batch(self, messages: Sequence[Outgoing | Envelope]) -> None:
+        """Publish in order, then wait for every ack (one round trip for the batch).
+
+        Each message goes out with `Nats-Msg-Id` (its event id) and `Nats-Expected-Stream`,
+        as `js.publish` would send it; raises if any ack is missing or an error.
+        """
+        if not messages:
+            return
+        if self._acks is None:
+            self._acks = _BatchAcks(self.nc)
+        await self._acks.publish(messages)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """An envelope ready for the bus: its subject, its event id (the Nats-Msg-Id) and its JSON."""
+
+    subject: str
+    event_id: str
+    payload: bytes
+
+    def to_json(self) -> bytes:
+        return self.payload
+
+
+PUBLISH_ACK_TIMEOUT_S = 10.0
+_SAFE_TOKEN = re.compile(r"[!-~]+")  # printable ASCII, no spaces: safe in a protocol line
+_HEADERS = b"NATS/1.0\r\nNats-Expected-Stream: " + STREAM.encode() + b"\r\nNats-Msg-Id: "
+
+
+class _BatchAcks:
+    """Publishes a batch as one write of pre-built HPUB commands, with JetStream's acks
+    collected by one wildcard inbox subscription.
+
+    nats-py's `publish_async` costs a NUID, a future, a semaphore and a header dict per
+    message; here a batch costs one reply prefix, one future and one write, and an ack costs
+    one callback. Acks of an abandoned batch (timed out) are told apart by their batch number.
+    """
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = f"{nc.new_inbox()}."
+        self._sub: Any = None
+        self._batches: dict[str, _Batch] = {}
+        self._next = 0
+
+    async def publish(self, messages: Sequence[Outgoing | Envelope]) -> None:
+        nc = self._nc
+        if nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if not nc.is_connected:
+            raise ConnectionError("not connected to NATS (reconnecting)")
+        if self._sub is None:
+            self._sub = await nc.subscribe(self._prefix + "*.*", cb=self._on_ack)
+        self._next += 1
+        name = str(self._next)
+        reply = f"{self._prefix}{name}."
+        batch = _Batch(len(messages))
+        commands = []
+        max_payload = nc.max_payload
+        for index, message in enumerate(messages):
+            payload = message.to_json()
+            subject, event_id = message.subject, message.event_id
+            if not (_SAFE_TOKEN.fullmatch(subject) and _SAFE_TOKEN.fullmatch(event_id)):
+                raise ValueError(f"cannot publish subject {subject!r} with id {event_id!r}")
+            headers = b"%s%s\r\n\r\n" % (_HEADERS, event_id.encode())
+            if len(payload) + len(headers) > max_payload:
+                raise nats.errors.MaxPayloadError
+            commands.append(b"HPUB %s %s%d %d %d\r\n%s%s\r\n" % (
+                subject.encode(), reply.encode(), index, len(headers), len(headers) + len(payload),
+                headers, payload))
+        self._batches[name] = batch
+        try:
+            await _send(nc, b"".join(commands))
+            async with asyncio.timeout(PUBLISH_ACK_TIMEOUT_S):
+                await batch.done
+        finally:
+            self._batches.pop(name, None)
+
+    async def _on_ack(self, msg: Any) -> None:
+        _, _, tail = msg.subject.rpartition(self._prefix)
+        name, _, index = tail.partition(".")
+        batch = self._batches.get(name)
+        if batch is None or batch.done.done():
+            return  # A batch given up on (timed out, failed): its caller publishes again.
+        data = msg.data
+        if not data.startswith(b'{"stream"') or b'"error"' in data:
+            status = (msg.headers or {}).get("Status")
+            batch.done.set_exception(
+                nats.js.errors.Error(f"publish not acknowledged: {status or data[:200]!r}"))
+            return
+        if index not in batch.acked:
+            batch.acked.add(index)
+            if len(batch.acked) == batch.size:
+                batch.done.set_result(None)
+
+
+class _Batch:
+    __slots__ = ("acked", "done", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.acked: set[str] = set()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+async def _send(nc: Client, commands: bytes) -> None:
+    """Hand pre-built protocol commands to nats-py's writer, as `nc.publish` does for one."""
+    await nc._send_command(commands)
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
 
 
 DEAD_LETTER_STREAM = "BATON_DEADLETTER"

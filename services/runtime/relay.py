@@ -1,30 +1,55 @@
 """The relay: from a store's notification log to JetStream, at least once, deduplicated to once.
 
-The store is the source of truth. The relay reads notifications after its tracked position,
-publishes their envelopes with `Nats-Msg-Id = event_id`, and only after every ack records the
-new position. A crash anywhere re-sends from the last recorded position; JetStream's duplicate
-window drops what it already has.
+The store is the source of truth. The relay publishes the envelopes recorded after its tracked
+position with `Nats-Msg-Id = event_id`, and only after every ack records the new position. A
+crash anywhere re-sends from the last recorded position; JetStream's duplicate window drops what
+it already has.
+
+What was just committed is published from memory: the store hands the relay each commit's
+events with their notification ids (`ServiceStore.on_recorded`), so a busy producer does not
+read back and decode what it has just written. The notification log stays the source whenever
+memory is not exactly the next notifications after the position: after a restart, when the
+events in memory do not follow the position without a gap, or when too many piled up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import threading
+from collections import deque
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import Recording, Tracking
 
-from events import Envelope
+from events import Envelope, subject_for
+from services.runtime.bus import Outgoing
 from services.runtime.store import ServiceStore, envelope_of
 
 log = logging.getLogger(__name__)
 
 RELAY_TRACKING = "relay:BATON_EVENTS"
 
+MEMORY_LIMIT = 20_000
+"""Recorded events kept in memory for publishing at most; past that (NATS down), the log."""
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
 
 class BatchPublisher(Protocol):
-    async def publish_batch(self, envelopes: list[Envelope]) -> None: ...
+    async def publish_batch(self, messages: Sequence[Outgoing]) -> None: ...
+
+
+def outgoing_of(domain_event: object) -> Outgoing | None:
+    """The bus message a stored domain event carries (its envelope's JSON as stored), or None
+    for internal events. The same JSON as `Envelope.to_json()` of that envelope."""
+    payload: dict[str, Any] | None = getattr(domain_event, "envelope", None)
+    if payload is None:
+        return None
+    return Outgoing(subject_for(payload["task_id"], payload["type"]), payload["event_id"],
+                    _encode(payload).encode())
 
 
 class Relay:
@@ -35,12 +60,24 @@ class Relay:
         self._publisher = publisher
         self._batch_size = batch_size
         self._wake = asyncio.Event()
-        store.on_recorded(self.wake)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._recent: deque[tuple[int, object]] = deque()  # (notification id, domain event)
+        self._lock = threading.Lock()
+        store.on_recorded(self._remember)
+
+    def _remember(self, recordings: list[Recording]) -> None:
+        """After a commit (from any thread): keep what it recorded, and wake up."""
+        if recordings:
+            with self._lock:
+                if len(self._recent) >= MEMORY_LIMIT:
+                    self._recent.clear()  # Not published for a while: the log has all of it.
+                self._recent.extend((r.notification.id, r.domain_event) for r in recordings)
+        self.wake()
 
     def wake(self) -> None:
         """Thread-safe: ask the relay to look for new events now."""
-        if self._loop is None:
+        if self._loop is None or threading.get_ident() == self._loop_thread:
             self._wake.set()
         else:
             self._loop.call_soon_threadsafe(self._wake.set)
@@ -48,31 +85,53 @@ class Relay:
     def position(self) -> int:
         return self._store.process_recorder.max_tracking_id(RELAY_TRACKING) or 0
 
-    def _next_batch(self) -> tuple[int, list[Envelope]]:
-        start = self.position()
-        notifications = self._store.process_recorder.select_notifications(
-            start, self._batch_size, inclusive_of_start=False
-        )
-        if not notifications:
-            return start, []
-        envelopes = [envelope_of(self._store.mapper.to_domain_event(n)) for n in notifications]
-        return notifications[-1].id, [e for e in envelopes if e is not None]
+    def _from_memory(self, position: int) -> list[tuple[int, object]]:
+        """The recorded events that directly follow `position`, without a gap (up to a batch)."""
+        taken: list[tuple[int, object]] = []
+        with self._lock:
+            recent = self._recent
+            while recent and recent[0][0] <= position:
+                recent.popleft()  # Already published (e.g. read from the log).
+            expected = position + 1
+            while recent and recent[0][0] == expected and len(taken) < self._batch_size:
+                taken.append(recent.popleft())
+                expected += 1
+        return taken
+
+    def _next_batch(self, position: int) -> tuple[int, list[Outgoing]]:
+        taken = self._from_memory(position)
+        if taken:
+            events = [event for _, event in taken]
+            last_id = taken[-1][0]
+        else:
+            notifications = self._store.process_recorder.select_notifications(
+                position, self._batch_size, inclusive_of_start=False
+            )
+            if not notifications:
+                return position, []
+            events = [self._store.mapper.to_domain_event(n) for n in notifications]
+            last_id = notifications[-1].id
+        messages = [outgoing_of(event) for event in events]
+        return last_id, [m for m in messages if m is not None]
 
     async def drain(self) -> int:
         """Publish everything recorded so far; returns how many envelopes were published."""
         published = 0
+        position = self.position()
         while True:
-            last_id, envelopes = self._next_batch()
-            if last_id == self.position():
+            last_id, messages = self._next_batch(position)
+            if last_id == position:
                 return published
-            if envelopes:
-                await self._publisher.publish_batch(envelopes)
+            if messages:
+                await self._publisher.publish_batch(messages)
             self._store.process_recorder.insert_tracking(Tracking(RELAY_TRACKING, last_id))
-            published += len(envelopes)
+            position = last_id
+            published += len(messages)
 
     async def run(self, *, poll_interval_s: float = 1.0, retry_s: float = 0.5) -> None:
         """Drain whenever woken (and every `poll_interval_s`), until cancelled."""
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         while True:
             self._wake.clear()
             try:

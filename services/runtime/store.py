@@ -18,8 +18,8 @@ from eventsourcing.application import (
     Application,
     ProcessingEvent,
 )
-from eventsourcing.domain import Aggregate, event
-from eventsourcing.persistence import ProcessRecorder, Tracking
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import ProcessRecorder, Recording, Tracking
 
 from events import BaseEvent, Envelope, envelope_for
 from services.runtime.settings import Settings
@@ -58,14 +58,33 @@ class TaskAggregate(Aggregate):
     def id_for(cls, task_id: str) -> uuid.UUID:
         return cls.create_id(task_id)
 
+    class Recorded(Aggregate.Event):
+        """One envelope this aggregate emitted; stored as the envelope's JSON dict (`envelope`).
+
+        (Topic `services.runtime.store:TaskAggregate.Recorded` for every kind of aggregate, as
+        when it was an `@event("Recorded")` method: stored data stays readable.)
+        """
+
+        envelope: dict[str, Any]
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate._take_recorded(self.envelope)
+
     def emit(self, event: BaseEvent, *, actor: str, causation_id: str | None = None) -> Envelope:
         envelope = envelope_for(event, task_id=self.task_id, actor=actor, causation_id=causation_id)
-        self._recorded(envelope.model_dump(mode="json"))
+        # The envelope is stored as its JSON dict. `apply` gets the validated envelope itself
+        # (no dump -> validate round trip per event); a rebuild validates the stored dict.
+        self._emitting = envelope
+        try:
+            self.trigger_event(TaskAggregate.Recorded, envelope=envelope.model_dump(mode="json"))
+        finally:
+            self.__dict__.pop("_emitting", None)
         return envelope
 
-    @event("Recorded")
-    def _recorded(self, envelope: dict[str, Any]) -> None:
-        parsed = Envelope.model_validate(envelope)
+    def _take_recorded(self, payload: dict[str, Any]) -> None:
+        parsed = self.__dict__.pop("_emitting", None)
+        if parsed is None:  # Rebuilt from the store.
+            parsed = Envelope.model_validate(payload)
         self.seen_types.append(parsed.type)
         self.apply(parsed)
 
@@ -131,7 +150,7 @@ class ServiceStore(Application):
         if env and env.get("PERSISTENCE_MODULE") == "eventsourcing.postgres":
             _ensure_postgres_schema(env)
         super().__init__(env)
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[list[Recording]], None]] = []
 
     @property
     def process_recorder(self) -> ProcessRecorder:
@@ -142,21 +161,21 @@ class ServiceStore(Application):
         # A process recorder also keeps tracking positions, in the same database.
         return self.factory.process_recorder()
 
-    def on_recorded(self, listener: Callable[[], None]) -> None:
-        """Call `listener` after every commit (the relay wakes on it)."""
+    def on_recorded(self, listener: Callable[[list[Recording]], None]) -> None:
+        """Call `listener` with what was recorded (events and their notification ids) after
+        every commit: the relay publishes it from memory."""
         self._listeners.append(listener)
 
     def save(self, *objs: Any, **kwargs: Any) -> Any:
         recordings = super().save(*objs, **kwargs)
-        self._fire()
+        self._fire(recordings)
         return recordings
 
     def save_processed(self, tracking: Tracking, *aggregates: Aggregate | None) -> None:
         """Save the aggregates' new events and the consumer position in one transaction."""
         processing = ProcessingEvent(tracking)
         processing.collect_events(*aggregates)
-        self._record(processing)
-        self._fire()
+        self._fire(self._record(processing))
 
     def is_processed(self, tracking: Tracking) -> bool:
         return self.process_recorder.has_tracking_id(
@@ -170,6 +189,6 @@ class ServiceStore(Application):
         except AggregateNotFoundError:
             return None
 
-    def _fire(self) -> None:
+    def _fire(self, recordings: list[Recording]) -> None:
         for listener in self._listeners:
-            listener()
+            listener(recordings)

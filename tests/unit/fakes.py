@@ -16,16 +16,20 @@ def popo_store() -> ServiceStore:
 
 
 class FakePublisher:
-    """Records every batch; raises `fail_with` (once per call) while it is set."""
+    """Records every batch (as the envelopes the bus would carry); raises `fail_with` (once per
+    call) while it is set."""
 
     def __init__(self) -> None:
         self.batches: list[list[Envelope]] = []
         self.fail_with: Exception | None = None
 
-    async def publish_batch(self, envelopes: list[Envelope]) -> None:
+    async def publish_batch(self, messages: list[Any]) -> None:
         if self.fail_with is not None:
             raise self.fail_with
-        self.batches.append(list(envelopes))
+        for message in messages:  # What a consumer receives: subject and id match the JSON.
+            envelope = Envelope.from_json(message.to_json())
+            assert (message.subject, message.event_id) == (envelope.subject, envelope.event_id)
+        self.batches.append([Envelope.from_json(m.to_json()) for m in messages])
 
     @property
     def published(self) -> list[Envelope]:

@@ -168,3 +168,141 @@ def test_a_workspace_emits_ready_caused_by_its_request_and_remembers_the_url():
     assert ready.data == {"workspace_id": "w1", "provider": "local", "vm_agent_url": "http://vm:9"}
     rebuilt = store.get_task_aggregate(Workspace, "t1")
     assert rebuilt.is_settled and rebuilt.vm_agent_url == "http://vm:9" and rebuilt.failure is None
+
+
+class CountingReads:
+    """Counts how often the relay reads the store's notification log."""
+
+    def __init__(self, store) -> None:
+        self.reads = 0
+        recorder = store.process_recorder
+        select = recorder.select_notifications
+
+        def counted(*args, **kwargs):
+            self.reads += 1
+            return select(*args, **kwargs)
+
+        recorder.select_notifications = counted
+
+
+async def test_what_was_just_recorded_is_published_from_memory_not_read_back():
+    store = popo_store()
+    publisher = FakePublisher()
+    relay = Relay(store, publisher, batch_size=3)
+    log_reads = CountingReads(store)
+    task = new_task()
+    emitted = [task.emit(TaskFailed(reason=str(n)), actor="a") for n in range(7)]
+    store.save(task)
+    assert await relay.drain() == 7
+    assert publisher.published == emitted
+    assert [len(b) for b in publisher.batches] == [2, 3, 2]
+    assert log_reads.reads == 1  # Only to see that nothing else is pending.
+    assert relay.position() == 8
+    assert pending_envelopes(store) == []
+
+
+async def test_events_recorded_before_the_relay_existed_come_from_the_log_then_memory_follows():
+    store = popo_store()
+    task = new_task()
+    before = [task.emit(TaskFailed(reason=f"before {n}"), actor="a") for n in range(3)]
+    store.save(task)
+    publisher = FakePublisher()
+    relay = Relay(store, publisher)
+    after = task.emit(TaskFailed(reason="after"), actor="a")
+    store.save(task)  # In memory: notification 5, but the position is 0: a gap.
+    assert await relay.drain() == 4
+    assert publisher.published == [*before, after]
+    later = task.emit(TaskFailed(reason="later"), actor="a")
+    store.save(task)
+    assert await relay.drain() == 1
+    assert publisher.published == [*before, after, later]
+    assert relay.position() == 6
+
+
+async def test_a_gap_in_memory_is_filled_from_the_log_and_nothing_is_published_twice():
+    store = popo_store()
+    publisher = FakePublisher()
+    relay = Relay(store, publisher)
+    first, second, third = new_task("t1"), new_task("t2"), new_task("t3")
+    one = first.emit(TaskFailed(reason="1"), actor="a")
+    store.save(first)
+    listeners, store._listeners = store._listeners, []
+    two = second.emit(TaskFailed(reason="2"), actor="a")
+    store.save(second)  # Committed, but the relay never heard of it (e.g. another writer).
+    store._listeners = listeners
+    three = third.emit(TaskFailed(reason="3"), actor="a")
+    store.save(third)
+    assert await relay.drain() == 3
+    assert publisher.published == [one, two, three]
+    assert await relay.drain() == 0
+
+
+async def test_after_a_failed_publish_the_batch_is_read_again_from_the_log():
+    store = popo_store()
+    publisher = FakePublisher()
+    relay = Relay(store, publisher)
+    task = new_task()
+    emitted = [task.emit(TaskFailed(reason=str(n)), actor="a") for n in range(3)]
+    store.save(task)
+    publisher.fail_with = ConnectionError("nats down")
+    with pytest.raises(ConnectionError):
+        await relay.drain()
+    publisher.fail_with = None
+    assert await relay.drain() == 3
+    assert publisher.published == emitted
+    assert relay.position() == 4
+
+
+async def test_memory_is_bounded_while_nothing_can_be_published(monkeypatch):
+    import services.runtime.relay as relay_module
+
+    monkeypatch.setattr(relay_module, "MEMORY_LIMIT", 4)
+    store = popo_store()
+    publisher = FakePublisher()
+    relay = Relay(store, publisher, batch_size=2)
+    emitted = []
+    for n in range(5):
+        task = new_task(f"t{n}")
+        emitted.append(task.emit(TaskFailed(reason=str(n)), actor="a"))
+        store.save(task)
+        assert len(relay._recent) <= 4 + 2
+    assert await relay.drain() == 5
+    assert publisher.published == emitted
+    assert pending_envelopes(store) == []
+
+
+def test_a_rebuilt_aggregate_validates_what_was_stored_and_an_emitting_one_does_not_round_trip():
+    store = popo_store()
+    task = new_task()
+    emitted = task.emit(TaskFailed(reason="x"), actor="a")
+    assert "_emitting" not in task.__dict__
+    store.save(task)
+    [notification] = [n for n in store.process_recorder.select_notifications(0, 10)
+                      if n.topic.endswith("TaskAggregate.Recorded")]
+    assert notification.topic == "services.runtime.store:TaskAggregate.Recorded"
+    rebuilt = store.get_task_aggregate(Task, "t1")
+    assert rebuilt.seen_types == task.seen_types == ["TaskFailed"]
+    assert envelopes_in(store) == [emitted]
+
+
+def test_events_stored_by_earlier_versions_still_rebuild_and_relay():
+    """The stored format of an emitted envelope, as written before `Recorded` became a class."""
+    from eventsourcing.persistence import StoredEvent
+
+    store = popo_store()
+    task_id = Task.id_for("t9")
+    opened = new_task("t9")
+    store.save(opened)
+    state = (
+        b'{"timestamp":{"_type_":"datetime_iso","_data_":"2026-11-21T02:22:03.493686+00:00"},'
+        b'"envelope":{"event_id":"1977d475235742ae9519ec040894614e","type":"TaskFailed","task_id":"t9",'
+        b'"occurred_at":"2026-11-21T02:22:03.493400Z","actor":"a","causation_id":null,'
+        b'"data":{"reason":"old"}}}'
+    )
+    store.process_recorder.insert_events([StoredEvent(
+        originator_id=task_id, originator_version=2,
+        topic="services.runtime.store:TaskAggregate.Recorded", state=state)])
+    rebuilt = store.get_task_aggregate(Task, "t9")
+    assert rebuilt.version == 2 and rebuilt.seen_types == ["TaskFailed"]
+    [old] = envelopes_in(store)
+    assert (old.event_id, old.data) == ("1977d475235742ae9519ec040894614e", {"reason": "old"})
