@@ -68,6 +68,7 @@ def create_app(vm_agent: VmAgent) -> FastAPI:
             "status": "ok",
             "task_id": vm_agent.assigned.task_id if vm_agent.assigned else None,
             "warm_agent": vm_agent.warm_backend,
+            "warm_agent_state": vm_agent.warm_agent_state,
             "session_ended": bool(session and session.ended),
         }
 

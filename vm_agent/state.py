@@ -78,6 +78,17 @@ class VmAgent:
         self.assigned.session = session
         return session
 
+    @property
+    def warm_agent_state(self) -> str:
+        """none (no agent warmed), starting, ready, failed, or used (handed to the session)."""
+        if self.warm_backend is None:
+            return "none"
+        if self.warming is None:
+            return "used"
+        if not isinstance(self.warming, asyncio.Future) or not self.warming.done():
+            return "starting"
+        return "failed" if self.warming.cancelled() or self.warming.exception() else "ready"
+
     def take_warm_agent(self, backend: str) -> Awaitable[AgentProcess] | None:
         """The agent started ahead of time, if it is of the kind asked for (used once)."""
         if backend != self.warm_backend or self.warming is None:

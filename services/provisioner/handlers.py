@@ -56,8 +56,9 @@ class ProvisionerHandlers:
 
     async def provision(self, workspace: Workspace) -> None:
         try:
-            path = await self.provider.clone(workspace.task_id, workspace.repo, workspace.base_branch)
-            url = await self.provider.start_vm_agent(workspace.task_id, path, agent=workspace.agent)
+            url = await self.provider.provision(
+                workspace.task_id, workspace.repo, workspace.base_branch, agent=workspace.agent
+            )
         except ProvisionError as error:
             workspace.failed(str(error))
         else:

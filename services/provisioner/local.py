@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from services.provisioner.vm_agents import VmAgentError, VmAgentPool, answers
+from services.provisioner.vm_agents import VmAgentError, VmAgentPool, VmAgentProcess, answers
 from services.runtime.settings import Settings
 
 
@@ -47,19 +47,32 @@ class LocalProvider:
             raise ProvisionError(f"git clone {repo} failed: {stderr.decode(errors='replace').strip()}")
         return target
 
-    async def start_vm_agent(self, task_id: str, workspace: Path, *, agent: str) -> str:
-        """A vm_agent serving the task's workspace (the one already assigned, if any); its URL."""
+    async def provision(self, task_id: str, repo: str, base_branch: str | None, *, agent: str) -> str:
+        """Clone the workspace and assign it a warm vm_agent (both at once); the vm_agent's URL.
+
+        If the task already has its vm_agent (a provisioner restarted after assigning it),
+        that one's URL: the clone was done before it was assigned.
+        """
         state_dir = self.vm_agent_dir(task_id)
         url_file = state_dir / "url"
         if url_file.exists() and await answers(url_file.read_text().strip(), task_id=task_id):
             return url_file.read_text().strip()
+        taking = asyncio.get_running_loop().create_task(self.pool.take(agent))
         try:
-            member = await self.pool.take(agent)
+            workspace = await self.clone(task_id, repo, base_branch)
+        except ProvisionError:
+            taking.add_done_callback(self._put_back)  # Unused: back to the pool, once it comes.
+            raise
+        except BaseException:
+            taking.cancel()
+            raise
+        try:
+            member = await taking
             await self.pool.assign(member, task_id=task_id, workspace=workspace, state_dir=state_dir)
         except VmAgentError as error:
             raise ProvisionError(str(error)) from error
         state_dir.mkdir(parents=True, exist_ok=True)
-        (state_dir / "pid").write_text(str(member.process.pid))
+        (state_dir / "pid").write_text(str(member.pid))
         # From now on it is the task's: a restarted provisioner's pool reset must not stop it.
         (member.state_dir / "pid").unlink(missing_ok=True)
         url_file.write_text(member.url)
@@ -67,3 +80,7 @@ class LocalProvider:
         if not log_link.exists():
             log_link.symlink_to(member.state_dir / "vm_agent.log")
         return member.url
+
+    def _put_back(self, taking: asyncio.Task[VmAgentProcess]) -> None:
+        if not taking.cancelled() and taking.exception() is None:
+            self.pool.put_back(taking.result())

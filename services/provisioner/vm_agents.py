@@ -1,17 +1,23 @@
 """Local vm_agent processes: started ahead of time (a warm pool), assigned to a task on demand.
 
-A vm_agent (and the agent it warms) takes about a second to start, mostly Python imports; a
-warm pool takes that off the task's path. With the pool empty, one is started on demand.
+Starting a vm_agent costs most of a second of CPU in Python imports, and its agent as much
+again. Two things take that off a task's path: a **zygote** (`vm_agent/zygote.py`), a template
+process that imported everything once and forks a new vm_agent in milliseconds, and a **warm
+pool** of vm_agents whose agent is already started and initialized. A task takes a pool member
+that is fully warm; with none left it waits for the next one to become ready (refills start at
+once, a few at a time so they do not fight over the CPUs).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -29,20 +35,31 @@ class VmAgentError(Exception):
     """No vm_agent could be had; str() is the reason users see."""
 
 
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 @dataclass
 class VmAgentProcess:
     url: str
-    process: subprocess.Popen
+    pid: int
     state_dir: Path
     warm_agent: str | None
 
     @property
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return process_alive(self.pid)
 
     def kill(self) -> None:
-        if self.alive:
-            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            os.killpg(self.pid, signal.SIGTERM)  # Its own session: the agent goes too.
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -63,13 +80,81 @@ def http() -> httpx.AsyncClient:
     return _http
 
 
-async def answers(url: str, *, task_id: str | None = None) -> bool:
-    """The vm_agent at `url` is up (and, if `task_id` is given, serves that task)."""
+async def health(url: str) -> dict | None:
+    """The vm_agent's `/health` answer, or None if it does not answer."""
     try:
         response = await http().get(f"{url}/health", timeout=2.0)
     except httpx.HTTPError:
-        return False
-    return response.status_code == 200 and (task_id is None or response.json().get("task_id") == task_id)
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+async def answers(url: str, *, task_id: str | None = None) -> bool:
+    """The vm_agent at `url` is up (and, if `task_id` is given, serves that task)."""
+    state = await health(url)
+    return state is not None and (task_id is None or state.get("task_id") == task_id)
+
+
+class Zygote:
+    """The provisioner's handle on its vm_agent template process; see `vm_agent/zygote.py`."""
+
+    def __init__(self, log_path: Path, *, ready_timeout_s: float = 60.0) -> None:
+        self._log_path = log_path
+        self._ready_timeout_s = ready_timeout_s
+        self._process: subprocess.Popen | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+        self._started: asyncio.Task[bool] | None = None
+
+    async def ready(self) -> bool:
+        """Start it if needed; False if it cannot run (callers then start vm_agents directly)."""
+        if self._process is not None and self._process.poll() is not None:
+            log.warning("the vm_agent zygote exited with code %s; starting a new one", self._process.returncode)
+            self._started = None
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._start())
+        return await asyncio.shield(self._started)
+
+    async def _start(self) -> bool:
+        ours, theirs = socket.socketpair()
+        env = {key: value for key, value in os.environ.items() if key != "BATON_SECRET"}
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        with theirs, self._log_path.open("ab") as log_handle:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "vm_agent.zygote", "--fd", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log_handle,
+                stderr=log_handle, env=env,
+            )
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        try:
+            hello = await asyncio.wait_for(self._reader.readline(), self._ready_timeout_s)
+        except TimeoutError:
+            hello = b""
+        if json.loads(hello or b"{}").get("ready") is not True:
+            log.warning("the vm_agent zygote did not start (see %s); starting vm_agents directly",
+                        self._log_path)
+            self.stop()
+            return False
+        return True
+
+    async def fork(self, argv: list[str], *, env: dict[str, str], log_path: Path) -> int:
+        """A new vm_agent process running `python -m vm_agent *argv`; its pid."""
+        assert self._reader is not None and self._writer is not None
+        async with self._lock:
+            request = {"argv": argv, "env": env, "log": str(log_path)}
+            self._writer.write(json.dumps(request).encode() + b"\n")
+            await self._writer.drain()
+            reply = json.loads(await self._reader.readline() or b'{"error": "the zygote exited"}')
+        if "pid" not in reply:
+            raise OSError(f"the vm_agent zygote could not fork: {reply.get('error')}")
+        return int(reply["pid"])
+
+    def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()  # The zygote exits when its end of the socket closes.
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
 
 
 class VmAgentPool:
@@ -79,10 +164,15 @@ class VmAgentPool:
         self._ready_timeout_s = ready_timeout_s
         self._ready: list[VmAgentProcess] = []
         self._numbers = itertools.count(1)
-        self._filling: asyncio.Task[None] | None = None
-        # Python start-ups compete for the CPUs: a few at a time finish sooner than all at once.
-        self._starting = asyncio.Semaphore(max(2, os.cpu_count() or 2))
+        self._starting = 0
+        self._waiting: list[str] = []  # The agent each waiting `take` asked for.
+        self._changed: asyncio.Condition | None = None
+        self._failure: str | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        # Agent start-ups compete for the CPUs: a few at a time finish sooner than all at once.
+        self._start_slots = asyncio.Semaphore(max(2, os.cpu_count() or 2))
         self.pool_dir = settings.data_dir / "vm_agents" / "pool"
+        self.zygote = Zygote(settings.path("logs", "vm_agent-zygote.log"), ready_timeout_s=ready_timeout_s)
 
     def reset(self) -> None:
         """Stop idle vm_agents a previous provisioner left behind; they are not ours to assign."""
@@ -94,34 +184,68 @@ class VmAgentPool:
         shutil.rmtree(self.pool_dir, ignore_errors=True)
 
     def refill_soon(self) -> None:
-        if self._size and (self._filling is None or self._filling.done()):
-            self._filling = asyncio.get_running_loop().create_task(self._fill())
+        """Start as many vm_agents as the pool and the waiting takers are short of."""
+        wanted = [*["shell"] * self._size, *self._waiting][len(self._ready) + self._starting:]
+        for agent in wanted:
+            self._starting += 1
+            task = asyncio.get_running_loop().create_task(self._start_member(agent))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
-    async def _fill(self) -> None:
-        missing = self._size - len(self._ready)
-        started = await asyncio.gather(
-            *(self.spawn(self.pool_dir / str(next(self._numbers)), warm_agent="shell") for _ in range(missing)),
-            return_exceptions=True,
-        )
-        for member in started:
-            if isinstance(member, VmAgentProcess):
-                self._ready.append(member)
-            else:
-                log.warning("could not warm a vm_agent: %s", member)
+    async def _start_member(self, agent: str) -> None:
+        try:
+            member = await self.spawn(self.pool_dir / str(next(self._numbers)), warm_agent=agent)
+        except (VmAgentError, OSError) as error:
+            log.warning("could not start a vm_agent: %s", error)
+            self._failure = str(error)
+        else:
+            self._ready.append(member)
+            self._failure = None
+        finally:
+            self._starting -= 1
+        await self._notify()
+
+    async def _notify(self) -> None:
+        changed = self._condition()
+        async with changed:
+            changed.notify_all()
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
 
     async def take(self, agent: str) -> VmAgentProcess:
-        """A running, unassigned vm_agent: a warm one (with `agent` warm if possible), else a new one."""
-        self._ready = [member for member in self._ready if member.alive]
-        match = next((m for m in self._ready if m.warm_agent == agent), None) or next(iter(self._ready), None)
-        if match is not None:
-            self._ready.remove(match)
+        """A warm, unassigned vm_agent (one warm with `agent` if there is), waiting for the next
+        one to be ready if none is; raises VmAgentError if none could be started."""
+        self._waiting.append(agent)
+        changed = self._condition()
+        try:
+            async with changed:  # Checked under the lock: a member made ready meanwhile is seen.
+                asked = False
+                while True:
+                    self._ready = [member for member in self._ready if member.alive]
+                    if self._ready:
+                        match = next((m for m in self._ready if m.warm_agent == agent), self._ready[0])
+                        self._ready.remove(match)
+                        return match
+                    if asked and self._starting == 0 and self._failure is not None:
+                        raise VmAgentError(self._failure)
+                    self.refill_soon()
+                    asked = True
+                    await changed.wait()
+        finally:
+            self._waiting.remove(agent)
             self.refill_soon()
-            return match
-        self.refill_soon()
-        return await self.spawn(self.pool_dir / str(next(self._numbers)), warm_agent=agent)
+
+    def put_back(self, member: VmAgentProcess) -> None:
+        """A member taken but never assigned (its task's clone failed) is still fresh."""
+        if member.alive:
+            self._ready.insert(0, member)
+            asyncio.get_running_loop().create_task(self._notify())
 
     async def spawn(self, state_dir: Path, *, warm_agent: str | None) -> VmAgentProcess:
-        async with self._starting:  # The readiness timeout counts from the real start.
+        async with self._start_slots:  # The readiness timeout counts from the real start.
             return await self._spawn(state_dir, warm_agent=warm_agent)
 
     async def _spawn(self, state_dir: Path, *, warm_agent: str | None) -> VmAgentProcess:
@@ -135,31 +259,43 @@ class VmAgentPool:
             "BATON_VM_AGENT_TOKEN": self.pool_token(state_dir),
         }
         env.pop("BATON_SECRET", None)  # A vm_agent gets tokens, never the install secret.
-        argv = [sys.executable, "-m", "vm_agent", "--state-dir", str(state_dir),
-                "--host", settings.vm_agent_bind,
+        argv = ["--state-dir", str(state_dir), "--host", settings.vm_agent_bind,
                 "--advertise-host", settings.vm_agent_advertise or settings.vm_agent_bind]
         if warm_agent:
             argv += ["--warm-agent", warm_agent]
-        with log_file.open("ab") as log_handle:
-            process = subprocess.Popen(argv, stdout=log_handle, stderr=log_handle,
-                                       stdin=subprocess.DEVNULL, env=env,
-                                       start_new_session=True)  # Outlives a provisioner restart.
-        (state_dir / "pid").write_text(str(process.pid))
-        url = await self._wait_until_answering(process, state_dir / "url", log_file)
-        return VmAgentProcess(url, process, state_dir, warm_agent)
+        if await self.zygote.ready():
+            pid = await self.zygote.fork(argv, env=env, log_path=log_file)
+        else:
+            with log_file.open("ab") as log_handle:
+                pid = subprocess.Popen(
+                    [sys.executable, "-m", "vm_agent", *argv], stdout=log_handle, stderr=log_handle,
+                    stdin=subprocess.DEVNULL, env=env,
+                    start_new_session=True,  # Outlives a provisioner restart.
+                ).pid
+        (state_dir / "pid").write_text(str(pid))
+        url = await self._wait_until_warm(pid, state_dir / "url", log_file, warm=bool(warm_agent))
+        return VmAgentProcess(url, pid, state_dir, warm_agent)
 
     def pool_token(self, state_dir: Path) -> str:
         return vm_agent_token(self._settings.install_secret(), f"pool/{state_dir.name}")
 
-    async def _wait_until_answering(self, process: subprocess.Popen, url_file: Path, log_file: Path) -> str:
-        deadline = asyncio.get_running_loop().time() + self._ready_timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            if process.poll() is not None:
-                raise VmAgentError(f"vm_agent exited with code {process.returncode}: {_tail(log_file)}")
-            if url_file.exists() and await answers(url_file.read_text().strip()):
-                return url_file.read_text().strip()
-            await asyncio.sleep(0.05)
-        process.kill()
+    async def _wait_until_warm(self, pid: int, url_file: Path, log_file: Path, *, warm: bool) -> str:
+        """Wait until the vm_agent answers and (if it warms an agent) the agent is started."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ready_timeout_s
+        while loop.time() < deadline:
+            if not process_alive(pid):
+                raise VmAgentError(f"vm_agent exited during start-up: {_tail(log_file)}")
+            if url_file.exists():
+                url = url_file.read_text().strip()
+                state = await health(url)
+                if state is not None and (not warm or state.get("warm_agent_state") != "starting"):
+                    return url
+            await asyncio.sleep(0.02)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         raise VmAgentError(f"vm_agent did not answer within {self._ready_timeout_s:.0f}s")
 
     async def assign(self, member: VmAgentProcess, *, task_id: str, workspace: Path, state_dir: Path) -> None:
@@ -177,6 +313,10 @@ class VmAgentPool:
             raise VmAgentError(f"vm_agent refused the assignment ({response.status_code}): {response.text[:300]}")
 
     def stop_idle(self) -> None:
+        """Stop the unassigned vm_agents and the zygote (assigned ones finish their task)."""
+        for task in self._background:
+            task.cancel()
         for member in self._ready:
             member.kill()
         self._ready.clear()
+        self.zygote.stop()

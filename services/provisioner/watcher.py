@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 from services.provisioner.domain import Workspace, all_workspaces
 from services.provisioner.local import LocalProvider
+from services.provisioner.vm_agents import process_alive
 from services.runtime.relay import BatchPublisher, Relay
 from services.runtime.store import ServiceStore
 from vm_agent.main import end_unfinished_session, open_vm_agent_store
 
 log = logging.getLogger(__name__)
-
-
-def process_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class VmAgentWatcher:

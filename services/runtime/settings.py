@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     host: str = "127.0.0.1"
     port: int = 8420
-    warm_pool: int = Field(default=2, ge=0, le=64)
+    warm_pool: int = Field(default=3, ge=0, le=64)
     """Local vm_agents kept started ahead of time (each with a shell agent warm); 0 turns it off."""
     vm_agent_bind: str = "127.0.0.1"
     vm_agent_advertise: str | None = None

@@ -31,7 +31,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from acp import (
+from vm_agent.agents import skip_schema_docstrings
+
+skip_schema_docstrings()
+
+from acp import (  # noqa: E402 - after the import-time shortcut above
     PROTOCOL_VERSION,
     InitializeResponse,
     NewSessionResponse,

@@ -1,0 +1,112 @@
+"""The provisioner's warm pool against real processes: a real zygote forks real vm_agents that
+connect to a real nats-server and warm a real shell agent.
+
+Nothing is mocked; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.provisioner.vm_agents import VmAgentError, VmAgentPool, health, process_alive
+from services.runtime.settings import Settings
+from tests.support.processes import NatsServer, free_port
+from tests.support.waiting import wait_for
+
+DEADLINE_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _settings(tmp_path: Path, nats_url: str) -> Settings:
+    return Settings(data_dir=tmp_path / "baton", nats_url=nats_url, secret=secrets.token_hex(32))
+
+
+def _parent_and_session(pid: int) -> tuple[int, int]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), int(fields[3])  # ppid, session id
+
+
+def _end(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_pool_member_is_forked_from_the_zygote_with_its_agent_warm(tmp_path: Path, nats: NatsServer) -> None:
+    async def scenario() -> None:
+        pool = VmAgentPool(_settings(tmp_path, nats.url), size=1, ready_timeout_s=DEADLINE_S)
+        try:
+            pool.refill_soon()
+            member = await asyncio.wait_for(pool.take("shell"), DEADLINE_S)
+            state = await health(member.url)
+            assert state is not None and state["warm_agent_state"] == "ready", state
+            assert state["task_id"] is None
+            zygote_pid = pool.zygote._process.pid
+            parent, session = _parent_and_session(member.pid)
+            assert parent == zygote_pid, "forked by the zygote, not started from scratch"
+            assert session == member.pid, "in a session of its own, like a started vm_agent"
+            # The zygote ends with the provisioner's handle on it; the vm_agent lives on.
+            pool.zygote.stop()
+            await asyncio.to_thread(wait_for, lambda: pool.zygote._process.poll() is not None,
+                                    timeout_s=DEADLINE_S, what="the zygote to exit")
+            assert member.alive and await health(member.url) is not None
+            member.kill()
+            await asyncio.to_thread(wait_for, lambda: not member.alive, timeout_s=DEADLINE_S,
+                                    what="the vm_agent to stop")
+        finally:
+            pool.stop_idle()
+
+    asyncio.run(scenario())
+
+
+def test_with_the_pool_empty_a_task_waits_for_the_next_warm_vm_agent(tmp_path: Path, nats: NatsServer) -> None:
+    async def scenario() -> None:
+        pool = VmAgentPool(_settings(tmp_path, nats.url), size=0, ready_timeout_s=DEADLINE_S)
+        taken: list[int] = []
+        try:
+            first, second = await asyncio.wait_for(
+                asyncio.gather(pool.take("shell"), pool.take("shell")), DEADLINE_S)
+            taken = [first.pid, second.pid]
+            assert first.pid != second.pid, "each taker gets its own vm_agent"
+            for member in (first, second):
+                assert (await health(member.url))["warm_agent_state"] == "ready"
+        finally:
+            pool.stop_idle()
+            _end(taken)
+
+    asyncio.run(scenario())
+
+
+def test_a_vm_agent_that_cannot_start_fails_the_take_with_its_reason(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        # Nothing listens there: the vm_agent cannot reach NATS.
+        pool = VmAgentPool(_settings(tmp_path, f"nats://127.0.0.1:{free_port()}"), size=0,
+                           ready_timeout_s=20)
+        try:
+            with pytest.raises(VmAgentError) as failure:
+                await asyncio.wait_for(pool.take("shell"), DEADLINE_S)
+            assert str(failure.value), "the reason is given"
+        finally:
+            pool.stop_idle()
+        pids = [int(p.read_text()) for p in pool.pool_dir.glob("*/pid")]
+        await asyncio.to_thread(wait_for, lambda: not any(map(process_alive, pids)), timeout_s=DEADLINE_S,
+                                what="the vm_agent that did not start to be gone")
+
+    asyncio.run(scenario())
