@@ -201,8 +201,10 @@ def _percentile(values: list[float], p: float) -> float:
     return ordered[rank - 1]
 
 
-async def submit_to_prompt(stack: Stack, tasks: int, *, concurrency: int, timeout_s: float) -> dict[str, Any]:
-    """`tasks` tasks, at most `concurrency` between POST and PromptDelivered at any time."""
+async def submit_to_prompt(stack: Stack, tasks: int, *, concurrency: int, timeout_s: float,
+                           until_end: bool = False) -> dict[str, Any]:
+    """`tasks` tasks, at most `concurrency` between POST and PromptDelivered at any time (with
+    `until_end`, between POST and the task's terminal event: that many tasks in flight)."""
     assert stack.nats is not None
     from_seq = await stream_last_seq(stack.nats.url) + 1
     latencies: list[float] = []     # PromptDelivered.occurred_at - POST sent (wall clock)
@@ -231,6 +233,8 @@ async def submit_to_prompt(stack: Stack, tasks: int, *, concurrency: int, timeou
                 for before, after in pairwise(STAGES):
                     if before in seen.events and after in seen.events:
                         stage_gaps[after].append(_when(seen.events[after]) - _when(seen.events[before]))
+                if until_end:
+                    await feed.wait_for(task_id, TERMINAL, timeout_s=max(deadline - time.monotonic(), 0))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         # Let every task finish before the next benchmark (their vm_agents linger briefly).
@@ -240,6 +244,7 @@ async def submit_to_prompt(stack: Stack, tasks: int, *, concurrency: int, timeou
     return {
         "tasks": len(task_ids),
         "concurrency": concurrency,
+        "until_end": until_end,
         "p50_ms": 1000 * _percentile(latencies, 50),
         "p99_ms": 1000 * _percentile(latencies, 99),
         "max_ms": 1000 * max(latencies),
