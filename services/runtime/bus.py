@@ -135,7 +135,7 @@ class _BatchAcks:
                 headers, payload))
         self._batches[name] = batch
         try:
-            await _send(nc, b"".join(commands))
+            await send_commands(nc, b"".join(commands))
             async with asyncio.timeout(PUBLISH_ACK_TIMEOUT_S):
                 await batch.done
         finally:
@@ -168,8 +168,11 @@ class _Batch:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
-async def _send(nc: Client, commands: bytes) -> None:
-    """Hand pre-built protocol commands to nats-py's writer, as `nc.publish` does for one."""
+async def send_commands(nc: Client, commands: bytes) -> None:
+    """Hand pre-built protocol commands to nats-py's writer, as `nc.publish` does for one.
+    (Its private API: one write for many messages instead of one call each.)"""
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
     await nc._send_command(commands)
     if nc._flush_queue is not None and nc._flush_queue.empty():
         await nc._flush_pending()

@@ -12,18 +12,19 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import nats.errors
+import nats.js.errors
 from eventsourcing.persistence import Tracking
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header, StatusCode
 from pydantic import ValidationError
 
 from events import STREAM, Envelope, type_subjects
 from events.envelope import STREAM_SUBJECTS
-from services.runtime.bus import DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, Bus
+from services.runtime.bus import DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, Bus, send_commands
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ a handler that runs longer keeps its message alive with `in_progress` (KEEPALIVE
 KEEPALIVE_S = 3.0
 RETRY_DELAYS_S = (0.2, 1.0, 3.0)
 """In-place retries of a failing handler before its message is dead-lettered."""
+
+FETCH_BATCH = 500
+"""Messages asked for per fetch: a backlog (a chatty agent's output) is read, handled in one
+transaction and acked in a few large steps, not in many small ones."""
 
 Handler = Callable[[Envelope, Tracking], Awaitable[None]]
 BatchHandler = Callable[[list[tuple[Envelope, Tracking]]], Awaitable[None]]
@@ -96,14 +101,14 @@ async def consume(
     subscription: Subscription,
     store: TrackingStore,
     ack_wait_s: float = ACK_WAIT_S,
-    batch: int = 100,
+    batch: int = FETCH_BATCH,
 ) -> None:
     """Run one subscription until cancelled."""
     durable = subscription.durable_for(service)
     pull = await _bind(bus.js, durable, subscription.event_type, ack_wait_s)
     while True:
         try:
-            messages = await pull.fetch(batch, timeout=1.0)
+            messages = await fetch(pull, batch, timeout_s=1.0)
         except (nats.errors.TimeoutError, TimeoutError):
             continue  # Nothing new within the poll window.
         except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as error:
@@ -115,6 +120,70 @@ async def consume(
             continue
         for message in messages:
             await _process(bus, durable, message, subscription.handle, store)
+
+
+_ENDS_REQUEST = frozenset({StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT, StatusCode.CONFLICT})
+
+
+async def fetch(pull: Any, batch: int, *, timeout_s: float) -> list[Msg]:
+    """`pull.fetch(batch, timeout=timeout_s)`, in one pull request and without a task per message.
+
+    Asks for up to `batch` messages with `no_wait` and `expires`: the server sends what it has
+    at once (or waits for the first one until `expires`) and ends the request with a status.
+    nats-py's own `fetch` awaits each message through `next_msg` (a task, a `wait_for` and a
+    uuid4 per message); here the messages the reader has queued are taken as they are, and the
+    loop waits only when the queue is empty. Raises nats.errors.TimeoutError when none came.
+    """
+    sub, nms, inbox = getattr(pull, "_sub", None), getattr(pull, "_nms", None), getattr(pull, "_deliver", None)
+    queue = getattr(sub, "_pending_queue", None)
+    if queue is None or not nms or not inbox:
+        return await pull.fetch(batch, timeout=timeout_s)
+    messages: list[Msg] = []
+
+    def take(message: Msg) -> bool:
+        """Keep a message; False once the request has ended."""
+        sub._pending_size -= len(message.data)
+        status = message.headers.get(Header.STATUS) if message.headers else None
+        if not status:
+            messages.append(message)
+            return True
+        if status == StatusCode.CONTROL_MESSAGE:
+            return True
+        if status in _ENDS_REQUEST or messages:
+            return False
+        raise nats.js.errors.APIError.from_msg(message)
+
+    # Delivered after an earlier request returned: take those first (old statuses are stale).
+    while not queue.empty() and len(messages) < batch:
+        message = queue.get_nowait()
+        sub._pending_size -= len(message.data)
+        if not (message.headers and message.headers.get(Header.STATUS)):
+            messages.append(message)
+    if messages:
+        return messages
+    # The server ends the request a little before this side gives up, so its closing status
+    # is read here and not left for the next fetch to take for the end of its own request.
+    expires_s = max(timeout_s - 0.05, timeout_s / 2)
+    request = {"batch": batch, "expires": int(expires_s * 1e9), "no_wait": True}
+    await pull._nc.publish(nms, json.dumps(request).encode(), inbox)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while len(messages) < batch:
+        if queue.empty():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                message = await asyncio.wait_for(queue.get(), remaining)
+            except TimeoutError:
+                break
+        else:
+            message = queue.get_nowait()
+        if not take(message):
+            break
+    if not messages:
+        raise nats.errors.TimeoutError
+    return messages
 
 
 async def _process_batch(
@@ -130,17 +199,52 @@ async def _process_batch(
             items.append((Envelope.from_json(message.data), tracking))
         except (ValidationError, ValueError):
             break  # Undecodable: leave it and what follows to the one-at-a-time path.
-    fresh = [(e, t) for e, t in items if not store.is_processed(t)]
+    fresh = _unprocessed(store, items)
     try:
         if fresh:
             await subscription.handle_batch(fresh)
     except Exception:
         log.warning("consumer %s: batch of %d failed; handling one at a time", durable, len(fresh))
         items = []
-    for message in messages[: len(items)]:
-        await message.ack()
+    await ack_all(messages[: len(items)])
     for message in messages[len(items):]:
         await _process(bus, durable, message, subscription.handle, store)
+
+
+def _unprocessed(store: TrackingStore, items: list[tuple[Envelope, Tracking]]) -> list[tuple[Envelope, Tracking]]:
+    """The items not yet processed. A position is a high-water mark, so for a run in stream
+    order the first and the last item tell (one or two queries instead of one per item)."""
+    positions = [tracking.notification_id for _, tracking in items]
+    if len(items) > 1 and all(a < b for a, b in zip(positions, positions[1:])):
+        if not store.is_processed(items[0][1]):
+            return items
+        if store.is_processed(items[-1][1]):
+            return []
+    fresh, highest = [], 0
+    for envelope, tracking in items:  # As one at a time would: once 9 is handled, 8 counts as done.
+        if tracking.notification_id > highest and not store.is_processed(tracking):
+            fresh.append((envelope, tracking))
+        highest = max(highest, tracking.notification_id)
+    return fresh
+
+
+async def ack_all(messages: Sequence[Msg]) -> None:
+    """Ack messages (each one: the consumers' ack policy is explicit) in one write to NATS."""
+    if not messages:
+        return
+    client = getattr(messages[0], "_client", None)
+    if client is None or not hasattr(client, "_send_command") or len(messages) == 1:
+        for message in messages:
+            await message.ack()
+        return
+    commands = []
+    for message in messages:
+        if not message.reply or message._ackd:
+            await message.ack()  # Raises as nats-py would.
+        commands.append(b"PUB %s 0\r\n\r\n" % message.reply.encode())
+    await send_commands(client, b"".join(commands))
+    for message in messages:
+        message._ackd = True
 
 
 async def _process(

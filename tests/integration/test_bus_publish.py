@@ -77,3 +77,43 @@ async def test_unsafe_subjects_and_ids_are_refused_before_anything_is_sent(bus: 
     with pytest.raises(ValueError):
         await bus.publish_batch([Outgoing("baton.task.t1 X", "id", b"{}")])
     assert (await bus.js.stream_info(STREAM)).state.messages == 0
+
+
+async def test_fetch_reads_a_backlog_in_batches_in_order_and_a_new_message_at_once(bus: Bus):
+    import asyncio
+    import time
+
+    import nats.errors
+
+    from services.runtime.consumer import _bind, ack_all, fetch
+
+    pull = await _bind(bus.js, "test-AgentOutput", "AgentOutput", 10.0)
+    envelopes = outputs(1200)
+    await bus.publish_batch(envelopes)
+    got = []
+    for size in (500, 500, 200):
+        messages = await fetch(pull, 500, timeout_s=1.0)
+        assert len(messages) == size
+        got += [Envelope.from_json(m.data) for m in messages]
+        await ack_all(messages)
+    assert got == envelopes
+    started = time.monotonic()
+    with pytest.raises(nats.errors.TimeoutError):
+        await fetch(pull, 500, timeout_s=0.5)
+    assert 0.4 < time.monotonic() - started < 1.5
+
+    async def publish_soon() -> float:
+        await asyncio.sleep(0.2)
+        await bus.publish_batch(outputs(1, task_id="t2"))
+        return time.monotonic()
+
+    publishing = asyncio.create_task(publish_soon())
+    [late] = await fetch(pull, 500, timeout_s=2.0)
+    assert time.monotonic() - await publishing < 0.15
+    await ack_all([late])
+    for _ in range(50):
+        info = await pull.consumer_info()
+        if (info.num_ack_pending, info.num_pending) == (0, 0):
+            break
+        await asyncio.sleep(0.02)
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)

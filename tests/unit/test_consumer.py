@@ -161,3 +161,52 @@ async def test_a_failing_batch_falls_back_to_one_at_a_time_and_dead_letters_only
 
     assert handler.seen == [("ok1", 1), ("ok3", 3)]
     assert len(bus.js.published) == 1 and "bad" in bus.js.published[0][1].decode()
+
+
+class CountingStore:
+    """A tracking store that counts its position queries."""
+
+    def __init__(self) -> None:
+        self.store = popo_store()
+        self.queries = 0
+
+    def is_processed(self, tracking: Tracking) -> bool:
+        self.queries += 1
+        return self.store.is_processed(tracking)
+
+    def save_processed(self, tracking: Tracking, *aggregates: object) -> None:
+        self.store.save_processed(tracking, *aggregates)
+
+
+async def test_a_batch_in_stream_order_costs_one_position_query_not_one_per_message():
+    from services.runtime.consumer import Subscription, _process_batch
+
+    store, seen = CountingStore(), []
+
+    async def apply_batch(items):
+        seen.append([t.notification_id for _, t in items])
+        store.save_processed(items[-1][1])
+
+    msgs = [message(seq, f"r{seq}") for seq in range(1, 201)]
+    await _process_batch(FakeBus(), DURABLE, msgs, Subscription("TaskFailed", Recorder(), apply_batch), store)
+    assert seen == [list(range(1, 201))] and store.queries == 1
+    again = [message(seq, f"r{seq}") for seq in range(1, 201)]  # All redelivered: all known.
+    await _process_batch(FakeBus(), DURABLE, again, Subscription("TaskFailed", Recorder(), apply_batch), store)
+    assert len(seen) == 1 and store.queries == 3
+    assert all(m.acks == ["ack"] for m in [*msgs, *again])
+
+
+async def test_a_batch_partly_processed_or_out_of_order_is_checked_message_by_message():
+    from services.runtime.consumer import Subscription, _process_batch
+
+    store, seen = CountingStore(), []
+
+    async def apply_batch(items):
+        seen.append([t.notification_id for _, t in items])
+        store.save_processed(items[-1][1])
+
+    store.save_processed(Tracking(DURABLE, 5))
+    subscription = Subscription("TaskFailed", Recorder(), apply_batch)
+    await _process_batch(FakeBus(), DURABLE, [message(s) for s in (4, 5, 6, 7)], subscription, store)
+    await _process_batch(FakeBus(), DURABLE, [message(s) for s in (9, 3, 8)], subscription, store)
+    assert seen == [[6, 7], [9]]  # 8 after 9: the position already covers it.
