@@ -38,7 +38,8 @@ def render_event(console: Console, event: dict, started: datetime) -> None:
 
 def stream_url(api: str, task_id: str, from_seq: int) -> str:
     base = api.rstrip("/").replace("https://", "wss://", 1).replace("http://", "ws://", 1)
-    return f"{base}/api/tasks/{task_id}/stream?from_seq={from_seq}"
+    # batch=1: each message is a JSON array of events (a long history comes in far fewer messages).
+    return f"{base}/api/tasks/{task_id}/stream?from_seq={from_seq}&batch=1"
 
 
 async def follow_task(
@@ -55,12 +56,12 @@ async def follow_task(
             async with websockets.connect(stream_url(api, task_id, next_seq)) as socket:
                 failing_since = None
                 async for raw in socket:
-                    event = json.loads(raw)
-                    started = started or datetime.fromisoformat(event["occurred_at"])
-                    render_event(console, event, started)
-                    next_seq = event["stream_seq"] + 1
-                    if event["type"] in TERMINAL_TYPES:
-                        return event
+                    for event in json.loads(raw):
+                        started = started or datetime.fromisoformat(event["occurred_at"])
+                        render_event(console, event, started)
+                        next_seq = event["stream_seq"] + 1
+                        if event["type"] in TERMINAL_TYPES:
+                            return event
         except (OSError, websockets.ConnectionClosed, websockets.InvalidHandshake) as error:
             failing_since = failing_since or time.monotonic()
             if time.monotonic() - failing_since > give_up_after_s:

@@ -146,3 +146,59 @@ def test_a_slow_viewer_is_back_pressured_never_dropped(stack, api, origin):
     received = asyncio.run(slow_viewer())
 
     assert key(received) == key(api.events(task_id))
+
+
+async def collect_batched_until_end(url: str, *, timeout_s: float = 120) -> list[dict]:
+    """Every event of one `batch=1` viewer (each message a JSON array) until the terminal event."""
+    received: list[dict] = []
+    async with asyncio.timeout(timeout_s):
+        async with websockets.connect(url, max_size=None) as socket:
+            async for raw in socket:
+                batch = json.loads(raw)
+                assert isinstance(batch, list) and batch, raw[:200]
+                received.extend(batch)
+                if received[-1]["type"] in TERMINAL_TYPES:
+                    return received
+    raise AssertionError("stream closed before the task ended")
+
+
+def test_a_batched_viewer_gets_the_same_sequence_in_arrays_and_resumes_the_same_way(stack, api, origin):
+    task_id = submit_counting(api, origin, 40, pause_s=0.02)
+    wait_for(lambda: any(e["type"] == "AgentOutput" for e in api.events(task_id)),
+             timeout_s=60, what="the run to be under way")
+    url = f"{ws_base(stack)}/api/tasks/{task_id}/stream"
+
+    # Joining mid-run: the history, then the live tail, each event once, in order.
+    live = asyncio.run(collect_batched_until_end(f"{url}?batch=1"))
+    history = api.events(task_id)
+    assert key(live) == key(history)
+
+    # A late viewer of the finished task: the same events.
+    late = asyncio.run(collect_batched_until_end(f"{url}?from_seq=1&batch=1"))
+    assert key(late) == key(history)
+
+    resume_at = history[len(history) // 2]["stream_seq"]
+    rest = asyncio.run(collect_batched_until_end(f"{url}?from_seq={resume_at}&batch=1"))
+    assert key(rest) == key([e for e in history if e["stream_seq"] >= resume_at])
+
+
+def test_the_board_feed_excludes_types_in_batches_too(stack, api, origin):
+    task_id = submit_counting(api, origin, 5, pause_s=0.01)
+    api.wait_for_end(task_id)
+
+    async def watch_board() -> list[dict]:
+        seen: list[dict] = []
+        url = f"{ws_base(stack)}/api/stream?from_seq=1&exclude=AgentOutput&batch=1"
+        async with asyncio.timeout(120), websockets.connect(url, max_size=None) as socket:
+            async for raw in socket:
+                seen.extend(json.loads(raw))
+                if any(e["task_id"] == task_id and e["type"] in TERMINAL_TYPES for e in seen):
+                    return seen
+        return seen
+
+    seen = asyncio.run(watch_board())
+    mine = [e for e in seen if e["task_id"] == task_id]
+    expected = [e for e in api.events(task_id) if e["type"] != "AgentOutput"]
+    assert key(mine) == key(expected)
+    assert "AgentOutput" not in {e["type"] for e in seen}
+    assert [e["stream_seq"] for e in seen] == sorted({e["stream_seq"] for e in seen})
