@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -76,6 +77,10 @@ def test_ui_routes_serve_the_page_and_leave_the_api_alone(stack: BatonStack):
         assert "swagger" in http.get("/docs").text.lower()
 
 
+CUT_AFTER = 10
+"""Events the page's first task-stream connection gets before the test cuts it."""
+
+
 def test_a_task_submitted_in_the_browser_streams_live_and_survives_a_reload(
     stack: BatonStack, api: Api, origin: Path, page: Page
 ):
@@ -92,11 +97,17 @@ def test_a_task_submitted_in_the_browser_streams_live_and_survives_a_reload(
         forwarded = 0
 
         def forward(message: str | bytes) -> None:
+            # The page asks for batches (a JSON array per message): cut after exactly 10 events.
             nonlocal forwarded
-            forwarded += 1
-            if forwarded <= 10:
-                ws.send(message)
-            if forwarded == 10:
+            if forwarded == CUT_AFTER:
+                return  # already cut
+            data = json.loads(message)
+            events = data if isinstance(data, list) else [data]
+            kept = events[: max(0, CUT_AFTER - forwarded)]
+            forwarded += len(kept)
+            if kept:
+                ws.send(json.dumps(kept) if isinstance(data, list) else message)
+            if forwarded == CUT_AFTER:
                 ws.close(code=4000, reason="cut by the test")
                 server.close()
 

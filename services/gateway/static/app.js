@@ -73,13 +73,16 @@ function follow(path, onEvent, onStatus = () => {}) {
     const url = new URL(path, location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     url.searchParams.set("from_seq", String(last + 1));
+    url.searchParams.set("batch", "1");  // each message: an array of events, in stream order
     const ws = new WebSocket(url);
     ws.onopen = () => { delay = 500; onStatus("live"); };
     ws.onmessage = (message) => {
-      const event = JSON.parse(message.data);
-      if (!(event.stream_seq > last)) return;
-      last = event.stream_seq;
-      try { onEvent(event); } catch (error) { console.error("event not shown", event, error); }
+      const data = JSON.parse(message.data);
+      for (const event of Array.isArray(data) ? data : [data]) {
+        if (!(event.stream_seq > last)) continue;
+        last = event.stream_seq;
+        try { onEvent(event); } catch (error) { console.error("event not shown", event, error); }
+      }
     };
     ws.onclose = () => { onStatus("reconnecting"); setTimeout(open, delay); delay = Math.min(delay * 2, 8000); };
   };
