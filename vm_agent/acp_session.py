@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 __all__ = ["AgentProcess", "AgentStartError", "SessionSink", "TurnResult", "start_agent_with_prompt"]
 
 STREAM_META_KEY = "baton.stream"
+LINES_META_KEY = "baton.lines"
 EXIT_CODE_META_KEY = "exit_code"
 
 # The SDK's asyncio default (64 KiB) is too small for big tool outputs; the SDK's
@@ -259,7 +260,9 @@ class _AgentEvents:
         described = self._describe(update)
         if described is not None:
             assert self._sink is not None
-            await self._sink.output(*described)
+            stream, text = described
+            for line in _lines_of(update, stream, text):
+                await self._sink.output(stream, line)
 
     async def _mark_delivered(self, prompt_sha256: str) -> None:
         if not self._delivered:
@@ -290,6 +293,19 @@ class _AgentEvents:
         title = self._tool_titles.get(update.tool_call_id, update.tool_call_id)
         status = update.status or ("pending" if isinstance(update, ToolCallStart) else "updated")
         return f"{title} [{status}]"
+
+
+def _lines_of(update: Any, stream: str, text: str) -> list[str]:
+    """The output pieces one update carries: the lines of a chunk the shell agent marked
+    `"baton.lines": N` (N whole lines, each ending in a newline), else the text as it is."""
+    count = (update.field_meta or {}).get(LINES_META_KEY) if isinstance(update, AgentMessageChunk) else None
+    if not isinstance(count, int) or count < 2 or stream not in _AGENT_STREAMS or not text.endswith("\n"):
+        return [text]
+    lines = text[:-1].split("\n")
+    if len(lines) != count:
+        log.warning("chunk says %s lines but holds %d; recording it as one piece", count, len(lines))
+        return [text]
+    return [line + "\n" for line in lines]
 
 
 def _content_text(block: Any) -> str:

@@ -257,3 +257,41 @@ async def test_agent_dying_during_startup_reports_its_stderr(tmp_path: Path) -> 
     assert "boom-marker" in str(excinfo.value)
     assert "exit code 2" in str(excinfo.value)
     assert sink.events == []
+
+
+@pytest.mark.asyncio
+async def test_fast_output_arrives_one_line_per_output_even_when_lines_travel_together(tmp_path: Path) -> None:
+    # Lines read together travel in one ACP message ("baton.lines"); the sink still gets lines.
+    prompt = "seq -f 'ligne %g — ✓ é' 1 5000\nprintf 'no newline at the end'"
+    sink = RecordingSink()
+
+    result = await _run(prompt, tmp_path, sink)
+
+    assert result.stop_reason == "end_turn"
+    stdout = [e[2] for e in sink.events if e[0] == "output" and e[1] == "stdout"]
+    assert stdout == [f"ligne {i} — ✓ é\n" for i in range(1, 5001)] + ["no newline at the end"]
+
+
+async def test_line_runs_split_back_into_exactly_the_lines_read() -> None:
+    from vm_agent.acp_session import _lines_of
+    from vm_agent.agents.shell import _line_runs
+
+    reader = asyncio.StreamReader()
+    runs = _line_runs(reader)
+    reader.feed_data("a\n".encode() + "é✓\n".encode()[:1])  # a character split across two reads
+    assert await anext(runs) == ["a\n"]
+    reader.feed_data("é✓\n".encode()[1:] + b"\xff\n" + b"tail")
+    reader.feed_eof()
+    assert [run async for run in runs] == [["é✓\n", "\ufffd\n"], ["tail"]]
+
+    from acp.schema import AgentMessageChunk
+    from acp import text_block
+
+    chunk = AgentMessageChunk(session_update="agent_message_chunk", content=text_block("x\ny\n"),
+                              field_meta={"baton.stream": "stdout", "baton.lines": 2})
+    assert _lines_of(chunk, "stdout", "x\ny\n") == ["x\n", "y\n"]
+    wrong = AgentMessageChunk(session_update="agent_message_chunk", content=text_block("x\ny\n"),
+                              field_meta={"baton.stream": "stdout", "baton.lines": 3})
+    assert _lines_of(wrong, "stdout", "x\ny\n") == ["x\ny\n"]  # Never lose text over a bad count.
+    plain = AgentMessageChunk(session_update="agent_message_chunk", content=text_block("x\ny\n"))
+    assert _lines_of(plain, "message", "x\ny\n") == ["x\ny\n"]  # Other agents: pieces as sent.

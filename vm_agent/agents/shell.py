@@ -10,7 +10,9 @@ One prompt turn:
    proof that the prompt arrived intact (it hashes the echo);
 2. run the text with bash in the session's cwd, streaming every output line
    as an ``agent_message_chunk`` whose ``_meta`` is
-   ``{"baton.stream": "stdout"}`` or ``{"baton.stream": "stderr"}``;
+   ``{"baton.stream": "stdout"}`` or ``{"baton.stream": "stderr"}``; the whole
+   lines one read of the pipe brought (N > 1 of them, each ending in a newline)
+   go in one chunk marked ``"baton.lines": N``;
 3. answer ``session/prompt`` with stop reason ``end_turn`` (exit 0),
    ``refusal`` (non-zero exit) or ``cancelled`` (after ``session/cancel``),
    carrying ``_meta = {"exit_code": N}`` (negative N = killed by signal N).
@@ -56,6 +58,7 @@ from acp.schema import (
 log = logging.getLogger("vm_agent.agents.shell")
 
 STREAM_META_KEY = "baton.stream"
+LINES_META_KEY = "baton.lines"
 EXIT_CODE_META_KEY = "exit_code"
 
 _READ_CHUNK_BYTES = 64 * 1024
@@ -182,8 +185,11 @@ class ShellAgent:
 
     async def _forward_stream(self, reader: asyncio.StreamReader, stream: str, session_id: str) -> None:
         # One reader per stream, awaiting each send: order within a stream is preserved.
-        async for line in _lines(reader):
-            await self._forward_text(session_id, stream, line)
+        async for lines in _line_runs(reader):
+            if len(lines) == 1:
+                await self._forward_text(session_id, stream, lines[0])
+            else:
+                await self._forward_lines(session_id, stream, lines)
 
     async def _forward_text(self, session_id: str, stream: str, text: str) -> None:
         self._forwarded += 1
@@ -191,6 +197,18 @@ class ShellAgent:
             session_update="agent_message_chunk",
             content=text_block(text),
             field_meta={STREAM_META_KEY: stream},
+        )
+        await self._send(session_id, chunk)
+
+    async def _forward_lines(self, session_id: str, stream: str, lines: list[str]) -> None:
+        """Whole lines read together go out in one message, marked with how many lines it holds
+        (`_meta["baton.lines"]`): the client records each line as before, without paying a
+        message per line on both sides."""
+        self._forwarded += len(lines)
+        chunk = AgentMessageChunk(
+            session_update="agent_message_chunk",
+            content=text_block("".join(lines)),
+            field_meta={STREAM_META_KEY: stream, LINES_META_KEY: len(lines)},
         )
         await self._send(session_id, chunk)
 
@@ -261,20 +279,31 @@ async def _drain(readers: list[asyncio.Task[None]], *, progress: Callable[[], in
 
 async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[str]:
     """Yield decoded lines (newline kept) without the StreamReader line-length limit."""
+    async for run in _line_runs(reader):
+        for line in run:
+            yield line
+
+
+async def _line_runs(reader: asyncio.StreamReader) -> AsyncIterator[list[str]]:
+    """Yield the lines each read completes, as a list (newline kept; a runaway line's pieces and
+    an unterminated tail come alone, without a newline)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pending = bytearray()
     while chunk := await reader.read(_READ_CHUNK_BYTES):
         pending += chunk
         *complete, rest = pending.split(b"\n")
-        for line in complete:
-            yield decoder.decode(bytes(line) + b"\n")
+        if complete:
+            # Decoded whole: a character split across reads is completed by the decoder, and
+            # "\n" never occurs inside a UTF-8 sequence, so the text splits back into the lines.
+            text = decoder.decode(b"\n".join(complete) + b"\n")
+            yield [line + "\n" for line in text[:-1].split("\n")]
         pending = bytearray(rest)
         if len(pending) > _MAX_LINE_BYTES:
-            yield decoder.decode(bytes(pending))
+            yield [decoder.decode(bytes(pending))]
             pending.clear()
     tail = decoder.decode(bytes(pending), final=True)
     if tail:
-        yield tail
+        yield [tail]
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
