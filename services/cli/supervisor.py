@@ -1,7 +1,25 @@
-"""`baton up`: a nats-server (unless given one), every service as its own process, restarted if it dies."""
+"""`baton up`: a nats-server (unless given one), every service as its own process, restarted if it dies.
+
+Stopping is bounded and complete. Every process `baton up` starts, and every process those start
+(vm_agents, their agents, whatever the agents run), carries `BATON_SUPERVISOR_PID` and the data
+dir in its environment, which is how it is found again:
+
+- `stop()` sends SIGTERM to every service at once and waits for them under one deadline
+  (SIGKILL after it); every other process of the data dir (vm_agents and their agents, each in
+  a session of its own) gets SIGTERM as soon as the provisioner is gone and is waited for the
+  same way; NATS last. Each step runs in a `finally`; `baton up` ignores Ctrl-C while stopping.
+- A service dies with `baton up`: it asks the kernel for SIGHUP when its parent dies
+  (PR_SET_PDEATHSIG, `services/cli/main.py:service`); the nats-server we start gets SIGTERM.
+  The provisioner, told so, stops the vm_agents on its way out (`stop_data_dir_processes`).
+- One `baton up` per data dir (a lock), and it first stops whatever a previous one on the
+  same data dir left running: those processes belong to a run that is over, and a vm_agent of
+  it, once gone, is settled by the provisioner's watcher (its task ends with a reason).
+"""
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
 import shutil
 import signal
@@ -11,10 +29,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from services.runtime.settings import Settings
 
 SERVICE_NAMES = ("gateway", "task-runner", "provisioner", "projector", "monitor")
+
+SUPERVISOR_PID_ENV = "BATON_SUPERVISOR_PID"
+"""Set in the environment of every process `baton up` starts (and so of theirs): whose it is."""
+
+STOP_DEADLINE_S = 6.0
+"""How long the services, and then the vm_agents, get to exit on SIGTERM before SIGKILL. A
+service gives itself less (`SERVICE_STOP_GRACE_S`), so this is only reached by a stuck one."""
+
+SERVICE_STOP_GRACE_S = 3.0
+"""After SIGTERM, how long a service's own shutdown may run before it exits regardless (its
+effects are committed with their positions: ending it is as safe as a crash, which Baton handles)."""
+
+PR_SET_PDEATHSIG = 1
 
 
 class SupervisorError(RuntimeError):
@@ -40,6 +72,95 @@ def find_nats_server() -> str:
     return found
 
 
+def die_with_parent(sig: int) -> bool:
+    """Ask the kernel to send `sig` to this process when its parent dies (Linux; False elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def _process_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, process group) of a live process; None if it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in "ZX" else (fields[0], int(fields[2]))
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {key.decode(errors="replace"): value.decode(errors="replace") for key, value in pairs}
+
+
+def data_dir_processes(data_dir: Path) -> dict[int, int]:
+    """{pid: process group} of every live process a `baton up` on `data_dir` started, directly or
+    not (its environment has BATON_SUPERVISOR_PID and this BATON_DATA_DIR), except this one."""
+    wanted = os.path.realpath(data_dir)
+    found: dict[int, int] = {}
+    if not Path("/proc/self/environ").exists():
+        return found  # No procfs (not Linux): only what `baton up` started itself is stopped.
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        env = _environ(int(entry.name))
+        if SUPERVISOR_PID_ENV not in env or "BATON_DATA_DIR" not in env:
+            continue
+        if os.path.realpath(env["BATON_DATA_DIR"]) != wanted:
+            continue
+        state = _process_state(int(entry.name))
+        if state is not None:
+            found[int(entry.name)] = state[1]
+    return found
+
+
+def _signal(pid: int, sig: int, *, group: bool) -> None:
+    try:
+        os.killpg(pid, sig) if group else os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_data_dir_processes(data_dir: Path, *, deadline_s: float = STOP_DEADLINE_S,
+                            spare: frozenset[int] = frozenset()) -> tuple[int, int]:
+    """SIGTERM every process of `data_dir` (but `spare`) at once, wait for them under one
+    deadline, then SIGKILL what is left; (how many there were, how many had to be killed).
+
+    A process group led by one of them is signalled whole (a vm_agent, an agent: each leads a
+    session of its own), so what they started goes too; one that appears meanwhile (an agent's
+    child) is signalled as soon as it is seen."""
+    own_group = os.getpgrp()
+
+    def find() -> dict[int, int]:
+        return {pid: pgid for pid, pgid in data_dir_processes(data_dir).items() if pid not in spare}
+
+    seen: set[int] = set()
+    killed: set[int] = set()
+    deadline = time.monotonic() + deadline_s
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        signalled: set[int] = set()
+        while True:
+            targets = find()
+            for pid, pgid in targets.items():
+                if pid not in signalled:
+                    signalled.add(pid)
+                    _signal(pid, sig, group=pid == pgid and pgid != own_group)
+            seen |= targets.keys()
+            if sig == signal.SIGKILL:
+                killed |= targets.keys()
+            if not targets or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if not targets:
+            break
+        deadline = time.monotonic() + 5.0  # After SIGKILL: only as long as the kernel takes.
+    return len(seen), len(killed)
+
+
 @dataclass
 class Child:
     name: str
@@ -54,19 +175,41 @@ class Child:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True,  # Ctrl-C reaches `baton up`, which stops children in order.
+                # Ctrl-C reaches `baton up` only, which stops the children in order. A child
+                # dies with `baton up` all the same: it sets PR_SET_PDEATHSIG itself (`service`).
+                start_new_session=True,
             )
-        self.pid_path.write_text(str(self.process.pid))
+        tmp = self.pid_path.with_suffix(".tmp")
+        tmp.write_text(str(self.process.pid))
+        tmp.replace(self.pid_path)  # Readers never see it empty.
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self) -> None:
+        if self.running:
+            self.process.terminate()
+
+    def wait_until(self, deadline: float) -> bool:
+        """True once it exited; False if it still runs at `deadline` (time.monotonic())."""
+        if self.process is None:
+            return True
         try:
-            self.process.wait(timeout_s)
+            self.process.wait(max(deadline - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def kill(self) -> None:
+        if self.running:
             self.process.kill()
             self.process.wait()
+
+    def stop(self, timeout_s: float = STOP_DEADLINE_S) -> None:
+        self.terminate()
+        if not self.wait_until(time.monotonic() + timeout_s):
+            self.kill()
 
 
 @dataclass
@@ -76,15 +219,23 @@ class Supervisor:
     say: callable = print
     children: dict[str, Child] = field(default_factory=dict)
     nats: subprocess.Popen | None = None
+    stop_deadline_s: float = STOP_DEADLINE_S
+    _lock: IO[str] | None = None
 
     def start(self) -> None:
         """Start NATS (if needed) and every service; returns once all are spawned."""
+        self._take_lock()
+        self._stop_leftovers()
         self.settings.install_secret()  # Created once, before any service needs it.
+        self._marks = {
+            SUPERVISOR_PID_ENV: str(os.getpid()),
+            "BATON_DATA_DIR": os.path.abspath(self.settings.data_dir),
+        }
         if self.nats_url is None:
             self.nats_url = self._start_nats()
         env = {
             **os.environ,
-            "BATON_DATA_DIR": str(self.settings.data_dir),
+            **self._marks,
             "BATON_NATS_URL": self.nats_url,
             "BATON_HOST": self.settings.host,
             "BATON_PORT": str(self.settings.port),
@@ -100,19 +251,56 @@ class Supervisor:
                 self.settings.path("logs", f"{name}.log"),
                 self.settings.path("run", f"{name}.pid"),
             )
-            child.start(env)
             self.children[name] = child
+            child.start(env)
+
+    def _take_lock(self) -> None:
+        """One `baton up` per data dir: two would share stores and vm_agents, and stop each other's."""
+        lock_path = self.settings.path("run", "up.lock")
+        handle = lock_path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise SupervisorError(f"another `baton up` (pid {holder}) runs on {self.settings.data_dir}; "
+                                  f"stop it first, or use another --data-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock = handle  # Held until this process exits, however it exits.
+
+    def _stop_leftovers(self) -> None:
+        """Stop what a previous `baton up` on this data dir left running (it was killed, or it
+        predates PR_SET_PDEATHSIG): its services, its NATS, its vm_agents and their agents."""
+        started = time.monotonic()
+        count, _ = stop_data_dir_processes(self.settings.data_dir, deadline_s=self.stop_deadline_s)
+        if count:
+            self.say(f"stopped {count} processes a previous `baton up` on {self.settings.data_dir} "
+                     f"left running ({time.monotonic() - started:.1f}s)")
 
     def _start_nats(self) -> str:
         binary = find_nats_server()
         port = free_port()
         store = self.settings.path("nats", "jetstream")
         log = self.settings.path("logs", "nats.log")
+        parent = os.getpid()
+        prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+        def die_with_us() -> None:  # In the child, between fork and exec: no allocation-heavy work.
+            if prctl is not None:
+                prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+                if os.getppid() != parent:  # `baton up` died before the line above.
+                    os.kill(os.getpid(), signal.SIGKILL)
+
         self.nats = subprocess.Popen(
             [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store), "-l", str(log)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            env={**os.environ, **self._marks}, start_new_session=True, preexec_fn=die_with_us,
         )
+        self.settings.path("run", "nats.pid").write_text(str(self.nats.pid))
         return f"nats://127.0.0.1:{port}"
 
     def check(self) -> None:
@@ -136,16 +324,68 @@ class Supervisor:
                                   f"see {self.settings.data_dir / 'logs' / 'nats.log'}")
 
     def stop(self) -> None:
-        for child in self.children.values():
-            child.stop()
-        self._stop_vm_agents()
-        if self.nats is not None and self.nats.poll() is None:
-            self.nats.terminate()
-            self.nats.wait(10)
+        """Services (all at once), then every vm_agent and agent, then NATS: each step runs even
+        if the one before it was interrupted, and each is bounded by `stop_deadline_s`."""
+        marks = [("", time.monotonic())]
+        try:
+            self._stop_services()
+        finally:
+            marks.append(("services", time.monotonic()))
+            try:
+                self._stop_vm_agents()
+            finally:
+                marks.append(("vm_agents", time.monotonic()))
+                self._stop_nats()
+                marks.append(("nats", time.monotonic()))
+                if self.children:
+                    steps = ", ".join(f"{name} {end - begin:.1f}s" for (_, begin), (name, end) in zip(marks, marks[1:]))
+                    self.say(f"stopped in {marks[-1][1] - marks[0][1]:.1f}s ({steps})")
+
+    def _stop_services(self) -> None:
+        # The provisioner first: once it is gone, nothing starts or watches vm_agents, and they
+        # can be told to stop while the other services finish.
+        running = sorted((child for child in self.children.values() if child.running),
+                         key=lambda child: child.name != "provisioner")
+        for child in running:
+            child.terminate()
+        deadline = time.monotonic() + self.stop_deadline_s
+        for child in running:
+            if not child.wait_until(deadline):
+                self.say(f"service {child.name} did not stop within {self.stop_deadline_s:.0f}s "
+                         f"of SIGTERM; killed (log: {child.log_path})")
+                child.kill()
+            if child.name == "provisioner":
+                self._signal_vm_agents()
+
+    def _spared(self) -> frozenset[int]:
+        """Ours but not vm_agents: NATS, and services not stopped yet."""
+        alive = [child.process.pid for child in self.children.values() if child.running]
+        return frozenset([*alive, *([self.nats.pid] if self.nats is not None else [])])
+
+    def _signal_vm_agents(self) -> None:
+        """SIGTERM to every vm_agent and agent now; `_stop_vm_agents` then waits for them."""
+        spare, own_group = self._spared(), os.getpgrp()
+        for pid, pgid in data_dir_processes(self.settings.data_dir).items():
+            if pid not in spare:
+                _signal(pid, signal.SIGTERM, group=pid == pgid and pgid != own_group)
 
     def _stop_vm_agents(self) -> None:
-        for pid_file in (self.settings.data_dir / "vm_agents").rglob("pid"):
+        """Every vm_agent (each in a session of its own; pid files under vm_agents/), its agent,
+        and anything else of this data dir still running but NATS: found by their environment,
+        which also finds an agent whose vm_agent is already gone."""
+        if not hasattr(self, "_marks"):
+            return  # Nothing was started.
+        _, killed = stop_data_dir_processes(self.settings.data_dir, deadline_s=self.stop_deadline_s,
+                                            spare=self._spared())
+        if killed:
+            self.say(f"{killed} vm_agent processes did not stop within {self.stop_deadline_s:.0f}s "
+                     f"of SIGTERM; killed")
+
+    def _stop_nats(self) -> None:
+        if self.nats is not None and self.nats.poll() is None:
+            self.nats.terminate()
             try:
-                os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-            except (ProcessLookupError, ValueError, PermissionError):
-                pass
+                self.nats.wait(self.stop_deadline_s)
+            except subprocess.TimeoutExpired:
+                self.nats.kill()
+                self.nats.wait()
