@@ -26,6 +26,8 @@ import sys
 import threading
 import traceback
 
+import setproctitle
+
 import vm_agent.main  # noqa: F401 - the point: everything a vm_agent imports, imported once.
 
 
@@ -46,6 +48,8 @@ def _child(request: dict, listener: socket.socket) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = ["vm_agent", *request["argv"]]
+        # In ps and top, a forked vm_agent looks like one started with `python -m vm_agent`.
+        setproctitle.setproctitle(" ".join([sys.executable, "-m", "vm_agent", *request["argv"]]))
         vm_agent.main.main(request["argv"])
         code = 0
     except SystemExit as exit_:

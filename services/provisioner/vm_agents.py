@@ -56,10 +56,14 @@ class VmAgentProcess:
         return process_alive(self.pid)
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.pid, signal.SIGTERM)  # Its own session: the agent goes too.
-        except (ProcessLookupError, PermissionError):
-            pass
+        _kill_group(self.pid, signal.SIGTERM)  # The vm_agent stops its agent on the way out.
+
+
+def _kill_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)  # Each vm_agent leads a session (and process group) of its own.
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -273,7 +277,11 @@ class VmAgentPool:
                     start_new_session=True,  # Outlives a provisioner restart.
                 ).pid
         (state_dir / "pid").write_text(str(pid))
-        url = await self._wait_until_warm(pid, state_dir / "url", log_file, warm=bool(warm_agent))
+        try:
+            url = await self._wait_until_warm(pid, state_dir / "url", log_file, warm=bool(warm_agent))
+        except BaseException:  # Timed out, or cancelled (the provisioner stops): not left running.
+            _kill_group(pid, signal.SIGTERM)
+            raise
         return VmAgentProcess(url, pid, state_dir, warm_agent)
 
     def pool_token(self, state_dir: Path) -> str:
@@ -292,10 +300,6 @@ class VmAgentPool:
                 if state is not None and (not warm or state.get("warm_agent_state") != "starting"):
                     return url
             await asyncio.sleep(0.02)
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         raise VmAgentError(f"vm_agent did not answer within {self._ready_timeout_s:.0f}s")
 
     async def assign(self, member: VmAgentProcess, *, task_id: str, workspace: Path, state_dir: Path) -> None:

@@ -41,11 +41,13 @@ def _parent_and_session(pid: int) -> tuple[int, int]:
     return int(fields[1]), int(fields[3])  # ppid, session id
 
 
-def _end(pids: list[int]) -> None:
-    for pid in pids:
+def _end_all(pool: VmAgentPool) -> None:
+    """Whatever happened in the test, no vm_agent it started outlives it."""
+    pool.stop_idle()
+    for pid_file in pool.pool_dir.glob("*/pid"):
         try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+        except (ProcessLookupError, ValueError):
             pass
 
 
@@ -62,6 +64,8 @@ def test_a_pool_member_is_forked_from_the_zygote_with_its_agent_warm(tmp_path: P
             parent, session = _parent_and_session(member.pid)
             assert parent == zygote_pid, "forked by the zygote, not started from scratch"
             assert session == member.pid, "in a session of its own, like a started vm_agent"
+            shown = Path(f"/proc/{member.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            assert "-m vm_agent --state-dir" in shown, f"ps shows it as {shown!r}"
             # The zygote ends with the provisioner's handle on it; the vm_agent lives on.
             pool.zygote.stop()
             await asyncio.to_thread(wait_for, lambda: pool.zygote._process.poll() is not None,
@@ -71,7 +75,7 @@ def test_a_pool_member_is_forked_from_the_zygote_with_its_agent_warm(tmp_path: P
             await asyncio.to_thread(wait_for, lambda: not member.alive, timeout_s=DEADLINE_S,
                                     what="the vm_agent to stop")
         finally:
-            pool.stop_idle()
+            _end_all(pool)
 
     asyncio.run(scenario())
 
@@ -79,17 +83,14 @@ def test_a_pool_member_is_forked_from_the_zygote_with_its_agent_warm(tmp_path: P
 def test_with_the_pool_empty_a_task_waits_for_the_next_warm_vm_agent(tmp_path: Path, nats: NatsServer) -> None:
     async def scenario() -> None:
         pool = VmAgentPool(_settings(tmp_path, nats.url), size=0, ready_timeout_s=DEADLINE_S)
-        taken: list[int] = []
         try:
             first, second = await asyncio.wait_for(
                 asyncio.gather(pool.take("shell"), pool.take("shell")), DEADLINE_S)
-            taken = [first.pid, second.pid]
             assert first.pid != second.pid, "each taker gets its own vm_agent"
             for member in (first, second):
                 assert (await health(member.url))["warm_agent_state"] == "ready"
         finally:
-            pool.stop_idle()
-            _end(taken)
+            _end_all(pool)
 
     asyncio.run(scenario())
 
