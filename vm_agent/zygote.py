@@ -36,6 +36,8 @@ def _child(request: dict, listener: socket.socket) -> None:
     code = 1
     try:
         listener.close()
+        # In ps and top, a forked vm_agent looks like one started with `python -m vm_agent`.
+        setproctitle.setproctitle(" ".join([sys.executable, "-m", "vm_agent", *request["argv"]]))
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # The vm_agent waits for its own children.
         os.setsid()
         log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -48,8 +50,6 @@ def _child(request: dict, listener: socket.socket) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = ["vm_agent", *request["argv"]]
-        # In ps and top, a forked vm_agent looks like one started with `python -m vm_agent`.
-        setproctitle.setproctitle(" ".join([sys.executable, "-m", "vm_agent", *request["argv"]]))
         vm_agent.main.main(request["argv"])
         code = 0
     except SystemExit as exit_:
@@ -80,6 +80,7 @@ def serve(channel: socket.socket) -> None:
     # Forking is only safe while this process runs nothing else: no threads, no event loop.
     assert threading.active_count() == 1, "the zygote must stay single-threaded"
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # The kernel reaps the vm_agents we fork.
+    setproctitle.setproctitle(setproctitle.getproctitle())  # Claims argv's memory while it can.
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Its parent decides when it ends.
     reader = channel.makefile("rb")
     channel.sendall(b'{"ready": true}\n')
