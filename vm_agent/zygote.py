@@ -18,6 +18,7 @@ Run as `python -m vm_agent.zygote --fd N`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -25,8 +26,7 @@ import socket
 import sys
 import threading
 import traceback
-
-import setproctitle
+from pathlib import Path
 
 import vm_agent.main  # noqa: F401 - the point: everything a vm_agent imports, imported once.
 
@@ -36,8 +36,10 @@ def _child(request: dict, listener: socket.socket) -> None:
     code = 1
     try:
         listener.close()
-        # In ps and top, a forked vm_agent looks like one started with `python -m vm_agent`.
-        setproctitle.setproctitle(" ".join([sys.executable, "-m", "vm_agent", *request["argv"]]))
+        # `ps -o comm` and top name it; its command line (and /proc/<pid>/environ, by which
+        # `baton up` finds what belongs to a data dir) stay the zygote's, never overwritten.
+        with contextlib.suppress(OSError):
+            Path("/proc/self/comm").write_text("baton-vm_agent")
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # The vm_agent waits for its own children.
         os.setsid()
         log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -80,7 +82,6 @@ def serve(channel: socket.socket) -> None:
     # Forking is only safe while this process runs nothing else: no threads, no event loop.
     assert threading.active_count() == 1, "the zygote must stay single-threaded"
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # The kernel reaps the vm_agents we fork.
-    setproctitle.setproctitle(setproctitle.getproctitle())  # Claims argv's memory while it can.
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Its parent decides when it ends.
     reader = channel.makefile("rb")
     channel.sendall(b'{"ready": true}\n')
