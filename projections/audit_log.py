@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -145,8 +146,13 @@ class AuditLog(TrackedProjection):
             after = rows[-1]["stream_seq"]
 
 
+_UTC_TEXT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+
+
 def _utc_text(value: datetime | str) -> str:
     """ISO-8601 in UTC with microseconds, so text order is time order."""
+    if isinstance(value, str) and _UTC_TEXT.fullmatch(value):
+        return value  # Already that form (as envelopes carry their times).
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value
     if moment.tzinfo is None:
         raise ValueError(f"time {value!r} has no timezone")

@@ -194,7 +194,7 @@ async def _process_batch(
     assert subscription.handle_batch is not None
     items = []
     for message in messages:
-        tracking = Tracking(durable, message.metadata.sequence.stream)
+        tracking = Tracking(durable, stream_seq(message))
         try:
             items.append((Envelope.from_json(message.data), tracking))
         except (ValidationError, ValueError):
@@ -209,6 +209,18 @@ async def _process_batch(
     await ack_all(messages[: len(items)])
     for message in messages[len(items):]:
         await _process(bus, durable, message, subscription.handle, store)
+
+
+def stream_seq(message: Msg) -> int:
+    """The message's stream sequence, read straight from its ack subject when that has the
+    common form `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.
+    <pending>` (nats-py's `metadata` builds dataclasses and a datetime for it)."""
+    reply = getattr(message, "reply", None)
+    if reply and reply.startswith("$JS.ACK."):
+        tokens = reply.split(".")
+        if len(tokens) == 9:
+            return int(tokens[5])
+    return message.metadata.sequence.stream
 
 
 def _unprocessed(store: TrackingStore, items: list[tuple[Envelope, Tracking]]) -> list[tuple[Envelope, Tracking]]:

@@ -210,3 +210,16 @@ async def test_a_batch_partly_processed_or_out_of_order_is_checked_message_by_me
     await _process_batch(FakeBus(), DURABLE, [message(s) for s in (4, 5, 6, 7)], subscription, store)
     await _process_batch(FakeBus(), DURABLE, [message(s) for s in (9, 3, 8)], subscription, store)
     assert seen == [[6, 7], [9]]  # 8 after 9: the position already covers it.
+
+
+def test_the_stream_sequence_is_read_from_the_ack_subject_like_nats_py_does():
+    from nats.aio.msg import Msg
+
+    from services.runtime.consumer import stream_seq
+
+    v1 = "$JS.ACK.BATON_EVENTS.projector-all.2.1234.987.1700000000000000000.5"
+    v2 = "$JS.ACK._.ACCHASH.BATON_EVENTS.projector-all.2.1234.987.1700000000000000000.5.token"
+    for reply in (v1, v2):
+        msg = Msg(_client=None, subject="baton.task.t.X", reply=reply, data=b"")
+        assert stream_seq(msg) == Msg.Metadata._from_reply(reply).sequence.stream == 1234
+    assert stream_seq(message(7)) == 7  # No ack subject: its metadata.
