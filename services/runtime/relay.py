@@ -42,14 +42,27 @@ class BatchPublisher(Protocol):
     async def publish_batch(self, messages: Sequence[Outgoing]) -> None: ...
 
 
-def outgoing_of(domain_event: object) -> Outgoing | None:
+_STORED_START = b'{"timestamp":'
+_STORED_ENVELOPE = b',"envelope":{"event_id":'
+
+
+def outgoing_of(domain_event: object, stored_state: bytes | None = None) -> Outgoing | None:
     """The bus message a stored domain event carries (its envelope's JSON as stored), or None
-    for internal events. The same JSON as `Envelope.to_json()` of that envelope."""
+    for internal events. The same JSON as `Envelope.to_json()` of that envelope.
+
+    `stored_state`, the event's stored bytes when at hand, already holds that JSON (the
+    envelope is the last field of a `TaskAggregate.Recorded`, written with the same compact
+    encoding): it is cut out instead of encoded again."""
     payload: dict[str, Any] | None = getattr(domain_event, "envelope", None)
     if payload is None:
         return None
+    body = None
+    if stored_state is not None and stored_state.startswith(_STORED_START) and stored_state.endswith(b"}}"):
+        at = stored_state.find(_STORED_ENVELOPE)
+        if at > 0:
+            body = stored_state[at + 12:-1]  # From `{"event_id":` to the envelope's closing brace.
     return Outgoing(subject_for(payload["task_id"], payload["type"]), payload["event_id"],
-                    _encode(payload).encode())
+                    body if body is not None else _encode(payload).encode())
 
 
 class Relay:
@@ -62,7 +75,7 @@ class Relay:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
-        self._recent: deque[tuple[int, object]] = deque()  # (notification id, domain event)
+        self._recent: deque[tuple[int, object, bytes]] = deque()  # (id, domain event, stored bytes)
         self._lock = threading.Lock()
         store.on_recorded(self._remember)
 
@@ -72,7 +85,8 @@ class Relay:
             with self._lock:
                 if len(self._recent) >= MEMORY_LIMIT:
                     self._recent.clear()  # Not published for a while: the log has all of it.
-                self._recent.extend((r.notification.id, r.domain_event) for r in recordings)
+                self._recent.extend((r.notification.id, r.domain_event, r.notification.state)
+                                    for r in recordings)
         self.wake()
 
     def wake(self) -> None:
@@ -85,9 +99,9 @@ class Relay:
     def position(self) -> int:
         return self._store.process_recorder.max_tracking_id(RELAY_TRACKING) or 0
 
-    def _from_memory(self, position: int) -> list[tuple[int, object]]:
+    def _from_memory(self, position: int) -> list[tuple[int, object, bytes]]:
         """The recorded events that directly follow `position`, without a gap (up to a batch)."""
-        taken: list[tuple[int, object]] = []
+        taken: list[tuple[int, object, bytes]] = []
         with self._lock:
             recent = self._recent
             while recent and recent[0][0] <= position:
@@ -101,7 +115,7 @@ class Relay:
     def _next_batch(self, position: int) -> tuple[int, list[Outgoing]]:
         taken = self._from_memory(position)
         if taken:
-            events = [event for _, event in taken]
+            messages = [outgoing_of(event, state) for _, event, state in taken]
             last_id = taken[-1][0]
         else:
             notifications = self._store.process_recorder.select_notifications(
@@ -109,9 +123,9 @@ class Relay:
             )
             if not notifications:
                 return position, []
-            events = [self._store.mapper.to_domain_event(n) for n in notifications]
+            mapper = self._store.mapper
+            messages = [outgoing_of(mapper.to_domain_event(n), n.state) for n in notifications]
             last_id = notifications[-1].id
-        messages = [outgoing_of(event) for event in events]
         return last_id, [m for m in messages if m is not None]
 
     async def drain(self) -> int:

@@ -306,3 +306,28 @@ def test_events_stored_by_earlier_versions_still_rebuild_and_relay():
     assert rebuilt.version == 2 and rebuilt.seen_types == ["TaskFailed"]
     [old] = envelopes_in(store)
     assert (old.event_id, old.data) == ("1977d475235742ae9519ec040894614e", {"reason": "old"})
+
+
+async def test_the_bytes_published_are_the_envelopes_json_from_memory_and_from_the_log(tmp_path):
+    from services.runtime.store import ServiceStore, sqlite_env
+
+    class RawPublisher:
+        def __init__(self) -> None:
+            self.payloads: list[bytes] = []
+
+        async def publish_batch(self, messages) -> None:
+            self.payloads += [m.to_json() for m in messages]
+
+    store = ServiceStore("test", sqlite_env(tmp_path / "s.sqlite"))
+    task = new_task()
+    before = task.emit(TaskFailed(reason="from the log ✓ \"q\""), actor="a")
+    store.save(task)
+    publisher = RawPublisher()
+    relay = Relay(store, publisher)
+    after = task.emit(TaskFailed(reason="from memory é\n"), actor="a")
+    store.save(task)
+    await relay.drain()  # `before` is not in memory: read from the log; then `after`.
+    again = task.emit(TaskFailed(reason="memory again"), actor="a")
+    store.save(task)
+    await relay.drain()
+    assert publisher.payloads == [before.to_json(), after.to_json(), again.to_json()]
