@@ -331,3 +331,33 @@ async def test_the_bytes_published_are_the_envelopes_json_from_memory_and_from_t
     store.save(task)
     await relay.drain()
     assert publisher.payloads == [before.to_json(), after.to_json(), again.to_json()]
+
+
+def test_emitted_envelopes_are_exactly_what_envelope_for_would_build():
+    import uuid
+    from datetime import UTC, datetime
+
+    from pydantic import TypeAdapter
+
+    from events import AgentOutput, Envelope, StepOverdue
+    from services.runtime.store import _envelope_and_payload, _json_time
+
+    events = [AgentOutput(seq=1, stream="stdout", text="é ✓ \"x\"\n"), StepOverdue(expected="A", after="B", waited_s=1.5),
+              TaskFailed(reason="r")]
+    for event in events * 2:  # The second time round: the task id is known valid.
+        envelope, payload = _envelope_and_payload(event, "t-fast", "agent:shell", "cause-1")
+        assert payload == envelope.model_dump(mode="json")
+        assert Envelope.model_validate(payload) == envelope
+        assert Envelope.from_json(envelope.to_json()) == envelope
+        assert uuid.UUID(hex=envelope.event_id).version == 4 and uuid.UUID(hex=envelope.event_id).hex == envelope.event_id
+    times = TypeAdapter(datetime)
+    for moment in (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, 120, tzinfo=UTC),
+                   datetime(2026, 1, 2, 3, 4, 5, 999999, tzinfo=UTC), datetime.now(UTC)):
+        assert _json_time(moment) == times.dump_python(moment, mode="json")
+
+
+def test_a_bad_task_id_is_still_refused():
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError):
+        Task("bad task.id", "file:///r", "p", "shell", None).emit(TaskFailed(reason="x"), actor="a")
