@@ -25,7 +25,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench import pipeline, projection, raw_nats
-from bench.stack import RssSampler, Stack, log, wait_until_consumers_idle
+from bench.stack import RssSampler, Stack, log, wait_until_consumers_idle, wait_until_pool_warm
 
 SIZES = {
     #                          quick    full
@@ -90,6 +90,8 @@ class Bench:
         assert stack.nats is not None
         started = time.monotonic()
         busy = await wait_until_consumers_idle(stack.nats.url, timeout_s=self.budget(120 if self.quick else 240))
+        if not await wait_until_pool_warm(stack, timeout_s=self.budget(60)):
+            log("the warm vm_agent pool did not fill up in time")
         waited = time.monotonic() - started
         if waited > 1 or busy:
             log(f"waited {waited:.1f}s for the services' backlog" + (f"; still pending: {busy}" if busy else ""))

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -279,6 +281,20 @@ async def stream_last_seq(nats_url: str) -> int:
         return (await nc.jetstream().stream_info("BATON_EVENTS")).state.last_seq
     finally:
         await nc.close()
+
+
+async def wait_until_pool_warm(stack: Stack, *, timeout_s: float) -> bool:
+    """Wait (bounded) until the provisioner reports its warm vm_agent pool full (`/api/health`):
+    a benchmark measures a running Baton, not one still warming up after `baton up`."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=5) as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                pool = (await client.get(f"{stack.api}/api/health")).json().get("details", {}).get("provisioner")
+                if pool and pool["warm_vm_agents"] >= pool["warm_pool_size"]:
+                    return True
+            await asyncio.sleep(0.2)
+    return False
 
 
 async def wait_until_consumers_idle(nats_url: str, *, timeout_s: float) -> dict[str, int]:

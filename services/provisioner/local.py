@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from services.provisioner.vm_agents import VmAgentError, VmAgentPool, VmAgentProcess, answers
 from services.runtime.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class ProvisionError(Exception):
@@ -57,9 +60,12 @@ class LocalProvider:
         url_file = state_dir / "url"
         if url_file.exists() and await answers(url_file.read_text().strip(), task_id=task_id):
             return url_file.read_text().strip()
-        taking = asyncio.get_running_loop().create_task(self.pool.take(agent))
+        loop = asyncio.get_running_loop()
+        started, ready_before = loop.time(), self.pool.ready_count
+        taking = loop.create_task(self.pool.take(agent))
         try:
             workspace = await self.clone(task_id, repo, base_branch)
+            cloned = loop.time()
         except ProvisionError:
             taking.add_done_callback(self._put_back)  # Unused: back to the pool, once it comes.
             raise
@@ -68,9 +74,14 @@ class LocalProvider:
             raise
         try:
             member = await taking
+            taken = loop.time()
             await self.pool.assign(member, task_id=task_id, workspace=workspace, state_dir=state_dir)
         except VmAgentError as error:
             raise ProvisionError(str(error)) from error
+        log.info("workspace of %s ready in %.0f ms: clone %.0f ms, vm_agent taken after %.0f ms "
+                 "(%d warm before), assigned in %.0f ms", task_id, 1000 * (loop.time() - started),
+                 1000 * (cloned - started), 1000 * (taken - started), ready_before,
+                 1000 * (loop.time() - taken))
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / "pid").write_text(str(member.pid))
         # From now on it is the task's: a restarted provisioner's pool reset must not stop it.

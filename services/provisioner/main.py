@@ -24,6 +24,6 @@ async def run(settings: Settings) -> None:
         provider.pool.refill_soon()
         try:
             await serve(bus, name=NAME, settings=settings, store=store, handlers=handlers.handlers(),
-                        loops=(watcher.run(),))
+                        loops=(watcher.run(),), details=provider.pool.status)
         finally:
             provider.pool.stop_idle()

@@ -187,6 +187,15 @@ class VmAgentPool:
                 pass
         shutil.rmtree(self.pool_dir, ignore_errors=True)
 
+    @property
+    def ready_count(self) -> int:
+        return len(self._ready)
+
+    def status(self) -> dict[str, int]:
+        """For `/api/health`: how warm the pool is."""
+        return {"warm_vm_agents": len(self._ready), "warm_pool_size": self._size,
+                "vm_agents_starting": self._starting, "tasks_waiting_for_a_vm_agent": len(self._waiting)}
+
     def refill_soon(self) -> None:
         """Start as many vm_agents as the pool and the waiting takers are short of."""
         wanted = [*["shell"] * self._size, *self._waiting][len(self._ready) + self._starting:]

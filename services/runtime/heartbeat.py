@@ -6,7 +6,9 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.aio.client import Client
 
@@ -15,11 +17,19 @@ REQUIRED_SERVICES = ("gateway", "task-runner", "provisioner", "projector", "moni
 
 
 async def send_heartbeats(
-    nc: Client, service: str, *, faults: frozenset[str], interval_s: float = 1.0
+    nc: Client,
+    service: str,
+    *,
+    faults: frozenset[str],
+    details: Callable[[], dict[str, Any]] | None = None,
+    interval_s: float = 1.0,
 ) -> None:
-    body = {"service": service, "pid": os.getpid(), "faults": sorted(faults)}
+    """`details`, if given, is what the service reports about itself in `/api/health`."""
+    body: dict[str, Any] = {"service": service, "pid": os.getpid(), "faults": sorted(faults)}
     while True:
         if nc.is_connected:
+            if details is not None:
+                body["details"] = details()
             await nc.publish(f"{HEARTBEAT_SUBJECT}.{service}", json.dumps(body).encode())
         await asyncio.sleep(interval_s)
 
@@ -31,12 +41,15 @@ class HeartbeatBoard:
     stale_after_s: float = 5.0
     last_seen: dict[str, float] = field(default_factory=dict)
     faults: dict[str, list[str]] = field(default_factory=dict)
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     async def follow(self, nc: Client) -> None:
         async def on_beat(msg) -> None:
             body = json.loads(msg.data)
             self.last_seen[body["service"]] = time.monotonic()
             self.faults[body["service"]] = body.get("faults", [])
+            if "details" in body:
+                self.details[body["service"]] = body["details"]
 
         await nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=on_beat)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from services.runtime.bus import Bus
 from services.runtime.consumer import (
@@ -30,13 +31,14 @@ async def serve(
     handlers: dict[str, Handler] | None = None,
     subscriptions: list[Subscription] | None = None,
     loops: tuple[Awaitable[None], ...] = (),
+    details: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
     """Relay the store to the bus and handle the subscriptions (or `handlers`' event types),
-    until cancelled."""
+    until cancelled; `details` goes out with each heartbeat (shown in `/api/health`)."""
     subscriptions = [*(subscriptions or ()), *subscriptions_for(handlers or {})]
     await _run_all(
         Relay(store, bus).run(),
-        send_heartbeats(bus.nc, name, faults=settings.faults),
+        send_heartbeats(bus.nc, name, faults=settings.faults, details=details),
         *loops,
         *(consume(bus, service=name, subscription=sub, store=store) for sub in subscriptions),
     )

@@ -108,3 +108,14 @@ def test_ten_tasks_submitted_at_once_all_complete(api: Api, tmp_path: Path):
     for task, nonce in zip(tasks, nonces, strict=True):
         assert_flow_completes(api, task["task_id"], timeout_s=180)
         assert branch_file(origin, f"baton/{task['task_id']}", "hello.txt") == nonce
+
+
+def test_health_shows_the_warm_vm_agent_pool_filling_up(api: Api, origin: Path):
+    """Tasks take warm vm_agents; the provisioner refills its pool and says so in /api/health."""
+    def pool() -> dict:
+        return api.http.get("/api/health").json()["details"]["provisioner"]
+
+    size = wait_for(lambda: pool()["warm_pool_size"], timeout_s=30, what="the provisioner's pool status")
+    assert_task_travels_the_whole_path(api, origin)
+    wait_for(lambda: pool()["warm_vm_agents"] == size, timeout_s=90,
+             what=f"{size} warm vm_agents in /api/health")

@@ -16,7 +16,10 @@ router = APIRouter(prefix="/api", tags=["system"])
 
 @router.get("/health")
 async def health(gateway: GatewayDep) -> JSONResponse:
-    """200 only when NATS is connected and every service was heard from in the last seconds."""
+    """200 only when NATS is connected and every service was heard from in the last seconds.
+
+    `details` is what services say about themselves (the provisioner: its warm vm_agent pool).
+    """
     services = gateway.heartbeats.status()
     services["gateway"] = True
     nats_ok = gateway.bus.nc.is_connected
@@ -31,6 +34,7 @@ async def health(gateway: GatewayDep) -> JSONResponse:
         "services": services,
         "faults": faults,
         "dead_letters": dead_letters,
+        "details": dict(gateway.heartbeats.details),
     }
     if faults:
         body["warning"] = f"FAULT INJECTION ON: {', '.join(faults)} will silently not happen"
