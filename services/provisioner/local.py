@@ -62,24 +62,22 @@ class LocalProvider:
             return url_file.read_text().strip()
         loop = asyncio.get_running_loop()
         started, ready_before = loop.time(), self.pool.ready_count
-        taking = loop.create_task(self.pool.take(agent))
+        workspace = self.workspace_dir(task_id)
+        # The vm_agent does not touch the workspace before a session starts: it is taken and
+        # assigned while the clone runs.
+        assigning = loop.create_task(self._take_and_assign(task_id, workspace, state_dir, agent))
         try:
-            workspace = await self.clone(task_id, repo, base_branch)
+            await self.clone(task_id, repo, base_branch)
             cloned = loop.time()
-        except ProvisionError:
-            taking.add_done_callback(self._put_back)  # Unused: back to the pool, once it comes.
-            raise
-        except BaseException:
-            taking.cancel()
-            raise
-        try:
-            member = await taking
-            taken = loop.time()
-            await self.pool.assign(member, task_id=task_id, workspace=workspace, state_dir=state_dir)
+            member, taken = await assigning
         except VmAgentError as error:
             raise ProvisionError(str(error)) from error
+        except BaseException:  # The clone failed (or we are stopping): that vm_agent is not needed.
+            assigning.cancel()
+            assigning.add_done_callback(_kill_assigned)
+            raise
         log.info("workspace of %s ready in %.0f ms: clone %.0f ms, vm_agent taken after %.0f ms "
-                 "(%d warm before), assigned in %.0f ms", task_id, 1000 * (loop.time() - started),
+                 "(%d warm before), assigned %.0f ms later", task_id, 1000 * (loop.time() - started),
                  1000 * (cloned - started), 1000 * (taken - started), ready_before,
                  1000 * (loop.time() - taken))
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +90,19 @@ class LocalProvider:
             log_link.symlink_to(member.state_dir / "vm_agent.log")
         return member.url
 
-    def _put_back(self, taking: asyncio.Task[VmAgentProcess]) -> None:
-        if not taking.cancelled() and taking.exception() is None:
-            self.pool.put_back(taking.result())
+    async def _take_and_assign(
+        self, task_id: str, workspace: Path, state_dir: Path, agent: str
+    ) -> tuple[VmAgentProcess, float]:
+        member = await self.pool.take(agent)
+        taken = asyncio.get_running_loop().time()
+        try:
+            await self.pool.assign(member, task_id=task_id, workspace=workspace, state_dir=state_dir)
+        except BaseException:
+            member.kill()
+            raise
+        return member, taken
+
+
+def _kill_assigned(assigning: asyncio.Task[tuple[VmAgentProcess, float]]) -> None:
+    if not assigning.cancelled() and assigning.exception() is None:
+        assigning.result()[0].kill()
