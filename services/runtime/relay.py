@@ -57,7 +57,7 @@ def outgoing_of(domain_event: object, stored_state: bytes | None = None) -> Outg
     if payload is None:
         return None
     body = None
-    if stored_state is not None and stored_state.startswith(_STORED_START) and stored_state.endswith(b"}}"):
+    if isinstance(stored_state, bytes) and stored_state.startswith(_STORED_START) and stored_state.endswith(b"}}"):
         at = stored_state.find(_STORED_ENVELOPE)
         if at > 0:
             body = stored_state[at + 12:-1]  # From `{"event_id":` to the envelope's closing brace.
