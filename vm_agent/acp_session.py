@@ -219,6 +219,9 @@ class _AgentEvents:
         """Deliver queued updates to the sink until :meth:`end_turn`."""
         while (update := await self._queue.get()) is not self._END:
             await self._dispatch(update)
+            # `get` does not yield while updates are queued: let the relay (and NATS's reader,
+            # with its acks) run between updates, so publishing keeps pace with recording.
+            await asyncio.sleep(0)
         # No update at all before the response: the response is the first sign.
         await self._mark_delivered(self._prompt_sha)
 

@@ -68,7 +68,7 @@ def outgoing_of(domain_event: object, stored_state: bytes | None = None) -> Outg
 class Relay:
     """Publishes one store's envelopes to the bus, in notification order."""
 
-    def __init__(self, store: ServiceStore, publisher: BatchPublisher, *, batch_size: int = 500):
+    def __init__(self, store: ServiceStore, publisher: BatchPublisher, *, batch_size: int = 2000):
         self._store = store
         self._publisher = publisher
         self._batch_size = batch_size

@@ -119,14 +119,42 @@ def _envelope_and_payload(
     data = event.model_dump(mode="json")
     event_id = _new_event_id()
     occurred_at = datetime.now(UTC)
-    envelope = Envelope.model_construct(
-        event_id=event_id, type=event.type, task_id=task_id, occurred_at=occurred_at, actor=actor,
-        causation_id=causation_id, data=data,
-    )
+    envelope = _construct({"event_id": event_id, "type": event.type, "task_id": task_id,
+                           "occurred_at": occurred_at, "actor": actor, "causation_id": causation_id,
+                           "data": data})
     payload = {"event_id": event_id, "type": event.type, "task_id": task_id,
                "occurred_at": _json_time(occurred_at), "actor": actor, "causation_id": causation_id,
                "data": dict(data)}
     return envelope, payload
+
+
+_ENVELOPE_FIELDS = frozenset(Envelope.model_fields)
+
+
+def _construct_directly(values: dict[str, Any]) -> Envelope:
+    """`Envelope.model_construct(**values)` for a complete set of fields, without its per-field
+    loop (what it sets: the fields, which were set, no extra, no private)."""
+    envelope = Envelope.__new__(Envelope)
+    object.__setattr__(envelope, "__dict__", values)
+    object.__setattr__(envelope, "__pydantic_fields_set__", set(_ENVELOPE_FIELDS))
+    object.__setattr__(envelope, "__pydantic_extra__", None)
+    object.__setattr__(envelope, "__pydantic_private__", None)
+    return envelope
+
+
+def _pick_construct() -> Callable[[dict[str, Any]], Envelope]:
+    """The direct construction if it builds what pydantic builds (checked once), else pydantic's."""
+    sample = Envelope(type="X", task_id="t", actor="a", data={"k": [1]})
+    try:
+        direct = _construct_directly(dict(sample.__dict__))
+        if direct == sample and direct.model_dump() == sample.model_dump() and direct.to_json() == sample.to_json():
+            return _construct_directly
+    except Exception:
+        pass
+    return lambda values: Envelope.model_construct(**values)
+
+
+_construct = _pick_construct()
 
 
 def _json_time(moment: datetime) -> str:
