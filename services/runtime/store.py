@@ -78,7 +78,7 @@ class TaskAggregate(Aggregate):
         # dump -> validate round trip per event); a rebuild validates the stored dict.
         self._emitting = envelope
         try:
-            self.trigger_event(TaskAggregate.Recorded, envelope=payload)
+            self.trigger_event(TaskAggregate.Recorded, envelope=payload, timestamp=envelope.occurred_at)
         finally:
             self.__dict__.pop("_emitting", None)
         return envelope
