@@ -5,8 +5,8 @@ the whole flow with a few dozen lines of output each, some with a gap that recov
 fail, interleaved the way concurrent tasks interleave on the stream. Each read model is then
 fed the stream the way the projector feeds it (the board only its projected types, each through
 its own consumer name; the audit log every event) into a fresh SQLite database in a temp dir:
-in batches of 100 (one transaction each) when the read models have batch methods, as the
-projector then does, else one transaction per event. Generation is not timed.
+in batches of `FETCH_BATCH` (one transaction each) when the read models have batch methods,
+as the projector then does, else one transaction per event. Generation is not timed.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from events import (
 from projections.audit_log import AuditLog
 from projections.sql import SQLiteDatabase
 from projections.task_board import PROJECTED_TYPES, TaskBoard
+from services.runtime.consumer import FETCH_BATCH
 
 
 def _task_events(rng: random.Random, n: int) -> list[Envelope]:
@@ -93,8 +94,9 @@ def generate(total: int, *, seed: int = 7, concurrency: int = 8) -> list[Envelop
     return stream
 
 
-BATCH = 100
-"""The projector's consumers fetch up to 100 messages at a time (services/runtime/consumer.py)."""
+BATCH = FETCH_BATCH
+"""The projector's consumers fetch up to this many messages at a time, and a backlog (which a
+rebuild from scratch is) fills every fetch (services/runtime/consumer.py)."""
 
 
 def _board_rate(envelopes: list[Envelope], path: Path, *, batched: bool) -> tuple[int, float, int]:

@@ -27,6 +27,11 @@ class SQLiteDatabase:
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
+        # A read model is rebuilt from the stream, and records its position in the same
+        # transaction as its rows: WAL's NORMAL sync never corrupts it, and a power loss can
+        # only drop the last commits, which are then simply read again from JetStream. It
+        # saves an fsync per commit (and the projector commits once per fetched batch).
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._lock = threading.RLock()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:

@@ -54,12 +54,16 @@ class Session(TaskAggregate):
     def failed(self, reason: str) -> None:
         self.emit(SessionFailed(reason=reason), actor=ACTOR, causation_id=self.cause)
 
+    @staticmethod
+    def ends(envelope: Envelope) -> bool:
+        """Whether the session is over once this envelope is recorded (nothing follows it)."""
+        return envelope.type in (BranchPushed.type, SessionFailed.type) or (
+            envelope.type == AgentFinished.type and envelope.data["stop_reason"] != "end_turn")
+
     def apply(self, envelope: Envelope) -> None:
         if envelope.type == AgentSessionStarted.type:
             self.session_id = envelope.data["session_id"]
         elif envelope.type == AgentOutput.type:
             self.output_count = envelope.data["seq"]
-        elif envelope.type in (BranchPushed.type, SessionFailed.type):
-            self.ended = True
-        elif envelope.type == AgentFinished.type and envelope.data["stop_reason"] != "end_turn":
+        elif self.ends(envelope):
             self.ended = True

@@ -24,6 +24,9 @@ def open_vm_agent_store(state_dir: Path) -> ServiceStore:
 
 def end_unfinished_session(store: ServiceStore, task_id: str, *, reason: str) -> bool:
     """End a session a dead vm_agent process left unfinished with `reason`; True if there was one."""
+    last = store.last_envelope(Session, task_id)
+    if last is not None and Session.ends(last):
+        return False  # The usual case, told without replaying every output of the session.
     session = store.get_task_aggregate(Session, task_id)
     if session is None or session.ended:
         return False

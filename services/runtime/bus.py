@@ -135,7 +135,12 @@ class _BatchAcks:
                 headers, payload))
         self._batches[name] = batch
         try:
-            await send_commands(nc, b"".join(commands))
+            if has_writer_api(nc):
+                await send_commands(nc, b"".join(commands))
+            else:  # A nats-py without that private API: the same messages, one public call each.
+                for index, message in enumerate(messages):
+                    await nc.publish(message.subject, message.to_json(), reply=f"{reply}{index}", headers={
+                        "Nats-Expected-Stream": STREAM, "Nats-Msg-Id": message.event_id})
             async with asyncio.timeout(PUBLISH_ACK_TIMEOUT_S):
                 await batch.done
         finally:
@@ -166,6 +171,12 @@ class _Batch:
         self.size = size
         self.acked: set[str] = set()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+def has_writer_api(nc: Client) -> bool:
+    """Whether this nats-py has the private writer `send_commands` uses (2.16 has); callers
+    fall back to its public API without it."""
+    return all(hasattr(nc, name) for name in ("_send_command", "_flush_queue", "_flush_pending"))
 
 
 async def send_commands(nc: Client, commands: bytes) -> None:

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from events import STREAM, Envelope, type_subjects
 from events.envelope import STREAM_SUBJECTS
-from services.runtime.bus import DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, Bus, send_commands
+from services.runtime.bus import DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, Bus, has_writer_api, send_commands
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ async def ack_all(messages: Sequence[Msg]) -> None:
     if not messages:
         return
     client = getattr(messages[0], "_client", None)
-    if client is None or not hasattr(client, "_send_command") or len(messages) == 1:
+    if client is None or not has_writer_api(client) or len(messages) == 1:
         for message in messages:
             await message.ack()
         return

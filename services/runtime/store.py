@@ -268,6 +268,11 @@ class ServiceStore(Application):
         except AggregateNotFoundError:
             return None
 
+    def last_envelope(self, cls: type[TaskAggregate], task_id: str) -> Envelope | None:
+        """The last envelope the task's aggregate recorded, read alone (no replay), or None."""
+        stored = self.recorder.select_events(cls.id_for(task_id), desc=True, limit=1)
+        return envelope_of(self.mapper.to_domain_event(stored[0])) if stored else None
+
     def _fire(self, recordings: list[Recording]) -> None:
         for listener in self._listeners:
             listener(recordings)

@@ -43,7 +43,12 @@ async def stored(bus: Bus) -> list[tuple[dict, bytes]]:
     return found
 
 
-async def test_a_batch_lands_in_order_with_its_ids_and_a_resent_batch_is_stored_once(bus: Bus):
+@pytest.mark.parametrize("writer", ["one write (nats-py's private writer)", "nats-py's public publish"])
+async def test_a_batch_lands_in_order_with_its_ids_and_a_resent_batch_is_stored_once(
+    bus: Bus, writer: str, monkeypatch: pytest.MonkeyPatch
+):
+    if writer.startswith("nats-py's public"):
+        monkeypatch.setattr("services.runtime.bus.has_writer_api", lambda nc: False)
     envelopes = outputs(600)
     messages = [outgoing_of(SimpleNamespace(envelope=e.model_dump(mode="json"))) for e in envelopes]
     await bus.publish_batch(messages[:400])

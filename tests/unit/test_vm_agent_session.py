@@ -5,6 +5,7 @@ from __future__ import annotations
 from events import AgentOutput, check_flow, parse_event
 from tests.unit.fakes import envelopes_in, popo_store
 from vm_agent.domain import Session
+from vm_agent.state import end_unfinished_session
 
 
 def new_session() -> Session:
@@ -83,3 +84,26 @@ def test_a_failed_session_is_ended_and_records_its_reason():
     assert failed.type == "SessionFailed"
     assert failed.data == {"reason": "agent 'shell' could not start: boom"}
     assert store.get_task_aggregate(Session, "t1").ended
+
+
+def test_a_lost_vm_agents_session_is_ended_once_and_an_ended_one_is_told_without_a_replay():
+    store = popo_store()
+    running = Session("t-running", "a1", "shell", None)
+    running.started("s1")
+    for _ in range(3):
+        running.output("stdout", "x")
+    done = Session("t-done", "a1", "shell", None)
+    done.started("s2")
+    done.finished("end_turn", 0)
+    done.pushed("baton/t-done", "c0ffee")
+    store.save(running, done)
+
+    replays: list[str] = []
+    get = store.get_task_aggregate
+    store.get_task_aggregate = lambda cls, task_id: replays.append(task_id) or get(cls, task_id)
+
+    assert end_unfinished_session(store, "t-done", reason="gone") is False
+    assert replays == [], "an ended session is recognised by its last event alone"
+    assert end_unfinished_session(store, "t-running", reason="the vm_agent died") is True
+    assert store.last_envelope(Session, "t-running").type == "SessionFailed"
+    assert end_unfinished_session(store, "t-running", reason="again") is False
