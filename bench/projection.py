@@ -15,6 +15,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from eventsourcing.persistence import Tracking
@@ -99,6 +100,17 @@ BATCH = FETCH_BATCH
 rebuild from scratch is) fills every fetch (services/runtime/consumer.py)."""
 
 
+def _feed(items: list[tuple[Envelope, Tracking]], batch: Callable[[list[tuple[Envelope, Tracking]]], None] | None,
+          one: Callable[[Envelope, Tracking], None]) -> None:
+    """As the projector does: `batch` per fetched batch if the read model has it, else `one` each."""
+    if batch is not None:
+        for i in range(0, len(items), BATCH):
+            batch(items[i:i + BATCH])
+    else:
+        for envelope, tracking in items:
+            one(envelope, tracking)
+
+
 def _board_rate(envelopes: list[Envelope], path: Path, *, batched: bool) -> tuple[int, float, int]:
     """(events applied, seconds, tasks on the board): each per-type consumer's events in order."""
     board = TaskBoard(SQLiteDatabase(path))
@@ -111,12 +123,7 @@ def _board_rate(envelopes: list[Envelope], path: Path, *, batched: bool) -> tupl
     applied = sum(len(items) for items in by_consumer.values())
     started = time.perf_counter()
     for items in by_consumer.values():
-        if batched:
-            for i in range(0, len(items), BATCH):
-                board.apply_batch(items[i:i + BATCH])
-        else:
-            for envelope, tracking in items:
-                board.apply(envelope, tracking)
+        _feed(items, board.apply_batch if batched else None, board.apply)
     seconds = time.perf_counter() - started
     tasks = len(board.list(limit=1_000_000))
     board.close()
@@ -127,12 +134,7 @@ def _audit_rate(envelopes: list[Envelope], path: Path, *, batched: bool) -> floa
     audit = AuditLog(SQLiteDatabase(path))
     items = [(e, Tracking("projector-all", seq)) for seq, e in enumerate(envelopes, 1)]
     started = time.perf_counter()
-    if batched:
-        for i in range(0, len(items), BATCH):
-            audit.append_batch(items[i:i + BATCH])
-    else:
-        for envelope, tracking in items:
-            audit.append(envelope, tracking)
+    _feed(items, audit.append_batch if batched else None, audit.append)
     seconds = time.perf_counter() - started
     audit.close()
     return seconds

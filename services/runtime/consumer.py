@@ -331,17 +331,32 @@ async def dead_letter(bus: Bus, durable: str, message: Msg, error: str) -> None:
                          stream=DEAD_LETTER_STREAM)
 
 
+RECANCEL_S = 0.1
+"""While stopping, a loop still running after this long is cancelled again (see `run_all`)."""
+
+
 async def run_all(*tasks: Awaitable[None]) -> None:
-    """Run a service's long-lived loops; if one dies the process exits (its supervisor restarts it)."""
+    """Run a service's long-lived loops; if one dies the process exits (its supervisor restarts
+    it); when cancelled, stop them all, promptly.
+
+    A loop still running shortly after its cancellation is cancelled again until it ends: a
+    library may swallow one cancellation (Python 3.11's `asyncio.wait_for` does when what it
+    waits for completes at the same moment), and a stop must not wait on that.
+    """
     running = [asyncio.ensure_future(t) for t in tasks]
     try:
         done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
         for finished in done:
             finished.result()
     finally:
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+        pending = {task for task in running if not task.done()}
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+        for task in running:  # Retrieve each outcome: no "exception was never retrieved".
+            if not task.cancelled():
+                task.exception()
 
 
 def subscriptions_for(handlers: dict[str, Handler]) -> Sequence[Subscription]:

@@ -15,6 +15,7 @@ events in memory do not follow the position without a gap, or when too many pile
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -154,10 +155,11 @@ class Relay:
                 log.warning("relay publish failed, will retry: %s", error)
                 await asyncio.sleep(retry_s)
                 continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), poll_interval_s)
-            except TimeoutError:
-                pass
+            # `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` can swallow a
+            # cancellation that arrives as the wake-up does, and the relay would not stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll_interval_s):
+                    await self._wake.wait()
 
 
 def pending_envelopes(store: ServiceStore) -> Sequence[Envelope]:
