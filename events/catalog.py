@@ -18,13 +18,17 @@ class BaseEvent(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     type: ClassVar[str]
+    emitter: ClassVar[str]
+    """Who may publish it: a service name or `vm_agent`. The bus enforces it (each credential may
+    publish only its emitter's types: `services/runtime/nats_auth.py`)."""
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, *, emitter: str = "", **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.type = cls.__name__
+        cls.emitter = emitter
 
 
-class TaskSubmitted(BaseEvent):
+class TaskSubmitted(BaseEvent, emitter="gateway"):
     """Emitted by the gateway when a user submits a task (HTTP, CLI or UI).
 
     Promises: the task was validated and durably recorded; the task runner will take it.
@@ -36,7 +40,7 @@ class TaskSubmitted(BaseEvent):
     base_branch: str | None = None
 
 
-class WorkspaceRequested(BaseEvent):
+class WorkspaceRequested(BaseEvent, emitter="task-runner"):
     """Emitted by the task runner: a workspace with the repo checked out is needed."""
 
     repo: str
@@ -45,24 +49,27 @@ class WorkspaceRequested(BaseEvent):
     provider: str = "local"
 
 
-class WorkspaceReady(BaseEvent):
+class WorkspaceReady(BaseEvent, emitter="provisioner"):
     """Emitted by the provisioner once the repo is cloned and the workspace's vm_agent answers.
 
-    Promises: `vm_agent_url` accepts `POST /sessions` for this task now.
+    Promises: `vm_agent_url` accepts `POST /sessions` for this task now, from whoever holds the
+    workspace's token (derived from the install secret, the task id and `credential_expires_at`;
+    never in an event), until `credential_expires_at` (Unix time).
     """
 
     workspace_id: str
     provider: str
     vm_agent_url: str
+    credential_expires_at: float | None = None
 
 
-class WorkspaceFailed(BaseEvent):
+class WorkspaceFailed(BaseEvent, emitter="provisioner"):
     """Emitted by the provisioner when no workspace could be made (e.g. the clone failed)."""
 
     reason: str
 
 
-class AgentSessionStarted(BaseEvent):
+class AgentSessionStarted(BaseEvent, emitter="vm_agent"):
     """Emitted by the vm_agent once the agent process runs and has opened an ACP session."""
 
     session_id: str
@@ -70,7 +77,7 @@ class AgentSessionStarted(BaseEvent):
     attempt_id: str
 
 
-class PromptDelivered(BaseEvent):
+class PromptDelivered(BaseEvent, emitter="vm_agent"):
     """Emitted by the vm_agent once the agent has accepted the task's first prompt.
 
     Promises: the agent named by `session_id` received exactly the UTF-8 bytes whose SHA-256
@@ -81,25 +88,29 @@ class PromptDelivered(BaseEvent):
     prompt_sha256: str
 
 
-class AgentOutput(BaseEvent):
+class AgentOutput(BaseEvent, emitter="vm_agent"):
     """Emitted by the vm_agent for each piece of output of the agent, in order.
 
-    Promises: `seq` is 1-based and contiguous per task.
+    Promises: `seq` is 1-based and contiguous per task; `text` is at most 64 KiB of UTF-8 (a
+    longer line is split, never inside a character, so every event fits the bus). `continues`:
+    the next AgentOutput of the same `stream` continues this line (join their texts to get it
+    whole); false when the line ends here or, for agents that send chunks, as sent.
     """
 
     seq: int = Field(ge=1)
     stream: Literal["stdout", "stderr", "message", "tool"]
     text: str
+    continues: bool = False
 
 
-class AgentFinished(BaseEvent):
+class AgentFinished(BaseEvent, emitter="vm_agent"):
     """Emitted by the vm_agent when the agent's prompt turn has ended."""
 
     stop_reason: str
     exit_code: int | None = None
 
 
-class BranchPushed(BaseEvent):
+class BranchPushed(BaseEvent, emitter="vm_agent"):
     """Emitted by the vm_agent once the workspace's changes are pushed to the origin.
 
     Promises: `branch` exists in the task's repo and points at `commit`.
@@ -109,26 +120,26 @@ class BranchPushed(BaseEvent):
     commit: str
 
 
-class SessionFailed(BaseEvent):
+class SessionFailed(BaseEvent, emitter="vm_agent"):
     """Emitted by the vm_agent when the agent could not run or its work could not be pushed."""
 
     reason: str
 
 
-class TaskCompleted(BaseEvent):
+class TaskCompleted(BaseEvent, emitter="task-runner"):
     """Emitted by the task runner: the agent's work is on `branch` in the origin."""
 
     branch: str
     commit: str
 
 
-class TaskFailed(BaseEvent):
+class TaskFailed(BaseEvent, emitter="task-runner"):
     """Emitted by the task runner (the only owner of a task's end): `reason` says why, for people."""
 
     reason: str
 
 
-class StepOverdue(BaseEvent):
+class StepOverdue(BaseEvent, emitter="monitor"):
     """Emitted by the flow monitor when a handoff did not happen within its deadline.
 
     Promises: `expected` had not been seen `waited_s` seconds after `after`, or the flow
@@ -140,7 +151,7 @@ class StepOverdue(BaseEvent):
     waited_s: float
 
 
-class StepRecovered(BaseEvent):
+class StepRecovered(BaseEvent, emitter="monitor"):
     """Emitted by the flow monitor when an overdue handoff arrives after all.
 
     `waited_s` is how long after `after` it finally came.
@@ -151,7 +162,7 @@ class StepRecovered(BaseEvent):
     waited_s: float
 
 
-class AgentStalled(BaseEvent):
+class AgentStalled(BaseEvent, emitter="monitor"):
     """Emitted by the flow monitor when a running agent produced no output for `silent_s` seconds."""
 
     silent_s: float
@@ -178,6 +189,13 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
         AgentStalled,
     )
 }
+
+
+
+def types_emitted_by(emitter: str) -> frozenset[str]:
+    """The event types `emitter` publishes (a service name or `vm_agent`)."""
+    return frozenset(name for name, cls in EVENT_TYPES.items() if cls.emitter == emitter)
+
 
 TERMINAL_TYPES = frozenset({TaskCompleted.type, TaskFailed.type})
 

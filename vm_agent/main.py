@@ -12,15 +12,18 @@ import socket
 from pathlib import Path
 
 import uvicorn
+from nats.aio.client import Client
 
-from services.runtime.bus import open_bus
+from services.runtime.bus import Bus, connect_nats
 from services.runtime.logs import setup_logging
+from services.runtime.nats_auth import raw_credentials, vm_agent_inbox
 from services.runtime.relay import pending_envelopes
 from services.runtime.settings import Settings
-from vm_agent.acp_session import AgentProcess
 from vm_agent.app import create_app
 from vm_agent.backends import BACKENDS
-from vm_agent.state import VmAgent, end_unfinished_session, open_vm_agent_store
+from vm_agent.runner import AgentLauncher
+from vm_agent.sandbox import Sandbox
+from vm_agent.state import VmAgent, directory_identity, end_unfinished_session, open_vm_agent_store
 
 __all__ = ["end_unfinished_session", "main", "open_vm_agent_store"]
 
@@ -36,6 +39,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="host name in the URL others use to reach this vm_agent (default: --host)")
     parser.add_argument("--warm-agent", default=None, choices=sorted(BACKENDS),
                         help="start this agent ahead of time, so a session starts at once")
+    parser.add_argument("--workspace", type=Path, default=None,
+                        help="the directory the warm agent works in: its task's workspace once the "
+                             "provisioner moved the clone there (default: <state-dir>/workspace)")
     parser.add_argument("--linger-s", type=float, default=5.0,
                         help="stay up this long after the session ended and every event was relayed")
     return parser.parse_args(argv)
@@ -65,21 +71,41 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
         raise SystemExit("vm_agent: BATON_VM_AGENT_TOKEN is not set; refusing to serve unauthenticated")
     args.state_dir.mkdir(parents=True, exist_ok=True)
     sock = socket.create_server((args.host, args.port))
-    async with open_bus(settings.nats_url, name=f"vm_agent-{args.state_dir.name}") as bus:
-        vm_agent = VmAgent(token, bus, settings.faults, warm_backend=args.warm_agent)
-        if args.warm_agent:
-            # Start the agent now: its start-up (seconds for some) is off the task's path.
-            command = BACKENDS[args.warm_agent].command
-            vm_agent.warming = asyncio.create_task(AgentProcess.start(command, cwd=args.state_dir))
-        server = uvicorn.Server(uvicorn.Config(create_app(vm_agent), log_level="warning"))
-        watcher = asyncio.create_task(_exit_when_done(vm_agent, server, args.linger_s))
-        url = f"http://{args.advertise_host or args.host}:{sock.getsockname()[1]}"
-        _write_url(args.state_dir, url)
-        log.info("vm_agent listening on %s (warm agent: %s)", url, args.warm_agent)
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            await _stop(vm_agent, watcher)
+    connections: list[Client] = []
+
+    async def connect(task_id: str, credentials: str | None) -> Bus:
+        """The bus, with the workspace's own credential when the provisioner minted one."""
+        if credentials is None:
+            nc = await connect_nats(settings.nats_url, name=f"vm_agent-{task_id}", timeout_s=10,
+                                    credentials=str(settings.nats_creds) if settings.nats_creds else None)
+        else:
+            nc = await connect_nats(settings.nats_url, name=f"vm_agent-{task_id}", timeout_s=10,
+                                    credentials=raw_credentials(credentials),
+                                    inbox_prefix=vm_agent_inbox(task_id))
+        connections.append(nc)
+        return Bus(nc=nc, js=nc.jetstream())
+
+    # Agents never see the data dir, nor this vm_agent's state (its store, its log).
+    sandbox = Sandbox.from_setting(settings.sandbox, hidden=(settings.data_dir, args.state_dir))
+    launcher = AgentLauncher(sandbox, home=args.state_dir / "home")
+    vm_agent = VmAgent(token, connect, settings.faults, launcher, warm_backend=args.warm_agent)
+    if args.warm_agent:
+        # Start the agent now: its start-up (seconds for some) is off the task's path.
+        workspace = args.workspace or args.state_dir / "workspace"
+        workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
+        vm_agent.warm_workspace = directory_identity(workspace)
+        vm_agent.warming = asyncio.create_task(launcher.start(BACKENDS[args.warm_agent], workspace=workspace))
+    server = uvicorn.Server(uvicorn.Config(create_app(vm_agent), log_level="warning"))
+    watcher = asyncio.create_task(_exit_when_done(vm_agent, server, args.linger_s))
+    url = f"http://{args.advertise_host or args.host}:{sock.getsockname()[1]}"
+    _write_url(args.state_dir, url)
+    log.info("vm_agent listening on %s (warm agent: %s; sandbox: %s)", url, args.warm_agent, sandbox.describe())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        await _stop(vm_agent, watcher)
+        for nc in connections:
+            await nc.close()
 
 
 async def _stop(vm_agent: VmAgent, watcher: asyncio.Task[None]) -> None:
@@ -96,5 +122,6 @@ async def _stop(vm_agent: VmAgent, watcher: asyncio.Task[None]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.umask(0o077)  # Its store, log and workspace files are the owner's only.
     setup_logging("vm_agent")
     asyncio.run(serve(_parse_args(argv), Settings()))

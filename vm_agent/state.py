@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.runtime.bus import vm_agent_dead_letter_subject
+from services.runtime.git_safety import saved_clone_config
 from services.runtime.relay import BatchPublisher, Relay
+from services.runtime.repo_url import RepoCredential
 from services.runtime.store import ServiceStore, sqlite_env
 from vm_agent.acp_session import AgentProcess
 from vm_agent.domain import Session
+from vm_agent.gitops import PushAccess
+from vm_agent.runner import AgentLauncher
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +26,15 @@ def open_vm_agent_store(state_dir: Path) -> ServiceStore:
     """The vm_agent's own store lives beside its workspace (on the VM), so it is always SQLite."""
     state_dir.mkdir(parents=True, exist_ok=True)
     return ServiceStore("vm_agent", sqlite_env(state_dir / "events.sqlite"))
+
+
+def directory_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the directory at `path` (it follows renames), None if there is none."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def end_unfinished_session(store: ServiceStore, task_id: str, *, reason: str) -> bool:
@@ -35,38 +50,62 @@ def end_unfinished_session(store: ServiceStore, task_id: str, *, reason: str) ->
     return True
 
 
+BusConnector = Callable[[str, "str | None"], Awaitable[BatchPublisher]]
+"""(task_id, NATS credentials text or None) -> a connected publisher for the task's events."""
+
+
 @dataclass
 class Assigned:
     task_id: str
     workspace: Path
     token: str
+    token_expires_at: float
     store: ServiceStore
     relay: asyncio.Task[None]
     session: Session | None = None
+    push_access: PushAccess | None = None
 
 
 @dataclass
 class VmAgent:
+    """A vm_agent talks to NATS only once assigned, with the credential of its task's workspace
+    (it may publish that task's vm_agent events and nothing else)."""
+
     pool_token: str
-    publisher: BatchPublisher
+    connect: BusConnector
     faults: frozenset[str]
+    launcher: AgentLauncher
     warm_backend: str | None = None
     warming: Awaitable[AgentProcess] | None = None
+    warm_workspace: tuple[int, int] | None = None
+    """(device, inode) of the directory the warm agent works in: its task's workspace only once
+    the provisioner moved the clone there."""
     assigned: Assigned | None = None
     runs: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    publisher: BatchPublisher | None = None
 
     @property
     def token(self) -> str:
         return self.assigned.token if self.assigned else self.pool_token
 
-    def assign(self, task_id: str, workspace: Path, state_dir: Path, token: str) -> None:
+    @property
+    def token_expired(self) -> bool:
+        return self.assigned is not None and time.time() >= self.assigned.token_expires_at
+
+    async def assign(self, task_id: str, workspace: Path, state_dir: Path, token: str, *,
+                     token_expires_at: float, nats_credentials: str | None,
+                     repo_credential: RepoCredential | None = None) -> None:
+        self.publisher = await self.connect(task_id, nats_credentials)
         store = open_vm_agent_store(state_dir)
         end_unfinished_session(
             store, task_id, reason="the vm_agent restarted while the agent was running; the run was lost"
         )
-        relay = asyncio.get_running_loop().create_task(Relay(store, self.publisher).run())
+        relay = asyncio.get_running_loop().create_task(Relay(
+            store, self.publisher, dead_letter_subject=vm_agent_dead_letter_subject(task_id)).run())
         existing = store.get_task_aggregate(Session, task_id)
-        self.assigned = Assigned(task_id, workspace, token, store, relay, existing)
+        self.assigned = Assigned(task_id, workspace, token, token_expires_at, store, relay, existing)
+        # The provisioner saves the clone's .git/config there once the clone is done.
+        self.assigned.push_access = PushAccess(saved_clone_config(state_dir), repo_credential)
         log.info("assigned to task %s in %s", task_id, workspace)
 
     def session(self) -> Session | None:
@@ -92,9 +131,13 @@ class VmAgent:
             return "starting"
         return "failed" if self.warming.cancelled() or self.warming.exception() else "ready"
 
-    def take_warm_agent(self, backend: str) -> Awaitable[AgentProcess] | None:
-        """The agent started ahead of time, if it is of the kind asked for (used once)."""
+    def take_warm_agent(self, backend: str, workspace: Path) -> Awaitable[AgentProcess] | None:
+        """The agent started ahead of time, if it is of the kind asked for and works in
+        `workspace` (used once)."""
         if backend != self.warm_backend or self.warming is None:
+            return None
+        if self.warm_workspace != directory_identity(workspace):
+            log.warning("the warm agent works elsewhere than %s; starting one there", workspace)
             return None
         warming, self.warming = self.warming, None
         return warming

@@ -42,7 +42,7 @@ def _child(request: dict, listener: socket.socket) -> None:
             Path("/proc/self/comm").write_text("baton-vm_agent")
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # The vm_agent waits for its own children.
         os.setsid()
-        log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         null_fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null_fd, 0)
         os.dup2(log_fd, 1)
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vm_agent.zygote", description=__doc__)
     parser.add_argument("--fd", type=int, required=True, help="this end of the parent's socketpair")
     args = parser.parse_args(argv)
+    os.umask(0o077)
     serve(socket.socket(fileno=args.fd))
 
 

@@ -18,6 +18,7 @@ dir in its environment, which is how it is found again:
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import fcntl
 import os
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from services.runtime.settings import Settings
+from services.runtime.nats_auth import InstallAuth, bus_is_open, install_auth_dir
+from services.runtime.settings import Settings, write_private
 
 SERVICE_NAMES = ("gateway", "task-runner", "provisioner", "projector", "monitor")
 
@@ -70,6 +72,12 @@ def find_nats_server() -> str:
             "installation), or pass --nats-url to use a NATS server with JetStream you already run."
         )
     return found
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    rest = url.partition("://")[2].rpartition("@")[2].split(",")[0]
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port or 4222)
 
 
 def die_with_parent(sig: int) -> bool:
@@ -221,6 +229,8 @@ class Supervisor:
     nats: subprocess.Popen | None = None
     stop_deadline_s: float = STOP_DEADLINE_S
     _lock: IO[str] | None = None
+    bus_open: bool | None = None
+    """Whether NATS let an anonymous client in (checked at start); None if it was not reached."""
 
     def start(self) -> None:
         """Start NATS (if needed) and every service; returns once all are spawned."""
@@ -233,6 +243,7 @@ class Supervisor:
         }
         if self.nats_url is None:
             self.nats_url = self._start_nats()
+        self._check_bus_auth()
         env = {
             **os.environ,
             **self._marks,
@@ -281,11 +292,36 @@ class Supervisor:
             self.say(f"stopped {count} processes a previous `baton up` on {self.settings.data_dir} "
                      f"left running ({time.monotonic() - started:.1f}s)")
 
+    def _check_bus_auth(self) -> None:
+        """Say loudly when the bus lets anyone in (a `--nats-url` without auth): it is then the
+        weakest door of the install. Our own NATS must refuse an anonymous client, or we stop."""
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(_host_port(self.nats_url), 0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    return  # Unreachable: the services say so themselves, and retry.
+                time.sleep(0.05)
+        self.bus_open = asyncio.run(bus_is_open(self.nats_url))
+        if self.bus_open and self.nats is not None:
+            raise SupervisorError(f"the nats-server started for {self.settings.data_dir} lets anonymous "
+                                  "clients in; refusing to run on an open bus")
+        if self.bus_open:
+            self.say("WARNING: THE BUS IS OPEN. The NATS at --nats-url lets clients in without "
+                     "credentials: anyone who reaches it can forge events or delete the history. "
+                     "Configure it with `baton nats-config` (or give BATON_NATS_CREDS); see the "
+                     "README's Security model.")
+
     def _start_nats(self) -> str:
         binary = find_nats_server()
         port = free_port()
         store = self.settings.path("nats", "jetstream")
         log = self.settings.path("logs", "nats.log")
+        # The server trusts only this install's operator: every client needs a credential it minted.
+        config = write_private(self.settings.path("nats", "server.conf"),
+                               InstallAuth(install_auth_dir(self.settings)).server_config(store_dir=store))
         parent = os.getpid()
         prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
@@ -296,7 +332,7 @@ class Supervisor:
                     os.kill(os.getpid(), signal.SIGKILL)
 
         self.nats = subprocess.Popen(
-            [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store), "-l", str(log)],
+            [binary, "-c", str(config), "-a", "127.0.0.1", "-p", str(port), "-l", str(log)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, **self._marks}, start_new_session=True, preexec_fn=die_with_us,
         )

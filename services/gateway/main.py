@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 
 from services.gateway.app import create_app
+from services.gateway.auth import DenialLogFilter
 from services.runtime.settings import Settings
 
 
@@ -15,4 +18,6 @@ async def run(settings: Settings) -> None:
         # Events are small and many: compressing each WebSocket message costs more than it saves.
         ws_per_message_deflate=False,
     )
-    await uvicorn.Server(config).serve()
+    server = uvicorn.Server(config)  # Its config set up uvicorn's loggers: filter them now.
+    logging.getLogger("uvicorn.error").addFilter(DenialLogFilter())
+    await server.serve()

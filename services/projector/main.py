@@ -7,7 +7,8 @@ from eventsourcing.persistence import Tracking
 from events import Envelope
 from projections.task_board import PROJECTED_TYPES
 from services.projector.read_models import open_audit_log, open_task_board
-from services.runtime.bus import open_bus
+from services.runtime.bus import StreamLimits, open_bus
+from services.runtime.nats_auth import service_credentials
 from services.runtime.consumer import ALL_EVENTS, Subscription, consume, run_all
 from services.runtime.heartbeat import send_heartbeats
 from services.runtime.settings import Settings
@@ -31,7 +32,8 @@ async def run(settings: Settings) -> None:
     async def append_batch_to_audit_log(items: list[tuple[Envelope, Tracking]]) -> None:
         audit.append_batch(items)
 
-    async with open_bus(settings.nats_url, name=NAME) as bus:
+    async with open_bus(settings.nats_url, name=NAME, credentials=service_credentials(settings, NAME),
+                       stream_limits=StreamLimits.from_settings(settings)) as bus:
         await run_all(
             send_heartbeats(bus.nc, NAME, faults=settings.faults),
             # The audit log follows every event in stream order, through one consumer.

@@ -30,9 +30,10 @@ class Workspace(TaskAggregate):
     def is_settled(self) -> bool:
         return self.vm_agent_url is not None or self.failure is not None
 
-    def ready(self, *, workspace_id: str, vm_agent_url: str) -> None:
+    def ready(self, *, workspace_id: str, vm_agent_url: str, credential_expires_at: float | None = None) -> None:
         event = WorkspaceReady(
-            workspace_id=workspace_id, provider=self.provider, vm_agent_url=vm_agent_url
+            workspace_id=workspace_id, provider=self.provider, vm_agent_url=vm_agent_url,
+            credential_expires_at=credential_expires_at,
         )
         self.emit(event, actor=ACTOR, causation_id=self.cause)
 

@@ -65,7 +65,8 @@ class ProvisionerHandlers:
             if "workspace_ready" in self.faults:
                 log.warning("fault workspace_ready: not announcing workspace %s", workspace.task_id)
                 return
-            workspace.ready(workspace_id=f"local-{workspace.task_id}", vm_agent_url=url)
+            workspace.ready(workspace_id=f"local-{workspace.task_id}", vm_agent_url=url,
+                            credential_expires_at=self.provider.credential_expires_at(workspace.task_id))
         self.store.save(workspace)
         if workspace.vm_agent_url:
             self.on_ready(workspace.task_id)

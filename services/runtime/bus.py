@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client
+from nats.aio.client import Client, Credentials
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -21,19 +22,35 @@ from nats.js.errors import NotFoundError
 from events import STREAM, Envelope, subject_for
 from events.envelope import STREAM_SUBJECTS
 
+if TYPE_CHECKING:
+    from services.runtime.settings import Settings
+
 log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_S = 30 * 60
 """How long JetStream remembers a Nats-Msg-Id: a relay that re-sends within it stores nothing twice."""
 
 
+class Unpublishable(Exception):
+    """The bus refuses the message `event_id` for a reason a retry will not change (bigger than
+    the bus's max payload, a subject this connection may not publish to, refused by the stream).
+
+    Raised by `Bus.publish_batch` for the first such message of a batch; the relay sets it aside
+    (dead-letters it) and goes on."""
+
+    def __init__(self, event_id: str, reason: str) -> None:
+        self.event_id = event_id
+        self.reason = reason
+        super().__init__(f"event {event_id} cannot be published: {reason}")
+
+
 class StreamSetupError(RuntimeError):
     """The stream exists but its read-back configuration is not what Baton needs."""
 
-    def __init__(self, mismatches: dict[str, tuple[object, object]]) -> None:
+    def __init__(self, mismatches: dict[str, tuple[object, object]], *, hint: str = "") -> None:
         self.mismatches = mismatches
         detail = ", ".join(f"{k}: wanted {w!r}, got {g!r}" for k, (w, g) in mismatches.items())
-        super().__init__(f"stream {STREAM} is misconfigured ({detail})")
+        super().__init__(f"stream {STREAM} is misconfigured ({detail}){hint}")
 
 
 @dataclass
@@ -43,6 +60,7 @@ class Bus:
     nc: Client
     js: JetStreamContext
     _acks: _BatchAcks | None = field(default=None, repr=False)
+    _denials: PublishDenials = field(default_factory=lambda: PublishDenials(), repr=False)
 
     async def publish(self, envelope: Envelope) -> int:
         """Publish and wait for the stream's ack; returns the stream sequence."""
@@ -72,7 +90,13 @@ class Bus:
             return
         if self._acks is None:
             self._acks = _BatchAcks(self.nc)
+            self._denials.listeners.append(self._acks.publish_denied)
         await self._acks.publish(messages)
+
+    async def publish_dead_letter(self, subject: str, body: dict[str, Any], *, msg_id: str) -> None:
+        """Park `body` (small JSON, for people) on the dead-letter stream; deduplicated by `msg_id`."""
+        await self.js.publish(subject, json.dumps(body).encode(), stream=DEAD_LETTER_STREAM,
+                              headers={"Nats-Msg-Id": msg_id})
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +143,7 @@ class _BatchAcks:
         self._next += 1
         name = str(self._next)
         reply = f"{self._prefix}{name}."
-        batch = _Batch(len(messages))
+        batch = _Batch([(m.subject, m.event_id) for m in messages])
         commands = []
         max_payload = nc.max_payload
         for index, message in enumerate(messages):
@@ -129,7 +153,8 @@ class _BatchAcks:
                 raise ValueError(f"cannot publish subject {subject!r} with id {event_id!r}")
             headers = b"%s%s\r\n\r\n" % (_HEADERS, event_id.encode())
             if len(payload) + len(headers) > max_payload:
-                raise nats.errors.MaxPayloadError
+                raise Unpublishable(event_id, f"{len(payload) + len(headers)} bytes with its headers, "
+                                              f"over the bus's max payload of {max_payload} bytes")
             commands.append(b"HPUB %s %s%d %d %d\r\n%s%s\r\n" % (
                 subject.encode(), reply.encode(), index, len(headers), len(headers) + len(payload),
                 headers, payload))
@@ -154,9 +179,7 @@ class _BatchAcks:
             return  # A batch given up on (timed out, failed): its caller publishes again.
         data = msg.data
         if not data.startswith(b'{"stream"') or b'"error"' in data:
-            status = (msg.headers or {}).get("Status")
-            batch.done.set_exception(
-                nats.js.errors.Error(f"publish not acknowledged: {status or data[:200]!r}"))
+            batch.done.set_exception(_ack_error(data, (msg.headers or {}).get("Status"), batch, index))
             return
         if index not in batch.acked:
             batch.acked.add(index)
@@ -164,11 +187,38 @@ class _BatchAcks:
                 batch.done.set_result(None)
 
 
-class _Batch:
-    __slots__ = ("acked", "done", "size")
+    def publish_denied(self, subject: str) -> None:
+        """The server refused a publish to `subject` (lower-cased, as nats-py reports it): the
+        batches waiting for its ack fail now, naming their first message on it."""
+        for batch in self._batches.values():
+            event_id = next((i for s, i in batch.messages if s.lower() == subject), None)
+            if event_id is not None and not batch.done.done():
+                batch.done.set_exception(Unpublishable(
+                    event_id, f"this connection may not publish to {subject!r} (permissions violation)"))
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+
+_REFUSED_FOR_GOOD = frozenset({10054})
+"""JetStream error codes a retry will not change: 10054 = the message is over the stream's max_msg_size."""
+
+
+def _ack_error(data: bytes, status: str | None, batch: _Batch, index: str) -> Exception:
+    """What a negative publish ack means: Unpublishable when retrying cannot help, else an error to retry."""
+    try:
+        error = json.loads(data)["error"]
+        code, description = error.get("err_code"), error.get("description", "")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        code, description = None, ""
+    if code in _REFUSED_FOR_GOOD and index.isdigit() and int(index) < batch.size:
+        return Unpublishable(batch.messages[int(index)][1], f"the stream refused it: {description}")
+    return nats.js.errors.Error(f"publish not acknowledged: {status or data[:200]!r}")
+
+
+class _Batch:
+    __slots__ = ("acked", "done", "messages", "size")
+
+    def __init__(self, messages: list[tuple[str, str]]) -> None:
+        self.messages = messages  # (subject, event id) of each, in order
+        self.size = len(messages)
         self.acked: set[str] = set()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -193,6 +243,36 @@ DEAD_LETTER_STREAM = "BATON_DEADLETTER"
 DEAD_LETTER_PREFIX = "baton.deadletter"
 
 
+def relay_dead_letter_subject(service: str) -> str:
+    """Where a service's relay parks an event the bus will never take."""
+    return f"{DEAD_LETTER_PREFIX}.relay.{service}"
+
+
+def vm_agent_dead_letter_subject(task_id: str) -> str:
+    """Where a vm_agent's relay parks an event the bus will never take: the one dead-letter
+    subject a vm_agent's credential may publish to."""
+    return f"{DEAD_LETTER_PREFIX}.vm_agent.{task_id}"
+
+
+_PERMISSION_DENIED = re.compile(r'permissions violation for publish to "?([^"\s]+)')
+
+
+class PublishDenials:
+    """Hears the server's asynchronous "permissions violation for publish" errors (a refused
+    publish gets no ack, only that error) and tells the listeners which subject was refused."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Callable[[str], None]] = []
+
+    async def on_error(self, error: Exception) -> None:
+        """nats-py's `error_cb`."""
+        log.warning("nats: %s", error)
+        denied = _PERMISSION_DENIED.search(str(error))
+        if denied:
+            for listener in self.listeners:
+                listener(denied.group(1))
+
+
 def dead_letter_stream_config() -> StreamConfig:
     """Messages no consumer could handle, with the error, kept for people to inspect."""
     return StreamConfig(
@@ -205,7 +285,29 @@ def dead_letter_stream_config() -> StreamConfig:
     )
 
 
-def stream_config() -> StreamConfig:
+@dataclass(frozen=True)
+class StreamLimits:
+    """How much of the event stream NATS keeps, oldest dropped first (the stores stay the record).
+
+    `max_bytes` -1 and `max_age_s` 0 mean no limit; `max_msg_size` -1 means the server's own."""
+
+    max_bytes: int = -1
+    max_age_s: float = 0.0
+    max_msg_size: int = -1
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StreamLimits:
+        return cls(max_bytes=settings.stream_max_bytes, max_age_s=settings.stream_max_age_s)
+
+    @classmethod
+    def of(cls, config: StreamConfig) -> StreamLimits:
+        """The limits a stream's (read-back) configuration holds."""
+        return cls(max_bytes=config.max_bytes if config.max_bytes is not None else -1,
+                   max_age_s=float(config.max_age or 0),
+                   max_msg_size=config.max_msg_size if config.max_msg_size is not None else -1)
+
+
+def stream_config(limits: StreamLimits = StreamLimits()) -> StreamConfig:
     return StreamConfig(
         name=STREAM,
         subjects=list(STREAM_SUBJECTS),
@@ -213,26 +315,61 @@ def stream_config() -> StreamConfig:
         retention=RetentionPolicy.LIMITS,
         discard=DiscardPolicy.OLD,
         duplicate_window=DUPLICATE_WINDOW_S,
+        max_bytes=limits.max_bytes,
+        max_age=limits.max_age_s,
+        max_msg_size=limits.max_msg_size,
     )
 
 
-async def ensure_stream(js: JetStreamContext) -> None:
-    """Create or update both streams idempotently, then verify what the server really kept."""
+async def ensure_stream(
+    js: JetStreamContext, *, limits: StreamLimits | None = None, max_msg_size: int | None = None
+) -> None:
+    """Create or update both streams idempotently, then verify what the server really kept.
+
+    `limits` None keeps the stream's limits as they are (a process without the settings, e.g.
+    a test, never undoes them); `max_msg_size` (the bus's max payload) overrides theirs. A
+    stream already as wanted is left untouched."""
     await _create_or_update(js, dead_letter_stream_config())
-    wanted = stream_config()
-    got = await _create_or_update(js, wanted)
-    mismatches = {
-        name: (want, have)
-        for name, want, have in (
+    current = await _stream_config(js)
+    limits = limits or (StreamLimits.of(current) if current else StreamLimits())
+    if max_msg_size is not None:
+        limits = replace(limits, max_msg_size=max_msg_size)
+    wanted = stream_config(limits)
+    if current is not None and not _mismatches(wanted, current):
+        return
+    try:
+        got = await _create_or_update(js, wanted)
+    except nats.js.errors.APIError as error:
+        raise StreamSetupError({"setup": (limits, error.description)}, hint=(
+            "; lower BATON_STREAM_MAX_BYTES or give NATS more JetStream storage"
+            if error.err_code == 10047 else "")) from error
+    if mismatches := _mismatches(wanted, got):
+        raise StreamSetupError(mismatches)
+
+
+def _mismatches(wanted: StreamConfig, got: StreamConfig) -> dict[str, tuple[object, object]]:
+    """What the server kept that differs from what Baton needs (by setting: wanted, got)."""
+    want, have = StreamLimits.of(wanted), StreamLimits.of(got)
+    return {
+        name: (w, h)
+        for name, w, h in (
             ("subjects", sorted(wanted.subjects or []), sorted(got.subjects or [])),
             ("storage", wanted.storage, got.storage),
             ("retention", wanted.retention, got.retention),
             ("duplicate_window", float(DUPLICATE_WINDOW_S), float(got.duplicate_window or 0)),
+            ("max_bytes", want.max_bytes, have.max_bytes),
+            ("max_age_s", want.max_age_s, have.max_age_s),
+            ("max_msg_size", want.max_msg_size, have.max_msg_size),
         )
-        if want != have
+        if w != h
     }
-    if mismatches:
-        raise StreamSetupError(mismatches)
+
+
+async def _stream_config(js: JetStreamContext) -> StreamConfig | None:
+    try:
+        return (await js.stream_info(STREAM)).config
+    except NotFoundError:
+        return None
 
 
 async def _create_or_update(js: JetStreamContext, wanted: StreamConfig) -> StreamConfig:
@@ -248,9 +385,21 @@ async def dead_letter_count(js: JetStreamContext) -> int:
     return (await js.stream_info(DEAD_LETTER_STREAM)).state.messages
 
 
-async def connect_nats(url: str, *, name: str, timeout_s: float = 30.0) -> Client:
-    """Connect, retrying until `timeout_s` (NATS may still be starting); reconnect forever after."""
+async def connect_nats(url: str, *, name: str, credentials: Credentials | None = None,
+                       inbox_prefix: str | None = None, timeout_s: float = 30.0,
+                       error_cb: Callable[[Exception], Awaitable[None]] | None = None) -> Client:
+    """Connect, retrying until `timeout_s` (NATS may still be starting); reconnect forever after.
+
+    `credentials`: a `.creds` path or text (nats_auth) for a NATS that requires them; a refusal
+    of them is raised at once, it will not change on retry."""
     deadline = asyncio.get_running_loop().time() + timeout_s
+    options: dict[str, Any] = {}
+    if credentials is not None:
+        options["user_credentials"] = credentials
+    if inbox_prefix is not None:
+        options["inbox_prefix"] = inbox_prefix
+    if error_cb is not None:
+        options["error_cb"] = error_cb
     while True:
         try:
             return await nats.connect(
@@ -259,24 +408,33 @@ async def connect_nats(url: str, *, name: str, timeout_s: float = 30.0) -> Clien
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
                 connect_timeout=2,
+                **options,
             )
         except (OSError, nats.errors.NoServersError) as error:
             if asyncio.get_running_loop().time() > deadline:
                 raise ConnectionError(f"cannot reach NATS at {url}: {error}") from error
             await asyncio.sleep(0.2)
+        except nats.errors.Error as error:
+            if "authorization" in str(error).lower():
+                raise ConnectionRefusedError(
+                    f"NATS at {url} refused {name}'s credentials ({error}); see the README's "
+                    "Security model (BATON_NATS_CREDS, `baton nats-config`)") from error
+            raise
 
 
 @asynccontextmanager
-async def open_bus(url: str, *, name: str) -> AsyncIterator[Bus]:
-    """Connected, stream checked; closed on exit.
+async def open_bus(url: str, *, name: str, credentials: Credentials | None = None,
+                   stream_limits: StreamLimits | None = None) -> AsyncIterator[Bus]:
+    """Connected, stream checked (with `stream_limits`; None keeps the stream's); closed on exit.
 
     Closed, not drained: nothing in flight needs finishing, because every effect is
     committed with its position and an unacknowledged message is simply redelivered.
     """
-    nc = await connect_nats(url, name=name)
+    denials = PublishDenials()
+    nc = await connect_nats(url, name=name, credentials=credentials, error_cb=denials.on_error)
     try:
         js = nc.jetstream()
-        await ensure_stream(js)
-        yield Bus(nc=nc, js=js)
+        await ensure_stream(js, limits=stream_limits, max_msg_size=nc.max_payload)
+        yield Bus(nc=nc, js=js, _denials=denials)
     finally:
         await nc.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from events.flow import Deadline, parse_deadlines
+from services.runtime.repo_url import KNOWN_SCHEMES as KNOWN_REPO_SCHEMES
 
 KNOWN_FAULTS = frozenset({"prompt_delivery", "workspace_ready", "agent_output", "branch_push"})
 
@@ -37,6 +39,32 @@ class Settings(BaseSettings):
     faults: Annotated[frozenset[str], NoDecode] = frozenset()
     secret: str | None = Field(default=None, repr=False)
 
+    # --- Safety (issue 11): who may talk to Baton, and how much it takes in. ---
+    api_token: str | None = Field(default=None, repr=False)
+    """The API's bearer token; unset: `<data dir>/api-token`, created on first use (0600)."""
+    allowed_hosts: Annotated[frozenset[str], NoDecode] = frozenset()
+    """Host names (besides localhost, 127.0.0.1 and [::1]) the gateway answers to: `"baton.example.com,10.0.0.5"`."""
+    nats_creds: Path | None = None
+    """A NATS `.creds` file to connect with (a NATS given by `--nats-url` that needs one). Unset: the
+    install's own NATS credentials (`<data dir>/nats-auth/`), or none for a NATS that takes anyone."""
+    stream_max_bytes: int = Field(default=8 * 1024**3, ge=1024**2)
+    """The event stream keeps at most this many bytes (oldest dropped; the stores stay the record)."""
+    stream_max_age_s: float = Field(default=0.0, ge=0)
+    """…and events at most this old (0: no age limit)."""
+    max_viewers: int = Field(default=500, ge=1)
+    """Live WebSocket viewers one gateway serves at once; one more is closed with 1013."""
+    submit_rate_per_s: float = Field(default=5.0, gt=0)
+    """Tasks one client may submit per second, sustained…"""
+    submit_burst: int = Field(default=300, ge=1)
+    """…and at once."""
+    repo_schemes: Annotated[frozenset[str], NoDecode] = frozenset({"https", "ssh", "file"})
+    """Repository URL schemes a task may use (`ssh` includes scp-style `user@host:path`)."""
+    sandbox: str = Field(default="auto", pattern="^(auto|bwrap|none)$")
+    """How agents are confined on the local provider: `bwrap` (required), `auto` (bwrap where it
+    works, else none, said loudly), `none`."""
+    vm_agent_credential_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    """How long a vm_agent's token and NATS credential stay valid after its workspace is assigned."""
+
     deadlines: str = ""
     """Override flow deadlines: `"PromptDelivered=30,AgentOutput=120"` (seconds, by awaited event)."""
     stall_after_s: float = Field(default=300.0, gt=0)
@@ -61,6 +89,21 @@ class Settings(BaseSettings):
     def flow_deadlines(self) -> tuple[Deadline, ...]:
         return parse_deadlines(self.deadlines)
 
+    @field_validator("allowed_hosts", "repo_schemes", mode="before")
+    @classmethod
+    def _parse_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return frozenset(part.strip().lower() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("repo_schemes")
+    @classmethod
+    def _known_repo_schemes(cls, value: frozenset[str]) -> frozenset[str]:
+        unknown = value - KNOWN_REPO_SCHEMES
+        if unknown:  # `ext` and other remote helpers run programs: never allowed.
+            raise ValueError(f"unknown repo scheme(s) {sorted(unknown)}; known: {sorted(KNOWN_REPO_SCHEMES)}")
+        return value
+
     @field_validator("faults", mode="before")
     @classmethod
     def _parse_faults(cls, value: object) -> object:
@@ -74,17 +117,61 @@ class Settings(BaseSettings):
         return value
 
     def path(self, *parts: str) -> Path:
-        """A path under the data dir, its parent created."""
+        """A path under the data dir, its parent created (the data dir itself private: 0700)."""
+        ensure_private_dir(self.data_dir)
         target = self.data_dir.joinpath(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         return target
 
     def install_secret(self) -> str:
-        """The install's secret (vm_agent tokens derive from it); never logged, never in events."""
-        if self.secret:
-            return self.secret
-        secret_file = self.path("secret")
-        if not secret_file.exists():
-            secret_file.touch(mode=0o600)
-            secret_file.write_text(secrets.token_hex(32))
-        return secret_file.read_text().strip()
+        """The install's secret (vm_agent tokens derive from it); never logged, never in events,
+        never outside the control plane."""
+        return self.secret or read_or_create_secret(self.path("secret"))
+
+    def api_token_value(self) -> str:
+        """The API's bearer token: BATON_API_TOKEN, else `<data dir>/api-token` (created once, 0600)."""
+        return self.api_token or read_or_create_secret(self.path("api-token"))
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create `path` (and parents) if needed and make it readable by its owner only."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write `text` to `path` readable by its owner only (0600), replacing it atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    return path
+
+
+def read_or_create_secret(path: Path) -> str:
+    """The secret in `path`, created atomically (0600) on first call: N processes starting at
+    once all read the same non-empty value (the first link wins; the others read it)."""
+    try:
+        value = path.read_text().strip()
+    except FileNotFoundError:
+        value = ""
+    if value:
+        return value
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secrets.token_hex(32).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # Atomic, and fails if another process got there first.
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()

@@ -25,6 +25,7 @@ class Task(TaskAggregate):
         self.state = "queued"
         self.attempt = 0
         self.vm_agent_url: str | None = None
+        self.vm_agent_token_expires_at: float | None = None
 
     @property
     def is_over(self) -> bool:
@@ -39,10 +40,11 @@ class Task(TaskAggregate):
         self.emit(event, actor=ACTOR, causation_id=cause)
 
     @event("AgentStartRequested")
-    def agent_start_requested(self, vm_agent_url: str) -> None:
+    def agent_start_requested(self, vm_agent_url: str, token_expires_at: float | None = None) -> None:
         """Recorded once the workspace's vm_agent accepted `POST /sessions` for a new attempt."""
         self.attempt += 1
         self.vm_agent_url = vm_agent_url
+        self.vm_agent_token_expires_at = token_expires_at
         self.state = "starting"
 
     def complete(self, *, branch: str, commit: str, cause: str) -> None:

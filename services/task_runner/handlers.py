@@ -81,6 +81,7 @@ class TaskRunnerHandlers:
                 prompt=task.prompt,
                 attempt_id=attempt_id,
                 causation_id=envelope.event_id,
+                token_expires_at=ready.credential_expires_at,
             )
         except AgentStartRefused as error:
             # A redelivered WorkspaceReady may find the vm_agent done and gone: the stream
@@ -88,9 +89,9 @@ class TaskRunnerHandlers:
             if not await self._attempt_started(task.task_id, attempt_id):
                 task.fail(f"could not start the agent: {error}", cause=envelope.event_id)
             else:
-                task.agent_start_requested(ready.vm_agent_url)
+                task.agent_start_requested(ready.vm_agent_url, ready.credential_expires_at)
         else:
-            task.agent_start_requested(ready.vm_agent_url)
+            task.agent_start_requested(ready.vm_agent_url, ready.credential_expires_at)
         self.store.save_processed(tracking, task)
 
     async def _attempt_started(self, task_id: str, attempt_id: str) -> bool:
@@ -160,6 +161,7 @@ class TaskRunnerHandlers:
             await self.starter.start_agent_with_prompt(
                 task.vm_agent_url, task_id=task.task_id, agent=task.agent, prompt=task.prompt,
                 attempt_id=task.attempt_id, causation_id=cause,
+                token_expires_at=task.vm_agent_token_expires_at,
             )
         except AgentStartRefused as error:
             log.warning("retrying the start of %s: %s", task.task_id, error)

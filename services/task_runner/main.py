@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from services.runtime.bus import open_bus
+from services.runtime.bus import StreamLimits, open_bus
+from services.runtime.nats_auth import service_credentials
 from services.runtime.service import serve
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore, store_env
@@ -15,7 +16,8 @@ NAME = "task-runner"
 async def run(settings: Settings) -> None:
     store = ServiceStore(NAME, store_env(settings, NAME))
     starter = VmAgentClient(settings.install_secret())
-    async with open_bus(settings.nats_url, name=NAME) as bus:
+    async with open_bus(settings.nats_url, name=NAME, credentials=service_credentials(settings, NAME),
+                       stream_limits=StreamLimits.from_settings(settings)) as bus:
         handlers = TaskRunnerHandlers(
             store, starter, bus, overdue_backoff_s=settings.overdue_backoff_s
         )

@@ -17,7 +17,7 @@ class AgentStartRefused(Exception):
 class AgentStarter(Protocol):
     async def start_agent_with_prompt(
         self, vm_agent_url: str, *, task_id: str, agent: str, prompt: str, attempt_id: str,
-        causation_id: str,
+        causation_id: str, token_expires_at: float | None = None,
     ) -> None: ...
 
 
@@ -34,13 +34,13 @@ class VmAgentClient:
 
     async def start_agent_with_prompt(
         self, vm_agent_url: str, *, task_id: str, agent: str, prompt: str, attempt_id: str,
-        causation_id: str,
+        causation_id: str, token_expires_at: float | None = None,
     ) -> None:
         body = {
             "task_id": task_id, "agent": agent, "initial_prompt": prompt,
             "attempt_id": attempt_id, "causation_id": causation_id,
         }
-        headers = {"Authorization": f"Bearer {vm_agent_token(self._secret, task_id)}"}
+        headers = {"Authorization": f"Bearer {vm_agent_token(self._secret, task_id, token_expires_at)}"}
         for attempt in range(1, self._attempts + 1):
             try:
                 response = await self._http.post(f"{vm_agent_url}/sessions", json=body, headers=headers)

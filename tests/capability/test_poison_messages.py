@@ -19,16 +19,16 @@ from tests.support.waiting import wait_for
 pytestmark = pytest.mark.capability
 
 
-async def publish_raw(url: str, subject: str, payload: bytes) -> None:
-    nc = await nats.connect(url)
+async def publish_raw(url: str, subject: str, payload: bytes, *, credentials: str) -> None:
+    nc = await nats.connect(url, user_credentials=credentials)
     try:
         await nc.jetstream().publish(subject, payload, stream=STREAM)
     finally:
         await nc.close()
 
 
-async def dead_letters(url: str) -> list[dict]:
-    nc = await nats.connect(url)
+async def dead_letters(url: str, *, credentials: str) -> list[dict]:
+    nc = await nats.connect(url, user_credentials=credentials)
     try:
         js = nc.jetstream()
         sub = await js.pull_subscribe("baton.deadletter.>", stream=DEAD_LETTER_STREAM)
@@ -47,14 +47,17 @@ def test_undecodable_and_unhandleable_events_are_dead_lettered_and_the_flow_goes
     before = api.http.get("/api/health").json()["dead_letters"]
 
     # Garbage where the task runner expects a TaskSubmitted…
-    asyncio.run(publish_raw(stack.nats.url, "baton.task.poison1.TaskSubmitted", b"{not an envelope"))
+    # (Published with the gateway's credential: the only one that may publish a TaskSubmitted.)
+    gateway = stack.nats_credentials("gateway")
+    asyncio.run(publish_raw(stack.nats.url, "baton.task.poison1.TaskSubmitted", b"{not an envelope",
+                            credentials=gateway))
     # …and a well-formed envelope whose data breaks the contract (the handler cannot parse it).
     bad = Envelope(type="TaskSubmitted", task_id="poison2", actor="test", data={"repo": 1})
-    asyncio.run(publish_raw(stack.nats.url, bad.subject, bad.to_json()))
+    asyncio.run(publish_raw(stack.nats.url, bad.subject, bad.to_json(), credentials=gateway))
 
     # Both are dead-lettered by the task runner (the garbage by every consumer of it)…
     def parked_by_the_task_runner() -> list[dict] | None:
-        parked = [d for d in asyncio.run(dead_letters(stack.nats.url))
+        parked = [d for d in asyncio.run(dead_letters(stack.nats.url, credentials=stack.nats_credentials()))
                   if d["consumer"] == "task-runner-TaskSubmitted"]
         return parked if {"poison1", "poison2"} <= {p for d in parked for p in ("poison1", "poison2")
                                                       if p in d["subject"]} else None

@@ -96,9 +96,10 @@ def test_with_the_pool_empty_a_task_waits_for_the_next_warm_vm_agent(tmp_path: P
 
 def test_a_vm_agent_that_cannot_start_fails_the_take_with_its_reason(tmp_path: Path) -> None:
     async def scenario() -> None:
-        # Nothing listens there: the vm_agent cannot reach NATS.
-        pool = VmAgentPool(_settings(tmp_path, f"nats://127.0.0.1:{free_port()}"), size=0,
-                           ready_timeout_s=20)
+        # An address no interface of this machine has: the vm_agent cannot listen.
+        settings = _settings(tmp_path, f"nats://127.0.0.1:{free_port()}").model_copy(
+            update={"vm_agent_bind": "192.0.2.1"})
+        pool = VmAgentPool(settings, size=0, ready_timeout_s=20)
         try:
             with pytest.raises(VmAgentError) as failure:
                 await asyncio.wait_for(pool.take("shell"), DEADLINE_S)

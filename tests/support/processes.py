@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from services.runtime.nats_auth import InstallAuth, auditor_permissions, service_permissions
 from tests.support.waiting import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -35,18 +37,28 @@ def nats_server_binary() -> str:
 
 @dataclass
 class NatsServer:
+    """A nats-server with JetStream. With `trusting` (a Baton data dir) it is configured as
+    `baton nats-config` configures one: only credentials minted by that install get in."""
+
     store_dir: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    trusting: Path | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> NatsServer:
+        if self.trusting is None:
+            options = ["-js", "-sd", str(self.store_dir)]
+        else:
+            config = self.store_dir.parent / f"{self.store_dir.name}.conf"
+            self.store_dir.parent.mkdir(parents=True, exist_ok=True)
+            config.write_text(InstallAuth(self.trusting / "nats-auth").server_config(store_dir=self.store_dir))
+            options = ["-c", str(config)]
         self.process = subprocess.Popen(
-            [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port),
-             "-sd", str(self.store_dir)],
+            [nats_server_binary(), *options, "-a", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for(lambda: socket.create_connection(("127.0.0.1", self.port), 0.5).close() or True,
@@ -61,9 +73,10 @@ class NatsServer:
 
 @dataclass
 class BatonStack:
-    """`baton up` against a given NATS, with its own data dir and port."""
+    """`baton up` against a given NATS (or, with `nats=None`, the one it starts), with its own
+    data dir and port."""
 
-    nats: NatsServer
+    nats: NatsServer | None
     data_dir: Path
     faults: str = ""
     database_url: str | None = None
@@ -75,9 +88,33 @@ class BatonStack:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def nats_url(self) -> str:
+        """The bus this stack uses (the given NATS, or the one `baton up` started and printed)."""
+        if self.nats is not None:
+            return self.nats.url
+        found = re.search(r"nats: (nats://\S+)", self.log_path.read_text())
+        assert found, f"baton up did not say which NATS it runs: {self.log_path}"
+        return found.group(1)
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def token(self) -> str:
+        """The API token `baton up` created in its data dir."""
+        return (self.data_dir / "api-token").read_text().strip()
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The header that authenticates a request (HTTP or WebSocket) to this stack."""
+        return {"Authorization": f"Bearer {self.token}"}
+
     def start(self) -> BatonStack:
         env = {**os.environ, "BATON_FAULTS": self.faults, "PYTHONUNBUFFERED": "1", **self.extra_env}
         env.pop("BATON_API", None)
+        env.pop("BATON_API_TOKEN", None)
         env.pop("BATON_DATABASE_URL", None)
         if self.database_url:
             env["BATON_DATABASE_URL"] = self.database_url
@@ -86,7 +123,7 @@ class BatonStack:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "services.cli.main", "up", "--port", str(self.port),
-                 "--data-dir", str(self.data_dir), "--nats-url", self.nats.url],
+                 "--data-dir", str(self.data_dir), *(["--nats-url", self.nats.url] if self.nats else [])],
                 stdout=log, stderr=log, env=env, cwd=REPO_ROOT, start_new_session=True,
             )
         wait_for(self.healthy, timeout_s=90, what="GET /api/health = 200")
@@ -102,6 +139,13 @@ class BatonStack:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
+
+    def nats_credentials(self, name: str = "auditor") -> str:
+        """A credential for this stack's bus, minted as the install mints one: a service's
+        (e.g. `gateway`), or a reader's (`auditor`). Written under the data dir (0600); its path."""
+        auth = InstallAuth(self.data_dir / "nats-auth")
+        permissions = auditor_permissions() if name == "auditor" else service_permissions(name)
+        return str(auth.write_creds(self.data_dir / "nats-auth" / f"test-{name}.creds", name, permissions))
 
     def service_pid(self, name: str) -> int:
         return int((self.data_dir / "run" / f"{name}.pid").read_text())
@@ -129,7 +173,8 @@ def running_stack(
     root: Path, *, faults: str = "", database_url: str | None = None, env: dict[str, str] | None = None
 ) -> Iterator[BatonStack]:
     """A nats-server of its own and `baton up` on it; both stopped on exit."""
-    nats = NatsServer(store_dir=root / "nats").start()
+    # The bus is authenticated as `baton up`'s own is: this NATS trusts the stack's data dir.
+    nats = NatsServer(store_dir=root / "nats", trusting=root / "baton").start()
     try:
         stack = BatonStack(nats=nats, data_dir=root / "baton", faults=faults,
                            database_url=database_url, extra_env=env or {}).start()

@@ -1,0 +1,252 @@
+"""Who may say what on the bus: the install's NATS operator, its account, and scoped user credentials.
+
+NATS's decentralized auth: an **operator** key signs the **account** Baton uses; the account key
+signs a **user** JWT per process, carrying that process's publish/subscribe permissions and an
+expiry. The nats-server `baton up` starts trusts the operator (`server_config`), so a credential
+minted here needs no server reload: a vm_agent's credential is minted when its workspace is
+assigned and allows publishing only its own task's vm_agent events.
+
+The keys live in `<data dir>/nats-auth/` (0600, created once, atomically); they never leave the
+control plane. A JWT is three base64url parts (header, claims, Ed25519 signature by the issuer's
+nkey); `nkeys` (nats-io's own package) does the cryptography, and the format is checked against a
+real nats-server by tests/integration/test_nats_auth.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import nkeys
+from nats.aio.client import Credentials, RawCredentials
+
+from events.catalog import EVENT_TYPES, types_emitted_by
+from services.runtime.settings import Settings, ensure_private_dir, write_private
+
+JS_API_DENIED = ("$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>")
+"""No Baton process deletes or purges the record; a leaked service credential cannot either."""
+
+_PREFIXES = {"operator": nkeys.PREFIX_BYTE_OPERATOR, "account": nkeys.PREFIX_BYTE_ACCOUNT,
+             "user": nkeys.PREFIX_BYTE_USER}
+_UNLIMITED = {"subs": -1, "data": -1, "payload": -1}
+
+
+def new_keypair(kind: str) -> nkeys.KeyPair:
+    return nkeys.from_seed(nkeys.encode_seed(secrets.token_bytes(32), _PREFIXES[kind]))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def encode_jwt(issuer: nkeys.KeyPair, subject: str, name: str, nats: dict, *,
+               expires_at: float | None = None) -> str:
+    """A NATS v2 JWT: `nats` claims (with their `type`), signed by `issuer`."""
+    claims: dict = {"jti": "", "iat": int(time.time()), "iss": issuer.public_key.decode(),
+                    "name": name, "sub": subject, "nats": {**nats, "version": 2}}
+    if expires_at is not None:
+        claims["exp"] = int(expires_at)
+    claims["jti"] = base64.b32encode(hashlib.new("sha512_256", json.dumps(claims).encode()).digest()
+                                     ).decode().rstrip("=")
+    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = f"{header}.{_b64(json.dumps(claims).encode())}"
+    return f"{body}.{_b64(issuer.sign(body.encode()))}"
+
+
+def decode_claims(jwt: str) -> dict:
+    """The claims of a JWT (not verified: for showing what a credential allows)."""
+    part = jwt.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Subjects a user may publish to and subscribe to (NATS wildcards), and what it may not."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    deny_publish: tuple[str, ...] = ()
+    inbox_prefix: str = "_INBOX"
+
+    def claims(self) -> dict:
+        pub: dict = {"allow": list(self.publish)}
+        if self.deny_publish:
+            pub["deny"] = list(self.deny_publish)
+        return {"pub": pub, "sub": {"allow": list(self.subscribe)}}
+
+
+def event_subjects(types: frozenset[str], task: str = "*") -> tuple[str, ...]:
+    return tuple(f"baton.task.{task}.{name}" for name in sorted(types))
+
+
+def service_permissions(service: str) -> Permissions:
+    """A Baton service: the JetStream API (never deleting), its heartbeat, dead letters, and
+    publishing only the events it emits. The provisioner also relays what a dead vm_agent
+    recorded but had not published, so it may publish the vm_agent's events too."""
+    types = types_emitted_by(service)
+    if service == "provisioner":
+        types |= types_emitted_by("vm_agent")
+    return Permissions(
+        publish=("$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "_INBOX.>", f"baton.heartbeat.{service}",
+                 "baton.deadletter.>", *event_subjects(types)),
+        subscribe=(">",),
+        deny_publish=JS_API_DENIED,
+    )
+
+
+def vm_agent_inbox(task_id: str) -> str:
+    return f"_INBOX_vm_{task_id}"
+
+
+def vm_agent_permissions(task_id: str) -> Permissions:
+    """One workspace's vm_agent: publish its own task's vm_agent events (and its dead letters),
+    receive JetStream's acks on an inbox of its own; nothing else (no JetStream API)."""
+    inbox = vm_agent_inbox(task_id)
+    return Permissions(
+        publish=(*event_subjects(types_emitted_by("vm_agent"), task_id),
+                 f"baton.deadletter.vm_agent.{task_id}"),
+        subscribe=(f"{inbox}.>",),
+        inbox_prefix=inbox,
+    )
+
+
+def auditor_permissions() -> Permissions:
+    """`baton audit verify|rebuild` and other readers on the control plane: read, never publish events."""
+    return Permissions(publish=("$JS.API.>", "$JS.ACK.>", "_INBOX.>"), subscribe=(">",),
+                       deny_publish=JS_API_DENIED)
+
+
+def creds_text(jwt: str, seed: bytes) -> str:
+    """The `.creds` file format nats-server's tools and every NATS client read."""
+    return (f"-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n"
+            "************************* IMPORTANT *************************\n"
+            "NKEY Seed printed below can be used to sign and prove identity.\n"
+            "NKEYs are sensitive and should be treated as secrets.\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n\n"
+            "*************************************************************\n")
+
+
+class InstallAuth:
+    """The install's operator, system account and Baton account (keys under `directory`)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        ensure_private_dir(directory)
+        self.operator = self._key("operator", "operator")
+        self.system = self._key("system-account", "account")
+        self.account = self._key("account", "account")
+
+    @classmethod
+    def exists_in(cls, directory: Path) -> bool:
+        return (directory / "account.nk").exists()
+
+    def _key(self, name: str, kind: str) -> nkeys.KeyPair:
+        path = self.directory / f"{name}.nk"
+        try:
+            seed = path.read_bytes().strip()
+        except FileNotFoundError:
+            seed = b""
+        if not seed:
+            tmp = path.with_name(f".{name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, new_keypair(kind).seed)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)  # The first process wins; the others read its key.
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+            seed = path.read_bytes().strip()
+        return nkeys.from_seed(bytearray(seed))
+
+    def server_config(self, *, store_dir: Path | None = None) -> str:
+        """nats-server configuration trusting this install's operator (JetStream on)."""
+        operator_pub = self.operator.public_key.decode()
+        system_pub = self.system.public_key.decode()
+        account_pub = self.account.public_key.decode()
+        operator_jwt = encode_jwt(self.operator, operator_pub, "baton",
+                                  {"type": "operator", "system_account": system_pub})
+        system_jwt = encode_jwt(self.operator, system_pub, "SYS", {"type": "account", "limits": {
+            **_UNLIMITED, "imports": -1, "exports": -1, "wildcards": True, "conn": -1, "leaf": -1}})
+        account_jwt = encode_jwt(self.operator, account_pub, "baton", {"type": "account", "limits": {
+            **_UNLIMITED, "imports": -1, "exports": -1, "wildcards": True, "conn": -1, "leaf": -1,
+            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}})
+        jetstream = f"jetstream {{ store_dir: {json.dumps(str(store_dir))} }}\n" if store_dir else ""
+        return (f"# Written by Baton: trusts this install's NATS operator ({operator_pub}).\n"
+                f"operator: {json.dumps(operator_jwt)}\n"
+                f"system_account: {system_pub}\n"
+                "resolver: MEMORY\n"
+                f"resolver_preload: {{\n  {system_pub}: {json.dumps(system_jwt)}\n"
+                f"  {account_pub}: {json.dumps(account_jwt)}\n}}\n"
+                f"{jetstream}")
+
+    def user_creds(self, name: str, permissions: Permissions, *, ttl_s: float | None = None) -> str:
+        """A new user's `.creds` text: its JWT (signed by the account) and its seed."""
+        user = new_keypair("user")
+        expires_at = time.time() + ttl_s if ttl_s is not None else None
+        jwt = encode_jwt(self.account, user.public_key.decode(), name,
+                         {"type": "user", **permissions.claims(), **_UNLIMITED}, expires_at=expires_at)
+        return creds_text(jwt, user.seed)
+
+    def write_creds(self, path: Path, name: str, permissions: Permissions) -> Path:
+        """Mint a credential into `path` (0600, replaced atomically)."""
+        return write_private(path, self.user_creds(name, permissions))
+
+
+def install_auth_dir(settings: Settings) -> Path:
+    return settings.data_dir / "nats-auth"
+
+
+def service_credentials(settings: Settings, name: str) -> Credentials | None:
+    """What a control-plane process connects with: BATON_NATS_CREDS if set; else, where the install
+    has its own NATS operator (`baton up`'s NATS, or one configured by `baton nats-config`), a
+    credential minted now for `name` (a service, or `auditor`); else none (the URL's own user or
+    token, or an open NATS)."""
+    if settings.nats_creds is not None:
+        return str(settings.nats_creds)
+    if not InstallAuth.exists_in(install_auth_dir(settings)):
+        return None
+    permissions = auditor_permissions() if name == "auditor" else service_permissions(name)
+    return raw_credentials(InstallAuth(install_auth_dir(settings)).user_creds(name, permissions))
+
+
+def vm_agent_credentials(settings: Settings, task_id: str) -> str | None:
+    """The `.creds` text for the vm_agent of `task_id`'s workspace (its own task's events only,
+    expiring), or None where the install has no NATS operator of its own (the vm_agent then uses
+    BATON_NATS_CREDS or the URL, as the services do)."""
+    if not InstallAuth.exists_in(install_auth_dir(settings)):
+        return None
+    return InstallAuth(install_auth_dir(settings)).user_creds(
+        f"vm_agent-{task_id}", vm_agent_permissions(task_id), ttl_s=settings.vm_agent_credential_ttl_s)
+
+
+async def bus_is_open(url: str) -> bool:
+    """True if NATS at `url` lets an anonymous client in (anyone on the network can then forge
+    events or delete the stream); False if it refuses it, or cannot be reached."""
+    try:
+        nc = await nats.connect(_without_userinfo(url), allow_reconnect=False, connect_timeout=2,
+                                max_reconnect_attempts=0)
+    except Exception:  # noqa: BLE001 - refused, unreachable: not open to us.
+        return False
+    await nc.close()
+    return True
+
+
+def _without_userinfo(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
+
+
+def raw_credentials(text: str) -> RawCredentials:
+    """For nats-py's `user_credentials=`: a credential held in memory, never written to disk."""
+    return RawCredentials(text)

@@ -1,0 +1,181 @@
+"""The bus `baton up` starts takes no anonymous client, and each credential says only what its holder may.
+
+Driven as an attacker on the same machine would: straight at the NATS port `baton up` printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+
+from events import STREAM, Envelope, WorkspaceReady
+from events.catalog import envelope_for
+from services.runtime.nats_auth import InstallAuth, raw_credentials, vm_agent_inbox, vm_agent_permissions
+from tests.support.api import Api
+from tests.support.flow import assert_flow_completes
+from tests.support.git_remote import make_origin
+from tests.support.processes import BatonStack
+
+pytestmark = pytest.mark.capability
+
+
+@pytest.fixture(scope="module")
+def own_bus_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]:
+    """`baton up` with the NATS it starts itself (no --nats-url)."""
+    stack = BatonStack(nats=None, data_dir=tmp_path_factory.mktemp("own-bus") / "baton").start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """A server standing in for wherever a forged WorkspaceReady would send the task runner."""
+
+    contacted: list[str] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        Recorder.contacted.append(self.path)
+        self.send_response(202)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def trap() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Recorder.contacted = []
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+async def connect(url: str, **options: object) -> nats.NATS:
+    errors: list[Exception] = []
+
+    async def remember(error: Exception) -> None:
+        errors.append(error)
+
+    nc = await nats.connect(url, allow_reconnect=False, error_cb=remember, **options)
+    nc.seen_errors = errors  # type: ignore[attr-defined]
+    return nc
+
+
+async def publish_refused(nc: nats.NATS, envelope: Envelope) -> bool:
+    """True if JetStream never stored it (the server refused the publish)."""
+    try:
+        await nc.jetstream().publish(envelope.subject, envelope.to_json(), stream=STREAM, timeout=2)
+    except (nats.errors.TimeoutError, TimeoutError):
+        await asyncio.sleep(0)  # Let the -ERR reach the error callback.
+        return True
+    return False
+
+
+def test_an_anonymous_client_is_refused_by_baton_up_s_nats(own_bus_stack: BatonStack):
+    async def scenario() -> None:
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nats.connect(own_bus_stack.nats_url, allow_reconnect=False, max_reconnect_attempts=0)
+
+    asyncio.run(scenario())
+    # And the stack says its bus is authenticated.
+    health = Api(own_bus_stack.api, own_bus_stack.token).http.get("/api/health").json()
+    assert health["bus"] == "authenticated"
+    assert "THE BUS IS OPEN" not in health.get("warning", "")
+
+
+def test_a_vm_agent_credential_cannot_speak_for_another_task(own_bus_stack: BatonStack, trap: str):
+    api = Api(own_bus_stack.api, own_bus_stack.token)
+    origin = make_origin(own_bus_stack.data_dir.parent)
+    victim = api.submit(repo=origin.as_uri(), prompt="echo victim", agent="shell")["task_id"]
+    # A credential exactly like the one the provisioner hands the vm_agent of task `mine`.
+    mine = secrets.token_hex(8)
+    creds = InstallAuth(own_bus_stack.data_dir / "nats-auth").user_creds(
+        f"vm_agent-{mine}", vm_agent_permissions(mine), ttl_s=600)
+
+    async def scenario() -> None:
+        nc = await connect(own_bus_stack.nats_url, user_credentials=raw_credentials(creds),
+                           inbox_prefix=vm_agent_inbox(mine))
+        try:
+            forged_end = Envelope(type="TaskCompleted", task_id=victim, actor="service:task-runner",
+                                  data={"branch": "baton/x", "commit": "0" * 40})
+            forged_ready = envelope_for(
+                WorkspaceReady(workspace_id="evil", provider="local", vm_agent_url=trap),
+                task_id=victim, actor="service:provisioner")
+            assert await publish_refused(nc, forged_end)
+            assert await publish_refused(nc, forged_ready)
+            assert any("permissions violation" in str(e).lower() for e in nc.seen_errors), nc.seen_errors
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
+    # The victim task runs its own course, and the forged URL was never contacted.
+    events = assert_flow_completes(api, victim, timeout_s=120)
+    assert [e["type"] for e in events].count("TaskCompleted") == 1
+    assert [e for e in events if e["type"] == "WorkspaceReady"][0]["data"]["vm_agent_url"] != trap
+    assert Recorder.contacted == []
+
+
+def test_every_credential_is_confined(own_bus_stack: BatonStack):
+    auth = InstallAuth(own_bus_stack.data_dir / "nats-auth")
+    task = secrets.token_hex(8)
+
+    async def scenario() -> None:
+        # A vm_agent may publish its own task's output, and nothing reaches the JetStream API.
+        vm = await connect(own_bus_stack.nats_url, inbox_prefix=vm_agent_inbox(task),
+                           user_credentials=raw_credentials(
+                               auth.user_creds(f"vm_agent-{task}", vm_agent_permissions(task), ttl_s=600)))
+        try:
+            own = Envelope(type="AgentOutput", task_id=task, actor="vm_agent",
+                           data={"seq": 1, "stream": "stdout", "text": "mine"})
+            assert not await publish_refused(vm, own)
+            with pytest.raises((nats.errors.TimeoutError, TimeoutError, nats.errors.Error)):
+                await vm.jetstream().delete_stream(STREAM)
+        finally:
+            await vm.close()
+        # A service may not publish another service's events nor delete the history.
+        gateway = await connect(own_bus_stack.nats_url,
+                                user_credentials=own_bus_stack.nats_credentials("gateway"))
+        try:
+            forged = Envelope(type="TaskFailed", task_id=task, actor="service:task-runner",
+                              data={"reason": "forged"})
+            assert await publish_refused(gateway, forged)
+            with pytest.raises((nats.errors.TimeoutError, TimeoutError, nats.errors.Error)):
+                await gateway.jetstream().delete_stream(STREAM)
+            assert (await gateway.jetstream().stream_info(STREAM)).config.name == STREAM
+        finally:
+            await gateway.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_expired_vm_agent_credential_is_refused(own_bus_stack: BatonStack):
+    task = secrets.token_hex(8)
+    creds = InstallAuth(own_bus_stack.data_dir / "nats-auth").user_creds(
+        f"vm_agent-{task}", vm_agent_permissions(task), ttl_s=-60)
+
+    async def scenario() -> None:
+        with pytest.raises(nats.errors.Error):
+            await nats.connect(own_bus_stack.nats_url, allow_reconnect=False, max_reconnect_attempts=0,
+                               user_credentials=raw_credentials(creds))
+
+    asyncio.run(scenario())
+
+
+def test_stores_and_secrets_are_private(own_bus_stack: BatonStack):
+    data_dir: Path = own_bus_stack.data_dir
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    for path in [data_dir / "secret", data_dir / "api-token", *(data_dir / "nats-auth").glob("*.nk"),
+                 *(data_dir / "stores").glob("*"), *(data_dir / "logs").glob("*.log")]:
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
