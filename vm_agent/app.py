@@ -15,9 +15,16 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from pydantic import BaseModel, Field
 
+from services.runtime.repo_url import RepoCredential
 from vm_agent.backends import available_backends
 from vm_agent.runner import SessionRunner
 from vm_agent.state import VmAgent
+
+
+class RepoCredentialBody(BaseModel):
+    host: str
+    username: str = Field(repr=False)
+    password: str = Field(default="", repr=False)
 
 
 class Assignment(BaseModel):
@@ -28,6 +35,11 @@ class Assignment(BaseModel):
     workspace: Path
     state_dir: Path
     token: str = Field(min_length=32, repr=False)
+    token_expires_at: float = Field(description="Unix time after which `token` is refused")
+    nats_credentials: str | None = Field(default=None, repr=False)
+    repo_credential: RepoCredentialBody | None = Field(default=None, repr=False)
+    """The repo URL's credential, for the push (kept in memory only)."""
+    """This workspace's NATS credential (`.creds` text): publishes its task's vm_agent events only."""
 
 
 class SessionStart(BaseModel):
@@ -51,10 +63,16 @@ def authorized(request: Request, authorization: Annotated[str, Header()] = "") -
     presented = authorization.removeprefix("Bearer ").strip()
     if not hmac.compare_digest(presented, vm_agent.token):
         raise HTTPException(401, "missing or wrong bearer token")
+    if vm_agent.token_expired:
+        raise HTTPException(401, "this workspace's token has expired; the task needs a new workspace")
     return vm_agent
 
 
 VmAgentDep = Annotated[VmAgent, Depends(authorized)]
+
+
+def _repo_credential(body: RepoCredentialBody | None) -> RepoCredential | None:
+    return None if body is None else RepoCredential(body.host, body.username, body.password)
 
 
 def create_app(vm_agent: VmAgent) -> FastAPI:
@@ -78,7 +96,12 @@ def create_app(vm_agent: VmAgent) -> FastAPI:
             if vm.assigned.task_id != body.task_id:
                 raise HTTPException(409, f"this vm_agent already serves task {vm.assigned.task_id}")
             return {"task_id": body.task_id, "assigned_now": False}
-        vm.assign(body.task_id, body.workspace.resolve(), body.state_dir, body.token)
+        try:
+            await vm.assign(body.task_id, body.workspace.resolve(), body.state_dir, body.token,
+                            token_expires_at=body.token_expires_at, nats_credentials=body.nats_credentials,
+                        repo_credential=_repo_credential(body.repo_credential))
+        except ConnectionError as error:  # Unreachable, or the credential refused: say which.
+            raise HTTPException(503, f"this vm_agent cannot publish its task's events: {error}") from error
         return {"task_id": body.task_id, "assigned_now": True}
 
     @app.post("/sessions", status_code=202)
@@ -96,7 +119,9 @@ def create_app(vm_agent: VmAgent) -> FastAPI:
         session = vm.open_session(body.attempt_id, body.agent, body.causation_id)
         runner = SessionRunner(
             vm.assigned.store, session, workspace=vm.assigned.workspace, backend=backend,
-            prompt=body.initial_prompt, faults=vm.faults, warm_agent=vm.take_warm_agent(body.agent),
+            prompt=body.initial_prompt, faults=vm.faults, launcher=vm.launcher,
+            warm_agent=vm.take_warm_agent(body.agent, vm.assigned.workspace),
+            push_access=vm.assigned.push_access,
         )
         vm.runs[body.attempt_id] = asyncio.get_running_loop().create_task(runner.run())
         return SessionAccepted(task_id=body.task_id, attempt_id=body.attempt_id, started_now=True)

@@ -7,9 +7,15 @@ import logging
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 from services.provisioner.vm_agents import VmAgentError, VmAgentPool, VmAgentProcess, answers
+from services.runtime.credentials import CredentialVault
+from services.runtime.git_safety import (
+    credential_config, git_environment, hardened_config, redact, save_clone_config,
+)
+from services.runtime.repo_url import RepoCredential, RepoUrl, RepoUrlError, parse_repo_url
 from services.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,6 +31,7 @@ class LocalProvider:
     def __init__(self, settings: Settings, *, ready_timeout_s: float = 60.0) -> None:
         self._settings = settings
         self.pool = VmAgentPool(settings, size=settings.warm_pool, ready_timeout_s=ready_timeout_s)
+        self.credentials = CredentialVault.of(settings)
 
     def workspace_dir(self, task_id: str) -> Path:
         return self._settings.data_dir / "workspaces" / task_id
@@ -32,30 +39,65 @@ class LocalProvider:
     def vm_agent_dir(self, task_id: str) -> Path:
         return self._settings.data_dir / "vm_agents" / task_id
 
-    async def clone(self, task_id: str, repo: str, base_branch: str | None) -> Path:
-        """Clone `repo` (at `base_branch`) into the task's workspace, replacing a partial one."""
+    def credential_expires_at(self, task_id: str) -> float | None:
+        """When the token and bus credential of the task's vm_agent expire (set at assignment)."""
+        try:
+            return float((self.vm_agent_dir(task_id) / "credential_expires_at").read_text())
+        except (OSError, ValueError):
+            return None
+
+    async def clone(
+        self, task_id: str, repo: str, base_branch: str | None, *, credential: RepoCredential | None = None
+    ) -> Path:
+        """Clone `repo` (at `base_branch`) into the task's workspace, replacing a partial one.
+
+        git runs hardened (no hooks, only the allowed transports) and gets `credential` from a
+        credential helper; the clone's `.git/config` is saved for the vm_agent to restore.
+        """
         target = self.workspace_dir(task_id)
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         branch = ["--branch", base_branch] if base_branch else []
         process = await asyncio.create_subprocess_exec(
-            "git", "clone", "--quiet", *branch, "--", repo, str(target),
+            "git", *hardened_config(self._settings.repo_schemes), *credential_config(credential),
+            "clone", "--quiet", *branch, "--", repo, str(target),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+            env=git_environment(credential),
         )
         _, stderr = await process.communicate()
         if process.returncode != 0:
-            raise ProvisionError(f"git clone {repo} failed: {stderr.decode(errors='replace').strip()}")
+            message = f"git clone {repo} failed: {stderr.decode(errors='replace').strip()}"
+            raise ProvisionError(redact(message, credential))
+        save_clone_config(target, self.vm_agent_dir(task_id))
         return target
 
     async def provision(self, task_id: str, repo: str, base_branch: str | None, *, agent: str) -> str:
         """Clone the workspace and assign it a warm vm_agent (both at once); the vm_agent's URL.
 
-        If the task already has its vm_agent (a provisioner restarted after assigning it),
-        that one's URL: the clone was done before it was assigned.
+        The repo's credential, sealed by the gateway, is used for the clone, handed to the
+        vm_agent (to push) and then discarded.
         """
+        try:
+            url = await self._provision(task_id, self._checked_repo(task_id, repo), base_branch, agent=agent)
+        except ProvisionError:
+            self.credentials.discard(task_id)  # The workspace failed: nobody will need it.
+            raise
+        self.credentials.discard(task_id)  # The vm_agent keeps it in memory, to push.
+        return url
+
+    def _checked_repo(self, task_id: str, repo: str) -> RepoUrl:
+        """`repo` checked again (an event may predate the gateway's checks), with its credential."""
+        try:
+            checked = parse_repo_url(repo, allowed=self._settings.repo_schemes)
+        except RepoUrlError as error:
+            raise ProvisionError(f"cannot clone this repo: {error}") from None
+        return replace(checked, credential=checked.credential or self.credentials.open(task_id))
+
+    async def _provision(self, task_id: str, repo: RepoUrl, base_branch: str | None, *, agent: str) -> str:
+        """If the task already has its vm_agent (a provisioner restarted after assigning it),
+        that one's URL: the clone was done before it was assigned."""
         state_dir = self.vm_agent_dir(task_id)
         url_file = state_dir / "url"
         if url_file.exists() and await answers(url_file.read_text().strip(), task_id=task_id):
@@ -65,9 +107,11 @@ class LocalProvider:
         workspace = self.workspace_dir(task_id)
         # The vm_agent does not touch the workspace before a session starts: it is taken and
         # assigned while the clone runs.
-        assigning = loop.create_task(self._take_and_assign(task_id, workspace, state_dir, agent))
+        assigning = loop.create_task(
+            self._take_and_assign(task_id, workspace, state_dir, agent, repo.credential)
+        )
         try:
-            await self.clone(task_id, repo, base_branch)
+            await self.clone(task_id, repo.url, base_branch, credential=repo.credential)
             cloned = loop.time()
             member, taken = await assigning
         except VmAgentError as error:
@@ -91,12 +135,13 @@ class LocalProvider:
         return member.url
 
     async def _take_and_assign(
-        self, task_id: str, workspace: Path, state_dir: Path, agent: str
+        self, task_id: str, workspace: Path, state_dir: Path, agent: str, credential: RepoCredential | None
     ) -> tuple[VmAgentProcess, float]:
         member = await self.pool.take(agent)
         taken = asyncio.get_running_loop().time()
         try:
-            await self.pool.assign(member, task_id=task_id, workspace=workspace, state_dir=state_dir)
+            await self.pool.assign(member, task_id=task_id, workspace=workspace, state_dir=state_dir,
+                                   repo_credential=credential)
         except BaseException:
             member.kill()
             raise

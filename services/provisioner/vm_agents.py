@@ -20,13 +20,18 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 
+from services.runtime.nats_auth import vm_agent_credentials
+from services.runtime.git_safety import redact
+from services.runtime.repo_url import RepoCredential
 from services.runtime.settings import Settings
 from services.runtime.tokens import vm_agent_token
+from vm_agent.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,9 @@ class VmAgentProcess:
     pid: int
     state_dir: Path
     warm_agent: str | None
+    workspace: Path | None = None
+    """The empty directory its warm agent works in: the task's clone is moved into it
+    (`local.py`, `move_clone_into`)."""
 
     @property
     def alive(self) -> bool:
@@ -176,6 +184,9 @@ class VmAgentPool:
         # Agent start-ups compete for the CPUs: a few at a time finish sooner than all at once.
         self._start_slots = asyncio.Semaphore(max(2, os.cpu_count() or 2))
         self.pool_dir = settings.data_dir / "vm_agents" / "pool"
+        # Beside the workspaces (one file system): a clone moves into one by renames.
+        self.pool_workspaces = settings.data_dir / "workspaces" / ".pool"
+        self.sandbox = Sandbox.from_setting(settings.sandbox, hidden=(settings.data_dir,))
         self.zygote = Zygote(settings.path("logs", "vm_agent-zygote.log"), ready_timeout_s=ready_timeout_s)
 
     def reset(self) -> None:
@@ -186,15 +197,17 @@ class VmAgentPool:
             except (ProcessLookupError, ValueError, PermissionError):
                 pass
         shutil.rmtree(self.pool_dir, ignore_errors=True)
+        shutil.rmtree(self.pool_workspaces, ignore_errors=True)
 
     @property
     def ready_count(self) -> int:
         return len(self._ready)
 
-    def status(self) -> dict[str, int]:
-        """For `/api/health`: how warm the pool is."""
+    def status(self) -> dict[str, int | str]:
+        """For `/api/health`: how warm the pool is, and how its agents are sandboxed."""
         return {"warm_vm_agents": len(self._ready), "warm_pool_size": self._size,
-                "vm_agents_starting": self._starting, "tasks_waiting_for_a_vm_agent": len(self._waiting)}
+                "vm_agents_starting": self._starting, "tasks_waiting_for_a_vm_agent": len(self._waiting),
+                "sandbox": self.sandbox.describe()}
 
     def refill_soon(self) -> None:
         """Start as many vm_agents as the pool and the waiting takers are short of."""
@@ -270,10 +283,15 @@ class VmAgentPool:
             "BATON_NATS_URL": settings.nats_url,
             "BATON_FAULTS": ",".join(sorted(settings.faults)),
             "BATON_VM_AGENT_TOKEN": self.pool_token(state_dir),
+            "BATON_DATA_DIR": os.path.abspath(settings.data_dir),  # What its agent must not see.
+            "BATON_SANDBOX": settings.sandbox,
         }
         env.pop("BATON_SECRET", None)  # A vm_agent gets tokens, never the install secret.
         argv = ["--state-dir", str(state_dir), "--host", settings.vm_agent_bind,
                 "--advertise-host", settings.vm_agent_advertise or settings.vm_agent_bind]
+        workspace = self.pool_workspaces / state_dir.name
+        workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
+        argv += ["--workspace", str(workspace)]
         if warm_agent:
             argv += ["--warm-agent", warm_agent]
         if await self.zygote.ready():
@@ -291,7 +309,7 @@ class VmAgentPool:
         except BaseException:  # Timed out, or cancelled (the provisioner stops): not left running.
             _kill_group(pid, signal.SIGTERM)
             raise
-        return VmAgentProcess(url, pid, state_dir, warm_agent)
+        return VmAgentProcess(url, pid, state_dir, warm_agent, workspace)
 
     def pool_token(self, state_dir: Path) -> str:
         return vm_agent_token(self._settings.install_secret(), f"pool/{state_dir.name}")
@@ -311,10 +329,21 @@ class VmAgentPool:
             await asyncio.sleep(0.02)
         raise VmAgentError(f"vm_agent did not answer within {self._ready_timeout_s:.0f}s")
 
-    async def assign(self, member: VmAgentProcess, *, task_id: str, workspace: Path, state_dir: Path) -> None:
-        """Hand the vm_agent its task; from then on it answers only to the task's token."""
+    async def assign(
+        self, member: VmAgentProcess, *, task_id: str, workspace: Path, state_dir: Path,
+        repo_credential: RepoCredential | None = None,
+    ) -> None:
+        """Hand the vm_agent its task; from then on it answers only to the task's token. It keeps
+        `repo_credential` in memory only, to push."""
+        # The token and the bus credential are the workspace's own and expire; the vm_agent
+        # never sees the install secret (the task runner derives the token from it).
+        expires_at = int(time.time() + self._settings.vm_agent_credential_ttl_s)
         body = {"task_id": task_id, "workspace": str(workspace), "state_dir": str(state_dir),
-                "token": vm_agent_token(self._settings.install_secret(), task_id)}
+                "token": vm_agent_token(self._settings.install_secret(), task_id, expires_at),
+                "token_expires_at": expires_at,
+                "nats_credentials": vm_agent_credentials(self._settings, task_id)}
+        if repo_credential is not None:
+            body["repo_credential"] = asdict(repo_credential)
         headers = {"Authorization": f"Bearer {self.pool_token(member.state_dir)}"}
         try:
             response = await http().post(f"{member.url}/assign", json=body, headers=headers)
@@ -323,7 +352,10 @@ class VmAgentPool:
             raise VmAgentError(f"vm_agent at {member.url} could not be assigned: {error!r}") from error
         if response.status_code != 200:
             member.kill()
-            raise VmAgentError(f"vm_agent refused the assignment ({response.status_code}): {response.text[:300]}")
+            refusal = redact(response.text, repo_credential)[:300]  # A 422 echoes the body it got.
+            raise VmAgentError(f"vm_agent refused the assignment ({response.status_code}): {refusal}")
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "credential_expires_at").write_text(str(expires_at))
 
     def stop_idle(self) -> None:
         """Stop the unassigned vm_agents and the zygote (assigned ones finish their task)."""
