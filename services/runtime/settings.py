@@ -171,7 +171,8 @@ def read_or_create_secret(path: Path) -> str:
     try:
         os.link(tmp, path)  # Atomic, and fails if another process got there first.
     except FileExistsError:
-        pass
+        if not path.read_text().strip():  # Left empty by an older Baton that crashed: not a secret.
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path.read_text().strip()
