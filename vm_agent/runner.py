@@ -11,7 +11,7 @@ from services.runtime.store import ServiceStore
 from vm_agent.acp_session import AgentProcess, AgentStartError, start_agent_with_prompt
 from vm_agent.backends import Backend
 from vm_agent.domain import Session
-from vm_agent.gitops import PushError, commit_and_push
+from vm_agent.gitops import PushAccess, PushError, commit_and_push
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class SessionRunner:
         backend: Backend,
         prompt: str,
         faults: frozenset[str],
+        push_access: PushAccess,
         warm_agent: Awaitable[AgentProcess] | None = None,
     ) -> None:
         self.store = store
@@ -49,6 +50,7 @@ class SessionRunner:
         self.backend = backend
         self.prompt = prompt
         self.faults = faults
+        self.push_access = push_access
         self.warm_agent = warm_agent
         self._flush: asyncio.TimerHandle | None = None
         self._unsaved_outputs = 0
@@ -122,7 +124,8 @@ class SessionRunner:
         first_line = self.prompt.strip().splitlines()[0][:60] if self.prompt.strip() else ""
         try:
             commit = await commit_and_push(
-                self.workspace, branch=branch, message=f"baton: {first_line}\n\nTask {self.session.task_id}"
+                self.workspace, branch=branch, message=f"baton: {first_line}\n\nTask {self.session.task_id}",
+                access=self.push_access,
             )
         except PushError as error:
             self._fail(str(error))
