@@ -51,6 +51,7 @@ __all__ = ["AgentProcess", "AgentStartError", "SessionSink", "TurnResult", "star
 
 STREAM_META_KEY = "baton.stream"
 LINES_META_KEY = "baton.lines"
+CONTINUES_META_KEY = "baton.continues"
 EXIT_CODE_META_KEY = "exit_code"
 
 # The SDK's asyncio default (64 KiB) is too small for big tool outputs; the SDK's
@@ -80,8 +81,9 @@ class SessionSink(Protocol):
     async def prompt_delivered(self, prompt_sha256: str) -> None:
         """The agent accepted the prompt (called once, before any ``output``)."""
 
-    async def output(self, stream: str, text: str) -> None:
-        """Agent output; ``stream`` is one of "stdout", "stderr", "message", "tool"."""
+    async def output(self, stream: str, text: str, *, continues: bool = False) -> None:
+        """Agent output; ``stream`` is one of "stdout", "stderr", "message", "tool";
+        ``continues``: the next output of this stream continues this line."""
 
 
 @dataclass(frozen=True)
@@ -264,8 +266,13 @@ class _AgentEvents:
         if described is not None:
             assert self._sink is not None
             stream, text = described
-            for line in _lines_of(update, stream, text):
+            *lines, last = _lines_of(update, stream, text)
+            for line in lines:
                 await self._sink.output(stream, line)
+            if _continues(update, stream):  # A piece of a runaway line (the shell agent marks them).
+                await self._sink.output(stream, last, continues=True)
+            else:
+                await self._sink.output(stream, last)
 
     async def _mark_delivered(self, prompt_sha256: str) -> None:
         if not self._delivered:
@@ -309,6 +316,13 @@ def _lines_of(update: Any, stream: str, text: str) -> list[str]:
         log.warning("chunk says %s lines but holds %d; recording it as one piece", count, len(lines))
         return [text]
     return [line + "\n" for line in lines]
+
+
+def _continues(update: Any, stream: str) -> bool:
+    """Whether the agent marked this chunk `"baton.continues": true`: the next output of its
+    stream continues the same line."""
+    return (isinstance(update, AgentMessageChunk) and stream in _AGENT_STREAMS
+            and (update.field_meta or {}).get(CONTINUES_META_KEY) is True)
 
 
 def _content_text(block: Any) -> str:

@@ -17,6 +17,26 @@ from services.runtime.store import TaskAggregate
 
 ACTOR = "vm_agent"
 
+OUTPUT_PIECE_BYTES = 64 * 1024
+"""The most UTF-8 bytes one AgentOutput carries: even escaped as JSON (at most 6 bytes a byte),
+its envelope fits the bus's 1 MB payload limit."""
+
+
+def pieces_of(text: str, max_bytes: int = OUTPUT_PIECE_BYTES) -> list[str]:
+    """`text` cut into pieces of at most `max_bytes` UTF-8 bytes, never inside a character."""
+    if len(text) * 4 <= max_bytes:  # The usual line: fits whatever its characters.
+        return [text]
+    data = text.encode("utf-8", "surrogatepass")
+    pieces, start = [], 0
+    while len(data) - start > max_bytes:
+        end = start + max_bytes
+        while data[end] & 0xC0 == 0x80:  # A continuation byte: cut before its character instead.
+            end -= 1
+        pieces.append(data[start:end].decode("utf-8", "surrogatepass"))
+        start = end
+    pieces.append(data[start:].decode("utf-8", "surrogatepass"))
+    return pieces
+
 
 class Session(TaskAggregate):
     """Started → prompt delivered → output 1..n → finished → pushed (or failed)."""
@@ -40,9 +60,16 @@ class Session(TaskAggregate):
         event = PromptDelivered(session_id=self.session_id, prompt_sha256=prompt_sha256)
         self.emit(event, actor=ACTOR, causation_id=self.cause)
 
-    def output(self, stream: str, text: str) -> None:
-        event = AgentOutput(seq=self.output_count + 1, stream=stream, text=text)
-        self.emit(event, actor=f"agent:{self.agent}", causation_id=self.cause)
+    def output(self, stream: str, text: str, *, continues: bool = False) -> int:
+        """Record a piece of the agent's output, split into AgentOutputs that fit the bus (each
+        but the last marked `continues`; the last as given); returns how many were recorded."""
+        pieces = pieces_of(text)
+        last = len(pieces) - 1
+        for index, piece in enumerate(pieces):
+            event = AgentOutput(seq=self.output_count + 1, stream=stream, text=piece,
+                                continues=continues or index < last)
+            self.emit(event, actor=f"agent:{self.agent}", causation_id=self.cause)
+        return len(pieces)
 
     def finished(self, stop_reason: str, exit_code: int | None) -> None:
         event = AgentFinished(stop_reason=stop_reason, exit_code=exit_code)

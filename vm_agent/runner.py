@@ -63,12 +63,11 @@ class SessionRunner:
         self.session.prompt_delivered(prompt_sha256)
         self._save()
 
-    async def output(self, stream: str, text: str) -> None:
+    async def output(self, stream: str, text: str, *, continues: bool = False) -> None:
         if "agent_output" in self.faults:
             return  # Rehearsal: the agent's output silently never reaches the bus.
-        self.session.output(stream, text)
         # A chatty agent writes thousands of lines a second: commit them in small batches.
-        self._unsaved_outputs += 1
+        self._unsaved_outputs += self.session.output(stream, text, continues=continues)
         if self._unsaved_outputs >= OUTPUT_BATCH_MAX:
             self._save()
         elif self._flush is None:

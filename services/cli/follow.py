@@ -16,14 +16,22 @@ from events import FLOW_CONTRACT, TERMINAL_TYPES
 _OUTPUT_STYLE = {"stdout": "white", "stderr": "yellow", "message": "cyan", "tool": "magenta"}
 
 
-def render_event(console: Console, event: dict, started: datetime) -> None:
+def render_event(console: Console, event: dict, started: datetime, pieces: dict[str, str] | None = None) -> None:
+    """Print one event. `pieces` (one dict per task followed) holds the start of a line whose
+    AgentOutputs are marked `continues`, so the line prints once, whole."""
     at = datetime.fromisoformat(event["occurred_at"])
     elapsed = f"+{(at - started).total_seconds():6.2f}s"
     data = event.get("data", {})
     kind = event["type"]
     if kind == "AgentOutput":
-        style = _OUTPUT_STYLE.get(data.get("stream"), "white")
-        console.print(f"[dim]{elapsed}[/]   [dim]│[/] [{style}]{escape(data['text'].rstrip())}[/]")
+        stream, text = data.get("stream", ""), data["text"]
+        if pieces is not None:
+            text = pieces.pop(stream, "") + text
+            if data.get("continues"):
+                pieces[stream] = text
+                return
+        style = _OUTPUT_STYLE.get(stream, "white")
+        console.print(f"[dim]{elapsed}[/]   [dim]│[/] [{style}]{escape(text.rstrip())}[/]")
         return
     mark = "[green]✓[/]" if kind in FLOW_CONTRACT else "[red]✗[/]" if "Fail" in kind else "•"
     detail = {
@@ -51,6 +59,7 @@ async def follow_task(
     duplicate). Returns the terminal event (TaskCompleted or TaskFailed).
     """
     next_seq, started, failing_since = from_seq, None, None
+    pieces: dict[str, str] = {}
     while True:
         try:
             async with websockets.connect(stream_url(api, task_id, next_seq)) as socket:
@@ -58,7 +67,7 @@ async def follow_task(
                 async for raw in socket:
                     for event in json.loads(raw):
                         started = started or datetime.fromisoformat(event["occurred_at"])
-                        render_event(console, event, started)
+                        render_event(console, event, started, pieces)
                         next_seq = event["stream_seq"] + 1
                         if event["type"] in TERMINAL_TYPES:
                             return event

@@ -349,11 +349,12 @@ def events(
     except (ApiError, httpx.HTTPError) as error:
         console.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(2) from None
+    pieces: dict[str, str] = {}
     for event in history:
         if json_lines:
             print(json.dumps(event))
         else:
-            render_event(console, event, datetime.fromisoformat(history[0]["occurred_at"]))
+            render_event(console, event, datetime.fromisoformat(history[0]["occurred_at"]), pieces)
 
 
 if __name__ == "__main__":

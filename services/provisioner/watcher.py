@@ -13,6 +13,7 @@ import logging
 from services.provisioner.domain import Workspace, all_workspaces
 from services.provisioner.local import LocalProvider
 from services.provisioner.vm_agents import process_alive
+from services.runtime.bus import vm_agent_dead_letter_subject
 from services.runtime.relay import BatchPublisher, Relay
 from services.runtime.store import ServiceStore
 from vm_agent.main import end_unfinished_session, open_vm_agent_store
@@ -58,7 +59,8 @@ class VmAgentWatcher:
                 reason="the workspace's vm_agent exited while the agent was running; the run was lost",
             ):
                 log.warning("vm_agent of task %s died mid-run; session ended", workspace.task_id)
-            await Relay(vm_store, self.publisher).drain()
+            await Relay(vm_store, self.publisher,
+                        dead_letter_subject=vm_agent_dead_letter_subject(task_id)).drain()
         finally:
             vm_store.close()
         workspace.release("vm_agent gone; its events are relayed")

@@ -10,6 +10,11 @@ events with their notification ids (`ServiceStore.on_recorded`), so a busy produ
 read back and decode what it has just written. The notification log stays the source whenever
 memory is not exactly the next notifications after the position: after a restart, when the
 events in memory do not follow the position without a gap, or when too many piled up.
+
+An event the bus will never take (bigger than its max payload, on a subject this producer may
+not publish to: `Unpublishable`) never holds up the ones after it: the relay dead-letters a small
+record of it (event id, type, task, size, reason; not the event itself) and records its position
+past it. A transient failure (NATS down, a timeout) is retried from the last position.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any, Protocol
 from eventsourcing.persistence import Recording, Tracking
 
 from events import Envelope, subject_for
-from services.runtime.bus import Outgoing
+from services.runtime.bus import Outgoing, Unpublishable, relay_dead_letter_subject
 from services.runtime.store import ServiceStore, envelope_of
 
 log = logging.getLogger(__name__)
@@ -36,11 +41,18 @@ RELAY_TRACKING = "relay:BATON_EVENTS"
 MEMORY_LIMIT = 20_000
 """Recorded events kept in memory for publishing at most; past that (NATS down), the log."""
 
+BATCH_MAX_BYTES = 8 * 1024 * 1024
+"""Payload bytes one round trip carries at most (many 64 KiB output pieces must not make one
+batch too slow for its ack deadline)."""
+
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class BatchPublisher(Protocol):
-    async def publish_batch(self, messages: Sequence[Outgoing]) -> None: ...
+    async def publish_batch(self, messages: Sequence[Outgoing]) -> None:
+        """Publish in order; raises Unpublishable for the first message the bus will never take."""
+
+    async def publish_dead_letter(self, subject: str, body: dict[str, Any], *, msg_id: str) -> None: ...
 
 
 _STORED_START = b'{"timestamp":'
@@ -69,10 +81,14 @@ def outgoing_of(domain_event: object, stored_state: bytes | None = None) -> Outg
 class Relay:
     """Publishes one store's envelopes to the bus, in notification order."""
 
-    def __init__(self, store: ServiceStore, publisher: BatchPublisher, *, batch_size: int = 2000):
+    def __init__(self, store: ServiceStore, publisher: BatchPublisher, *, batch_size: int = 2000,
+                 dead_letter_subject: str | None = None):
         self._store = store
         self._publisher = publisher
         self._batch_size = batch_size
+        self._dead_letter_subject = dead_letter_subject or relay_dead_letter_subject(store.name)
+        self.dead_lettered = 0
+        """Events set aside because the bus will never take them (since this relay started)."""
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -130,18 +146,49 @@ class Relay:
         return last_id, [m for m in messages if m is not None]
 
     async def drain(self) -> int:
-        """Publish everything recorded so far; returns how many envelopes were published."""
+        """Publish everything recorded so far; returns how many envelopes were published
+        (not counting those dead-lettered)."""
         published = 0
         position = self.position()
         while True:
             last_id, messages = self._next_batch(position)
             if last_id == position:
                 return published
-            if messages:
-                await self._publisher.publish_batch(messages)
+            for part in _parts_of_at_most(messages, BATCH_MAX_BYTES):
+                published += await self._publish_setting_aside_the_unpublishable(part)
             self._store.process_recorder.insert_tracking(Tracking(RELAY_TRACKING, last_id))
             position = last_id
-            published += len(messages)
+
+    async def _publish_setting_aside_the_unpublishable(self, messages: list[Outgoing]) -> int:
+        """Publish `messages` in order, dead-lettering each the bus will never take; returns how
+        many were published. (Re-publishing the ones before a refused one is harmless: JetStream
+        drops what it already has by its Nats-Msg-Id.)"""
+        published = 0
+        while messages:
+            try:
+                await self._publisher.publish_batch(messages)
+                return published + len(messages)
+            except Unpublishable as refused:
+                at = next((i for i, m in enumerate(messages) if m.event_id == refused.event_id), None)
+                if at is None:
+                    raise
+                reason = refused.reason
+            if at:
+                published += await self._publish_setting_aside_the_unpublishable(messages[:at])
+            await self._dead_letter(messages[at], reason)
+            messages = messages[at + 1:]
+        return published
+
+    async def _dead_letter(self, message: Outgoing, reason: str) -> None:
+        _, _, task_id, event_type = message.subject.split(".", 3)  # baton.task.<task id>.<type>
+        body = {"event_id": message.event_id, "type": event_type, "task_id": task_id,
+                "size": len(message.payload), "reason": reason, "producer": self._store.name}
+        log.error("relay: event %s (%s of task %s, %d bytes) can never be published (%s); "
+                  "dead-lettered to %s, going on with the next", message.event_id, event_type,
+                  task_id, len(message.payload), reason, self._dead_letter_subject)
+        await self._publisher.publish_dead_letter(self._dead_letter_subject, body,
+                                                  msg_id=f"relay-{message.event_id}")
+        self.dead_lettered += 1
 
     async def run(self, *, poll_interval_s: float = 1.0, retry_s: float = 0.5) -> None:
         """Drain whenever woken (and every `poll_interval_s`), until cancelled."""
@@ -160,6 +207,19 @@ class Relay:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(poll_interval_s):
                     await self._wake.wait()
+
+
+def _parts_of_at_most(messages: list[Outgoing], max_bytes: int) -> list[list[Outgoing]]:
+    """`messages` in order, in consecutive parts of at most `max_bytes` of payload (or one message)."""
+    parts: list[list[Outgoing]] = [[]]
+    size = 0
+    for message in messages:
+        if parts[-1] and size + len(message.payload) > max_bytes:
+            parts.append([])
+            size = 0
+        parts[-1].append(message)
+        size += len(message.payload)
+    return parts
 
 
 def pending_envelopes(store: ServiceStore) -> Sequence[Envelope]:

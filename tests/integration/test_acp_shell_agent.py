@@ -52,8 +52,8 @@ class RecordingSink:
     async def prompt_delivered(self, prompt_sha256: str) -> None:
         self.events.append(("delivered", prompt_sha256))
 
-    async def output(self, stream: str, text: str) -> None:
-        self.events.append(("output", stream, text))
+    async def output(self, stream: str, text: str, *, continues: bool = False) -> None:
+        self.events.append(("output", stream, text, *(("continues",) if continues else ())))
         if self._trigger is not None and self._trigger in text:
             self.triggered.set()
 
@@ -158,6 +158,21 @@ async def test_large_output_keeps_order_and_long_lines(tmp_path: Path) -> None:
     assert result.stop_reason == "end_turn"
     expected = "".join(f"{i}\n" for i in range(1, 2001)) + "x" * 300000 + "\ntail\n"
     assert sink.text("stdout") == expected
+
+
+@pytest.mark.asyncio
+async def test_a_line_over_a_mebibyte_comes_in_pieces_each_but_its_end_marked_continues(tmp_path: Path) -> None:
+    prompt = "head -c 2621440 /dev/zero | tr '\\0' y; echo\necho after"
+    sink = RecordingSink()
+
+    result = await _run(prompt, tmp_path, sink)
+
+    assert result.stop_reason == "end_turn"
+    stdout = [e for e in sink.kinds("output") if e[1] == "stdout"]
+    # The line's pieces, then its end with the newline, then the next line.
+    assert [e[3:] for e in stdout] == [("continues",), ("continues",), (), ()]
+    assert "".join(e[2] for e in stdout[:3]) == "y" * 2621440 + "\n"
+    assert stdout[3][2] == "after\n"
 
 
 @pytest.mark.asyncio

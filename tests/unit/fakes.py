@@ -16,16 +16,31 @@ def popo_store() -> ServiceStore:
 
 
 class FakePublisher:
-    """Records every batch (as the envelopes the bus would carry); raises `fail_with` (once per
-    call) while it is set."""
+    """Records every batch (as the envelopes the bus would carry) and dead letter; raises
+    `fail_with` (once per call) while it is set; like the bus, refuses a batch with Unpublishable
+    for its first message over `max_payload` bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_payload: int | None = None) -> None:
         self.batches: list[list[Envelope]] = []
+        self.dead_letters: list[tuple[str, dict[str, Any], str]] = []  # (subject, body, msg id)
         self.fail_with: Exception | None = None
+        self.max_payload = max_payload
+        self.refused = 0
+
+    async def publish_dead_letter(self, subject: str, body: dict[str, Any], *, msg_id: str) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.dead_letters.append((subject, body, msg_id))
 
     async def publish_batch(self, messages: list[Any]) -> None:
         if self.fail_with is not None:
             raise self.fail_with
+        for message in messages:
+            if self.max_payload is not None and len(message.to_json()) > self.max_payload:
+                from services.runtime.bus import Unpublishable
+
+                self.refused += 1
+                raise Unpublishable(message.event_id, f"{len(message.to_json())} bytes, over {self.max_payload}")
         for message in messages:  # What a consumer receives: subject and id match the JSON.
             envelope = Envelope.from_json(message.to_json())
             assert (message.subject, message.event_id) == (envelope.subject, envelope.event_id)

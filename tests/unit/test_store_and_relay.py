@@ -361,3 +361,90 @@ def test_a_bad_task_id_is_still_refused():
 
     with pytest.raises(pydantic.ValidationError):
         Task("bad task.id", "file:///r", "p", "shell", None).emit(TaskFailed(reason="x"), actor="a")
+
+
+async def test_an_event_too_big_for_the_bus_is_dead_lettered_once_and_the_next_one_is_published():
+    store = popo_store()
+    first, huge, after = new_task("t1"), new_task("t2"), new_task("t3")
+    before = first.emit(TaskFailed(reason="fits"), actor="a")
+    store.save(first)
+    too_big = huge.emit(TaskFailed(reason="x" * 5000), actor="a")
+    store.save(huge)
+    following = after.emit(TaskFailed(reason="fits too"), actor="a")
+    store.save(after)
+    publisher = FakePublisher(max_payload=2000)
+    relay = Relay(store, publisher)
+
+    # One drain gets past it: the events on either side are published, in order.
+    assert await relay.drain() == 2
+    assert publisher.published == [before, following]
+    # The bus refused it once; a small record of it is parked, without the event itself.
+    assert publisher.refused == 1
+    [(subject, body, msg_id)] = publisher.dead_letters
+    assert subject == "baton.deadletter.relay.test"
+    assert body["event_id"] == too_big.event_id == msg_id.removeprefix("relay-")
+    assert (body["type"], body["task_id"], body["producer"]) == ("TaskFailed", "t2", "test")
+    assert body["size"] == len(too_big.to_json()) and "over 2000" in body["reason"]
+    assert "x" * 100 not in str(body)
+    assert relay.dead_lettered == 1
+    # Its position is recorded past it: nothing is pending, nothing is retried.
+    assert pending_envelopes(store) == [] and relay.position() == 6
+    assert await relay.drain() == 0
+    assert publisher.refused == 1 and len(publisher.dead_letters) == 1
+
+
+async def test_a_running_relay_is_not_jammed_by_an_unpublishable_event_and_publishes_the_next_task():
+    store = popo_store()
+    publisher = FakePublisher(max_payload=2000)
+    running = asyncio.create_task(Relay(store, publisher).run(poll_interval_s=30, retry_s=0.01))
+    try:
+        huge = new_task("t1")
+        huge.emit(TaskFailed(reason="x" * 5000), actor="a")
+        store.save(huge)
+        nxt = new_task("t2")
+        next_task = nxt.emit(TaskFailed(reason="next"), actor="a")
+        store.save(nxt)
+        for _ in range(200):
+            if publisher.published:
+                break
+            await asyncio.sleep(0.005)
+        assert publisher.published == [next_task]
+        assert publisher.refused == 1 and len(publisher.dead_letters) == 1
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_relay_that_cannot_even_dead_letter_retries_from_its_position():
+    store = popo_store()
+    task = new_task()
+    too_big = task.emit(TaskFailed(reason="x" * 5000), actor="a")
+    store.save(task)
+    publisher = FakePublisher(max_payload=2000)
+    relay = Relay(store, publisher)
+    real_dead_letter = publisher.publish_dead_letter
+
+    async def nats_down(*args, **kwargs):
+        raise ConnectionError("nats down")
+
+    publisher.publish_dead_letter = nats_down
+    with pytest.raises(ConnectionError):
+        await relay.drain()
+    assert relay.position() == 0  # Not past it until it is parked somewhere people can see.
+    publisher.publish_dead_letter = real_dead_letter
+    assert await relay.drain() == 0
+    assert [body["event_id"] for _, body, _ in publisher.dead_letters] == [too_big.event_id]
+    assert relay.position() == 2
+
+
+async def test_a_vm_agent_relay_dead_letters_to_the_subject_its_credential_allows():
+    from services.runtime.bus import vm_agent_dead_letter_subject
+
+    store = popo_store()
+    task = new_task("0123456789abcdef")
+    task.emit(TaskFailed(reason="x" * 5000), actor="a")
+    store.save(task)
+    publisher = FakePublisher(max_payload=2000)
+    subject = vm_agent_dead_letter_subject("0123456789abcdef")
+    await Relay(store, publisher, dead_letter_subject=subject).drain()
+    assert [s for s, _, _ in publisher.dead_letters] == ["baton.deadletter.vm_agent.0123456789abcdef"]

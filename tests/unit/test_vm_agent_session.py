@@ -107,3 +107,44 @@ def test_a_lost_vm_agents_session_is_ended_once_and_an_ended_one_is_told_without
     assert end_unfinished_session(store, "t-running", reason="the vm_agent died") is True
     assert store.last_envelope(Session, "t-running").type == "SessionFailed"
     assert end_unfinished_session(store, "t-running", reason="again") is False
+
+
+def test_a_line_longer_than_a_piece_is_split_into_contiguous_outputs_joined_by_continues():
+    from vm_agent.domain import OUTPUT_PIECE_BYTES
+
+    store = popo_store()
+    session = new_session()
+    session.output("stdout", "before\n")
+    line = ("é✓x" * 200_000)[:500_000] + "\n"  # ~1.2 MB of UTF-8, multi-byte characters at every cut
+    assert session.output("stdout", line) > 1
+    session.output("stdout", "after\n")
+    store.save(session)
+    outputs = outputs_in(store)
+    assert [o.seq for o in outputs] == list(range(1, len(outputs) + 1))
+    pieces = outputs[1:-1]
+    # Every piece fits; each but the last says the next one continues it; joined, the line is whole.
+    assert all(len(o.text.encode()) <= OUTPUT_PIECE_BYTES for o in pieces)
+    assert [o.continues for o in pieces] == [True] * (len(pieces) - 1) + [False]
+    assert "".join(o.text for o in pieces) == line
+    assert not outputs[0].continues and outputs[-1].text == "after\n"
+    assert session.output_count == len(outputs)
+
+
+def test_a_piece_the_agent_says_continues_keeps_saying_so_on_its_last_output():
+    store = popo_store()
+    session = new_session()
+    session.output("stdout", "x" * 100_000, continues=True)
+    session.output("stdout", "end\n")
+    store.save(session)
+    assert [(len(o.text), o.continues) for o in outputs_in(store)] == [
+        (65_536, True), (100_000 - 65_536, True), (4, False)]
+
+
+def test_pieces_never_cut_a_character_and_short_text_is_one_piece():
+    from vm_agent.domain import pieces_of
+
+    assert pieces_of("short") == ["short"]
+    for text in ("é" * 10, "✓" * 10, "😀" * 10, "a" + "😀" * 10):
+        pieces = pieces_of(text, max_bytes=7)
+        assert "".join(pieces) == text
+        assert all(0 < len(p.encode()) <= 7 for p in pieces)

@@ -12,7 +12,8 @@ One prompt turn:
    as an ``agent_message_chunk`` whose ``_meta`` is
    ``{"baton.stream": "stdout"}`` or ``{"baton.stream": "stderr"}``; the whole
    lines one read of the pipe brought (N > 1 of them, each ending in a newline)
-   go in one chunk marked ``"baton.lines": N``;
+   go in one chunk marked ``"baton.lines": N``; a line longer than 1 MiB goes in
+   pieces, each but its end marked ``"baton.continues": true``;
 3. answer ``session/prompt`` with stop reason ``end_turn`` (exit 0),
    ``refusal`` (non-zero exit) or ``cancelled`` (after ``session/cancel``),
    carrying ``_meta = {"exit_code": N}`` (negative N = killed by signal N).
@@ -59,6 +60,7 @@ log = logging.getLogger("vm_agent.agents.shell")
 
 STREAM_META_KEY = "baton.stream"
 LINES_META_KEY = "baton.lines"
+CONTINUES_META_KEY = "baton.continues"
 EXIT_CODE_META_KEY = "exit_code"
 
 _READ_CHUNK_BYTES = 64 * 1024
@@ -187,16 +189,20 @@ class ShellAgent:
         # One reader per stream, awaiting each send: order within a stream is preserved.
         async for lines in _line_runs(reader):
             if len(lines) == 1:
-                await self._forward_text(session_id, stream, lines[0])
+                await self._forward_text(session_id, stream, lines[0],
+                                         continues=isinstance(lines[0], LinePiece))
             else:
                 await self._forward_lines(session_id, stream, lines)
 
-    async def _forward_text(self, session_id: str, stream: str, text: str) -> None:
+    async def _forward_text(self, session_id: str, stream: str, text: str, *, continues: bool = False) -> None:
         self._forwarded += 1
+        meta: dict[str, Any] = {STREAM_META_KEY: stream}
+        if continues:
+            meta[CONTINUES_META_KEY] = True
         chunk = AgentMessageChunk(
             session_update="agent_message_chunk",
             content=text_block(text),
-            field_meta={STREAM_META_KEY: stream},
+            field_meta=meta,
         )
         await self._send(session_id, chunk)
 
@@ -284,9 +290,13 @@ async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[str]:
             yield line
 
 
+class LinePiece(str):
+    """A piece of a runaway line: the line goes on in the next output of the same stream."""
+
+
 async def _line_runs(reader: asyncio.StreamReader) -> AsyncIterator[list[str]]:
-    """Yield the lines each read completes, as a list (newline kept; a runaway line's pieces and
-    an unterminated tail come alone, without a newline)."""
+    """Yield the lines each read completes, as a list (newline kept; a runaway line's pieces, as
+    LinePiece, and an unterminated tail come alone, without a newline)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pending = bytearray()
     while chunk := await reader.read(_READ_CHUNK_BYTES):
@@ -299,7 +309,7 @@ async def _line_runs(reader: asyncio.StreamReader) -> AsyncIterator[list[str]]:
             yield [line + "\n" for line in text[:-1].split("\n")]
         pending = bytearray(rest)
         if len(pending) > _MAX_LINE_BYTES:
-            yield [decoder.decode(bytes(pending))]
+            yield [LinePiece(decoder.decode(bytes(pending)))]
             pending.clear()
     tail = decoder.decode(bytes(pending), final=True)
     if tail:
