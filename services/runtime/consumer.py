@@ -317,6 +317,9 @@ async def _give_up(
     await message.ack()
 
 
+DEAD_LETTER_DATA_BYTES = 64 * 1024
+
+
 async def dead_letter(bus: Bus, durable: str, message: Msg, error: str) -> None:
     """Park a message that cannot be handled where people can see it; never block on it."""
     log.error("dead-lettering stream seq %s from %s: %s", message.metadata.sequence.stream, durable, error)
@@ -325,7 +328,9 @@ async def dead_letter(bus: Bus, durable: str, message: Msg, error: str) -> None:
         "stream_seq": message.metadata.sequence.stream,
         "subject": message.subject,
         "error": error,
-        "data": message.data.decode(errors="replace"),
+        # At most 64 KiB of it: the record must fit the bus even when the message barely did.
+        "data": message.data[:DEAD_LETTER_DATA_BYTES].decode(errors="replace"),
+        "size": len(message.data),
     }
     await bus.js.publish(f"{DEAD_LETTER_PREFIX}.{durable}", json.dumps(body).encode(),
                          stream=DEAD_LETTER_STREAM)

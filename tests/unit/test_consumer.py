@@ -67,6 +67,17 @@ async def test_an_undecodable_message_is_dead_lettered_tracked_and_acked():
     assert body["error"].startswith("undecodable envelope")
 
 
+async def test_a_dead_letter_keeps_only_the_start_of_a_big_message_so_it_always_fits_the_bus():
+    store, handler, bus = popo_store(), Recorder(), FakeBus()
+    msg = FakeMsg(data=b"{" + b"\x01" * 900_000, stream_seq=3)  # Near the bus's limit, 6x as JSON.
+    await _process(bus, DURABLE, msg, handler, store)
+    [(_, payload)] = bus.js.published
+    body = json.loads(payload)
+    assert body["size"] == 900_001 and len(body["data"]) == 64 * 1024
+    assert len(payload) < 1024 * 1024
+    assert msg.acks == ["ack"]
+
+
 class FailsTimes(Recorder):
     """Fails the first `times` calls, then records."""
 
