@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from projections.audit_log import AuditLog
 from projections.task_board import TaskBoard
 from services.runtime.bus import Bus
+from services.runtime.credentials import CredentialVault
 from services.runtime.heartbeat import HeartbeatBoard
 from services.runtime.relay import Relay
 from services.runtime.settings import Settings
@@ -25,6 +26,11 @@ class Gateway:
     board: TaskBoard
     audit: AuditLog
     heartbeats: HeartbeatBoard
+    credentials: CredentialVault = field(init=False)
+    """Where a repo URL's credential is sealed for its task (never recorded)."""
+
+    def __post_init__(self) -> None:
+        self.credentials = CredentialVault.of(self.settings)
 
 
 def get_gateway(request: Request) -> Gateway:

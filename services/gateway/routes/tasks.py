@@ -11,6 +11,7 @@ from services.gateway.context import GatewayDep
 from services.gateway.domain import Submission
 from services.gateway.history import read_task_events
 from services.gateway.schemas import TaskCreate, TaskEvents, TaskPublic
+from services.runtime.repo_url import RepoCredential, RepoUrl, RepoUrlError, parse_repo_url
 from vm_agent.backends import available_backends
 
 router = APIRouter(prefix="/api/tasks", tags=["tasks"])
@@ -25,11 +26,12 @@ def submit_task(body: TaskCreate, gateway: GatewayDep) -> TaskPublic:
             422, f"unknown agent {body.agent!r}; this install can run: {', '.join(sorted(backends))}"
         )
     submission = Submission(secrets.token_hex(8))
+    repo = _checked_repo(body.repo, gateway)
     submitted = TaskSubmitted(
-        repo=body.repo, prompt=body.prompt, agent=body.agent, base_branch=body.base_branch
+        repo=repo.url, prompt=body.prompt, agent=body.agent, base_branch=body.base_branch
     )
     submission.submit(submitted, actor="user")
-    gateway.store.save(submission)
+    _save_with_credential(gateway, submission, repo.credential)
     return _from_submission(submission)
 
 
@@ -56,6 +58,26 @@ async def get_task_events(
     if not events and gateway.board.get(task_id) is None:
         _submission(gateway, task_id)  # 404 for a task nobody submitted.
     return TaskEvents(task_id=task_id, events=events)
+
+
+def _checked_repo(raw: str, gateway: GatewayDep) -> RepoUrl:
+    """422 saying what to change unless `raw` is a usable repo URL of an allowed scheme."""
+    try:
+        return parse_repo_url(raw, allowed=gateway.settings.repo_schemes)
+    except RepoUrlError as error:
+        raise HTTPException(422, str(error)) from None
+
+
+def _save_with_credential(gateway: GatewayDep, submission: Submission, credential: RepoCredential | None) -> None:
+    """Record the submission, its repo credential sealed beforehand (the provisioner finds it as
+    soon as it sees the task); a submission that could not be recorded leaves no credential."""
+    if credential is not None:
+        gateway.credentials.seal(submission.task_id, credential)
+    try:
+        gateway.store.save(submission)
+    except BaseException:
+        gateway.credentials.discard(submission.task_id)
+        raise
 
 
 def _submission(gateway: GatewayDep, task_id: str) -> Submission:
