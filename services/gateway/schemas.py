@@ -28,7 +28,7 @@ class TaskCreate(BaseModel):
     @classmethod
     def _no_option_injection(cls, value: str | None) -> str | None:
         # git would read a leading dash as an option.
-        if value is not None and value.startswith("-"):
+        if value is not None and value.strip().startswith("-"):  # " --upload-pack=…" too
             raise ValueError("must not start with '-'")
         return value.strip() if value else value
 
