@@ -159,13 +159,14 @@ def test_an_unknown_task_has_no_aggregate_and_kinds_have_distinct_ids():
 def test_a_workspace_emits_ready_caused_by_its_request_and_remembers_the_url():
     store = popo_store()
     workspace = Workspace("t1", "file:///r", None, "local", cause="req-1")
-    workspace.ready(workspace_id="w1", vm_agent_url="http://vm:9")
+    workspace.ready(workspace_id="w1", vm_agent_url="http://vm:9", credential_expires_at=1_900_000_000)
     store.save(workspace)
     [ready] = envelopes_in(store)
     assert (ready.type, ready.causation_id, ready.actor) == (
         WorkspaceReady.type, "req-1", "service:provisioner"
     )
-    assert ready.data == {"workspace_id": "w1", "provider": "local", "vm_agent_url": "http://vm:9"}
+    assert ready.data == {"workspace_id": "w1", "provider": "local", "vm_agent_url": "http://vm:9",
+                          "credential_expires_at": 1_900_000_000}
     rebuilt = store.get_task_aggregate(Workspace, "t1")
     assert rebuilt.is_settled and rebuilt.vm_agent_url == "http://vm:9" and rebuilt.failure is None
 

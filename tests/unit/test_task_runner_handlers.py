@@ -57,7 +57,8 @@ def event(evt, **kw) -> Envelope:
 
 
 SUBMITTED = event(TaskSubmitted(repo="file:///r", prompt="write tests", agent="shell"))
-READY = event(WorkspaceReady(workspace_id="w1", provider="local", vm_agent_url="http://vm:1"))
+READY = event(WorkspaceReady(workspace_id="w1", provider="local", vm_agent_url="http://vm:1",
+                             credential_expires_at=1_900_000_000))
 
 
 async def started_runner(starter: FakeStarter | None = None) -> Runner:
@@ -103,6 +104,7 @@ async def test_workspace_ready_starts_the_agent_once_with_the_prompt_agent_and_a
     assert runner.starter.calls == [{
         "vm_agent_url": "http://vm:1", "task_id": TASK, "agent": "shell",
         "prompt": "write tests", "attempt_id": "t1-a1", "causation_id": READY.event_id,
+        "token_expires_at": 1_900_000_000,  # The token the task runner derives names its expiry.
     }]
     task = runner.task()
     assert (task.state, task.attempt, task.vm_agent_url) == ("starting", 1, "http://vm:1")
