@@ -101,12 +101,21 @@ class VmAgent:
             store, task_id, reason="the vm_agent restarted while the agent was running; the run was lost"
         )
         relay = asyncio.get_running_loop().create_task(Relay(
-            store, self.publisher, dead_letter_subject=vm_agent_dead_letter_subject(task_id)).run())
+            store, self.publisher, dead_letter_subject=vm_agent_dead_letter_subject(task_id),
+            on_dead_letter=self._end_session_for_lost_event).run())
         existing = store.get_task_aggregate(Session, task_id)
         self.assigned = Assigned(task_id, workspace, token, token_expires_at, store, relay, existing)
         # The provisioner saves the clone's .git/config there once the clone is done.
         self.assigned.push_access = PushAccess(saved_clone_config(state_dir), repo_credential)
         log.info("assigned to task %s in %s", task_id, workspace)
+
+    def _end_session_for_lost_event(self, task_id: str, event_type: str, reason: str) -> None:
+        """An event of the session can never reach the bus: the task must not wait for it
+        forever. The session ends with the reason (a small SessionFailed the bus does take)."""
+        session = self.session()
+        if session is not None and not session.ended and self.assigned is not None:
+            session.failed(f"the vm_agent could not publish its {event_type} event: {reason}")
+            self.assigned.store.save(session)
 
     def session(self) -> Session | None:
         """The task's session: the live object the runner records into (never rebuilt per call,

@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from eventsourcing.persistence import Recording, Tracking
@@ -82,8 +82,12 @@ class Relay:
     """Publishes one store's envelopes to the bus, in notification order."""
 
     def __init__(self, store: ServiceStore, publisher: BatchPublisher, *, batch_size: int = 2000,
-                 dead_letter_subject: str | None = None):
+                 dead_letter_subject: str | None = None,
+                 on_dead_letter: Callable[[str, str, str], None] | None = None):
+        """`on_dead_letter(task_id, event_type, reason)` is told of each event set aside, so its
+        producer can end what depended on it with a reason (a vm_agent: its session)."""
         self._store = store
+        self._on_dead_letter = on_dead_letter
         self._publisher = publisher
         self._batch_size = batch_size
         self._dead_letter_subject = dead_letter_subject or relay_dead_letter_subject(store.name)
@@ -189,6 +193,8 @@ class Relay:
         await self._publisher.publish_dead_letter(self._dead_letter_subject, body,
                                                   msg_id=f"relay-{message.event_id}")
         self.dead_lettered += 1
+        if self._on_dead_letter is not None:
+            self._on_dead_letter(task_id, event_type, reason)
 
     async def run(self, *, poll_interval_s: float = 1.0, retry_s: float = 0.5) -> None:
         """Drain whenever woken (and every `poll_interval_s`), until cancelled."""

@@ -449,3 +449,14 @@ async def test_a_vm_agent_relay_dead_letters_to_the_subject_its_credential_allow
     subject = vm_agent_dead_letter_subject("0123456789abcdef")
     await Relay(store, publisher, dead_letter_subject=subject).drain()
     assert [s for s, _, _ in publisher.dead_letters] == ["baton.deadletter.vm_agent.0123456789abcdef"]
+
+
+async def test_the_producer_is_told_of_each_event_set_aside_so_it_can_end_what_waited_for_it():
+    store = popo_store()
+    task = new_task("t9")
+    task.emit(TaskFailed(reason="x" * 5000), actor="a")
+    store.save(task)
+    told: list[tuple[str, str, str]] = []
+    await Relay(store, FakePublisher(max_payload=2000), on_dead_letter=lambda *lost: told.append(lost)).drain()
+    [(task_id, event_type, reason)] = told
+    assert (task_id, event_type) == ("t9", "TaskFailed") and "over 2000" in reason
