@@ -112,13 +112,19 @@ class AgentProcess:
         self._conn: ClientSideConnection | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr_tail: _StderrTail | None = None
+        self.session_cwd: Path | None = None
 
     @classmethod
     async def start(
-        cls, command: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None
+        cls, command: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None,
+        session_cwd: Path | None = None,
     ) -> AgentProcess:
-        """Spawn `command` in `cwd` and run ACP initialize; raises AgentStartError."""
+        """Spawn `command` in `cwd` and run ACP initialize; raises AgentStartError.
+
+        `session_cwd`: the workspace as the agent sees it (in a sandbox, not the host's path);
+        its session opens there whatever `run_prompt` is told."""
         agent = cls(command)
+        agent.session_cwd = session_cwd
         connection = _agent_connection(command, Path(cwd).resolve(), env, agent._events)
         agent._conn, agent._proc, agent._stderr_tail = await agent._stack.enter_async_context(connection)
         try:
@@ -138,7 +144,8 @@ class AgentProcess:
         """Open a session in `cwd` and play one prompt turn (see start_agent_with_prompt)."""
         assert self._conn and self._proc and self._stderr_tail, "start() first"
         self._events.attach(sink, prompt)
-        session_id = await _new_session(self._conn, Path(cwd).resolve(), self._proc, self._stderr_tail)
+        workspace = self.session_cwd or Path(cwd).resolve()
+        session_id = await _new_session(self._conn, workspace, self._proc, self._stderr_tail)
         await sink.agent_started(session_id)
         if not deliver_prompt:
             await _withhold_prompt(self._proc, self._stderr_tail)

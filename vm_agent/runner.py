@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.runtime.store import ServiceStore
-from vm_agent.acp_session import AgentProcess, AgentStartError, start_agent_with_prompt
+from vm_agent.acp_session import AgentProcess, AgentStartError
 from vm_agent.backends import Backend
 from vm_agent.domain import Session
 from vm_agent.gitops import PushAccess, PushError, commit_and_push
+from vm_agent.sandbox import Sandbox, SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,25 @@ OUTPUT_BATCH_MAX = 500
 
 def branch_for(task_id: str) -> str:
     return f"baton/{task_id}"
+
+
+@dataclass(frozen=True)
+class AgentLauncher:
+    """Starts this vm_agent's agents: in `sandbox`, with `home` as their private home."""
+
+    sandbox: Sandbox
+    home: Path
+
+    async def start(self, backend: Backend, *, workspace: Path) -> AgentProcess:
+        """`backend`'s agent, started and initialized, working in `workspace`; raises
+        AgentStartError (also when the sandbox is required but cannot be made)."""
+        try:
+            launch = self.sandbox.launch(backend.command, workspace=workspace, home=self.home,
+                                         env_names=backend.env)
+        except SandboxUnavailable as error:
+            raise AgentStartError(str(error)) from error
+        return await AgentProcess.start(launch.argv, cwd=launch.cwd, env=launch.env,
+                                        session_cwd=launch.workspace_view)
 
 
 class SessionRunner:
@@ -41,6 +62,7 @@ class SessionRunner:
         backend: Backend,
         prompt: str,
         faults: frozenset[str],
+        launcher: AgentLauncher,
         push_access: PushAccess,
         warm_agent: Awaitable[AgentProcess] | None = None,
     ) -> None:
@@ -50,6 +72,7 @@ class SessionRunner:
         self.backend = backend
         self.prompt = prompt
         self.faults = faults
+        self.launcher = launcher
         self.push_access = push_access
         self.warm_agent = warm_agent
         self._flush: asyncio.TimerHandle | None = None
@@ -97,16 +120,23 @@ class SessionRunner:
             log.warning("the warm agent failed (%s); starting one now", error)
             return None
 
+    async def _agent(self) -> AgentProcess:
+        """The agent started ahead of time if it still runs, else one started now."""
+        agent = await self._warm()
+        if agent is not None and agent.alive:
+            return agent
+        if agent is not None:
+            await agent.close()
+        return await self.launcher.start(self.backend, workspace=self.workspace)
+
     async def _run(self) -> None:
         try:
-            result = await start_agent_with_prompt(
-                self.backend.command,
-                cwd=self.workspace,
-                prompt=self.prompt,
-                sink=self,
-                deliver_prompt="prompt_delivery" not in self.faults,
-                agent=await self._warm(),
-            )
+            agent = await self._agent()
+            try:
+                result = await agent.run_prompt(cwd=self.workspace, prompt=self.prompt, sink=self,
+                                                deliver_prompt="prompt_delivery" not in self.faults)
+            finally:
+                await agent.close()  # The agent and its whole process group (or sandbox) are gone.
         except AgentStartError as error:
             self._fail(f"agent {self.backend.name!r} could not start: {error}")
             return

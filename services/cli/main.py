@@ -37,6 +37,7 @@ from services.cli.supervisor import (
 )
 from services.runtime.logs import setup_logging
 from services.runtime.settings import Settings
+from vm_agent.sandbox import Sandbox
 
 app = typer.Typer(
     help="Baton: run AI coding agents on tasks.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -218,6 +219,7 @@ def up(
         console.print(f"[dim]data: {settings.data_dir}  nats: {supervisor.nats_url}[/]")
         if settings.faults:
             console.print(f"[bold red]FAULT INJECTION ON: {', '.join(sorted(settings.faults))}[/]")
+        _say_sandbox(settings)
         _wait_healthy(supervisor, api)
         console.print(f"[bold green]Baton is up:[/] {api}   (Ctrl-C stops it)")
         if demo:
@@ -234,6 +236,17 @@ def up(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         supervisor.stop()
+
+
+def _say_sandbox(settings: Settings) -> None:
+    """How agents will be confined; loudly when they will not be."""
+    sandbox = Sandbox.from_setting(settings.sandbox, hidden=(settings.data_dir,))
+    if sandbox.mode == "bwrap":
+        console.print("[dim]agents: sandboxed with bwrap (their workspace and home writable, "
+                      "the data dir hidden, an allowlisted environment)[/]")
+        return
+    console.print(f"[bold red]NO AGENT SANDBOX: {sandbox.describe()}.[/] Install bubblewrap "
+                  "(apt-get install bubblewrap) so agents cannot read the data dir's secrets.")
 
 
 def _wait_healthy(supervisor: Supervisor, api: str, timeout_s: float = 60.0) -> None:

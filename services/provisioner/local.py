@@ -120,6 +120,12 @@ class LocalProvider:
             assigning.cancel()
             assigning.add_done_callback(_kill_assigned)
             raise
+        if member.workspace is not None:
+            try:
+                move_clone_into(member.workspace, clone=workspace)
+            except OSError as error:
+                member.kill()
+                raise ProvisionError(f"could not move the clone into the vm_agent's workspace: {error}") from error
         log.info("workspace of %s ready in %.0f ms: clone %.0f ms, vm_agent taken after %.0f ms "
                  "(%d warm before), assigned %.0f ms later", task_id, 1000 * (loop.time() - started),
                  1000 * (cloned - started), 1000 * (taken - started), ready_before,
@@ -146,6 +152,16 @@ class LocalProvider:
             member.kill()
             raise
         return member, taken
+
+
+def move_clone_into(prepared: Path, *, clone: Path) -> None:
+    """Make `prepared`, the empty directory a warm agent was started in (bound into its sandbox),
+    the workspace at `clone`'s path: the clone's entries move in, then `prepared` takes its place.
+    Renames within one directory tree: milliseconds, and a bind mount follows the directory."""
+    for entry in clone.iterdir():
+        entry.rename(prepared / entry.name)
+    clone.rmdir()
+    prepared.rename(clone)
 
 
 def _kill_assigned(assigning: asyncio.Task[tuple[VmAgentProcess, float]]) -> None:

@@ -38,6 +38,10 @@ async def health(gateway: GatewayDep) -> JSONResponse:
     }
     if faults:
         body["warning"] = f"FAULT INJECTION ON: {', '.join(faults)} will silently not happen"
+    # How agents are confined, as the provisioner (which starts them) found it.
+    body["sandbox"] = body["details"].get("provisioner", {}).get("sandbox", "unknown (no provisioner heard from)")
+    if body["sandbox"].startswith(("none", "required")):
+        body["warning"] = "; ".join(filter(None, (body.get("warning"), f"NO AGENT SANDBOX: {body['sandbox']}")))
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 
