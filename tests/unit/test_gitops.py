@@ -112,3 +112,14 @@ def test_the_credential_helper_answers_only_for_the_credential_s_host(tmp_path: 
     assert "SEKRET" not in other.stdout + other.stderr and other.returncode != 0
     # The secret is in the git process's environment only, never its arguments.
     assert not any("SEKRET" in arg for arg in base)
+
+
+def test_hardened_git_refuses_the_ext_transport_even_if_a_url_got_that_far(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    done = subprocess.run(
+        ["git", *hardened_config(["https", "ssh", "file"]), "clone", "--",
+         f"ext::sh -c touch% {marker}", str(tmp_path / "clone")],
+        capture_output=True, text=True, env=git_environment(None), cwd=tmp_path,
+    )
+    assert done.returncode != 0 and "transport 'ext' not allowed" in done.stderr
+    assert not marker.exists()
