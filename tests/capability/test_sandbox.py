@@ -80,6 +80,7 @@ def run_prying_task(api: Api, stack: BatonStack, origin: Path) -> None:
     # And /api/health says how agents are confined.
     health = api.http.get("/api/health").json()
     assert health["sandbox"] == "bwrap", health
+    assert "agents: sandboxed with bwrap" in stack.log_path.read_text()
 
 
 def test_an_agent_sees_no_secret_and_cannot_read_the_data_dir(api: Api, stack: BatonStack, origin: Path):
@@ -98,3 +99,11 @@ def data_dir_outside_tmp() -> Iterator[Path]:
 def test_a_data_dir_outside_tmp_is_hidden_too(data_dir_outside_tmp: Path):
     with running_stack(data_dir_outside_tmp) as stack:
         run_prying_task(Api(stack.api, stack.token), stack, make_origin(data_dir_outside_tmp))
+
+
+def test_without_a_sandbox_baton_up_and_health_say_so_loudly(tmp_path: Path):
+    with running_stack(tmp_path, env={"BATON_SANDBOX": "none"}) as stack:
+        health = Api(stack.api, stack.token).http.get("/api/health").json()
+        assert health["sandbox"].startswith("none — agents can read the data dir"), health
+        assert "NO AGENT SANDBOX" in health["warning"], health
+        assert "NO AGENT SANDBOX" in stack.log_path.read_text()
