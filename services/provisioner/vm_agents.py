@@ -27,7 +27,6 @@ from pathlib import Path
 import httpx
 
 from services.runtime.nats_auth import vm_agent_credentials
-from services.runtime.git_safety import redact
 from services.runtime.repo_url import RepoCredential
 from services.runtime.settings import Settings
 from services.runtime.tokens import vm_agent_token
@@ -65,6 +64,16 @@ class VmAgentProcess:
 
     def kill(self) -> None:
         _kill_group(self.pid, signal.SIGTERM)  # The vm_agent stops its agent on the way out.
+
+
+def _refusal_reason(response: httpx.Response) -> str:
+    """A vm_agent's refusal, for people: its `detail` message only. A 422 lists the body it got,
+    which carries the workspace's token and credentials, so that is never repeated."""
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = None
+    return detail[:300] if isinstance(detail, str) else "its answer is not shown (it may hold credentials)"
 
 
 def _kill_group(pid: int, sig: signal.Signals) -> None:
@@ -352,8 +361,8 @@ class VmAgentPool:
             raise VmAgentError(f"vm_agent at {member.url} could not be assigned: {error!r}") from error
         if response.status_code != 200:
             member.kill()
-            refusal = redact(response.text, repo_credential)[:300]  # A 422 echoes the body it got.
-            raise VmAgentError(f"vm_agent refused the assignment ({response.status_code}): {refusal}")
+            raise VmAgentError(f"vm_agent refused the assignment ({response.status_code}): "
+                               f"{_refusal_reason(response)}")
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / "credential_expires_at").write_text(str(expires_at))
 
