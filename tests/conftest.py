@@ -29,7 +29,7 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def api(stack: BatonStack) -> Api:
-    return Api(stack.api)
+    return Api(stack.api, stack.token)
 
 
 @pytest.fixture

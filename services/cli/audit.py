@@ -25,6 +25,7 @@ from services.projector.audit_sources import (
     relayed_envelopes,
     stream_history,
 )
+from services.cli.client import ApiToken, TokenOption, find_api_token
 from services.projector.read_models import open_audit_log
 from services.runtime.bus import connect_nats
 from services.runtime.settings import Settings
@@ -39,18 +40,26 @@ DataDirOption = Annotated[Optional[Path], typer.Option(help="Baton's data dir (o
 NatsOption = Annotated[Optional[str], typer.Option(help="NATS URL (or BATON_NATS_URL)")]
 
 
-def _get(api: str, path: str, params: dict) -> dict:
-    response = httpx.get(f"{api.rstrip('/')}{path}", params={k: v for k, v in params.items() if v}, timeout=60)
+def _get(api: str, token: ApiToken, path: str, params: dict) -> dict:
+    response = httpx.get(f"{api.rstrip('/')}{path}", params={k: v for k, v in params.items() if v},
+                         headers=token.headers, timeout=60)
+    _exit_if_refused(response, token)
     if response.is_error:
         console.print(f"[bold red]error:[/] {response.status_code}: {response.json().get('detail')}")
         raise typer.Exit(2)
     return response.json()
 
 
-def _all_events(api: str, filters: dict) -> Iterator[dict]:
+def _exit_if_refused(response: httpx.Response, token: ApiToken) -> None:
+    if response.status_code == 401:
+        console.print(f"[bold red]error:[/] {token.refused()}")
+        raise typer.Exit(2)
+
+
+def _all_events(api: str, token: ApiToken, filters: dict) -> Iterator[dict]:
     cursor = None
     while True:
-        page = _get(api, "/api/audit/events", {**filters, "limit": 1000, "cursor": cursor})
+        page = _get(api, token, "/api/audit/events", {**filters, "limit": 1000, "cursor": cursor})
         yield from page["events"]
         if not (cursor := page["next_cursor"]):
             return
@@ -65,11 +74,12 @@ def events(
     until: Annotated[Optional[str], typer.Option(help="ISO-8601 with timezone")] = None,
     format: Annotated[str, typer.Option(help="table, json, ndjson or csv")] = "table",
     api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
 ) -> None:
     """Events in stream order, filtered (filters combine)."""
     if format not in ("table", "json", "ndjson", "csv"):
         raise typer.BadParameter("format must be table, json, ndjson or csv")
-    found = _all_events(api, {"task_id": task, "type": type, "actor": actor, "since": since, "until": until})
+    found = _all_events(api, find_api_token(token), {"task_id": task, "type": type, "actor": actor, "since": since, "until": until})
     if format == "ndjson":
         for event in found:
             print(json.dumps(event))
@@ -95,10 +105,14 @@ def export(
     since: Annotated[Optional[str], typer.Option()] = None,
     until: Annotated[Optional[str], typer.Option()] = None,
     api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
 ) -> None:
     """The history as NDJSON on stdout, streamed (for very large histories)."""
     params = {k: v for k, v in {"task_id": task, "since": since, "until": until}.items() if v}
-    with httpx.stream("GET", f"{api.rstrip('/')}/api/audit/export", params=params, timeout=None) as response:
+    found = find_api_token(token)
+    with httpx.stream("GET", f"{api.rstrip('/')}/api/audit/export", params=params, headers=found.headers,
+                      timeout=None) as response:
+        _exit_if_refused(response, found)
         if response.is_error:
             console.print(f"[bold red]error:[/] {response.status_code}: {response.read().decode()}")
             raise typer.Exit(2)
@@ -112,9 +126,10 @@ def gaps(
     since: Annotated[Optional[str], typer.Option()] = None,
     until: Annotated[Optional[str], typer.Option()] = None,
     api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
 ) -> None:
     """Tasks whose flow had a missing or late handoff."""
-    tasks = _get(api, "/api/audit/gaps", {"since": since, "until": until})["tasks"]
+    tasks = _get(api, find_api_token(token), "/api/audit/gaps", {"since": since, "until": until})["tasks"]
     table = Table("task", "gaps")
     for task in tasks:
         table.add_row(task["task_id"], "; ".join(

@@ -2,21 +2,68 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
 
 import httpx
+import typer
+
+from services.runtime.settings import Settings
 
 
 class ApiError(Exception):
     """The API answered with an error; str() is its message."""
 
 
+@dataclass(frozen=True)
+class ApiToken:
+    """The API token the CLI sends, and where it came from (for a message that says where it looked)."""
+
+    value: str | None
+    source: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.value}"} if self.value else {}
+
+    def refused(self) -> str:
+        """The one line to print when the API answers 401."""
+        if self.value is None:
+            return (f"the API wants a token and there is none: {self.source}. Pass --token, set "
+                    "BATON_API_TOKEN, or set BATON_DATA_DIR to the data dir of the `baton up` you mean")
+        return (f"the API refused the token from {self.source}: it is not this Baton's token "
+                "(pass --token or BATON_API_TOKEN, or BATON_DATA_DIR of the `baton up` you mean)")
+
+
+TokenOption = Annotated[Optional[str], typer.Option(
+    "--token", help="the API token (else BATON_API_TOKEN, else <BATON_DATA_DIR or ~/.baton>/api-token)")]
+
+
+def find_api_token(option: str | None = None) -> ApiToken:
+    """`--token`, else BATON_API_TOKEN, else `<BATON_DATA_DIR or ~/.baton>/api-token` (never created here)."""
+    if option:
+        return ApiToken(option, "--token")
+    settings = Settings()
+    if settings.api_token:
+        return ApiToken(settings.api_token, "BATON_API_TOKEN")
+    path = settings.data_dir / "api-token"
+    try:
+        value = path.read_text().strip() or None
+    except OSError:
+        value = None
+    looked = f"{path}" if value else f"no --token, no BATON_API_TOKEN and no readable {path}"
+    return ApiToken(value, looked)
+
+
 class BatonClient:
-    def __init__(self, api: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, api: str, token: ApiToken, *, timeout_s: float = 30.0) -> None:
         self.api = api.rstrip("/")
-        self._http = httpx.Client(base_url=self.api, timeout=timeout_s)
+        self.token = token
+        self._http = httpx.Client(base_url=self.api, timeout=timeout_s, headers=token.headers)
 
     def _json(self, response: httpx.Response) -> Any:
+        if response.status_code == 401:
+            raise ApiError(self.token.refused())
         if response.is_error:
             try:
                 detail = response.json().get("detail", response.text)

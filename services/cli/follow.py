@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from events import FLOW_CONTRACT, TERMINAL_TYPES
+from services.cli.client import ApiToken
 
 _OUTPUT_STYLE = {"stdout": "white", "stderr": "yellow", "message": "cyan", "tool": "magenta"}
 
@@ -51,18 +52,21 @@ def stream_url(api: str, task_id: str, from_seq: int) -> str:
 
 
 async def follow_task(
-    api: str, task_id: str, console: Console, *, from_seq: int = 1, give_up_after_s: float = 60.0
+    api: str, task_id: str, console: Console, *, token: ApiToken, from_seq: int = 1,
+    give_up_after_s: float = 60.0,
 ) -> dict:
     """Render the task's events from `from_seq` as they land, over the WebSocket stream.
 
     Reconnects after a dropped connection from the last sequence seen + 1 (no gap, no
-    duplicate). Returns the terminal event (TaskCompleted or TaskFailed).
+    duplicate). Returns the terminal event (TaskCompleted or TaskFailed). A refused token or
+    stream (4xx) ends it at once with ConnectionError.
     """
     next_seq, started, failing_since = from_seq, None, None
     pieces: dict[str, str] = {}
     while True:
         try:
-            async with websockets.connect(stream_url(api, task_id, next_seq)) as socket:
+            url = stream_url(api, task_id, next_seq)
+            async with websockets.connect(url, additional_headers=token.headers) as socket:
                 failing_since = None
                 async for raw in socket:
                     for event in json.loads(raw):
@@ -72,7 +76,22 @@ async def follow_task(
                         if event["type"] in TERMINAL_TYPES:
                             return event
         except (OSError, websockets.ConnectionClosed, websockets.InvalidHandshake) as error:
+            if isinstance(error, websockets.InvalidStatus):
+                _raise_if_refused(error, token, task_id)
             failing_since = failing_since or time.monotonic()
             if time.monotonic() - failing_since > give_up_after_s:
                 raise ConnectionError(f"lost the stream of task {task_id}: {error}") from error
             await asyncio.sleep(0.5)
+
+
+def _raise_if_refused(error: websockets.InvalidStatus, token: ApiToken, task_id: str) -> None:
+    """A 4xx handshake will be refused again: say why (the token, or the gateway's `detail`) at once."""
+    status = error.response.status_code
+    if status == 401:
+        raise ConnectionError(token.refused()) from None
+    if 400 <= status < 500:
+        try:
+            reason = str(json.loads(error.response.body)["detail"])
+        except (TypeError, ValueError, KeyError):
+            reason = f"HTTP {status}"
+        raise ConnectionError(f"the stream of task {task_id} was refused: {reason}") from None

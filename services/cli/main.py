@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli.audit import audit_app
-from services.cli.client import ApiError, BatonClient
+from services.cli.client import ApiError, ApiToken, BatonClient, TokenOption, find_api_token
 from services.cli.follow import follow_task, render_event
 from services.cli.supervisor import (
     SERVICE_NAMES,
@@ -213,7 +213,8 @@ def up(
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
-    api = f"http://{settings.host}:{settings.port}"
+    api = _local_api(settings)
+    token = ApiToken(settings.api_token_value(), "BATON_API_TOKEN" if settings.api_token else "the data dir")
     try:
         supervisor.start()
         console.print(f"[dim]data: {settings.data_dir}  nats: {supervisor.nats_url}[/]")
@@ -222,8 +223,9 @@ def up(
         _say_sandbox(settings)
         _wait_healthy(supervisor, api)
         console.print(f"[bold green]Baton is up:[/] {api}   (Ctrl-C stops it)")
+        _print_login(api, settings, token)
         if demo:
-            _run_demo(BatonClient(api), settings)
+            _run_demo(BatonClient(api, token), settings)
         while True:
             supervisor.check()
             time.sleep(0.2)
@@ -263,13 +265,27 @@ def _wait_healthy(supervisor: Supervisor, api: str, timeout_s: float = 60.0) -> 
                           f"see the logs in {supervisor.settings.data_dir / 'logs'}")
 
 
+def _local_api(settings: Settings) -> str:
+    """The gateway's URL from this machine (a wildcard bind is reached on 127.0.0.1)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+
+
+def _print_login(api: str, settings: Settings, token: ApiToken) -> None:
+    """The login URL (as Jupyter prints one): opening it gives the browser its session cookie."""
+    console.print(f"Open the web UI (this URL logs you in): {api}/?token={token.value}")
+    if not settings.api_token:
+        console.print(f"[dim]The API token is in {settings.data_dir / 'api-token'}; the CLI reads it "
+                      "from there (BATON_DATA_DIR) or from BATON_API_TOKEN.[/]")
+
+
 def _run_demo(client: BatonClient, settings: Settings) -> None:
     origin = settings.data_dir / "demo" / "origin.git"
     if not origin.exists():
         _make_demo_repo(origin)
     console.print(f"[bold]demo:[/] submitting a shell task on {origin}")
     task = client.submit(repo=origin.as_uri(), prompt=DEMO_PROMPT, agent="shell", base_branch=None)
-    _follow_and_report(client.api, task["task_id"])
+    _follow_and_report(client, task["task_id"])
 
 
 def _make_demo_repo(origin: Path) -> None:
@@ -284,9 +300,9 @@ def _make_demo_repo(origin: Path) -> None:
         run("push", "--quiet", "origin", "HEAD:refs/heads/main")
 
 
-def _follow_and_report(api: str, task_id: str, *, from_seq: int = 1) -> bool:
+def _follow_and_report(client: BatonClient, task_id: str, *, from_seq: int = 1) -> bool:
     console.print(f"task [bold]{task_id}[/]")
-    end = asyncio.run(follow_task(api, task_id, console, from_seq=from_seq))
+    end = asyncio.run(follow_task(client.api, task_id, console, token=client.token, from_seq=from_seq))
     if end["type"] == "TaskCompleted":
         console.print(f"[bold green]completed[/]: branch {end['data']['branch']} "
                       f"at {end['data']['commit'][:10]}")
@@ -303,15 +319,16 @@ def submit(
     base_branch: Annotated[Optional[str], typer.Option(help="branch to start from")] = None,
     follow: Annotated[bool, typer.Option(help="follow the task live until it ends")] = True,
     api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
 ) -> None:
     """Submit a task, print its id, and follow it to the end (exit code 1 if it fails)."""
-    client = BatonClient(api)
+    client = BatonClient(api, find_api_token(token))
     try:
         task = client.submit(repo=repo, prompt=prompt, agent=agent, base_branch=base_branch)
         if not follow:
             console.print(task["task_id"])
             return
-        ok = _follow_and_report(api, task["task_id"])
+        ok = _follow_and_report(client, task["task_id"])
     except (ApiError, httpx.HTTPError, ConnectionError) as error:
         console.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(2) from None
@@ -323,10 +340,11 @@ def watch(
     task_id: str,
     from_seq: Annotated[int, typer.Option("--from", min=1, help="start at this stream sequence")] = 1,
     api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
 ) -> None:
     """Watch a task live (history first, from any sequence); exit code 1 if it failed."""
     try:
-        ok = _follow_and_report(api, task_id, from_seq=from_seq)
+        ok = _follow_and_report(BatonClient(api, find_api_token(token)), task_id, from_seq=from_seq)
     except ConnectionError as error:
         console.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(2) from None
@@ -334,11 +352,16 @@ def watch(
 
 
 @app.command()
-def tasks(api: ApiOption = DEFAULT_API) -> None:
+def tasks(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
     """The task board."""
     table = Table("task", "state", "agent", "repo", "branch / reason", "gaps")
     colours = {"completed": "green", "failed": "red", "running": "cyan", "provisioning": "blue"}
-    for task in BatonClient(api).tasks():
+    try:
+        board = BatonClient(api, find_api_token(token)).tasks()
+    except (ApiError, httpx.HTTPError) as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    for task in board:
         colour = colours.get(task["state"], "white")
         gaps = " ".join(
             f"[{'yellow' if g['recovered'] else 'bold red'}]⚠ {g['expected']} {g['waited_s']:.0f}s"
@@ -355,10 +378,11 @@ def events(
     task_id: str,
     api: ApiOption = DEFAULT_API,
     json_lines: Annotated[bool, typer.Option("--json", help="one JSON envelope per line")] = False,
+    token: TokenOption = None,
 ) -> None:
     """A task's events, from the stream, in order."""
     try:
-        history = BatonClient(api).events(task_id)
+        history = BatonClient(api, find_api_token(token)).events(task_id)
     except (ApiError, httpx.HTTPError) as error:
         console.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(2) from None

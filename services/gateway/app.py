@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.gateway.auth import ApiAuth
 from services.gateway.context import Gateway
 from services.gateway.routes import audit as audit_routes
 from services.gateway.routes import streams, system, tasks, ui
@@ -45,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
                 audit.close()
 
     app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(ApiAuth, settings=settings)  # every route, /docs and the WebSockets
     app.include_router(tasks.router)
     app.include_router(system.router)
     app.include_router(streams.router)

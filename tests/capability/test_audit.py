@@ -25,7 +25,7 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BatonSta
     """A stack that ran three tasks (two completed, one failed) and whose audit log caught up."""
     root = tmp_path_factory.mktemp("audit")
     with running_stack(root) as stack:
-        api = Api(stack.api)
+        api = Api(stack.api, stack.token)
         origin = make_origin(root)
         ids = [api.submit(repo=origin.as_uri(), prompt=f"echo task {n}", agent="shell")["task_id"] for n in (1, 2)]
         ids.append(api.submit(repo=(root / "missing.git").as_uri(), prompt="true", agent="shell")["task_id"])

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.capability
 
 
 def baton(stack: BatonStack, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "BATON_API": stack.api, "COLUMNS": "200"}
+    # The CLI finds the API token where `baton up` wrote it: in the data dir.
+    env = {**os.environ, "BATON_API": stack.api, "BATON_DATA_DIR": str(stack.data_dir), "COLUMNS": "200"}
+    env.pop("BATON_API_TOKEN", None)
     return subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=env,
                           capture_output=True, text=True, timeout=timeout_s)
 

@@ -47,7 +47,7 @@ KILL_POINTS = [
 
 @pytest.mark.parametrize(("service", "after"), KILL_POINTS, ids=[f"{s}-after-{a}" for s, a in KILL_POINTS])
 def test_a_task_survives_kill_9_of_a_service(crash_stack: BatonStack, tmp_path: Path, service: str, after: str):
-    api = Api(crash_stack.api)
+    api = Api(crash_stack.api, crash_stack.token)
     origin = make_origin(tmp_path)
     nonce = secrets.token_hex(6)
     task = api.submit(repo=origin.as_uri(), prompt=counting_prompt(nonce, LINES), agent="shell")
@@ -64,7 +64,7 @@ def test_a_task_survives_kill_9_of_a_service(crash_stack: BatonStack, tmp_path: 
 
 
 def test_killing_the_vm_agent_mid_run_ends_the_task_with_a_clear_reason(crash_stack: BatonStack, tmp_path: Path):
-    api = Api(crash_stack.api)
+    api = Api(crash_stack.api, crash_stack.token)
     origin = make_origin(tmp_path)
     task = api.submit(repo=origin.as_uri(), prompt=counting_prompt("v", 400, pause_s=0.1), agent="shell")
     wait_for(seen(api, task["task_id"], "AgentOutput"), timeout_s=60, what="first AgentOutput")
@@ -82,7 +82,7 @@ def test_killing_the_vm_agent_mid_run_ends_the_task_with_a_clear_reason(crash_st
 
 def test_nothing_is_lost_when_nats_stops_mid_run_and_comes_back(tmp_path: Path):
     with running_stack(tmp_path / "stack") as stack:
-        api = Api(stack.api)
+        api = Api(stack.api, stack.token)
         origin = make_origin(tmp_path)
         nonce = secrets.token_hex(6)
         task = api.submit(repo=origin.as_uri(), prompt=counting_prompt(nonce, 60, pause_s=0.05), agent="shell")

@@ -42,7 +42,7 @@ def at(event: dict) -> datetime:
 def test_a_silently_missing_handoff_is_named_acted_on_and_shown(tmp_path: Path, fault: str):
     expected, after = FAULTS[fault]
     with running_stack(tmp_path / "stack", faults=fault, env=fast_monitor(expected)) as stack:
-        api = Api(stack.api)
+        api = Api(stack.api, stack.token)
         # Health says loudly that faults are injected.
         health = api.http.get("/api/health").json()
         assert health["faults"] == [fault] and "FAULT INJECTION ON" in health["warning"]
@@ -66,7 +66,7 @@ def test_a_silently_missing_handoff_is_named_acted_on_and_shown(tmp_path: Path, 
 def test_a_late_handoff_is_recovered_and_the_task_completes(tmp_path: Path):
     env = {"BATON_DEADLINES": "AgentOutput=2", "BATON_OVERDUE_BACKOFF_S": "3,3,3"}
     with running_stack(tmp_path / "stack", env=env) as stack:
-        api = Api(stack.api)
+        api = Api(stack.api, stack.token)
         # The agent is silent for longer than the AgentOutput deadline, then speaks.
         task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="sleep 5\necho late", agent="shell")
 
@@ -84,7 +84,7 @@ def test_the_monitor_restarted_mid_wait_still_fires_on_time(tmp_path: Path):
     deadline_s = 8
     env = {"BATON_DEADLINES": f"PromptDelivered={deadline_s}", "BATON_OVERDUE_BACKOFF_S": "0.5"}
     with running_stack(tmp_path / "stack", faults="prompt_delivery", env=env) as stack:
-        api = Api(stack.api)
+        api = Api(stack.api, stack.token)
         task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt=PROMPT, agent="shell")
         wait_for(lambda: any(e["type"] == "WorkspaceReady" for e in api.events(task["task_id"])),
                  timeout_s=60, what="WorkspaceReady")
@@ -104,7 +104,7 @@ def test_the_monitor_restarted_mid_wait_still_fires_on_time(tmp_path: Path):
 def test_a_silent_agent_is_reported_stalled_and_recovers_when_it_speaks_again(tmp_path: Path):
     env = {"BATON_STALL_AFTER_S": "2"}
     with running_stack(tmp_path / "stack", env=env) as stack:
-        api = Api(stack.api)
+        api = Api(stack.api, stack.token)
         task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="echo start\nsleep 6\necho end",
                           agent="shell")
 

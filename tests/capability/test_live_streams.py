@@ -22,15 +22,11 @@ from tests.support.waiting import wait_for
 pytestmark = pytest.mark.capability
 
 
-def ws_base(stack: BatonStack) -> str:
-    return stack.api.replace("http://", "ws://")
-
-
-async def collect_until_end(url: str, *, timeout_s: float = 120) -> list[dict]:
-    """Every message of one viewer until the task's terminal event."""
+async def collect_until_end(api: Api, path: str, *, timeout_s: float = 120) -> list[dict]:
+    """Every message of one viewer of `path` until the task's terminal event."""
     received: list[dict] = []
     async with asyncio.timeout(timeout_s):
-        async with websockets.connect(url, max_size=None) as socket:
+        async with api.stream(path, max_size=None) as socket:
             async for raw in socket:
                 received.append(json.loads(raw))
                 if received[-1]["type"] in TERMINAL_TYPES:
@@ -52,7 +48,7 @@ def test_a_viewer_joining_mid_run_gets_the_whole_history_then_the_live_tail(stac
     wait_for(lambda: any(e["type"] == "AgentOutput" for e in api.events(task_id)),
              timeout_s=60, what="the run to be under way")
 
-    received = asyncio.run(collect_until_end(f"{ws_base(stack)}/api/tasks/{task_id}/stream"))
+    received = asyncio.run(collect_until_end(api, f"/api/tasks/{task_id}/stream"))
 
     # Exactly the stream's history of the task, in order: nothing missing, nothing twice.
     assert key(received) == key(api.events(task_id))
@@ -66,7 +62,7 @@ def test_a_viewer_resuming_from_a_sequence_gets_exactly_the_rest(stack, api, ori
     resume_at = history[len(history) // 2]["stream_seq"]
 
     received = asyncio.run(
-        collect_until_end(f"{ws_base(stack)}/api/tasks/{task_id}/stream?from_seq={resume_at}")
+        collect_until_end(api, f"/api/tasks/{task_id}/stream?from_seq={resume_at}")
     )
 
     assert key(received) == key([e for e in history if e["stream_seq"] >= resume_at])
@@ -74,10 +70,10 @@ def test_a_viewer_resuming_from_a_sequence_gets_exactly_the_rest(stack, api, ori
 
 def test_two_hundred_viewers_of_one_running_task_all_get_the_full_identical_sequence(stack, api, origin):
     task_id = submit_counting(api, origin, 100, pause_s=0.02)
-    url = f"{ws_base(stack)}/api/tasks/{task_id}/stream"
+    path = f"/api/tasks/{task_id}/stream"
 
     async def viewers() -> list[list[dict]]:
-        return await asyncio.gather(*(collect_until_end(url, timeout_s=240) for _ in range(200)))
+        return await asyncio.gather(*(collect_until_end(api, path, timeout_s=240) for _ in range(200)))
 
     everyone = asyncio.run(viewers())
 
@@ -88,9 +84,8 @@ def test_two_hundred_viewers_of_one_running_task_all_get_the_full_identical_sequ
 
 def test_the_board_feed_carries_every_task_without_output_when_asked(stack, api, origin):
     async def watch_board(task_ids: list[str]) -> list[dict]:
-        url = f"{ws_base(stack)}/api/stream?exclude=AgentOutput"
         seen: list[dict] = []
-        async with asyncio.timeout(120), websockets.connect(url) as socket:
+        async with asyncio.timeout(120), api.stream("/api/stream?exclude=AgentOutput") as socket:
             async for raw in socket:
                 event = json.loads(raw)
                 seen.append(event)
@@ -107,9 +102,9 @@ def test_the_board_feed_carries_every_task_without_output_when_asked(stack, api,
     assert [e["stream_seq"] for e in seen] == sorted(e["stream_seq"] for e in seen)
 
 
-def test_a_bad_from_seq_is_refused(stack):
+def test_a_bad_from_seq_is_refused(api):
     async def connect() -> None:
-        async with websockets.connect(f"{ws_base(stack)}/api/stream?from_seq=0") as socket:
+        async with api.stream("/api/stream?from_seq=0") as socket:
             await socket.recv()
 
     with pytest.raises((websockets.InvalidStatus, websockets.ConnectionClosedError)):
@@ -119,7 +114,7 @@ def test_a_bad_from_seq_is_refused(stack):
 def test_baton_watch_replays_from_a_sequence_and_exits_with_the_outcome(stack, api, origin):
     task_id = submit_counting(api, origin, 5, pause_s=0.01)
     history = api.wait_for_end(task_id)
-    env = {**os.environ, "BATON_API": stack.api, "COLUMNS": "200"}
+    env = {**os.environ, "BATON_API": stack.api, "BATON_API_TOKEN": stack.token, "COLUMNS": "200"}
     later = history[3]["stream_seq"]
 
     done = subprocess.run([sys.executable, "-m", "services.cli.main", "watch", task_id, "--from", str(later)],
@@ -131,11 +126,10 @@ def test_baton_watch_replays_from_a_sequence_and_exits_with_the_outcome(stack, a
 
 def test_a_slow_viewer_is_back_pressured_never_dropped(stack, api, origin):
     task_id = submit_counting(api, origin, 400, pause_s=0)
-    url = f"{ws_base(stack)}/api/tasks/{task_id}/stream"
 
     async def slow_viewer() -> list[dict]:
         received: list[dict] = []
-        async with asyncio.timeout(180), websockets.connect(url, max_queue=1) as socket:
+        async with asyncio.timeout(180), api.stream(f"/api/tasks/{task_id}/stream", max_queue=1) as socket:
             async for raw in socket:
                 received.append(json.loads(raw))
                 await asyncio.sleep(0.005)  # Reads far slower than the agent writes.
@@ -148,11 +142,11 @@ def test_a_slow_viewer_is_back_pressured_never_dropped(stack, api, origin):
     assert key(received) == key(api.events(task_id))
 
 
-async def collect_batched_until_end(url: str, *, timeout_s: float = 120) -> list[dict]:
+async def collect_batched_until_end(api: Api, path: str, *, timeout_s: float = 120) -> list[dict]:
     """Every event of one `batch=1` viewer (each message a JSON array) until the terminal event."""
     received: list[dict] = []
     async with asyncio.timeout(timeout_s):
-        async with websockets.connect(url, max_size=None) as socket:
+        async with api.stream(path, max_size=None) as socket:
             async for raw in socket:
                 batch = json.loads(raw)
                 assert isinstance(batch, list) and batch, raw[:200]
@@ -166,19 +160,19 @@ def test_a_batched_viewer_gets_the_same_sequence_in_arrays_and_resumes_the_same_
     task_id = submit_counting(api, origin, 40, pause_s=0.02)
     wait_for(lambda: any(e["type"] == "AgentOutput" for e in api.events(task_id)),
              timeout_s=60, what="the run to be under way")
-    url = f"{ws_base(stack)}/api/tasks/{task_id}/stream"
+    path = f"/api/tasks/{task_id}/stream"
 
     # Joining mid-run: the history, then the live tail, each event once, in order.
-    live = asyncio.run(collect_batched_until_end(f"{url}?batch=1"))
+    live = asyncio.run(collect_batched_until_end(api, f"{path}?batch=1"))
     history = api.events(task_id)
     assert key(live) == key(history)
 
     # A late viewer of the finished task: the same events.
-    late = asyncio.run(collect_batched_until_end(f"{url}?from_seq=1&batch=1"))
+    late = asyncio.run(collect_batched_until_end(api, f"{path}?from_seq=1&batch=1"))
     assert key(late) == key(history)
 
     resume_at = history[len(history) // 2]["stream_seq"]
-    rest = asyncio.run(collect_batched_until_end(f"{url}?from_seq={resume_at}&batch=1"))
+    rest = asyncio.run(collect_batched_until_end(api, f"{path}?from_seq={resume_at}&batch=1"))
     assert key(rest) == key([e for e in history if e["stream_seq"] >= resume_at])
 
 
@@ -188,8 +182,8 @@ def test_the_board_feed_excludes_types_in_batches_too(stack, api, origin):
 
     async def watch_board() -> list[dict]:
         seen: list[dict] = []
-        url = f"{ws_base(stack)}/api/stream?from_seq=1&exclude=AgentOutput&batch=1"
-        async with asyncio.timeout(120), websockets.connect(url, max_size=None) as socket:
+        path = "/api/stream?from_seq=1&exclude=AgentOutput&batch=1"
+        async with asyncio.timeout(120), api.stream(path, max_size=None) as socket:
             async for raw in socket:
                 seen.extend(json.loads(raw))
                 if any(e["task_id"] == task_id and e["type"] in TERMINAL_TYPES for e in seen):

@@ -102,7 +102,7 @@ def start_long_task(api: Api, origin: Path) -> str:
 
 def test_sigterm_stops_every_process_of_the_data_dir(tmp_path: Path, nats: NatsServer, stacks: list[BatonStack]):
     stack = start_stack(stacks, nats, tmp_path / "baton")
-    api = Api(stack.api)
+    api = Api(stack.api, stack.token)
     origin = make_origin(tmp_path)
     for i in range(2):
         task = api.submit(repo=origin.as_uri(), prompt=f"echo {i} > f{i}.txt", agent="shell")
@@ -138,7 +138,7 @@ def test_sigterm_stops_every_process_of_the_data_dir(tmp_path: Path, nats: NatsS
 def test_sigkill_of_baton_up_takes_its_processes_along(tmp_path: Path, nats: NatsServer, stacks: list[BatonStack]):
     data_dir = tmp_path / "baton"
     stack = start_stack(stacks, nats, data_dir)
-    api = Api(stack.api)
+    api = Api(stack.api, stack.token)
     origin = make_origin(tmp_path)
     long_task = start_long_task(api, origin)
     services = {name: stack.service_pid(name) for name in ("gateway", "task-runner", "provisioner", "projector", "monitor")}
@@ -154,7 +154,7 @@ def test_sigkill_of_baton_up_takes_its_processes_along(tmp_path: Path, nats: Nat
     # A later `baton up` on the same data dir is not in the way of anything left: it starts, the
     # task that lost its vm_agent ends with a reason, and new tasks run.
     again = start_stack(stacks, nats, data_dir)
-    api = Api(again.api)
+    api = Api(again.api, again.token)
     ended = api.wait_for_end(long_task, timeout_s=120)
     assert ended[-1]["type"] == "TaskFailed", [e["type"] for e in ended]
     assert "vm_agent" in ended[-1]["data"]["reason"], ended[-1]["data"]["reason"]

@@ -30,7 +30,7 @@ def test_submitted_task_reaches_the_agent_and_comes_back_as_a_pushed_branch(api:
 
 def test_the_task_path_works_with_every_store_on_postgresql(postgres_url: str, tmp_path: Path):
     with running_stack(tmp_path / "pg", database_url=postgres_url) as pg_stack:
-        assert_task_travels_the_whole_path(Api(pg_stack.api), make_origin(tmp_path))
+        assert_task_travels_the_whole_path(Api(pg_stack.api, pg_stack.token), make_origin(tmp_path))
         # The stores really are in PostgreSQL: each service's events are in its own schema.
         with psycopg.connect(postgres_url) as db:
             counts = {
@@ -85,7 +85,7 @@ def assert_task_travels_the_whole_path(api: Api, origin: Path) -> None:
 def test_the_flow_check_names_the_missing_prompt_delivered_when_delivery_is_broken(tmp_path: Path):
     # Rehearse the original incident: the agent starts but the prompt silently never arrives.
     with running_stack(tmp_path / "faulty", faults="prompt_delivery") as faulty_stack:
-        api = Api(faulty_stack.api)
+        api = Api(faulty_stack.api, faulty_stack.token)
         origin = make_origin(tmp_path)
         task = api.submit(repo=origin.as_uri(), prompt=nonce_prompt("x"), agent="shell")
         # The agent session does start, so what is missing is exactly the delivery.

@@ -182,7 +182,7 @@ def test_the_form_shows_the_gateways_422_readably(stack: BatonStack, page: Page)
 
 def test_every_page_warns_loudly_when_faults_are_injected(tmp_path: Path, page: Page):
     with running_stack(tmp_path / "faulty", faults="prompt_delivery") as faulty_stack:
-        task = Api(faulty_stack.api).submit(repo="file:///nowhere.git", prompt="echo hi", agent="shell")
+        task = Api(faulty_stack.api, faulty_stack.token).submit(repo="file:///nowhere.git", prompt="echo hi", agent="shell")
         for path in ("/", f"/tasks/{task['task_id']}"):
             page.goto(faulty_stack.api + path)
             banner = page.locator("#fault-banner")

@@ -5,14 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import websockets
 
 from events import TERMINAL_TYPES
 from tests.support.waiting import wait_for
 
 
 class Api:
-    def __init__(self, base_url: str) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=30)
+    """The HTTP API as an authenticated client sees it (the bearer token on every request)."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.auth = {"Authorization": f"Bearer {token}"}
+        self.http = httpx.Client(base_url=base_url, timeout=30, headers=self.auth)
+        self.ws_base = base_url.rstrip("/").replace("http", "ws", 1)
+
+    def stream(self, path: str, **options: Any) -> websockets.connect:
+        """A WebSocket to `path` (`/api/stream?from_seq=1`), with the token: `async with api.stream(…)`."""
+        return websockets.connect(f"{self.ws_base}{path}", additional_headers=self.auth, **options)
 
     def submit(self, **body: Any) -> dict:
         response = self.http.post("/api/tasks", json=body)

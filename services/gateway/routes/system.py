@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from services.gateway.auth import is_authenticated
 from services.gateway.context import GatewayDep
 from services.runtime.bus import dead_letter_count
 from vm_agent.backends import BACKENDS
@@ -15,10 +16,11 @@ router = APIRouter(prefix="/api", tags=["system"])
 
 
 @router.get("/health")
-async def health(gateway: GatewayDep) -> JSONResponse:
+async def health(gateway: GatewayDep, request: Request) -> JSONResponse:
     """200 only when NATS is connected and every service was heard from in the last seconds.
 
     `details` is what services say about themselves (the provisioner: its warm vm_agent pool).
+    Without the API token (a liveness probe) the body is only `{"status"}`, with the same code.
     """
     services = gateway.heartbeats.status()
     services["gateway"] = True
@@ -42,6 +44,8 @@ async def health(gateway: GatewayDep) -> JSONResponse:
     body["sandbox"] = body["details"].get("provisioner", {}).get("sandbox", "unknown (no provisioner heard from)")
     if body["sandbox"].startswith(("none", "required")):
         body["warning"] = "; ".join(filter(None, (body.get("warning"), f"NO AGENT SANDBOX: {body['sandbox']}")))
+    if not is_authenticated(request):
+        body = {"status": body["status"]}
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 

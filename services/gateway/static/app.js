@@ -65,6 +65,30 @@ function badge(state) {
 // Keep every "N min ago" fresh.
 setInterval(() => document.querySelectorAll("[data-since]").forEach((el) => { el.textContent = ago(el.dataset.since); }), 15000);
 
+// ---- login: every /api call needs the session cookie that the login URL (printed by `baton up`) sets.
+
+class LoginNeeded extends Error {}
+
+function showLogin() {
+  if ($("#login-needed")) return;
+  $("#app").replaceChildren(h("section", { class: "panel notice", id: "login-needed" },
+    h("h1", {}, "Log in to Baton"),
+    h("p", {}, "This browser is not logged in. Open the login URL that ", h("code", {}, "baton up"),
+      " printed, ", h("code", {}, `${location.origin}/?token=…`), ", in this browser."),
+    h("p", {}, "The token is also in the data dir's ", h("code", {}, "api-token"), " file (",
+      h("code", {}, "~/.baton/api-token"), " by default).")));
+}
+
+/** fetch() for the API: a 401 shows how to log in and throws LoginNeeded. */
+async function api(path, options) {
+  const response = await fetch(path, options);
+  if (response.status === 401) {
+    showLogin();
+    throw new LoginNeeded(`${path}: not logged in`);
+  }
+  return response;
+}
+
 /** Follow a WebSocket event stream from stream_seq 1; on a drop, resume from last + 1.
  *  Events are deduplicated by stream_seq, so a replayed event is never applied twice. */
 function follow(path, onEvent, onStatus = () => {}) {
@@ -84,7 +108,13 @@ function follow(path, onEvent, onStatus = () => {}) {
         try { onEvent(event); } catch (error) { console.error("event not shown", event, error); }
       }
     };
-    ws.onclose = () => { onStatus("reconnecting"); setTimeout(open, delay); delay = Math.min(delay * 2, 8000); };
+    ws.onclose = async () => {
+      onStatus("reconnecting");
+      // A refused handshake looks like any drop: ask the API whether the session is still valid.
+      try { await api("/api/backends", { cache: "no-store" }); } catch (error) { if (error instanceof LoginNeeded) return; }
+      setTimeout(open, delay);
+      delay = Math.min(delay * 2, 8000);
+    };
   };
   open();
 }
@@ -106,7 +136,7 @@ async function pollHealth() {
     const down = Object.entries(health.services || {}).filter(([, up]) => !up).map(([name]) => name);
     const ok = health.status === "ok";
     pill.className = `health ${ok ? "health-ok" : "health-bad"}`;
-    pill.textContent = ok ? "All services up"
+    pill.textContent = !("services" in health) ? "Not logged in" : ok ? "All services up"
       : !health.nats ? "NATS unreachable" : `Degraded: ${down.join(", ") || "see /api/health"}`;
     const faults = health.faults || [];
     banner.hidden = !faults.length;
@@ -152,8 +182,11 @@ async function boardPage(app) {
   };
 
   try {
-    for (const task of (await (await fetch("/api/tasks")).json()).tasks) tasks.set(task.task_id, task);
-  } catch (error) { console.error("GET /api/tasks failed", error); }
+    for (const task of (await (await api("/api/tasks")).json()).tasks) tasks.set(task.task_id, task);
+  } catch (error) {
+    if (error instanceof LoginNeeded) return;
+    console.error("GET /api/tasks failed", error);
+  }
   render();
   // The board has no stream position to resume from, so replay the stream (forward-only states).
   follow("/api/stream?exclude=AgentOutput", (event) => {
@@ -206,7 +239,7 @@ function submitForm() {
       field("Prompt", prompt, null, "field-prompt")),
     h("div", { class: "form-foot" }, errors, button));
 
-  fetch("/api/backends").then((r) => r.json()).then(({ backends }) => {
+  api("/api/backends").then((r) => r.json()).then(({ backends }) => {
     agent.replaceChildren(...backends.map((b) => h("option", { value: b.name, disabled: !b.available },
       b.available ? b.title || b.name : `${b.title || b.name} (not installed)`)));
     const first = backends.find((b) => b.available);
@@ -229,11 +262,12 @@ function submitForm() {
     button.disabled = true;
     button.textContent = "Submitting…";
     try {
-      const response = await fetch("/api/tasks", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+      const response = await api("/api/tasks", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
       const result = await response.json().catch(() => ({}));
       if (response.ok) return location.assign(`/tasks/${encodeURIComponent(result.task_id)}`);
       showErrors(describeError(response.status, result.detail, form));
     } catch (error) {
+      if (error instanceof LoginNeeded) return;
       showErrors([`Could not reach the gateway: ${error.message}`]);
     }
     button.disabled = false;
@@ -286,7 +320,13 @@ async function taskPage(app, id) {
       h("section", { class: "panel output-panel" }, h("h2", {}, "Agent output", outputCount), output)));
 
   const task = { task_id: id };
-  const response = await fetch(`/api/tasks/${encodeURIComponent(id)}`);
+  let response;
+  try {
+    response = await api(`/api/tasks/${encodeURIComponent(id)}`);
+  } catch (error) {
+    if (error instanceof LoginNeeded) return;
+    throw error;
+  }
   if (response.status === 404) {
     app.replaceChildren(h("section", { class: "panel notice" }, h("h1", {}, "No such task"),
       h("p", {}, "Nobody submitted a task with id ", h("code", {}, id), ". ", h("a", { href: "/" }, "Back to the board"))));
