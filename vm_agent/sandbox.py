@@ -41,6 +41,14 @@ ALLOWED_ENV = frozenset({
 PROCESS_MARKS = ("BATON_SUPERVISOR_PID", "BATON_DATA_DIR")
 """How `baton up` finds the processes of its data dir to stop them (not secrets). In the sandbox
 only the outer bwrap process carries them (the agent dies with it); unsandboxed, the agent does."""
+PERSONAL_SECRETS = (
+    "~/.ssh", "~/.gnupg", "~/.aws", "~/.azure", "~/.config/gcloud", "~/.config/gh", "~/.docker",
+    "~/.kube", "~/.netrc", "~/.git-credentials", "~/.pgpass", "~/.npmrc", "~/.pypirc", "~/.claude",
+    "~/.codex", "~/.gemini", "/run/docker.sock", "/var/run/docker.sock",
+)
+"""The user's own keys and tokens (and the Docker socket, which is root on the host): the agent
+reads the system, but these are hidden like the data dir. The agent's own credentials come from
+the variables its kind declares, never from the user's files."""
 _HIDDEN_TOP_LEVEL = frozenset({"proc", "dev", "tmp"})
 _PROBE_TIMEOUT_S = 10.0
 
@@ -119,9 +127,14 @@ def agent_environment(environ: Mapping[str, str], declared: Iterable[str]) -> di
 def bwrap_options(*, workspace: Path, home: Path, hidden: Iterable[Path]) -> list[str]:
     """bwrap's options for a sandbox over `workspace` and `home` that hides the `hidden` dirs."""
     options = [*_system_read_only(), "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-    for path in _outermost([Path("/tmp"), *hidden]):
-        if path != Path("/tmp") and path.is_dir():
+    personal = [Path(os.path.realpath(os.path.expanduser(p))) for p in PERSONAL_SECRETS]
+    for path in _outermost([Path("/tmp"), *hidden, *personal]):
+        if path == Path("/tmp") or not os.path.lexists(path):
+            continue
+        if path.is_dir():
             options += ["--tmpfs", str(path)]
+        else:  # A file or a socket: what the agent finds there is empty.
+            options += ["--ro-bind", "/dev/null", str(path)]
     for code in _code_roots(hidden):  # What the agent itself runs (a venv under /tmp, say).
         options += ["--ro-bind", str(code), str(code)]
     options += ["--bind", str(workspace), str(WORKSPACE_VIEW), "--bind", str(home), str(HOME_VIEW),

@@ -89,6 +89,22 @@ def test_the_data_dir_and_the_hosts_processes_are_out_of_sight(sandbox: Sandbox,
     assert int(done.stdout.split()[-1]) <= 5, done.stdout
 
 
+def test_the_user_s_own_keys_and_tokens_are_out_of_sight(
+    sandbox: Sandbox, place: Place, monkeypatch: pytest.MonkeyPatch
+):
+    # A home with an ssh key and a .netrc, as the user running Baton has.
+    user_home = place.data_dir.parent / "user-home"
+    (user_home / ".ssh").mkdir(parents=True)
+    (user_home / ".ssh" / "id_ed25519").write_text("PRIVATE-KEY")
+    (user_home / ".netrc").write_text("machine github.com password NETRC-TOKEN")
+    (user_home / "notes.txt").write_text("readable")
+    monkeypatch.setenv("HOME", str(user_home))
+    done = run_in(sandbox, place, f"cat {user_home}/.ssh/id_ed25519 {user_home}/.netrc {user_home}/notes.txt")
+    assert "PRIVATE-KEY" not in done.stdout + done.stderr and "NETRC-TOKEN" not in done.stdout
+    assert f"{user_home}/.ssh/id_ed25519: No such file or directory" in done.stderr
+    assert "readable" in done.stdout, "the rest of the system stays readable"
+
+
 def test_the_environment_is_the_allowlist_plus_what_the_agent_declares(
     sandbox: Sandbox, place: Place, monkeypatch: pytest.MonkeyPatch
 ):
