@@ -65,7 +65,7 @@ async def output_throughput(stack: Stack, lines: int, *, timeout_s: float,
 
     Rate = stdout AgentOutput events / (viewer's receipt of the first → of the last).
     """
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with httpx.AsyncClient(timeout=30, headers=stack.auth) as client:
         task_id, sent_at = await _submit(client, stack, printing_prompt(lines, tail_sleep_s))
     url = f"{stack.ws}/api/tasks/{task_id}/stream?from_seq=1"
     count = 0
@@ -75,7 +75,7 @@ async def output_throughput(stack: Stack, lines: int, *, timeout_s: float,
     terminal = None
     envelope_bytes = 0
     async with asyncio.timeout(timeout_s):
-        async with websockets.connect(url, max_size=None, open_timeout=10) as socket:
+        async with websockets.connect(url, max_size=None, open_timeout=10, additional_headers=stack.auth) as socket:
             async for raw in socket:
                 event = json.loads(raw)
                 kind = event["type"]
@@ -159,7 +159,7 @@ async def ws_replay(stack: Stack, task_id: str, *, timeout_s: float, batch: bool
     count = 0
     started = time.perf_counter()
     async with asyncio.timeout(timeout_s):
-        async with websockets.connect(url, max_size=None, open_timeout=10) as socket:
+        async with websockets.connect(url, max_size=None, open_timeout=10, additional_headers=stack.auth) as socket:
             async for raw in socket:
                 # Cheap check first; parse only the candidates (a viewer's own cost stays small).
                 ending = '"TaskCompleted"' in raw or '"TaskFailed"' in raw
@@ -231,7 +231,7 @@ async def submit_to_prompt(stack: Stack, tasks: int, *, concurrency: int, timeou
         queue.put_nowait(i)
     deadline = time.monotonic() + timeout_s
 
-    async with BoardFeed(stack, from_seq) as feed, httpx.AsyncClient(timeout=30) as client:
+    async with BoardFeed(stack, from_seq) as feed, httpx.AsyncClient(timeout=30, headers=stack.auth) as client:
         async def worker() -> None:
             while not queue.empty() and time.monotonic() < deadline:
                 i = queue.get_nowait()
@@ -293,7 +293,8 @@ async def concurrent_tasks(stack: Stack, tasks: int, sampler: RssSampler, *, tim
     assert stack.nats is not None
     from_seq = await stream_last_seq(stack.nats.url) + 1
     limits = httpx.Limits(max_connections=tasks, max_keepalive_connections=tasks)
-    async with BoardFeed(stack, from_seq) as feed, httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with BoardFeed(stack, from_seq) as feed, httpx.AsyncClient(timeout=120, limits=limits,
+                                                                     headers=stack.auth) as client:
         sampler.phase = "concurrent"
         started = time.time()
         submitted = await asyncio.gather(

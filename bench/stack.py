@@ -64,6 +64,12 @@ class Stack:
         return self.api.replace("http://", "ws://")
 
     @property
+    def auth(self) -> dict[str, str]:
+        """The API token's header, for every HTTP request and WebSocket to the stack."""
+        assert self.baton is not None
+        return self.baton.auth
+
+    @property
     def data_dir(self) -> Path:
         return self.root / "baton"
 
@@ -211,6 +217,7 @@ class BoardFeed:
 
     def __init__(self, stack: Stack, from_seq: int, *, max_reconnects: int = 20) -> None:
         self._base = f"{stack.ws}/api/stream"
+        self._auth = stack.auth
         self._next_seq = from_seq
         self._max_reconnects = max_reconnects
         self.tasks: dict[str, TaskSeen] = defaultdict(TaskSeen)
@@ -235,7 +242,8 @@ class BoardFeed:
         for attempt in range(self._max_reconnects + 1):
             url = f"{self._base}?from_seq={self._next_seq}&exclude=AgentOutput"
             try:
-                async with websockets.connect(url, max_size=None, open_timeout=10) as socket:
+                async with websockets.connect(url, max_size=None, open_timeout=10,
+                                              additional_headers=self._auth) as socket:
                     self.ready.set()
                     async for raw in socket:
                         now = time.time()
@@ -287,7 +295,7 @@ async def wait_until_pool_warm(stack: Stack, *, timeout_s: float) -> bool:
     """Wait (bounded) until the provisioner reports its warm vm_agent pool full (`/api/health`):
     a benchmark measures a running Baton, not one still warming up after `baton up`."""
     deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with httpx.AsyncClient(timeout=5, headers=stack.auth) as client:
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 pool = (await client.get(f"{stack.api}/api/health")).json().get("details", {}).get("provisioner")

@@ -58,13 +58,20 @@ def counting_prompt(nonce: str) -> str:
     return f'for i in $(seq 1 {LINES}); do echo "line $i {nonce}"; sleep 0.2; done\necho "{nonce}" > done.txt\n'
 
 
+def log_in(page: Page, stack: BatonStack, path: str = "/") -> None:
+    """Open the login URL `baton up` printed, as a user does: the session cookie is set and the
+    page comes back without the token in its URL."""
+    page.goto(f"{stack.api}{path}?token={stack.token}")
+    expect(page).to_have_url(f"{stack.api}{path}")
+
+
 def output_lines(page: Page, nonce: str) -> Counter:
     text = page.locator("#output").inner_text()
     return Counter(line.strip() for line in text.splitlines() if nonce in line)
 
 
 def test_ui_routes_serve_the_page_and_leave_the_api_alone(stack: BatonStack):
-    with httpx.Client(base_url=stack.api, timeout=10) as http:
+    with httpx.Client(base_url=stack.api, timeout=10, headers=stack.auth) as http:
         for path in ("/", "/tasks/0123456789abcdef"):
             response = http.get(path)
             assert response.status_code == 200 and "/static/app.js" in response.text, path
@@ -116,7 +123,7 @@ def test_a_task_submitted_in_the_browser_streams_live_and_survives_a_reload(
     page.route_web_socket(re.compile(r"/api/tasks/[^/]+/stream"), route_task_stream)
 
     # Submit on the board.
-    page.goto(stack.api + "/")
+    log_in(page, stack)
     expect(page.locator("select[name=agent] option[value=shell]")).to_be_enabled(timeout=10_000)
     page.fill("input[name=repo]", origin.as_uri())
     page.fill("textarea[name=prompt]", counting_prompt(nonce))
@@ -155,7 +162,7 @@ def test_a_task_submitted_in_the_browser_streams_live_and_survives_a_reload(
 
 
 def test_the_board_moves_a_task_to_completed_live(stack: BatonStack, api: Api, origin: Path, page: Page):
-    page.goto(stack.api + "/")
+    log_in(page, stack)
     expect(page.locator(".conn")).to_have_text("live", timeout=10_000)
     task = api.submit(repo=origin.as_uri(), prompt="echo board > board.txt\n", agent="shell")
     card = page.locator(f'[data-task="{task["task_id"]}"]')
@@ -169,7 +176,7 @@ def test_the_board_moves_a_task_to_completed_live(stack: BatonStack, api: Api, o
 
 
 def test_the_form_shows_the_gateways_422_readably(stack: BatonStack, page: Page):
-    page.goto(stack.api + "/")
+    log_in(page, stack)
     expect(page.locator("select[name=agent] option[value=shell]")).to_be_enabled(timeout=10_000)
     page.fill("input[name=repo]", "-oops")
     page.fill("textarea[name=prompt]", "echo hi")
@@ -183,6 +190,7 @@ def test_the_form_shows_the_gateways_422_readably(stack: BatonStack, page: Page)
 def test_every_page_warns_loudly_when_faults_are_injected(tmp_path: Path, page: Page):
     with running_stack(tmp_path / "faulty", faults="prompt_delivery") as faulty_stack:
         task = Api(faulty_stack.api, faulty_stack.token).submit(repo="file:///nowhere.git", prompt="echo hi", agent="shell")
+        log_in(page, faulty_stack)
         for path in ("/", f"/tasks/{task['task_id']}"):
             page.goto(faulty_stack.api + path)
             banner = page.locator("#fault-banner")
@@ -192,6 +200,32 @@ def test_every_page_warns_loudly_when_faults_are_injected(tmp_path: Path, page: 
 
 
 def test_no_fault_banner_on_a_healthy_install(stack: BatonStack, page: Page):
-    page.goto(stack.api + "/")
+    log_in(page, stack)
     expect(page.locator("#health")).not_to_have_text("checking…", timeout=10_000)
     expect(page.locator("#fault-banner")).to_be_hidden()
+
+
+def test_a_browser_without_the_login_url_is_told_how_to_log_in_and_sees_no_task(
+        stack: BatonStack, api: Api, origin: Path, page: Page):
+    nonce = secrets.token_hex(6)
+    task = api.submit(repo=origin.as_uri(), prompt=f"echo {nonce} > private.txt\n", agent="shell")
+
+    for path in ("/", f"/tasks/{task['task_id']}"):
+        page.goto(stack.api + path)
+        notice = page.locator("#login-needed")
+        expect(notice).to_be_visible(timeout=10_000)
+        expect(notice).to_contain_text("Open the login URL that baton up printed")
+        expect(page.locator("#health")).to_have_text("Not logged in")
+        # Nothing of the task reached the page: not its prompt, not its repo.
+        assert nonce not in page.content() and str(origin) not in page.content()
+
+
+def test_the_login_url_logs_the_browser_in_and_the_board_goes_live(stack: BatonStack, api: Api, page: Page):
+    log_in(page, stack)
+
+    expect(page.locator(".conn")).to_have_text("live", timeout=10_000)
+    expect(page.locator("[data-column=queued]")).to_be_visible()
+    expect(page.locator("#login-needed")).to_have_count(0)
+    # The session cookie is the browser's only credential: HttpOnly, SameSite=Strict, not the token.
+    cookie = next(c for c in page.context.cookies() if c["name"] == f"baton_session_{stack.port}")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] != stack.token
