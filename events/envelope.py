@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,27 @@ SUBJECT_PREFIX = "baton.task"
 STREAM_SUBJECTS = (f"{SUBJECT_PREFIX}.>",)
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+TASK_ID_PATTERN = r"^[0-9a-f]{16}$"
+"""What every task id the gateway hands out looks like (`new_task_id`); routes, WebSockets and the
+CLI take nothing else, so a task id can never be a subject wildcard (`*`, `>`) or span tokens."""
+TASK_ID_FORM = "16 lowercase hex digits, as POST /api/tasks returns (e.g. 3f9a0c2b7d41e865)"
+_TASK_ID = re.compile(TASK_ID_PATTERN)
+
+
+def new_task_id() -> str:
+    return secrets.token_hex(8)
+
+
+def is_task_id(value: str) -> bool:
+    return _TASK_ID.fullmatch(value) is not None
+
+
+def task_id_problem(value: str) -> str | None:
+    """None for a well-formed task id, else a message saying what a task id looks like."""
+    if is_task_id(value):
+        return None
+    return f"{value[:80]!r} is not a task id: a task id is {TASK_ID_FORM}"
 
 
 def subject_for(task_id: str, event_type: str) -> str:

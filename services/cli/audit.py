@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import httpx
+import nats.errors
 import typer
+from nats.js.errors import NotFoundError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from events import STREAM
 from projections.audit_verify import (
     compare_with_stores,
     compare_with_stream,
@@ -38,6 +43,7 @@ ApiOption = Annotated[str, typer.Option("--api", envvar="BATON_API", help="Baton
 DEFAULT_API = "http://127.0.0.1:8420"
 DataDirOption = Annotated[Optional[Path], typer.Option(help="Baton's data dir (or BATON_DATA_DIR)")]
 NatsOption = Annotated[Optional[str], typer.Option(help="NATS URL (or BATON_NATS_URL)")]
+NATS_CONNECT_TIMEOUT_S = 5.0
 
 
 def _get(api: str, token: ApiToken, path: str, params: dict) -> dict:
@@ -145,20 +151,53 @@ def _settings(data_dir: Path | None, nats_url: str | None) -> Settings:
 
 
 async def _stream(settings: Settings) -> list:
-    nc = await connect_nats(settings.nats_url, name="baton-audit", timeout_s=10)
+    # Bounded here: nats-py's first connect retries forever when reconnects are unlimited.
+    nc = await asyncio.wait_for(connect_nats(settings.nats_url, name="baton-audit", timeout_s=10),
+                                NATS_CONNECT_TIMEOUT_S)
     try:
         return await stream_history(nc.jetstream())
     finally:
         await nc.close()
 
 
+def _history(settings: Settings) -> list:
+    """The stream's whole history, or one line saying where it looked and what to pass (exit 2)."""
+    logging.getLogger("nats").setLevel(logging.CRITICAL)  # a traceback per failed connect attempt
+    try:
+        return asyncio.run(_stream(settings))
+    except TimeoutError:
+        _cannot_audit(settings, f"no NATS answered within {NATS_CONNECT_TIMEOUT_S:.0f} s")
+    except NotFoundError:
+        _cannot_audit(settings, f"NATS has no stream {STREAM}")
+    except (ConnectionError, OSError, nats.errors.Error) as error:
+        _cannot_audit(settings, str(error) or type(error).__name__)
+
+
+def _require_data_dir(settings: Settings, *, with_audit_log: bool) -> None:
+    """Refuse a data dir that is not one `baton up` used (opening the log there would create it)."""
+    if settings.database_url:
+        return
+    if not settings.data_dir.is_dir():
+        _cannot_audit(settings, "the data dir does not exist")
+    if with_audit_log and not (settings.data_dir / "projections" / "audit_log.sqlite").is_file():
+        _cannot_audit(settings, "the data dir has no audit log (projections/audit_log.sqlite)")
+
+
+def _cannot_audit(settings: Settings, problem: str) -> NoReturn:
+    looked = f"data dir {settings.data_dir}, NATS {settings.nats_url}, stream {STREAM}"
+    console.print(f"[bold red]error:[/] {escape(problem)} (looked at: {escape(looked)}); pass --nats-url "
+                  "and --data-dir (or BATON_NATS_URL, BATON_DATA_DIR) of the `baton up` to audit")
+    raise typer.Exit(2)
+
+
 @audit_app.command()
 def verify(data_dir: DataDirOption = None, nats_url: NatsOption = None) -> None:
     """Recompute the hash chain and cross-check the log with the stream and every store."""
     settings = _settings(data_dir, nats_url)
+    _require_data_dir(settings, with_audit_log=True)
     log = open_audit_log(settings)
     records, chain = verify_chain(log)
-    streamed, against_stream = compare_with_stream(log, asyncio.run(_stream(settings)))
+    streamed, against_stream = compare_with_stream(log, _history(settings))
     stored, against_stores = compare_with_stores(log, relayed_envelopes(settings))
     findings = chain + against_stream + against_stores
     for finding in findings:
@@ -174,6 +213,8 @@ def verify(data_dir: DataDirOption = None, nats_url: NatsOption = None) -> None:
 def rebuild(data_dir: DataDirOption = None, nats_url: NatsOption = None) -> None:
     """Drop the audit log and rebuild it from the stream (the result is identical)."""
     settings = _settings(data_dir, nats_url)
+    _require_data_dir(settings, with_audit_log=False)
+    history = _history(settings)
     log = open_audit_log(settings)
-    count = log.rebuild(iter(asyncio.run(_stream(settings))), consumer=AUDIT_CONSUMER)
+    count = log.rebuild(iter(history), consumer=AUDIT_CONSUMER)
     console.print(f"rebuilt the audit log from the stream: {count} events")

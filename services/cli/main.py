@@ -35,6 +35,7 @@ from services.cli.supervisor import (
     die_with_parent,
     stop_data_dir_processes,
 )
+from events.envelope import task_id_problem
 from services.runtime.logs import setup_logging
 from services.runtime.settings import Settings
 from vm_agent.sandbox import Sandbox
@@ -50,6 +51,16 @@ ApiOption = Annotated[
     str, typer.Option("--api", envvar="BATON_API", help="Baton's HTTP API (or set BATON_API)")
 ]
 DEFAULT_API = "http://127.0.0.1:8420"
+
+
+def _check_task_id(value: str) -> str:
+    if (problem := task_id_problem(value)) is not None:
+        raise typer.BadParameter(problem)
+    return value
+
+
+TaskIdArgument = Annotated[str, typer.Argument(callback=_check_task_id, metavar="TASK_ID",
+                                                help="the id `baton submit` printed")]
 
 SERVICE_MODULES = {
     "gateway": "services.gateway.main",
@@ -337,7 +348,7 @@ def submit(
 
 @app.command()
 def watch(
-    task_id: str,
+    task_id: TaskIdArgument,
     from_seq: Annotated[int, typer.Option("--from", min=1, help="start at this stream sequence")] = 1,
     api: ApiOption = DEFAULT_API,
     token: TokenOption = None,
@@ -375,7 +386,7 @@ def tasks(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
 
 @app.command()
 def events(
-    task_id: str,
+    task_id: TaskIdArgument,
     api: ApiOption = DEFAULT_API,
     json_lines: Annotated[bool, typer.Option("--json", help="one JSON envelope per line")] = False,
     token: TokenOption = None,

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from services.gateway.auth import ApiAuth
 from services.gateway.context import Gateway
+from services.gateway.errors import install_error_handlers
 from services.gateway.routes import audit as audit_routes
 from services.gateway.routes import streams, system, tasks, ui
 from services.projector.read_models import open_audit_log, open_task_board
@@ -46,6 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
                 audit.close()
 
     app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
     app.add_middleware(ApiAuth, settings=settings)  # every route, /docs and the WebSockets
     app.include_router(tasks.router)
     app.include_router(system.router)

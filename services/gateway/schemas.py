@@ -6,6 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MAX_PROMPT_BYTES = 256 * 1024
+"""A prompt's size in UTF-8; bigger material belongs in the repo."""
+
 
 class TaskCreate(BaseModel):
     """`POST /api/tasks`: what to run, where, with which agent."""
@@ -13,9 +16,32 @@ class TaskCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     repo: str = Field(min_length=1, max_length=2000, description="git URL or path of the repository")
-    prompt: str = Field(min_length=1, max_length=200_000, description="the agent's first prompt")
+    prompt: str = Field(
+        min_length=1, description=f"the agent's first prompt (at most {MAX_PROMPT_BYTES:,} bytes in UTF-8)"
+    )
     agent: str = Field(default="shell", min_length=1, description="a name from GET /api/backends")
     base_branch: str | None = Field(default=None, max_length=250)
+
+    @field_validator("repo", "prompt", "agent", "base_branch")
+    @classmethod
+    def _valid_unicode(cls, value: str | None) -> str | None:
+        # JSON can carry a lone surrogate ("\ud800"), which no store, log or bus can encode.
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(f"has a lone surrogate (U+{ord(value[error.start]):04X} at character "
+                                 f"{error.start}), which is not text: send valid UTF-8") from None
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_fits(cls, value: str) -> str:
+        size = len(value.encode("utf-8"))
+        if size > MAX_PROMPT_BYTES:
+            raise ValueError(f"is {size:,} bytes in UTF-8; the limit is {MAX_PROMPT_BYTES:,}: shorten it "
+                             "or put the material in the repo and point the prompt at it")
+        return value
 
     @field_validator("repo", "prompt")
     @classmethod

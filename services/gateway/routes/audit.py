@@ -15,7 +15,7 @@ from pydantic import AfterValidator
 from events import EVENT_TYPES
 from projections.audit_log import MAX_PAGE, AuditLog
 from projections.audit_views import tasks_with_gaps, timeline
-from services.gateway.context import GatewayDep
+from services.gateway.context import GatewayDep, TaskIdDep
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 
@@ -71,7 +71,7 @@ def audit_events(
 
 
 @router.get("/tasks/{task_id}/timeline")
-def audit_timeline(task_id: str, gateway: GatewayDep) -> dict[str, Any]:
+def audit_timeline(task_id: TaskIdDep, gateway: GatewayDep) -> dict[str, Any]:
     found = timeline(gateway.audit, task_id)
     if found is None:
         raise HTTPException(404, f"no events for task {task_id!r} in the audit log")

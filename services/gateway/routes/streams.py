@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from events import task_subjects
-from events.envelope import STREAM_SUBJECTS
+from events.envelope import STREAM_SUBJECTS, task_id_problem
 from services.gateway.context import Gateway
+from services.gateway.errors import close_with_reason
+from services.gateway.limits import MAX_STREAM_SEQ
 from services.runtime.streams import RawEvent, stream_raw
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,9 @@ async def task_stream(websocket: WebSocket, task_id: str, from_seq: int = 1, bat
 
     With `batch=1` each message is a JSON array of one or more events (in order) instead of one event.
     """
+    if (problem := task_id_problem(task_id)) is not None:
+        await close_with_reason(websocket, 1008, problem)
+        return
     await _serve(websocket, task_subjects(task_id), from_seq, exclude=frozenset(), batched=batch)
 
 
@@ -41,11 +46,24 @@ async def board_stream(websocket: WebSocket, from_seq: int = 1, exclude: str = "
 async def _serve(
     websocket: WebSocket, subject: str, from_seq: int, *, exclude: frozenset[str], batched: bool
 ) -> None:
-    if from_seq < 1:
-        await websocket.close(code=1008, reason="from_seq must be 1 or more")
+    if not 1 <= from_seq <= MAX_STREAM_SEQ:
+        reason = f"from_seq must be 1 to {MAX_STREAM_SEQ} (a stream_seq; 1 = from the start)"
+        await close_with_reason(websocket, 1008, reason)
         return
-    await websocket.accept()
     gateway: Gateway = websocket.app.state.gateway
+    if not gateway.viewers.take():
+        await close_with_reason(websocket, 1013, gateway.viewers.refusal)
+        return
+    try:
+        await websocket.accept()
+        await _serve_accepted(websocket, gateway, subject, from_seq, exclude, batched)
+    finally:
+        gateway.viewers.give_back()
+
+
+async def _serve_accepted(
+    websocket: WebSocket, gateway: Gateway, subject: str, from_seq: int, exclude: frozenset[str], batched: bool
+) -> None:
     sender = asyncio.create_task(_send_events(websocket, gateway, subject, from_seq, exclude, batched))
     listener = asyncio.create_task(_until_disconnected(websocket))
     try:

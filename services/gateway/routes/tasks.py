@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import secrets
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
-from fastapi import APIRouter, HTTPException, Query
-
-from events import TaskSubmitted
-from services.gateway.context import GatewayDep
+from events import TaskSubmitted, envelope_for
+from events.envelope import new_task_id
+from services.gateway.context import GatewayDep, TaskIdDep
 from services.gateway.domain import Submission
 from services.gateway.history import read_task_events
+from services.gateway.limits import BUS_HEADER_HEADROOM, MAX_STREAM_SEQ
 from services.gateway.schemas import TaskCreate, TaskEvents, TaskPublic
 from services.runtime.repo_url import RepoCredential, RepoUrl, RepoUrlError, parse_repo_url
 from vm_agent.backends import available_backends
@@ -17,7 +17,17 @@ from vm_agent.backends import available_backends
 router = APIRouter(prefix="/api/tasks", tags=["tasks"])
 
 
-@router.post("", status_code=201)
+async def within_submit_rate(request: Request, gateway: GatewayDep) -> None:
+    """429 with Retry-After past the client's token bucket (keyed by its address: every client of
+    an install shares one API token, so the address is what tells them apart)."""
+    client = request.client.host if request.client else "unknown"
+    wait_s = gateway.submit_limit.take(client)
+    if wait_s:
+        message, headers = gateway.submit_limit.refusal(wait_s)
+        raise HTTPException(429, message, headers=headers)
+
+
+@router.post("", status_code=201, dependencies=[Depends(within_submit_rate)])
 def submit_task(body: TaskCreate, gateway: GatewayDep) -> TaskPublic:
     """Record TaskSubmitted; the task runner takes it from there."""
     backends = available_backends()
@@ -25,11 +35,12 @@ def submit_task(body: TaskCreate, gateway: GatewayDep) -> TaskPublic:
         raise HTTPException(
             422, f"unknown agent {body.agent!r}; this install can run: {', '.join(sorted(backends))}"
         )
-    submission = Submission(secrets.token_hex(8))
+    submission = Submission(new_task_id())
     repo = _checked_repo(body.repo, gateway)
     submitted = TaskSubmitted(
         repo=repo.url, prompt=body.prompt, agent=body.agent, base_branch=body.base_branch
     )
+    _refuse_what_the_bus_cannot_carry(gateway, submission.task_id, submitted)
     submission.submit(submitted, actor="user")
     _save_with_credential(gateway, submission, repo.credential)
     return _from_submission(submission)
@@ -41,7 +52,7 @@ def list_tasks(gateway: GatewayDep, limit: int = Query(200, ge=1, le=1000)) -> d
 
 
 @router.get("/{task_id}")
-def get_task(task_id: str, gateway: GatewayDep) -> TaskPublic:
+def get_task(task_id: TaskIdDep, gateway: GatewayDep) -> TaskPublic:
     row = gateway.board.get(task_id)
     if row is not None:
         return TaskPublic(**row)
@@ -52,12 +63,25 @@ def get_task(task_id: str, gateway: GatewayDep) -> TaskPublic:
 
 @router.get("/{task_id}/events")
 async def get_task_events(
-    task_id: str, gateway: GatewayDep, from_seq: int = Query(1, ge=1)
+    task_id: TaskIdDep, gateway: GatewayDep, from_seq: int = Query(1, ge=1, le=MAX_STREAM_SEQ)
 ) -> TaskEvents:
     events = await read_task_events(gateway.bus.js, task_id, from_seq=from_seq)
     if not events and gateway.board.get(task_id) is None:
         _submission(gateway, task_id)  # 404 for a task nobody submitted.
     return TaskEvents(task_id=task_id, events=events)
+
+
+def _refuse_what_the_bus_cannot_carry(gateway: GatewayDep, task_id: str, submitted: TaskSubmitted) -> None:
+    """413 naming the limit when the TaskSubmitted envelope would not fit one NATS message (the
+    relay could never publish it, and every later task would wait behind it)."""
+    max_payload = gateway.bus.nc.max_payload
+    limit = max_payload - BUS_HEADER_HEADROOM
+    size = len(envelope_for(submitted, task_id=task_id, actor="user").to_json())
+    if size > limit:
+        raise HTTPException(413, (
+            f"this task would be a {size:,}-byte event and the bus carries at most {limit:,} bytes "
+            f"(NATS max_payload {max_payload:,} less {BUS_HEADER_HEADROOM:,} for headers): shorten "
+            "the prompt (in JSON each control character takes 6 bytes) or put the material in the repo"))
 
 
 def _checked_repo(raw: str, gateway: GatewayDep) -> RepoUrl:

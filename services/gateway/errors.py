@@ -1,0 +1,64 @@
+"""Refusals a client can read: 422 bodies that never echo what cannot be encoded, WebSocket
+closes that carry their reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
+from fastapi.responses import JSONResponse
+
+MAX_ECHO_CHARS = 200
+"""How much of a refused value a 422 repeats (a 1 MB prompt is not sent back)."""
+NOT_TEXT = ("is not text: it holds a lone surrogate (a \\ud800-\\udfff escape that is not half of a "
+            "pair); send valid UTF-8")
+MAX_CLOSE_REASON_BYTES = 123
+"""What a WebSocket close frame holds (RFC 6455: 125 bytes, 2 of them the code)."""
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, refuse_invalid_request)
+    app.add_exception_handler(WebSocketRequestValidationError, refuse_invalid_websocket)
+
+
+async def refuse_invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, without the pieces that made it a 500 or a huge echo: each error's
+    type, location and message, and the refused value only when short and printable."""
+    return JSONResponse(status_code=422, content={"detail": [_readable(e) for e in error.errors()]})
+
+
+async def refuse_invalid_websocket(websocket: WebSocket, error: WebSocketRequestValidationError) -> None:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in error.errors())
+    await close_with_reason(websocket, 1008, _safe_text(problems))
+
+
+async def close_with_reason(websocket: WebSocket, code: int, reason: str) -> None:
+    """Accept, then close with `code` and `reason`: refused before accepting, a client sees only a
+    bare HTTP 403 and never the reason."""
+    await websocket.accept()
+    await websocket.close(code=code, reason=_fit_close_frame(reason))
+
+
+def _readable(error: dict[str, Any]) -> dict[str, Any]:
+    message = NOT_TEXT if error["type"] == "string_unicode" else error["msg"]
+    readable = {"type": error["type"], "loc": [_safe_text(str(part)) for part in error["loc"]],
+                "msg": _safe_text(message)}
+    value = error.get("input")
+    if value is None or isinstance(value, (bool, int, float)):
+        readable["input"] = value
+    elif isinstance(value, str) and len(value) <= MAX_ECHO_CHARS:
+        readable["input"] = _safe_text(value)
+    return readable
+
+
+def _safe_text(text: str) -> str:
+    """`text` with anything UTF-8 cannot carry (a lone surrogate) written as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _fit_close_frame(reason: str) -> str:
+    encoded = reason.encode("utf-8")
+    if len(encoded) <= MAX_CLOSE_REASON_BYTES:
+        return reason
+    return encoded[: MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
