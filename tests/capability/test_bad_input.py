@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import sqlite3
 import subprocess
@@ -125,6 +126,10 @@ def test_a_from_seq_past_any_stream_sequence_is_a_422_not_a_500(api: Api):
 
         assert response.status_code == 422, (from_seq, response.text)
         assert response.json()["detail"][0]["loc"] == ["query", "from_seq"]
+    # An audit cursor is a stream sequence too.
+    cursor = base64.urlsafe_b64encode(f"seq:{10**23}".encode()).decode()
+    response = api.http.get("/api/audit/events", params={"cursor": cursor})
+    assert response.status_code == 422 and "start without it" in response.json()["detail"]
     assert api.http.get("/api/health").status_code == 200
 
 

@@ -16,6 +16,7 @@ from events import EVENT_TYPES
 from projections.audit_log import MAX_PAGE, AuditLog
 from projections.audit_views import tasks_with_gaps, timeline
 from services.gateway.context import GatewayDep, TaskIdDep
+from services.gateway.limits import MAX_STREAM_SEQ
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 
@@ -38,7 +39,7 @@ def decode_cursor(cursor: str | None) -> int:
         return 0
     try:
         kind, _, seq = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
-        if kind != "seq" or int(seq) < 0:
+        if kind != "seq" or not 0 <= int(seq) <= MAX_STREAM_SEQ:
             raise ValueError
         return int(seq)
     except (ValueError, UnicodeDecodeError):
