@@ -33,6 +33,7 @@ from services.projector.audit_sources import (
 from services.cli.client import ApiToken, TokenOption, find_api_token
 from services.projector.read_models import open_audit_log
 from services.runtime.bus import connect_nats
+from services.runtime.nats_auth import service_credentials
 from services.runtime.settings import Settings
 
 audit_app = typer.Typer(help="Query, export and verify the event history (for auditors).",
@@ -152,7 +153,8 @@ def _settings(data_dir: Path | None, nats_url: str | None) -> Settings:
 
 async def _stream(settings: Settings) -> list:
     # Bounded here: nats-py's first connect retries forever when reconnects are unlimited.
-    nc = await asyncio.wait_for(connect_nats(settings.nats_url, name="baton-audit", timeout_s=10),
+    nc = await asyncio.wait_for(connect_nats(settings.nats_url, name="baton-audit", timeout_s=10,
+                                             credentials=service_credentials(settings, "auditor")),
                                 NATS_CONNECT_TIMEOUT_S)
     try:
         return await stream_history(nc.jetstream())

@@ -388,38 +388,47 @@ async def dead_letter_count(js: JetStreamContext) -> int:
 async def connect_nats(url: str, *, name: str, credentials: Credentials | None = None,
                        inbox_prefix: str | None = None, timeout_s: float = 30.0,
                        error_cb: Callable[[Exception], Awaitable[None]] | None = None) -> Client:
-    """Connect, retrying until `timeout_s` (NATS may still be starting); reconnect forever after.
+    """Connect within `timeout_s` (NATS may still be starting); reconnect forever after.
 
-    `credentials`: a `.creds` path or text (nats_auth) for a NATS that requires them; a refusal
-    of them is raised at once, it will not change on retry."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    options: dict[str, Any] = {}
+    Raises ConnectionRefusedError at once if NATS refuses the credentials (that will not change
+    on retry) and ConnectionError when NATS cannot be reached in time. `credentials`: a `.creds`
+    path or text (nats_auth) for a NATS that requires them."""
+    refused = asyncio.Event()
+    last_error: list[Exception] = []
+
+    async def on_error(error: Exception) -> None:
+        last_error[:] = [error]
+        if "authorization violation" in str(error).lower():
+            refused.set()
+        if error_cb is not None:
+            await error_cb(error)
+        else:
+            log.warning("NATS (%s): %s", name, error)
+
+    options: dict[str, Any] = {"error_cb": on_error}
     if credentials is not None:
         options["user_credentials"] = credentials
     if inbox_prefix is not None:
         options["inbox_prefix"] = inbox_prefix
-    if error_cb is not None:
-        options["error_cb"] = error_cb
-    while True:
-        try:
-            return await nats.connect(
-                url,
-                name=name,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                connect_timeout=2,
-                **options,
-            )
-        except (OSError, nats.errors.NoServersError) as error:
-            if asyncio.get_running_loop().time() > deadline:
-                raise ConnectionError(f"cannot reach NATS at {url}: {error}") from error
-            await asyncio.sleep(0.2)
-        except nats.errors.Error as error:
-            if "authorization" in str(error).lower():
-                raise ConnectionRefusedError(
-                    f"NATS at {url} refused {name}'s credentials ({error}); see the README's "
-                    "Security model (BATON_NATS_CREDS, `baton nats-config`)") from error
-            raise
+    # nats-py retries a first connection forever when reconnects are unlimited: bounded here.
+    connecting = asyncio.ensure_future(nats.connect(
+        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2, **options))
+    waiting_refusal = asyncio.ensure_future(refused.wait())
+    try:
+        await asyncio.wait({connecting, waiting_refusal}, timeout=timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting_refusal.cancel()
+    if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+        return connecting.result()
+    connecting.cancel()
+    await asyncio.gather(connecting, return_exceptions=True)
+    if refused.is_set():
+        raise ConnectionRefusedError(
+            f"NATS at {url} refused {name}'s credentials ({last_error[0]}); see the README's "
+            "Security model (BATON_NATS_CREDS, `baton nats-config`)")
+    detail = last_error[0] if last_error else (connecting.exception() if not connecting.cancelled() else None)
+    raise ConnectionError(f"cannot reach NATS at {url} within {timeout_s:.0f}s: {detail or 'no answer'}")
 
 
 @asynccontextmanager
