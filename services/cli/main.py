@@ -240,7 +240,7 @@ def up(
         while True:
             supervisor.check()
             time.sleep(0.2)
-    except SupervisorError as error:
+    except (SupervisorError, ApiError) as error:  # ApiError: the demo's gateway refused it
         console.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:

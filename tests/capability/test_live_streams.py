@@ -16,7 +16,6 @@ import websockets
 from events import TERMINAL_TYPES
 from tests.support.api import Api
 from tests.support.invariants import counting_prompt
-from tests.support.processes import BatonStack
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
