@@ -9,12 +9,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.gateway.auth import ApiAuth
+from services.gateway.body_limit import BodyLimit
 from services.gateway.context import Gateway
 from services.gateway.errors import install_error_handlers
 from services.gateway.routes import audit as audit_routes
 from services.gateway.routes import streams, system, tasks, ui
 from services.projector.read_models import open_audit_log, open_task_board
-from services.runtime.bus import open_bus
+from services.runtime.bus import StreamLimits, open_bus
+from services.runtime.nats_auth import bus_is_open, service_credentials
 from services.runtime.consumer import run_all
 from services.runtime.heartbeat import HeartbeatBoard, send_heartbeats
 from services.runtime.relay import Relay
@@ -30,7 +32,10 @@ def create_app(settings: Settings) -> FastAPI:
         store = ServiceStore(NAME, store_env(settings, NAME))
         board = open_task_board(settings)
         audit = open_audit_log(settings)
-        async with open_bus(settings.nats_url, name=NAME) as bus:
+        async with open_bus(settings.nats_url, name=NAME, credentials=service_credentials(settings, NAME),
+                           stream_limits=StreamLimits.from_settings(settings)) as bus:
+            # Verified, not assumed: can a client without credentials get onto this bus?
+            app.state.bus_open = await bus_is_open(settings.nats_url)
             relay = Relay(store, bus)
             heartbeats = HeartbeatBoard()
             await heartbeats.follow(bus.nc)
@@ -49,6 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(ApiAuth, settings=settings)  # every route, /docs and the WebSockets
+    app.add_middleware(BodyLimit)  # outermost: nothing reads a body bigger than a task can be
     app.include_router(tasks.router)
     app.include_router(system.router)
     app.include_router(streams.router)

@@ -201,6 +201,18 @@ def test_a_prompt_over_the_byte_limit_is_a_422_that_does_not_echo_it(api: Api):
     assert len(response.content) < 2000
 
 
+def test_a_body_bigger_than_any_task_is_refused_before_it_is_read(api: Api):
+    before = len(api.http.get("/api/tasks").json()["tasks"])
+    huge = b'{"repo": "file:///x", "prompt": "' + b"x" * (3 * 1024 * 1024) + b'"}'
+    declared = api.http.post("/api/tasks", content=huge, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and "request body is over" in declared.json()["detail"]
+    # Sent in chunks, without a length: counted as it arrives.
+    chunked = api.http.post("/api/tasks", content=iter([huge[i:i + 65536] for i in range(0, len(huge), 65536)]),
+                            headers={"content-type": "application/json"})
+    assert chunked.status_code == 413, chunked.text
+    assert len(api.http.get("/api/tasks").json()["tasks"]) == before
+
+
 def test_audit_verify_without_nats_says_where_it_looked_in_one_line_and_exits_2(stack: BatonStack):
     nowhere = f"nats://127.0.0.1:{free_port()}"
     env = {**os.environ, "BATON_DATA_DIR": str(stack.data_dir), "COLUMNS": "80"}
