@@ -25,6 +25,7 @@ from rich.table import Table
 from services.cli.audit import audit_app
 from services.cli.client import ApiError, ApiToken, BatonClient, TokenOption, find_api_token
 from services.cli.follow import follow_task, render_event
+from services.cli.nats_config import nats_config
 from services.cli.supervisor import (
     SERVICE_NAMES,
     SERVICE_STOP_GRACE_S,
@@ -46,6 +47,13 @@ app = typer.Typer(
 console = Console(highlight=False, soft_wrap=True)
 
 app.add_typer(audit_app, name="audit")
+app.command("nats-config")(nats_config)
+
+
+@app.callback()
+def _private_files() -> None:
+    """Everything a Baton process creates (stores, logs, secrets, workspaces) is its owner's only."""
+    os.umask(0o077)
 
 ApiOption = Annotated[
     str, typer.Option("--api", envvar="BATON_API", help="Baton's HTTP API (or set BATON_API)")
@@ -229,6 +237,8 @@ def up(
     try:
         supervisor.start()
         console.print(f"[dim]data: {settings.data_dir}  nats: {supervisor.nats_url}[/]")
+        if supervisor.bus_open is False:
+            console.print("[dim]bus: authenticated (each service and each workspace has its own NATS credential)[/]")
         if settings.faults:
             console.print(f"[bold red]FAULT INJECTION ON: {', '.join(sorted(settings.faults))}[/]")
         _say_sandbox(settings)

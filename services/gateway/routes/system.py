@@ -38,12 +38,19 @@ async def health(gateway: GatewayDep, request: Request) -> JSONResponse:
         "dead_letters": dead_letters,
         "details": dict(gateway.heartbeats.details),
     }
+    warnings = []
     if faults:
-        body["warning"] = f"FAULT INJECTION ON: {', '.join(faults)} will silently not happen"
+        warnings.append(f"FAULT INJECTION ON: {', '.join(faults)} will silently not happen")
+    body["bus"] = "open" if getattr(request.app.state, "bus_open", False) else "authenticated"
+    if body["bus"] == "open":
+        warnings.append("THE BUS IS OPEN: NATS lets clients in without credentials, so anyone who "
+                        "reaches it can forge events or delete the history (see README, Security model)")
     # How agents are confined, as the provisioner (which starts them) found it.
     body["sandbox"] = body["details"].get("provisioner", {}).get("sandbox", "unknown (no provisioner heard from)")
     if body["sandbox"].startswith(("none", "required")):
-        body["warning"] = "; ".join(filter(None, (body.get("warning"), f"NO AGENT SANDBOX: {body['sandbox']}")))
+        warnings.append(f"NO AGENT SANDBOX: {body['sandbox']}")
+    if warnings:
+        body["warning"] = "; ".join(warnings)
     if not is_authenticated(request):
         body = {"status": body["status"]}
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
