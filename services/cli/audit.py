@@ -152,10 +152,8 @@ def _settings(data_dir: Path | None, nats_url: str | None) -> Settings:
 
 
 async def _stream(settings: Settings) -> list:
-    # Bounded here: nats-py's first connect retries forever when reconnects are unlimited.
-    nc = await asyncio.wait_for(connect_nats(settings.nats_url, name="baton-audit", timeout_s=10,
-                                             credentials=service_credentials(settings, "auditor")),
-                                NATS_CONNECT_TIMEOUT_S)
+    nc = await connect_nats(settings.nats_url, name="baton-audit", timeout_s=NATS_CONNECT_TIMEOUT_S,
+                            credentials=service_credentials(settings, "auditor"))
     try:
         return await stream_history(nc.jetstream())
     finally:
@@ -164,7 +162,8 @@ async def _stream(settings: Settings) -> list:
 
 def _history(settings: Settings) -> list:
     """The stream's whole history, or one line saying where it looked and what to pass (exit 2)."""
-    logging.getLogger("nats").setLevel(logging.CRITICAL)  # a traceback per failed connect attempt
+    for chatty in ("nats", "services.runtime.bus"):  # a line per failed connect attempt
+        logging.getLogger(chatty).setLevel(logging.CRITICAL)
     try:
         return asyncio.run(_stream(settings))
     except TimeoutError:
