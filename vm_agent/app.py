@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from services.runtime.repo_url import RepoCredential
-from vm_agent.backends import available_backends
+from vm_agent.backends import available_backends, refusal
 from vm_agent.runner import SessionRunner
 from vm_agent.state import VmAgent
 
@@ -113,9 +114,10 @@ def create_app(vm_agent: VmAgent) -> FastAPI:
             if existing.attempt_id != body.attempt_id:
                 raise HTTPException(409, f"attempt {existing.attempt_id} already ran here")
             return SessionAccepted(task_id=body.task_id, attempt_id=body.attempt_id, started_now=False)
-        backend = available_backends().get(body.agent)
+        backend = available_backends(vm.launcher.agents_dir).get(body.agent)
         if backend is None:
-            raise HTTPException(422, f"agent {body.agent!r} is not available on this machine")
+            why = refusal(body.agent, vm.launcher.agents_dir, os.environ)
+            raise HTTPException(422, f"agent {body.agent!r} is not available on this machine: {why}")
         session = vm.open_session(body.attempt_id, body.agent, body.causation_id)
         runner = SessionRunner(
             vm.assigned.store, session, workspace=vm.assigned.workspace, backend=backend,

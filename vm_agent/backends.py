@@ -1,39 +1,171 @@
-"""The coding agents a vm_agent can start, each spoken to over ACP."""
+"""The kinds of coding agent a vm_agent can start, each spoken to over ACP.
+
+A kind is `shell` (Baton's own, always there) or a real agent whose ACP adapter is an npm package,
+pinned here and installed by `baton agents install NAME` into `<agents dir>/<name>-<version>/`
+(the agents dir is BATON_AGENTS_DIR, default `<data dir>/agents`). A kind declares the environment
+variables its agent may receive (its API key, its base URL…: the only ones, besides a small
+allowlist in `vm_agent/sandbox.py`, it gets), which of them it needs (any-of groups), variables it
+always gets (`fixed_env`), and a `prepare` hook run before it starts that may write config files
+into its private home and adjust its environment.
+"""
 
 from __future__ import annotations
 
-import shutil
+import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Prepare = Callable[[Path, dict[str, str]], dict[str, str]]
+"""`prepare(home, env) -> env`: `home` is the agent's private home as a host path (write config
+files there); `env` is the environment it will start with, where `env["HOME"]` is that same home
+as the agent sees it (in the sandbox, `/agent-home`): point variables at it, not at `home`."""
+
+
+def unchanged(home: Path, env: dict[str, str]) -> dict[str, str]:
+    """The default `prepare`: nothing to write, the environment as it is."""
+    return env
 
 
 @dataclass(frozen=True)
-class Backend:
+class AgentKind:
     name: str
     title: str
-    command: tuple[str, ...]
+    package: str | None
+    """The npm package of its ACP adapter (None: Baton's own `shell`)."""
+    version: str | None
+    """The pinned version `baton agents install` installs."""
+    executable: str
+    """The adapter's bin name in `node_modules/.bin/` (for `shell`, the Python module run)."""
+    args: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
-    """The environment variables this agent needs (its API key…): the only ones, besides a small
-    allowlist (`vm_agent/sandbox.py`), that it gets from the vm_agent's environment."""
+    """The environment variables this agent may receive from the vm_agent's environment."""
+    requires: tuple[tuple[str, ...], ...] = ()
+    """Credentials it needs: each group is satisfied by any one of its variables being set."""
+    fixed_env: Mapping[str, str] = field(default_factory=dict)
+    """Variables it always gets (not secrets: shown in `baton agents`)."""
+    prepare: Prepare = unchanged
 
-    def available(self) -> bool:
-        return shutil.which(self.command[0]) is not None
+    @property
+    def npm_spec(self) -> str | None:
+        return None if self.package is None else f"{self.package}@{self.version}"
+
+    def install_dir(self, agents_dir: Path) -> Path | None:
+        """Where `baton agents install` puts this kind's adapter (None: nothing to install)."""
+        return None if self.package is None else agents_dir / f"{self.name}-{self.version}"
+
+    def command_in(self, agents_dir: Path) -> tuple[str, ...]:
+        """The command that starts this agent, its adapter installed under `agents_dir`."""
+        place = self.install_dir(agents_dir)
+        if place is None:
+            return (sys.executable, "-m", self.executable, *self.args)
+        return (str(place / "node_modules" / ".bin" / self.executable), *self.args)
+
+    def installed(self, agents_dir: Path) -> bool:
+        place = self.install_dir(agents_dir)
+        return place is None or os.access(place / "node_modules" / ".bin" / self.executable, os.X_OK)
+
+    def missing_credentials(self, environ: Mapping[str, str]) -> tuple[tuple[str, ...], ...]:
+        """The groups of `requires` none of whose variables `environ` sets (non-empty)."""
+        return tuple(group for group in self.requires if not any(environ.get(name) for name in group))
+
+    def available(self, agents_dir: Path, environ: Mapping[str, str]) -> bool:
+        return self.installed(agents_dir) and not self.missing_credentials(environ)
+
+    def environment(self, home: Path, env: Mapping[str, str]) -> dict[str, str]:
+        """`env` (already filtered to what this kind may see) with its fixed variables, then
+        `prepare`d: what the agent starts with."""
+        return self.prepare(home, {**env, **self.fixed_env})
 
 
-BACKENDS: dict[str, Backend] = {
-    backend.name: backend
-    for backend in (
-        Backend("shell", "Shell (runs the prompt as a bash script)",
-                (sys.executable, "-m", "vm_agent.agents.shell")),
-        Backend("claude", "Claude Code (claude-code-acp)", ("claude-code-acp",),
-                env=("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "ANTHROPIC_MODEL",
-                     "CLAUDE_CODE_OAUTH_TOKEN", "CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX")),
-        Backend("gemini", "Gemini CLI (gemini --experimental-acp)", ("gemini", "--experimental-acp"),
-                env=("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION",
-                     "GOOGLE_GENAI_USE_VERTEXAI")),
+def _claude_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
+    return env
+
+
+def _codex_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
+    return env
+
+
+def _gemini_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
+    return env
+
+
+def _opencode_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
+    return env
+
+
+AGENT_KINDS: dict[str, AgentKind] = {
+    kind.name: kind
+    for kind in (
+        AgentKind("shell", "Shell (runs the prompt as a bash script)", None, None, "vm_agent.agents.shell"),
+        AgentKind(
+            "claude", "Claude Code (claude-agent-acp)",
+            "@agentclientprotocol/claude-agent-acp", "0.101.0", "claude-agent-acp",
+            env=("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "ANTHROPIC_MODEL",
+                 "CLAUDE_CODE_OAUTH_TOKEN", "CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX"),
+            requires=(("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"),),
+            # Run as root, Claude Code refuses to start unless told it is in a sandbox (it is).
+            fixed_env={"IS_SANDBOX": "1"},
+            prepare=_claude_prepare,
+        ),
+        AgentKind(
+            "codex", "Codex (codex-acp)",
+            "@agentclientprotocol/codex-acp", "2.6.0", "codex-acp",
+            env=("OPENAI_API_KEY", "OPENAI_BASE_URL", "CODEX_API_KEY"),
+            requires=(("OPENAI_API_KEY", "CODEX_API_KEY"),),
+            prepare=_codex_prepare,
+        ),
+        AgentKind(
+            "gemini", "Gemini CLI (gemini --acp)",
+            "@google/gemini-cli", "0.61.0", "gemini", args=("--acp",),
+            env=("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_CLOUD_PROJECT",
+                 "GOOGLE_CLOUD_LOCATION", "GOOGLE_GENAI_USE_VERTEXAI"),
+            requires=(("GEMINI_API_KEY", "GOOGLE_API_KEY"),),
+            prepare=_gemini_prepare,
+        ),
+        AgentKind(
+            "opencode", "OpenCode (opencode acp)",
+            "opencode-ai", "1.18.33", "opencode", args=("acp",),
+            env=("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
+                 "OPENCODE_MODEL"),
+            requires=(("OPENAI_API_KEY", "ANTHROPIC_API_KEY"),),
+            prepare=_opencode_prepare,
+        ),
     )
 }
 
+Backend = AgentKind
+"""The former name of a kind (still used by the vm_agent's runner)."""
+BACKENDS = AGENT_KINDS
 
-def available_backends() -> dict[str, Backend]:
-    return {name: backend for name, backend in BACKENDS.items() if backend.available()}
+
+def default_agents_dir() -> Path:
+    """BATON_AGENTS_DIR, else `<data dir>/agents` (BATON_DATA_DIR, else ~/.baton)."""
+    from services.runtime.settings import Settings
+
+    return Settings().agents_root
+
+
+def available_backends(
+    agents_dir: Path | None = None, environ: Mapping[str, str] | None = None,
+) -> dict[str, AgentKind]:
+    """The kinds that can run here: installed under `agents_dir`, their credentials in `environ`."""
+    agents_dir = default_agents_dir() if agents_dir is None else agents_dir
+    environ = os.environ if environ is None else environ
+    return {name: kind for name, kind in AGENT_KINDS.items() if kind.available(agents_dir, environ)}
+
+
+def refusal(name: str, agents_dir: Path, environ: Mapping[str, str]) -> str | None:
+    """Why a task for agent `name` cannot run here, naming the command that fixes it; None if it can."""
+    kind = AGENT_KINDS.get(name)
+    if kind is None:
+        return f"unknown agent {name!r}; the agent kinds are: {', '.join(sorted(AGENT_KINDS))}"
+    if not kind.installed(agents_dir):
+        return f"agent {name!r} is not installed: run `baton agents install {name}`"
+    missing = kind.missing_credentials(environ)
+    if missing:
+        needs = "; ".join(" or ".join(group) for group in missing)
+        return (f"agent {name!r} has no credentials: it needs {needs}; run `baton secrets set "
+                f"{missing[0][0]}` (or set it where `baton up` runs)")
+    return None

@@ -85,9 +85,11 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
         connections.append(nc)
         return Bus(nc=nc, js=nc.jetstream())
 
-    # Agents never see the data dir, nor this vm_agent's state (its store, its log).
-    sandbox = Sandbox.from_setting(settings.sandbox, hidden=(settings.data_dir, args.state_dir))
-    launcher = AgentLauncher(sandbox, home=args.state_dir / "home")
+    # Agents never see the data dir, nor this vm_agent's state (its store, its log); they read
+    # their adapters, installed in the agents dir (which may be in the data dir).
+    sandbox = Sandbox.from_setting(settings.sandbox, hidden=(settings.data_dir, args.state_dir),
+                                   readable=(settings.agents_root,))
+    launcher = AgentLauncher(sandbox, home=args.state_dir / "home", agents_dir=settings.agents_root)
     vm_agent = VmAgent(token, connect, settings.faults, launcher, warm_backend=args.warm_agent)
     if args.warm_agent:
         # Start the agent now: its start-up (seconds for some) is off the task's path.

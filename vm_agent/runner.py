@@ -11,7 +11,7 @@ from pathlib import Path
 from services.runtime.store import ServiceStore
 from vm_agent.acp_session import AgentProcess, AgentStartError
 from vm_agent.backends import Backend
-from vm_agent.domain import Session
+from vm_agent.domain import Session, TurnEvent
 from vm_agent.gitops import PushAccess, PushError, commit_and_push
 from vm_agent.sandbox import Sandbox, SandboxUnavailable
 
@@ -30,20 +30,24 @@ def branch_for(task_id: str) -> str:
 
 @dataclass(frozen=True)
 class AgentLauncher:
-    """Starts this vm_agent's agents: in `sandbox`, with `home` as their private home."""
+    """Starts this vm_agent's agents: in `sandbox`, with `home` as their private home, their
+    adapters installed under `agents_dir`."""
 
     sandbox: Sandbox
     home: Path
+    agents_dir: Path
 
     async def start(self, backend: Backend, *, workspace: Path) -> AgentProcess:
-        """`backend`'s agent, started and initialized, working in `workspace`; raises
-        AgentStartError (also when the sandbox is required but cannot be made)."""
+        """`backend`'s agent, started and initialized, working in `workspace`, with its kind's
+        environment (declared variables, fixed ones, `prepare`d); raises AgentStartError (also when
+        the sandbox is required but cannot be made)."""
         try:
-            launch = self.sandbox.launch(backend.command, workspace=workspace, home=self.home,
-                                         env_names=backend.env)
+            launch = self.sandbox.launch(backend.command_in(self.agents_dir), workspace=workspace,
+                                         home=self.home, env_names=backend.env)
         except SandboxUnavailable as error:
             raise AgentStartError(str(error)) from error
-        return await AgentProcess.start(launch.argv, cwd=launch.cwd, env=launch.env,
+        env = backend.environment(self.home, launch.env)
+        return await AgentProcess.start(launch.argv, cwd=launch.cwd, env=env,
                                         session_cwd=launch.workspace_view)
 
 
@@ -89,8 +93,15 @@ class SessionRunner:
     async def output(self, stream: str, text: str, *, continues: bool = False) -> None:
         if "agent_output" in self.faults:
             return  # Rehearsal: the agent's output silently never reaches the bus.
-        # A chatty agent writes thousands of lines a second: commit them in small batches.
-        self._unsaved_outputs += self.session.output(stream, text, continues=continues)
+        self._save_soon(self.session.output(stream, text, continues=continues))
+
+    async def report(self, event: TurnEvent) -> None:
+        self.session.reported(event)
+        self._save_soon(1)  # Batched like output: a tool call streams its updates too.
+
+    def _save_soon(self, recorded: int) -> None:
+        """A chatty agent writes thousands of lines a second: commit them in small batches."""
+        self._unsaved_outputs += recorded
         if self._unsaved_outputs >= OUTPUT_BATCH_MAX:
             self._save()
         elif self._flush is None:

@@ -76,17 +76,21 @@ class Sandbox:
     mode: str
     hidden: tuple[Path, ...] = ()
     problem: str | None = None
+    readable: tuple[Path, ...] = ()
+    """Directories readable (read-only) in the sandbox even inside a hidden one (the agents dir)."""
 
     @classmethod
-    def from_setting(cls, setting: str, *, hidden: Iterable[Path]) -> Sandbox:
-        """The sandbox for BATON_SANDBOX=`setting` (auto, bwrap, none), hiding the `hidden` dirs."""
+    def from_setting(cls, setting: str, *, hidden: Iterable[Path], readable: Iterable[Path] = ()) -> Sandbox:
+        """The sandbox for BATON_SANDBOX=`setting` (auto, bwrap, none), hiding the `hidden` dirs
+        but for the `readable` ones."""
         hidden = tuple(Path(os.path.realpath(path)) for path in hidden)
+        readable = tuple(Path(os.path.abspath(path)) for path in readable)
         if setting == "none":
-            return cls("none", hidden, "BATON_SANDBOX=none")
+            return cls("none", hidden, "BATON_SANDBOX=none", readable)
         problem = bwrap_problem()
         if problem is None:
-            return cls("bwrap", hidden)
-        return cls("unavailable" if setting == "bwrap" else "none", hidden, problem)
+            return cls("bwrap", hidden, None, readable)
+        return cls("unavailable" if setting == "bwrap" else "none", hidden, problem, readable)
 
     def describe(self) -> str:
         """One line for `/api/health` and `baton up`."""
@@ -111,7 +115,8 @@ class Sandbox:
         marks = {name: environ[name] for name in PROCESS_MARKS if name in environ}
         if self.mode == "none":
             return AgentLaunch(tuple(command), {**env, **marks, "HOME": str(home)}, workspace, None)
-        argv = ("bwrap", *bwrap_options(workspace=workspace, home=home, hidden=self.hidden),
+        argv = ("bwrap", *bwrap_options(workspace=workspace, home=home, hidden=self.hidden,
+                                        readable=self.readable),
                 *[arg for name in marks for arg in ("--unsetenv", name)], "--", *command)
         return AgentLaunch(argv, {**env, **marks, "HOME": str(HOME_VIEW)}, workspace, WORKSPACE_VIEW)
 
@@ -124,8 +129,11 @@ def agent_environment(environ: Mapping[str, str], declared: Iterable[str]) -> di
             if (name in wanted or name.startswith("LC_")) and not name.startswith("BATON_")}
 
 
-def bwrap_options(*, workspace: Path, home: Path, hidden: Iterable[Path]) -> list[str]:
-    """bwrap's options for a sandbox over `workspace` and `home` that hides the `hidden` dirs."""
+def bwrap_options(
+    *, workspace: Path, home: Path, hidden: Iterable[Path], readable: Iterable[Path] = (),
+) -> list[str]:
+    """bwrap's options for a sandbox over `workspace` and `home` that hides the `hidden` dirs,
+    but for the `readable` ones (read-only, at their own path)."""
     options = [*_system_read_only(), "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     personal = [Path(os.path.realpath(os.path.expanduser(p))) for p in PERSONAL_SECRETS]
     for path in _outermost([Path("/tmp"), *hidden, *personal]):
@@ -137,6 +145,8 @@ def bwrap_options(*, workspace: Path, home: Path, hidden: Iterable[Path]) -> lis
             options += ["--ro-bind", "/dev/null", str(path)]
     for code in _code_roots(hidden):  # What the agent itself runs (a venv under /tmp, say).
         options += ["--ro-bind", str(code), str(code)]
+    for path in readable:
+        options += ["--ro-bind-try", os.path.realpath(path), str(path)]
     options += ["--bind", str(workspace), str(WORKSPACE_VIEW), "--bind", str(home), str(HOME_VIEW),
                 "--remount-ro", "/", "--chdir", str(WORKSPACE_VIEW),
                 "--unshare-pid", "--unshare-ipc", "--die-with-parent", "--new-session",

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     host: str = "127.0.0.1"
     port: int = 8420
+    agents_dir: Path | None = None
+    """Where `baton agents install` puts the agents' adapters (`<name>-<version>/`); unset:
+    `<data dir>/agents`. Agents read it (read-only) in their sandbox."""
     warm_pool: int = Field(default=3, ge=0, le=64)
     """Local vm_agents kept started ahead of time (each with a shell agent warm); 0 turns it off."""
     vm_agent_bind: str = "127.0.0.1"
@@ -122,6 +125,11 @@ class Settings(BaseSettings):
         target = self.data_dir.joinpath(*parts)
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         return target
+
+    @property
+    def agents_root(self) -> Path:
+        """BATON_AGENTS_DIR, else `<data dir>/agents` (not created)."""
+        return self.agents_dir or self.data_dir / "agents"
 
     def install_secret(self) -> str:
         """The install's secret (vm_agent tokens derive from it); never logged, never in events,

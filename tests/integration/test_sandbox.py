@@ -21,7 +21,7 @@ import pytest
 
 from services.provisioner.local import move_clone_into
 from vm_agent.acp_session import AgentStartError
-from vm_agent.backends import BACKENDS, Backend
+from vm_agent.backends import BACKENDS
 from vm_agent.runner import AgentLauncher
 from vm_agent.sandbox import HOME_VIEW, WORKSPACE_VIEW, Sandbox, bwrap_problem
 from vm_agent.state import directory_identity
@@ -147,7 +147,7 @@ class StdoutSink:
 def test_a_warm_agent_works_in_the_clone_moved_into_its_directory(sandbox: Sandbox, place: Place):
     """The warm pool's case: the agent starts on an empty directory before the task is known."""
     async def scenario() -> None:
-        launcher = AgentLauncher(sandbox, home=place.home)
+        launcher = AgentLauncher(sandbox, home=place.home, agents_dir=place.home)
         agent = await asyncio.wait_for(launcher.start(BACKENDS["shell"], workspace=place.workspace), DEADLINE_S)
         try:
             # Meanwhile the clone was made elsewhere; it moves in, the directory takes its path.
@@ -201,8 +201,8 @@ def sleepers(marker: str) -> list[int]:
 def test_a_required_sandbox_that_cannot_be_made_refuses_the_agent_with_a_reason(place: Place):
     required = Sandbox("unavailable", (place.data_dir,), problem="bwrap is not installed")
     assert required.describe().startswith("required but unavailable")
-    launcher = AgentLauncher(required, home=place.home)
-    shell = Backend("shell", "shell", (sys.executable, "-m", "vm_agent.agents.shell"))
+    launcher = AgentLauncher(required, home=place.home, agents_dir=place.home)
+    shell = BACKENDS["shell"]
     with pytest.raises(AgentStartError) as refused:
         asyncio.run(launcher.start(shell, workspace=place.workspace))
     assert "BATON_SANDBOX=bwrap" in str(refused.value) and "bwrap is not installed" in str(refused.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -57,10 +58,12 @@ async def health(gateway: GatewayDep, request: Request) -> JSONResponse:
 
 
 @router.get("/backends")
-def backends() -> dict:
+def backends(gateway: GatewayDep) -> dict:
     """The agents this install knows, and whether each can run here."""
+    agents_dir = gateway.settings.agents_root
     return {
         "backends": [
-            {"name": b.name, "title": b.title, "available": b.available()} for b in BACKENDS.values()
+            {"name": b.name, "title": b.title, "available": b.available(agents_dir, os.environ)}
+            for b in BACKENDS.values()
         ]
     }
