@@ -91,16 +91,163 @@ class PromptDelivered(BaseEvent, emitter="vm_agent"):
 class AgentOutput(BaseEvent, emitter="vm_agent"):
     """Emitted by the vm_agent for each piece of output of the agent, in order.
 
-    Promises: `seq` is 1-based and contiguous per task; `text` is at most 64 KiB of UTF-8 (a
+    `stream`: "stdout"/"stderr" (the shell agent's lines), "message" (an ACP agent's text to the
+    user), "thought" (its thinking, as it shares it). Promises: `seq` is 1-based and contiguous per task; `text` is at most 64 KiB of UTF-8 (a
     longer line is split, never inside a character, so every event fits the bus). `continues`:
     the next AgentOutput of the same `stream` continues this line (join their texts to get it
     whole); false when the line ends here or, for agents that send chunks, as sent.
     """
 
     seq: int = Field(ge=1)
-    stream: Literal["stdout", "stderr", "message", "tool"]
+    stream: Literal["stdout", "stderr", "message", "thought", "tool"]
     text: str
     continues: bool = False
+
+
+TOOL_CALL_TEXT_MAX_BYTES = 64 * 1024
+"""The most UTF-8 bytes of text (diffs, output, raw input) one tool-call event carries, all its
+texts together: even escaped as JSON, its envelope stays far below the bus's 1 MiB payload limit."""
+
+
+class FileDiff(BaseModel):
+    """A change a tool call made to one file: `old_text` (None for a new file) became `new_text`.
+
+    `truncated`: one of the texts was cut (its head kept) to fit the event; the whole change is in
+    the workspace and on the pushed branch."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str
+    old_text: str | None = None
+    new_text: str
+    truncated: bool = False
+
+
+class FileLocation(BaseModel):
+    """A file (and line) a tool call reads or changes, as the agent names it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str
+    line: int | None = None
+
+
+class ToolCallStarted(BaseEvent, emitter="vm_agent"):
+    """Emitted by the vm_agent when the agent starts a tool call (ACP `tool_call`).
+
+    Promises: `tool_call_id` is unique within the task's session; later ToolCallUpdated events
+    with the same id describe this call. `kind` is ACP's (read, edit, delete, move, search,
+    execute, think, fetch, switch_mode, other); `status` pending, in_progress, completed or
+    failed. `raw_input` is the tool's input as JSON text (cut to fit: `truncated`). `diffs` and
+    `output` as in ToolCallUpdated, when the call arrives with content already.
+    """
+
+    tool_call_id: str
+    title: str
+    kind: str = "other"
+    status: str = "pending"
+    locations: tuple[FileLocation, ...] = ()
+    raw_input: str | None = None
+    diffs: tuple[FileDiff, ...] = ()
+    output: str | None = None
+    truncated: bool = False
+
+
+class ToolCallUpdated(BaseEvent, emitter="vm_agent"):
+    """Emitted by the vm_agent when the agent reports progress of a tool call (ACP
+    `tool_call_update`).
+
+    Promises: refers to a `tool_call_id` of an earlier ToolCallStarted (or, for an agent that
+    skips it, is the first word on that call). Fields left None did not change; `diffs` are the
+    file changes the call reports, `output` its text output (terminal output included), both
+    replacing earlier ones when given. `truncated`: some text of this event was cut (heads kept)
+    so all its texts together stay within TOOL_CALL_TEXT_MAX_BYTES.
+    """
+
+    tool_call_id: str
+    status: str | None = None
+    title: str | None = None
+    kind: str | None = None
+    locations: tuple[FileLocation, ...] | None = None
+    diffs: tuple[FileDiff, ...] = ()
+    output: str | None = None
+    truncated: bool = False
+
+
+class PlanEntry(BaseModel):
+    """One step of an agent's plan: `status` pending, in_progress or completed; `priority` high,
+    medium or low."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    content: str
+    status: str
+    priority: str
+
+
+class PlanUpdated(BaseEvent, emitter="vm_agent"):
+    """Emitted by the vm_agent when the agent shares its plan (ACP `plan`).
+
+    Promises: `entries` is the whole plan now (it replaces any earlier one), in the agent's order;
+    each entry's content is at most 4 KiB, at most 200 entries (`truncated` if cut)."""
+
+    entries: tuple[PlanEntry, ...]
+    truncated: bool = False
+
+
+class UsageRecorded(BaseEvent, emitter="vm_agent"):
+    """Emitted by the vm_agent when the agent reports what the session consumed.
+
+    `source` says where the numbers come from: "prompt_response" (ACP PromptResponse.usage: token
+    counts for the turn), "prompt_response_meta" (token counts an agent puts in the response's
+    `_meta`, as Gemini CLI does), "usage_update" (ACP `usage_update`: the context window's
+    `context_used`/`context_size` and the session's cumulative cost, no input/output split).
+    Counts an agent did not report are None. `cost_amount` is cumulative for the session, in
+    `cost_currency` (ISO 4217), when the agent gives one.
+    """
+
+    source: str
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_read_tokens: int | None = None
+    cached_write_tokens: int | None = None
+    thought_tokens: int | None = None
+    context_used: int | None = None
+    context_size: int | None = None
+    cost_amount: float | None = None
+    cost_currency: str | None = None
+
+
+class PermissionOptionOffered(BaseModel):
+    """A choice the agent offered: `kind` allow_once, allow_always, reject_once or reject_always."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    option_id: str
+    name: str
+    kind: str
+
+
+class PermissionRequested(BaseEvent, emitter="vm_agent"):
+    """Emitted by the vm_agent when the agent asks permission for a tool call (ACP
+    `session/request_permission`), before it is answered.
+
+    Promises: a PermissionAnswered with the same `request_id` follows (unless the session dies
+    first). `request_id` is unique within the task."""
+
+    request_id: str
+    tool_call_id: str
+    title: str
+    options: tuple[PermissionOptionOffered, ...]
+
+
+class PermissionAnswered(BaseEvent, emitter="vm_agent"):
+    """Emitted by the vm_agent once a permission request was answered, and the answer sent.
+
+    `outcome`: "selected" (then `option_id` is the option chosen) or "cancelled". `by` says who
+    decided: "policy:auto" (the task's policy: allow once, never allow always)."""
+
+    request_id: str
+    option_id: str | None
+    outcome: Literal["selected", "cancelled"]
+    by: str
 
 
 class AgentFinished(BaseEvent, emitter="vm_agent"):
@@ -179,6 +326,12 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
         AgentSessionStarted,
         PromptDelivered,
         AgentOutput,
+        ToolCallStarted,
+        ToolCallUpdated,
+        PlanUpdated,
+        UsageRecorded,
+        PermissionRequested,
+        PermissionAnswered,
         AgentFinished,
         BranchPushed,
         SessionFailed,

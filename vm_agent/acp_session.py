@@ -45,6 +45,8 @@ from acp.schema import (
     UserMessageChunk,
 )
 
+from vm_agent.domain import TurnEvent
+
 log = logging.getLogger(__name__)
 
 __all__ = ["AgentProcess", "AgentStartError", "SessionSink", "TurnResult", "start_agent_with_prompt"]
@@ -82,8 +84,11 @@ class SessionSink(Protocol):
         """The agent accepted the prompt (called once, before any ``output``)."""
 
     async def output(self, stream: str, text: str, *, continues: bool = False) -> None:
-        """Agent output; ``stream`` is one of "stdout", "stderr", "message", "tool";
+        """Agent output; ``stream`` is one of "stdout", "stderr", "message", "thought";
         ``continues``: the next output of this stream continues this line."""
+
+    async def report(self, event: TurnEvent) -> None:
+        """A tool call, plan, usage or permission event of the turn, in order with the output."""
 
 
 @dataclass(frozen=True)

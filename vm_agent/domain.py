@@ -10,8 +10,14 @@ from events import (
     AgentSessionStarted,
     BranchPushed,
     Envelope,
+    PermissionAnswered,
+    PermissionRequested,
+    PlanUpdated,
     PromptDelivered,
     SessionFailed,
+    ToolCallStarted,
+    ToolCallUpdated,
+    UsageRecorded,
 )
 from services.runtime.store import TaskAggregate
 
@@ -36,6 +42,10 @@ def pieces_of(text: str, max_bytes: int = OUTPUT_PIECE_BYTES) -> list[str]:
         start = end
     pieces.append(data[start:].decode("utf-8", "surrogatepass"))
     return pieces
+
+
+TurnEvent = ToolCallStarted | ToolCallUpdated | PlanUpdated | UsageRecorded | PermissionRequested | PermissionAnswered
+"""What an agent's turn reports besides its output: its tool calls, plan, usage and permissions."""
 
 
 class Session(TaskAggregate):
@@ -70,6 +80,11 @@ class Session(TaskAggregate):
                                 continues=continues or index < last)
             self.emit(event, actor=f"agent:{self.agent}", causation_id=self.cause)
         return len(pieces)
+
+    def reported(self, event: TurnEvent) -> None:
+        """Record what the agent reported in its turn (a permission's answer is the vm_agent's own)."""
+        actor = ACTOR if isinstance(event, PermissionAnswered) else f"agent:{self.agent}"
+        self.emit(event, actor=actor, causation_id=self.cause)
 
     def finished(self, stop_reason: str, exit_code: int | None) -> None:
         event = AgentFinished(stop_reason=stop_reason, exit_code=exit_code)

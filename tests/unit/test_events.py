@@ -77,7 +77,7 @@ def test_a_task_id_of_64_token_characters_is_accepted():
 
 
 def test_every_event_class_in_the_catalog_has_a_docstring_and_its_own_name_as_type():
-    assert len(EVENT_TYPES) == 15
+    assert len(EVENT_TYPES) == 21
     for name, cls in EVENT_TYPES.items():
         assert cls.__doc__ and cls.__doc__.strip(), f"{name} has no docstring"
         assert cls.type == name == cls.__name__
