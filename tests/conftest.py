@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.agents import install_agents
 from tests.support.api import Api
 from tests.support.git_remote import make_origin
 from tests.support.postgres import fresh_postgres_database
@@ -18,6 +19,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]:
     """A whole, healthy Baton (its own NATS, data dir and port) shared by the tests that only submit."""
     with running_stack(tmp_path_factory.mktemp("stack")) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def installed_agents() -> Callable[..., Path]:
+    """`installed_agents("claude", …)`: the shared agents dir with those adapters installed (once
+    per machine; see tests/support/agents.py); give it to `running_stack(…, agents_dir=…)`."""
+    return install_agents
 
 
 @pytest.fixture(scope="session")

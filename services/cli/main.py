@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.agents import agents_app, secrets_app
 from services.cli.audit import audit_app
 from services.cli.client import ApiError, ApiToken, BatonClient, TokenOption, find_api_token
 from services.cli.follow import follow_task, render_event
@@ -47,6 +48,8 @@ app = typer.Typer(
 console = Console(highlight=False, soft_wrap=True)
 
 app.add_typer(audit_app, name="audit")
+app.add_typer(agents_app, name="agents")
+app.add_typer(secrets_app, name="secrets")
 app.command("nats-config")(nats_config)
 
 

@@ -30,7 +30,7 @@ class LocalProvider:
 
     def __init__(self, settings: Settings, *, ready_timeout_s: float = 60.0) -> None:
         self._settings = settings
-        self.pool = VmAgentPool(settings, size=settings.warm_pool, ready_timeout_s=ready_timeout_s)
+        self.pool = VmAgentPool(settings, mix=settings.warm_mix, ready_timeout_s=ready_timeout_s)
         self.credentials = CredentialVault.of(settings)
 
     def workspace_dir(self, task_id: str) -> Path:

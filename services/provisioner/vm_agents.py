@@ -21,15 +21,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 
+from services.runtime.agent_secrets import agent_environ
 from services.runtime.nats_auth import vm_agent_credentials
 from services.runtime.repo_url import RepoCredential
 from services.runtime.settings import Settings
 from services.runtime.tokens import vm_agent_token
+from vm_agent.backends import available_backends
 from vm_agent.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -179,13 +183,16 @@ class Zygote:
 
 
 class VmAgentPool:
-    def __init__(self, settings: Settings, *, size: int, ready_timeout_s: float = 60.0) -> None:
+    def __init__(self, settings: Settings, *, mix: Mapping[str, int], ready_timeout_s: float = 60.0) -> None:
         self._settings = settings
-        self._size = size
+        self._mix = Counter({kind: count for kind, count in mix.items() if count > 0})
+        """How many members to keep ready, by the kind of agent each keeps warm."""
+        self._size = sum(self._mix.values())
         self._ready_timeout_s = ready_timeout_s
         self._ready: list[VmAgentProcess] = []
         self._numbers = itertools.count(1)
         self._starting = 0
+        self._starting_kinds: Counter[str] = Counter()
         self._waiting: list[str] = []  # The agent each waiting `take` asked for.
         self._changed: asyncio.Condition | None = None
         self._failure: str | None = None
@@ -215,17 +222,28 @@ class VmAgentPool:
     def status(self) -> dict[str, int | str]:
         """For `/api/health`: how warm the pool is, and how its agents are sandboxed."""
         return {"warm_vm_agents": len(self._ready), "warm_pool_size": self._size,
+                "warm_agents": dict(self._mix),
                 "vm_agents_starting": self._starting, "tasks_waiting_for_a_vm_agent": len(self._waiting),
                 "sandbox": self.sandbox.describe()}
 
     def refill_soon(self) -> None:
-        """Start as many vm_agents as the pool and the waiting takers are short of."""
-        wanted = [*["shell"] * self._size, *self._waiting][len(self._ready) + self._starting:]
-        for agent in wanted:
+        """Start as many vm_agents as the pool and the waiting takers are short of, by kind."""
+        for agent in self._shortfall():
             self._starting += 1
+            self._starting_kinds[agent] += 1
             task = asyncio.get_running_loop().create_task(self._start_member(agent))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def _shortfall(self) -> list[str]:
+        """The kinds to warm now: the pool's mix and one per waiting take, less the members ready
+        or starting of each kind. A kind that cannot run here (not installed, no credentials) is
+        not warmed: a take waiting for it is served by a shell member."""
+        ready_kinds = available_backends(self._settings.agents_root, agent_environ(self._settings))
+        wanted = Counter({kind: n for kind, n in self._mix.items() if kind in ready_kinds})
+        wanted.update(kind if kind in ready_kinds else "shell" for kind in self._waiting)
+        have = Counter(member.warm_agent for member in self._ready) + self._starting_kinds
+        return list((wanted - have).elements())
 
     async def _start_member(self, agent: str) -> None:
         try:
@@ -238,6 +256,7 @@ class VmAgentPool:
             self._failure = None
         finally:
             self._starting -= 1
+            self._starting_kinds[agent] -= 1
         await self._notify()
 
     async def _notify(self) -> None:
@@ -289,6 +308,7 @@ class VmAgentPool:
         settings = self._settings
         env = {
             **os.environ,
+            **agent_environ(settings),  # Its agents' credentials (each gets only its own kind's).
             "BATON_NATS_URL": settings.nats_url,
             "BATON_FAULTS": ",".join(sorted(settings.faults)),
             "BATON_VM_AGENT_TOKEN": self.pool_token(state_dir),

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     `<data dir>/agents`. Agents read it (read-only) in their sandbox."""
     warm_pool: int = Field(default=3, ge=0, le=64)
     """Local vm_agents kept started ahead of time (each with a shell agent warm); 0 turns it off."""
+    warm_agents: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
+    """The warm pool by agent kind, `"shell=3,claude=1"` (replaces BATON_WARM_POOL's shell agents):
+    a task for a kind kept warm starts with its agent already up. Kinds not ready here (adapter not
+    installed, no credentials) are skipped."""
     vm_agent_bind: str = "127.0.0.1"
     vm_agent_advertise: str | None = None
     """The host name other services use to reach a local vm_agent (default: its bind address)."""
@@ -74,6 +78,21 @@ class Settings(BaseSettings):
     """A running agent silent this long is reported as AgentStalled."""
     overdue_backoff_s: Annotated[tuple[float, ...], NoDecode] = (1.0, 2.0, 4.0)
     """After StepOverdue the task runner retries (or waits) at these intervals, then fails the task."""
+
+    @field_validator("warm_agents", mode="before")
+    @classmethod
+    def _parse_warm_agents(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [part.split("=", 1) for part in value.split(",") if part.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError(f"expected KIND=COUNT,…, e.g. shell=3,claude=1; got {value!r}")
+            return {kind.strip(): int(count) for kind, count in pairs}
+        return value
+
+    @property
+    def warm_mix(self) -> dict[str, int]:
+        """How many vm_agents the warm pool keeps ready, by the kind of their warm agent."""
+        return dict(self.warm_agents) if self.warm_agents else {"shell": self.warm_pool}
 
     @field_validator("deadlines")
     @classmethod

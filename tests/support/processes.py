@@ -16,10 +16,13 @@ from pathlib import Path
 
 import httpx
 
+from services.runtime.agent_secrets import declared_names
 from services.runtime.nats_auth import InstallAuth, auditor_permissions, service_permissions
 from tests.support.waiting import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+AGENT_VARIABLES = declared_names() | {"BATON_AGENTS_DIR", "BATON_WARM_AGENTS"}
+"""What a stack takes from the test's environment only when the test says so."""
 
 
 def free_port() -> int:
@@ -112,7 +115,9 @@ class BatonStack:
         return {"Authorization": f"Bearer {self.token}"}
 
     def start(self) -> BatonStack:
-        env = {**os.environ, "BATON_FAULTS": self.faults, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        # A developer's own agent keys never reach a test's stack: only those a test gives it.
+        base = {name: value for name, value in os.environ.items() if name not in AGENT_VARIABLES}
+        env = {**base, "BATON_FAULTS": self.faults, "PYTHONUNBUFFERED": "1", **self.extra_env}
         env.pop("BATON_API", None)
         env.pop("BATON_API_TOKEN", None)
         env.pop("BATON_DATABASE_URL", None)
@@ -170,9 +175,13 @@ class BatonStack:
 
 @contextmanager
 def running_stack(
-    root: Path, *, faults: str = "", database_url: str | None = None, env: dict[str, str] | None = None
+    root: Path, *, faults: str = "", database_url: str | None = None, env: dict[str, str] | None = None,
+    agents_dir: Path | None = None,
 ) -> Iterator[BatonStack]:
-    """A nats-server of its own and `baton up` on it; both stopped on exit."""
+    """A nats-server of its own and `baton up` on it; both stopped on exit. `agents_dir`: where
+    its agents' adapters are installed (tests.support.agents.install_agents), else its data dir's."""
+    if agents_dir is not None:
+        env = {**(env or {}), "BATON_AGENTS_DIR": str(agents_dir)}
     # The bus is authenticated as `baton up`'s own is: this NATS trusts the stack's data dir.
     nats = NatsServer(store_dir=root / "nats", trusting=root / "baton").start()
     try:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
+from collections.abc import Mapping
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -11,7 +12,8 @@ from fastapi.responses import JSONResponse
 from services.gateway.auth import is_authenticated
 from services.gateway.context import GatewayDep
 from services.runtime.bus import dead_letter_count
-from vm_agent.backends import BACKENDS
+from services.runtime.agent_secrets import agent_environ
+from vm_agent.backends import BACKENDS, AgentKind, refusal
 
 router = APIRouter(prefix="/api", tags=["system"])
 
@@ -59,11 +61,18 @@ async def health(gateway: GatewayDep, request: Request) -> JSONResponse:
 
 @router.get("/backends")
 def backends(gateway: GatewayDep) -> dict:
-    """The agents this install knows, and whether each can run here."""
-    agents_dir = gateway.settings.agents_root
+    """Every agent kind: its pinned adapter, whether it is installed here, whether its credentials
+    are set (never their values), and so whether a task for it would be accepted."""
+    agents_dir, environ = gateway.settings.agents_root, agent_environ(gateway.settings)
+    return {"backends": [_backend(kind, agents_dir, environ) for kind in BACKENDS.values()]}
+
+
+def _backend(kind: AgentKind, agents_dir: Path, environ: Mapping[str, str]) -> dict:
+    missing = kind.missing_credentials(environ)
     return {
-        "backends": [
-            {"name": b.name, "title": b.title, "available": b.available(agents_dir, os.environ)}
-            for b in BACKENDS.values()
-        ]
+        "name": kind.name, "title": kind.title, "package": kind.package, "version": kind.version,
+        "installed": kind.installed(agents_dir), "credentials": not missing,
+        "missing_credentials": [list(group) for group in missing],
+        "available": kind.available(agents_dir, environ),
+        "fix": refusal(kind.name, agents_dir, environ),
     }

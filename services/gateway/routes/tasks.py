@@ -12,7 +12,8 @@ from services.gateway.history import read_task_events
 from services.gateway.limits import BUS_HEADER_HEADROOM, MAX_STREAM_SEQ
 from services.gateway.schemas import TaskCreate, TaskEvents, TaskPublic
 from services.runtime.repo_url import RepoCredential, RepoUrl, RepoUrlError, parse_repo_url
-from vm_agent.backends import available_backends
+from services.runtime.agent_secrets import agent_environ
+from vm_agent.backends import refusal
 
 router = APIRouter(prefix="/api/tasks", tags=["tasks"])
 
@@ -30,11 +31,10 @@ async def within_submit_rate(request: Request, gateway: GatewayDep) -> None:
 @router.post("", status_code=201, dependencies=[Depends(within_submit_rate)])
 def submit_task(body: TaskCreate, gateway: GatewayDep) -> TaskPublic:
     """Record TaskSubmitted; the task runner takes it from there."""
-    backends = available_backends()
-    if body.agent not in backends:
-        raise HTTPException(
-            422, f"unknown agent {body.agent!r}; this install can run: {', '.join(sorted(backends))}"
-        )
+    # Refused now, with the command that fixes it, rather than a task that fails later.
+    why_not = refusal(body.agent, gateway.settings.agents_root, agent_environ(gateway.settings))
+    if why_not is not None:
+        raise HTTPException(422, why_not)
     submission = Submission(new_task_id())
     repo = _checked_repo(body.repo, gateway)
     submitted = TaskSubmitted(
