@@ -11,6 +11,7 @@ into its private home and adjust its environment.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -80,6 +81,15 @@ class AgentKind:
 
 
 def _claude_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
+    """Start Claude Code in its "default" permission mode: each tool call it wants is then asked
+    of Baton over ACP (`session/request_permission`, answered by the task's policy and recorded).
+    Left alone it starts in "auto" mode, where its own classifier decides, in extra model calls
+    that are billed and that Baton never sees."""
+    settings_file = home / ".claude" / "settings.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
+    settings.setdefault("permissions", {})["defaultMode"] = "default"
+    settings_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=2))
     return env
 
 
@@ -87,8 +97,39 @@ def _codex_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+GEMINI_SETTINGS: dict[str, dict[str, object]] = {
+    # Nothing but the model API is reached: no usage statistics, telemetry or update checks.
+    "privacy": {"usageStatisticsEnabled": False},
+    "telemetry": {"enabled": False},
+    "general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False},
+    # No IDE to look for: it runs headless.
+    "ide": {"enabled": False},
+}
+"""What Gemini CLI is told in its private home's `~/.gemini/settings.json`. The workspace stays an
+untrusted folder (so the repo's own `.gemini/settings.json`, MCP servers and `.env` are ignored); there
+Gemini CLI refuses "allow always" answers, which Baton's policy (allow once) never gives."""
+
+
 def _gemini_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
+    """Write Gemini CLI's settings into its private home, with the login its credentials call for."""
+    vertex = env.get("GOOGLE_GENAI_USE_VERTEXAI", "").lower() in ("1", "true") or not env.get("GEMINI_API_KEY")
+    auth = {"security": {"auth": {"selectedType": "vertex-ai" if vertex else "gemini-api-key"}}}
+    _merge_json(home / ".gemini" / "settings.json", {**GEMINI_SETTINGS, **auth})
     return env
+
+
+def _merge_json(path: Path, wanted: Mapping[str, Mapping[str, object]]) -> None:
+    """Set `wanted`'s sections' keys in the JSON object at `path`, keeping what else it holds."""
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, ValueError):
+        current = {}
+    current = current if isinstance(current, dict) else {}
+    for section, values in wanted.items():
+        existing = current.get(section)
+        current[section] = {**(existing if isinstance(existing, dict) else {}), **values}
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2))
 
 
 def _opencode_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
@@ -105,8 +146,15 @@ AGENT_KINDS: dict[str, AgentKind] = {
             env=("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "ANTHROPIC_MODEL",
                  "CLAUDE_CODE_OAUTH_TOKEN", "CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX"),
             requires=(("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"),),
-            # Run as root, Claude Code refuses to start unless told it is in a sandbox (it is).
-            fixed_env={"IS_SANDBOX": "1"},
+            fixed_env={
+                # Run as root, Claude Code refuses some modes unless told it is in a sandbox (it is).
+                "IS_SANDBOX": "1",
+                # No telemetry, error reports, update checks or feature flags from api.anthropic.com
+                # (it calls them whatever ANTHROPIC_BASE_URL says): only the model API is reached.
+                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                # No billed model call after each turn to guess the user's next prompt.
+                "CLAUDE_CODE_ENABLE_PROMPT_SUGGESTION": "false",
+            },
             prepare=_claude_prepare,
         ),
         AgentKind(
@@ -119,9 +167,13 @@ AGENT_KINDS: dict[str, AgentKind] = {
         AgentKind(
             "gemini", "Gemini CLI (gemini --acp)",
             "@google/gemini-cli", "0.61.0", "gemini", args=("--acp",),
-            env=("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_CLOUD_PROJECT",
-                 "GOOGLE_CLOUD_LOCATION", "GOOGLE_GENAI_USE_VERTEXAI"),
+            env=("GEMINI_API_KEY", "GOOGLE_GEMINI_BASE_URL", "GEMINI_MODEL", "GOOGLE_API_KEY",
+                 "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION",
+                 "GOOGLE_VERTEX_BASE_URL"),
             requires=(("GEMINI_API_KEY", "GOOGLE_API_KEY"),),
+            # One process, not a launcher that re-runs itself with a bigger heap (and ignores SIGTERM):
+            # it starts a second sooner and stops when told.
+            fixed_env={"GEMINI_CLI_NO_RELAUNCH": "true"},
             prepare=_gemini_prepare,
         ),
         AgentKind(
