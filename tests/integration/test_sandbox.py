@@ -127,6 +127,21 @@ def test_the_environment_is_the_allowlist_plus_what_the_agent_declares(
     assert seen["HOME"] == str(HOME_VIEW)
 
 
+def test_the_agents_dir_is_readable_in_the_sandbox_even_inside_the_data_dir(place: Place):
+    # The default agents dir is `<data dir>/agents`: its adapters run (with node), read-only.
+    agents_dir = place.data_dir / "agents"
+    adapter = agents_dir / "claude-0.101.0" / "node_modules" / ".bin" / "claude-agent-acp"
+    adapter.parent.mkdir(parents=True)
+    adapter.write_text('#!/usr/bin/env node\nconsole.log("adapter ran on node " + process.version)\n')
+    adapter.chmod(0o755)
+    sandbox = Sandbox.from_setting("bwrap", hidden=(place.data_dir,), readable=(agents_dir,))
+    command = BACKENDS["claude"].command_in(agents_dir)
+    done = run_in(sandbox, place, f"{command[0]}; touch {agents_dir}/x 2>&1; cat {place.data_dir}/secret")
+    assert "adapter ran on node v" in done.stdout, done.stdout + done.stderr
+    assert "Read-only file system" in done.stdout
+    assert place.secret not in done.stdout, "the rest of the data dir stays hidden"
+
+
 class StdoutSink:
     """Keeps what the agent printed on stdout."""
 
