@@ -93,8 +93,58 @@ def _claude_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+CODEX_CONFIG = """\
+# Written by Baton for each run: the model API is the only thing Codex reaches.
+model_provider = "baton"
+# Baton's sandbox confines Codex (its own bubblewrap cannot nest inside it), and every tool call
+# runs unasked: there is no "auto review" of each call by extra, billed model requests.
+sandbox_mode = "danger-full-access"
+approval_policy = "never"
+check_for_update_on_startup = false
+{model}
+[model_providers.baton]
+name = "Baton"
+base_url = {base_url}
+env_key = {env_key}
+wire_api = "responses"
+
+[analytics]
+enabled = false
+
+[feedback]
+enabled = false
+
+[history]
+persistence = "none"
+
+[features]
+# No sync of the curated plugins from github.com at start.
+plugins = false
+# A shell snapshot would store the environment, the API key with it, in a file.
+shell_snapshot = false
+
+[shell_environment_policy]
+# The commands Codex runs never see its credentials (nor any *KEY*, *SECRET*, *TOKEN*).
+ignore_default_excludes = false
+exclude = ["OPENAI_API_KEY", "CODEX_API_KEY", "OPENAI_BASE_URL"]
+"""
+"""Codex's `config.toml`: a model provider speaking the OpenAI Responses API at OPENAI_BASE_URL,
+its key read from the variable named by `env_key` (the key itself is never written)."""
+OPENAI_API_URL = "https://api.openai.com/v1"
+
+
 def _codex_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
-    return env
+    """Give Codex its own CODEX_HOME in the private home, with a `config.toml` from its variables
+    (OPENAI_BASE_URL, else OpenAI's; the key in CODEX_API_KEY or OPENAI_API_KEY; CODEX_MODEL, else
+    Codex's default): no login state, no telemetry, no update check."""
+    env_key = "CODEX_API_KEY" if env.get("CODEX_API_KEY") else "OPENAI_API_KEY"
+    model = f"model = {json.dumps(env['CODEX_MODEL'])}" if env.get("CODEX_MODEL") else ""
+    config = CODEX_CONFIG.format(model=model, base_url=json.dumps(env.get("OPENAI_BASE_URL") or OPENAI_API_URL),
+                                 env_key=json.dumps(env_key))
+    codex_home = home / ".codex"
+    codex_home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (codex_home / "config.toml").write_text(config)
+    return {**env, "CODEX_HOME": f"{env['HOME']}/.codex"}
 
 
 GEMINI_SETTINGS: dict[str, dict[str, object]] = {
@@ -160,8 +210,15 @@ AGENT_KINDS: dict[str, AgentKind] = {
         AgentKind(
             "codex", "Codex (codex-acp)",
             "@agentclientprotocol/codex-acp", "2.6.0", "codex-acp",
-            env=("OPENAI_API_KEY", "OPENAI_BASE_URL", "CODEX_API_KEY"),
+            env=("OPENAI_API_KEY", "OPENAI_BASE_URL", "CODEX_API_KEY", "CODEX_MODEL"),
             requires=(("OPENAI_API_KEY", "CODEX_API_KEY"),),
+            fixed_env={
+                # The adapter's own modes override config.toml: "agent-full-access" is the one
+                # matching it (no approvals, no sandbox of its own: Baton's confines it).
+                "INITIAL_AGENT_MODE": "agent-full-access",
+                # No ChatGPT browser login offered: it runs headless, on its API key.
+                "NO_BROWSER": "1",
+            },
             prepare=_codex_prepare,
         ),
         AgentKind(
