@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import secrets
-import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,17 +23,13 @@ from vm_agent.sandbox import agent_environment
 from tests.support.fake_anthropic import ClaudeScript, FakeAnthropic, running_fake_anthropic
 
 CLAUDE = AGENT_KINDS["claude"]
-AGENTS_DIR = Path(os.environ.get("BATON_AGENTS_DIR", "/root/.cache/baton/agents"))
 TURN_DEADLINE_S = 120.0
 
 
 @pytest.fixture(scope="module")
-def agents_dir() -> Path:
+def agents_dir(installed_agents: Callable[..., Path]) -> Path:
     """The machine-wide agents dir, with the pinned Claude adapter installed (once per machine)."""
-    if not CLAUDE.installed(AGENTS_DIR):
-        subprocess.run(["npm", "install", "--prefix", str(CLAUDE.install_dir(AGENTS_DIR)), CLAUDE.npm_spec],
-                       check=True, capture_output=True, timeout=600)
-    return AGENTS_DIR
+    return installed_agents("claude")
 
 
 class RecordingSink:
@@ -96,7 +92,7 @@ async def test_claude_writes_the_scripted_file_and_reports_tool_call_permission_
     # The scripted Write ran in the workspace; the agent's final words came back as a message.
     assert (workspace / "nonce.txt").read_text() == f"{nonce}\n"
     assert ("message", f"Done {nonce}.") in sink.outputs
-    _assert_the_write_was_reported(sink, workspace / "nonce.txt", f"{nonce}\n")
+    _assert_the_write_was_reported(sink, "nonce.txt", f"{nonce}\n")
     # Asked, not decided by Claude Code's own classifier: the kind starts it in "default" mode.
     [asked] = sink.reported("PermissionRequested")
     [answered] = sink.reported("PermissionAnswered")
@@ -109,12 +105,13 @@ async def test_claude_writes_the_scripted_file_and_reports_tool_call_permission_
     assert api_key not in json.dumps([repr(e) for e in sink.reports] + sink.outputs)
 
 
-def _assert_the_write_was_reported(sink: RecordingSink, path: Path, content: str) -> None:
+def _assert_the_write_was_reported(sink: RecordingSink, path: str, content: str) -> None:
+    """One edit tool call, whose diff (`path` relative to the workspace) made `content`, completed."""
     [started] = sink.reported("ToolCallStarted")
     assert started["kind"] == "edit"
     updates = [u for u in sink.reported("ToolCallUpdated") if u["tool_call_id"] == started["tool_call_id"]]
     diffs = [diff for update in updates for diff in update["diffs"]]
-    assert {"path": str(path), "new_text": content} in [
+    assert {"path": path, "new_text": content} in [
         {"path": d["path"], "new_text": d["new_text"]} for d in diffs], updates
     assert updates[-1]["status"] == "completed", updates
 

@@ -1,0 +1,116 @@
+"""Claude Code does a Baton task: submitted over HTTP, run sandboxed by the real adapter against a
+scripted Anthropic API, its tool call and usage on the stream, its file on the pushed branch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from events import FLOW_CONTRACT
+from tests.support.api import Api
+from tests.support.fake_anthropic import ClaudeScript, FakeAnthropic, running_fake_anthropic
+from tests.support.flow import assert_flow_completes
+from tests.support.git_remote import branch_file, make_origin
+from tests.support.processes import BatonStack, running_stack
+
+pytestmark = pytest.mark.capability
+
+FILE_NAME = "nonce.txt"
+
+
+@dataclass(frozen=True)
+class ClaudeTask:
+    """One task Claude Code did, and everything a test may look at afterwards."""
+
+    stack: BatonStack
+    api: Api
+    fake: FakeAnthropic
+    origin: Path
+    task_id: str
+    prompt: str
+    nonce: str
+    events: list[dict]
+
+
+@pytest.fixture(scope="module")
+def claude_task(tmp_path_factory: pytest.TempPathFactory,
+                installed_agents: Callable[..., Path]) -> Iterator[ClaudeTask]:
+    """A stack whose `claude` agent talks to the fake, and one completed task of that agent."""
+    root = tmp_path_factory.mktemp("claude")
+    nonce = secrets.token_hex(8)
+    api_key = f"sk-ant-api03-{secrets.token_hex(16)}"
+    script = ClaudeScript(file_name=FILE_NAME, file_content=f"{nonce}\n", final_text=f"Wrote {FILE_NAME}.",
+                          input_tokens=1357, output_tokens=79)
+    with running_fake_anthropic(api_key, script) as fake, running_stack(
+        root, env={"ANTHROPIC_BASE_URL": fake.url, "ANTHROPIC_API_KEY": api_key},
+        agents_dir=installed_agents("claude"),
+    ) as stack:
+        api = Api(stack.api, stack.token)
+        origin = make_origin(root)
+        prompt = f"Put the nonce {nonce} into {FILE_NAME}."
+        task_id = api.submit(repo=origin.as_uri(), prompt=prompt, agent="claude")["task_id"]
+        events = assert_flow_completes(api, task_id, timeout_s=180)
+        yield ClaudeTask(stack, api, fake, origin, task_id, prompt, nonce, events)
+
+
+def of_type(events: list[dict], type_name: str) -> list[dict]:
+    return [event["data"] for event in events if event["type"] == type_name]
+
+
+def test_claude_does_the_task_and_its_file_is_on_the_pushed_branch(claude_task: ClaudeTask):
+    events, nonce = claude_task.events, claude_task.nonce
+
+    # Every handoff of the flow contract, each first seen in the contract's order.
+    types = [e["type"] for e in events]
+    assert set(FLOW_CONTRACT) <= set(types)
+    assert sorted(FLOW_CONTRACT, key=types.index) == list(FLOW_CONTRACT)
+    # Claude Code accepted exactly the submitted prompt, and it reached the model.
+    [delivered] = of_type(events, "PromptDelivered")
+    assert delivered["prompt_sha256"] == hashlib.sha256(claude_task.prompt.encode()).hexdigest()
+    assert claude_task.fake.saw(nonce) and claude_task.fake.refused == 0
+    # The model's final words are the agent's message.
+    messages = "".join(o["text"] for o in of_type(events, "AgentOutput") if o["stream"] == "message")
+    assert f"Wrote {FILE_NAME}." in messages
+    # The file the scripted Write made is on the branch the events name.
+    [pushed] = of_type(events, "BranchPushed")
+    assert pushed["branch"] == f"baton/{claude_task.task_id}"
+    assert branch_file(claude_task.origin, pushed["branch"], FILE_NAME) == nonce
+    assert claude_task.api.wait_for_state(claude_task.task_id, "completed")["branch"] == pushed["branch"]
+
+
+def test_claude_s_tool_call_permission_and_usage_are_events(claude_task: ClaudeTask):
+    events = claude_task.events
+
+    # The scripted Write: started, its diff (the path relative to the workspace), completed.
+    [started] = of_type(events, "ToolCallStarted")
+    assert started["kind"] == "edit"
+    updates = [u for u in of_type(events, "ToolCallUpdated") if u["tool_call_id"] == started["tool_call_id"]]
+    diffs = [(d["path"], d["new_text"]) for update in updates for d in update["diffs"]]
+    assert (FILE_NAME, f"{claude_task.nonce}\n") in diffs, updates
+    assert updates[-1]["status"] == "completed"
+    # Claude Code asked before writing, and Baton's policy allowed it once.
+    [asked] = of_type(events, "PermissionRequested")
+    [answered] = of_type(events, "PermissionAnswered")
+    assert asked["tool_call_id"] == started["tool_call_id"]
+    assert (answered["request_id"], answered["outcome"], answered["by"]) == (
+        asked["request_id"], "selected", "policy:auto")
+    # The turn's tokens are those the fake reported.
+    turn = [u for u in of_type(events, "UsageRecorded") if u["source"] == "prompt_response"]
+    assert [(u["input_tokens"], u["output_tokens"]) for u in turn] == [claude_task.fake.reported_usage]
+
+
+def test_the_api_key_is_in_no_event_log_or_store(claude_task: ClaudeTask):
+    key = claude_task.fake.api_key
+    assert key not in json.dumps(claude_task.events)
+    assert key not in json.dumps(claude_task.api.http.get("/api/tasks").json())
+    # Nor in any file of the install: logs, stores, the agent's own home (Claude Code keeps a
+    # key's last 20 characters in ~/.claude.json once a person approves it).
+    for path in claude_task.stack.data_dir.rglob("*"):
+        if path.is_file():
+            assert key[-20:].encode() not in path.read_bytes(), path
