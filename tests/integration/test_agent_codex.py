@@ -108,6 +108,20 @@ async def test_codex_writes_the_scripted_file_and_reports_the_patch_and_usage(
     # The key reached the model and nothing else: not the events, nor a file in Codex's home.
     assert api_key not in json.dumps([repr(e) for e in sink.reports] + sink.outputs)
     assert not [path for path in home.rglob("*") if path.is_file() and api_key.encode() in path.read_bytes()]
+    # The adapter, its launcher and `codex app-server` are all gone with the turn.
+    assert _processes_with(f"CODEX_HOME={home}/.codex") == []
+
+
+def _processes_with(variable: str) -> list[int]:
+    """The processes whose environment holds `variable` (NAME=value)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if variable.encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue  # Gone meanwhile, or not ours to read.
+    return found
 
 
 def _assert_the_patch_was_reported(sink: RecordingSink, path: Path, content: str) -> None:
