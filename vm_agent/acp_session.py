@@ -17,7 +17,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn, Protocol
 
 from acp import (
@@ -32,9 +32,7 @@ from acp.schema import (
     AgentMessageChunk,
     AgentPlanUpdate,
     AgentThoughtChunk,
-    AllowedOutcome,
     ClientCapabilities,
-    DeniedOutcome,
     FileSystemCapabilities,
     Implementation,
     PermissionOption,
@@ -42,14 +40,26 @@ from acp.schema import (
     TextContentBlock,
     ToolCallProgress,
     ToolCallStart,
+    UsageUpdate,
     UserMessageChunk,
 )
 
+from events import BaseEvent
+from vm_agent.client_requests import ClientRequests
 from vm_agent.domain import TurnEvent
+from vm_agent.terminals import LaunchCommand, Terminals
+from vm_agent.turn_events import (
+    plan_updated,
+    tool_call_started,
+    tool_call_updated,
+    usage_of_response,
+    usage_of_update,
+)
+from vm_agent.workspace_files import WorkspaceFiles
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AgentProcess", "AgentStartError", "SessionSink", "TurnResult", "start_agent_with_prompt"]
+__all__ = ["AgentProcess", "AgentStartError", "SessionSink", "TurnResult", "WorkspaceAccess", "start_agent_with_prompt"]
 
 STREAM_META_KEY = "baton.stream"
 LINES_META_KEY = "baton.lines"
@@ -72,6 +82,9 @@ _STDERR_TAIL_LINES = 40
 # session/new, so it must not count as proof that the prompt arrived.
 _TURN_UPDATES = (UserMessageChunk, AgentMessageChunk, AgentThoughtChunk, ToolCallStart, ToolCallProgress, AgentPlanUpdate)
 _AGENT_STREAMS = frozenset({"stdout", "stderr"})
+# A message or thought is recorded a line at a time; one without a newline this long goes out
+# in pieces (marked `continues`).
+_TEXT_PIECE_CHARS = 16 * 1024
 
 
 class SessionSink(Protocol):
@@ -89,6 +102,15 @@ class SessionSink(Protocol):
 
     async def report(self, event: TurnEvent) -> None:
         """A tool call, plan, usage or permission event of the turn, in order with the output."""
+
+
+@dataclass(frozen=True)
+class WorkspaceAccess:
+    """What the agent may reach through its client: `files` (its workspace), and terminals that
+    `launch_command` starts in its sandbox (None: it gets none)."""
+
+    files: WorkspaceFiles
+    launch_command: LaunchCommand | None = None
 
 
 @dataclass(frozen=True)
@@ -122,18 +144,20 @@ class AgentProcess:
     @classmethod
     async def start(
         cls, command: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None,
-        session_cwd: Path | None = None,
+        session_cwd: Path | None = None, offer_workspace: bool = False,
     ) -> AgentProcess:
         """Spawn `command` in `cwd` and run ACP initialize; raises AgentStartError.
 
         `session_cwd`: the workspace as the agent sees it (in a sandbox, not the host's path);
-        its session opens there whatever `run_prompt` is told."""
+        its session opens there whatever `run_prompt` is told. `offer_workspace`: tell the agent
+        its client serves `fs/*` and `terminal/*` (then give `run_prompt` a WorkspaceAccess with
+        a `launch_command`, or terminals are refused)."""
         agent = cls(command)
         agent.session_cwd = session_cwd
         connection = _agent_connection(command, Path(cwd).resolve(), env, agent._events)
         agent._conn, agent._proc, agent._stderr_tail = await agent._stack.enter_async_context(connection)
         try:
-            await _initialize(agent._conn, agent._proc, agent._stderr_tail)
+            await _initialize(agent._conn, agent._proc, agent._stderr_tail, offer_workspace=offer_workspace)
         except BaseException:
             await agent.close()
             raise
@@ -144,12 +168,15 @@ class AgentProcess:
         return self._proc is not None and self._proc.returncode is None
 
     async def run_prompt(
-        self, *, cwd: Path, prompt: str, sink: SessionSink, deliver_prompt: bool = True
+        self, *, cwd: Path, prompt: str, sink: SessionSink, deliver_prompt: bool = True,
+        access: WorkspaceAccess | None = None,
     ) -> TurnResult:
-        """Open a session in `cwd` and play one prompt turn (see start_agent_with_prompt)."""
+        """Open a session in `cwd` and play one prompt turn (see start_agent_with_prompt).
+        `access`: what the agent's `fs/*` and `terminal/*` requests reach (default: the files of
+        `cwd`, no terminals)."""
         assert self._conn and self._proc and self._stderr_tail, "start() first"
-        self._events.attach(sink, prompt)
         workspace = self.session_cwd or Path(cwd).resolve()
+        self._events.attach(sink, prompt, access or WorkspaceAccess(WorkspaceFiles(Path(cwd).resolve(), workspace)))
         session_id = await _new_session(self._conn, workspace, self._proc, self._stderr_tail)
         await sink.agent_started(session_id)
         if not deliver_prompt:
@@ -160,6 +187,8 @@ class AgentProcess:
             await self._stderr_tail.settle(self._proc)
             failure = _describe_failure("agent connection lost mid-turn", exc, self._proc, self._stderr_tail)
             raise ConnectionError(failure) from exc
+        finally:
+            self._events.detach()
 
     async def close(self) -> None:
         """Tear the agent and its whole process group down."""
@@ -202,8 +231,8 @@ class _AgentEvents:
 
     The SDK handles every incoming notification in its own task, so calling the
     sink from ``session_update`` could reorder output whenever the sink awaits.
-    Instead ``session_update`` only enqueues (synchronously, in arrival order)
-    and one pump task makes every sink call.
+    Instead ``session_update`` (and a request that records an event) only enqueues
+    (synchronously, in arrival order) and one pump task makes every sink call.
     """
 
     _END = object()
@@ -214,16 +243,31 @@ class _AgentEvents:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._session_id: str | None = None
         self._delivered = False
-        self._tool_titles: dict[str, str] = {}
+        self._held: list[Any] = []  # Usage reported before the prompt's delivery is known.
+        self._requests: ClientRequests | None = None
+        self._text_stream: str | None = None  # A message or thought line being gathered.
+        self._text = ""
 
-    def attach(self, sink: SessionSink, prompt: str) -> None:
+    def attach(self, sink: SessionSink, prompt: str, access: WorkspaceAccess) -> None:
         """The run this agent now serves (an agent may be started before its run is known)."""
         self._sink = sink
         self._prompt_sha = _sha256(prompt)
+        terminals = (Terminals(access.launch_command, workspace_view=PurePosixPath(access.files.view))
+                     if access.launch_command is not None else None)
+        self._requests = ClientRequests(access.files, terminals, self._queue.put_nowait)
+
+    def detach(self) -> None:
+        """The run is over: its terminals are killed."""
+        if self._requests is not None:
+            self._requests.close()
 
     def begin_turn(self, session_id: str) -> None:
         """From now on, updates for ``session_id`` are turn content."""
         self._session_id = session_id
+
+    def record(self, event: TurnEvent) -> None:
+        """An event of the turn, in order after everything received so far."""
+        self._queue.put_nowait(event)
 
     def end_turn(self) -> None:
         """The prompt response arrived: the pump finishes after what is queued."""
@@ -236,12 +280,13 @@ class _AgentEvents:
             # `get` does not yield while updates are queued: let the relay (and NATS's reader,
             # with its acks) run between updates, so publishing keeps pace with recording.
             await asyncio.sleep(0)
+        await self._flush_text()
         # No update at all before the response: the response is the first sign.
         await self._mark_delivered(self._prompt_sha)
 
     async def session_update(self, session_id: str, update: Any, **_: Any) -> None:
         """ACP ``session/update`` handler (must not await: ordering, see class doc)."""
-        if session_id != self._session_id or not isinstance(update, _TURN_UPDATES):
+        if session_id != self._session_id or not isinstance(update, (*_TURN_UPDATES, UsageUpdate)):
             log.debug("ignoring %s update for session %s", type(update).__name__, session_id)
             return
         self._queue.put_nowait(update)
@@ -249,72 +294,114 @@ class _AgentEvents:
     async def request_permission(
         self, session_id: str, tool_call: Any, options: list[PermissionOption], **_: Any
     ) -> RequestPermissionResponse:
-        """Unattended run: approve with the first "allow" option, else decline."""
-        choice = next((opt for opt in options if opt.kind.startswith("allow")), None)
-        title = getattr(tool_call, "title", None) or getattr(tool_call, "tool_call_id", "?")
-        if choice is None:
-            log.warning("permission for %r: no allow option offered, declining", title)
-            return RequestPermissionResponse(outcome=DeniedOutcome(outcome="cancelled"))
-        log.info("permission for %r: auto-selected %r (%s)", title, choice.option_id, choice.kind)
-        return RequestPermissionResponse(outcome=AllowedOutcome(outcome="selected", option_id=choice.option_id))
+        return await self._serving().request_permission(tool_call, options)
 
-    # We advertise no fs/terminal capabilities; refuse explicitly rather than let
-    # the SDK's optional terminal routes answer ``null``.
-    async def read_text_file(self, **_: Any) -> Any:
-        raise RequestError.method_not_found("fs/read_text_file")
+    async def read_text_file(self, session_id: str, path: str, line: int | None = None,
+                             limit: int | None = None, **_: Any) -> Any:
+        return await self._serving().read_text_file(path, line, limit)
 
-    async def write_text_file(self, **_: Any) -> Any:
-        raise RequestError.method_not_found("fs/write_text_file")
+    async def write_text_file(self, session_id: str, path: str, content: str, **_: Any) -> Any:
+        return await self._serving().write_text_file(path, content)
 
-    async def create_terminal(self, **_: Any) -> Any:
-        raise RequestError.method_not_found("terminal/create")
+    async def create_terminal(self, session_id: str, command: str, args: list[str] | None = None,
+                              env: list[Any] | None = None, cwd: str | None = None,
+                              output_byte_limit: int | None = None, **_: Any) -> Any:
+        return await self._serving().create_terminal(command, args, env, cwd, output_byte_limit)
+
+    async def terminal_output(self, session_id: str, terminal_id: str, **_: Any) -> Any:
+        return await self._serving().terminal_output(terminal_id)
+
+    async def wait_for_terminal_exit(self, session_id: str, terminal_id: str, **_: Any) -> Any:
+        return await self._serving().wait_for_terminal_exit(terminal_id)
+
+    async def kill_terminal(self, session_id: str, terminal_id: str, **_: Any) -> Any:
+        return await self._serving().kill_terminal(terminal_id)
+
+    async def release_terminal(self, session_id: str, terminal_id: str, **_: Any) -> Any:
+        return await self._serving().release_terminal(terminal_id)
+
+    def _serving(self) -> ClientRequests:
+        if self._requests is None:  # A warm agent asking before it has a run.
+            raise RequestError.invalid_request({"reason": "no session is open yet"})
+        return self._requests
 
     async def _dispatch(self, update: Any) -> None:
+        if isinstance(update, UsageUpdate) and not self._delivered:
+            self._held.append(update)  # Session metadata is no proof the prompt arrived.
+            return
         if not self._delivered:
             await self._mark_delivered(self._echo_sha(update))
         if isinstance(update, UserMessageChunk):
             return  # the echo is proof of delivery, not output
-        described = self._describe(update)
-        if described is not None:
+        if isinstance(update, (AgentMessageChunk, AgentThoughtChunk)):
+            await self._chunk(update)
+            return
+        await self._flush_text()
+        event = self._event_of(update)
+        if event is not None:
             assert self._sink is not None
-            stream, text = described
-            *lines, last = _lines_of(update, stream, text)
+            await self._sink.report(event)
+
+    def _event_of(self, update: Any) -> TurnEvent | None:
+        """The event an update (or a recorded request) is, None for those that are none."""
+        if isinstance(update, BaseEvent):
+            return update  # type: ignore[return-value]
+        assert self._requests is not None
+        display, terminal_output = self._requests.files.display_path, self._requests.terminal_output_text
+        if isinstance(update, ToolCallStart):
+            return tool_call_started(update, display=display, terminal_output=terminal_output)
+        if isinstance(update, ToolCallProgress):
+            return tool_call_updated(update, display=display, terminal_output=terminal_output)
+        if isinstance(update, AgentPlanUpdate):
+            return plan_updated(update)
+        if isinstance(update, UsageUpdate):
+            return usage_of_update(update)
+        return None
+
+    async def _chunk(self, update: AgentMessageChunk | AgentThoughtChunk) -> None:
+        """A message or thought chunk becomes lines; the shell agent's stdout/stderr pieces go as
+        it marked them."""
+        assert self._sink is not None
+        meta_stream = (update.field_meta or {}).get(STREAM_META_KEY)
+        if isinstance(update, AgentMessageChunk) and meta_stream in _AGENT_STREAMS:
+            await self._flush_text()
+            *lines, last = _lines_of(update, meta_stream, _content_text(update.content))
             for line in lines:
-                await self._sink.output(stream, line)
-            if _continues(update, stream):  # A piece of a runaway line (the shell agent marks them).
-                await self._sink.output(stream, last, continues=True)
-            else:
-                await self._sink.output(stream, last)
+                await self._sink.output(meta_stream, line)
+            await self._sink.output(meta_stream, last, continues=_continues(update, meta_stream))
+            return
+        stream = "thought" if isinstance(update, AgentThoughtChunk) else "message"
+        if self._text_stream != stream:
+            await self._flush_text()
+        self._text_stream = stream
+        *lines, self._text = (self._text + _content_text(update.content)).split("\n")
+        for line in lines:
+            await self._sink.output(stream, line + "\n")
+        while len(self._text) >= _TEXT_PIECE_CHARS:  # A runaway line: out in pieces.
+            piece, self._text = self._text[:_TEXT_PIECE_CHARS], self._text[_TEXT_PIECE_CHARS:]
+            await self._sink.output(stream, piece, continues=True)
+
+    async def _flush_text(self) -> None:
+        """The message or thought line gathered so far ends here (something else comes next)."""
+        if self._text_stream is not None and self._text:
+            assert self._sink is not None
+            await self._sink.output(self._text_stream, self._text)
+        self._text_stream, self._text = None, ""
 
     async def _mark_delivered(self, prompt_sha256: str) -> None:
         if not self._delivered:
             self._delivered = True
             assert self._sink is not None
             await self._sink.prompt_delivered(prompt_sha256)
+            for update in self._held:
+                await self._sink.report(usage_of_update(update))
+            self._held.clear()
 
     def _echo_sha(self, update: Any) -> str:
         # Hash what the agent says it received, so a mangled prompt is detectable.
         if isinstance(update, UserMessageChunk) and isinstance(update.content, TextContentBlock):
             return _sha256(update.content.text)
         return self._prompt_sha
-
-    def _describe(self, update: Any) -> tuple[str, str] | None:
-        if isinstance(update, AgentMessageChunk):
-            meta_stream = (update.field_meta or {}).get(STREAM_META_KEY)
-            stream = meta_stream if meta_stream in _AGENT_STREAMS else "message"
-            return stream, _content_text(update.content)
-        if isinstance(update, AgentThoughtChunk):
-            return "message", _content_text(update.content)
-        if isinstance(update, (ToolCallStart, ToolCallProgress)):
-            return "tool", self._tool_text(update)
-        return None  # plans: not output
-
-    def _tool_text(self, update: ToolCallStart | ToolCallProgress) -> str:
-        if update.title:
-            self._tool_titles[update.tool_call_id] = update.title
-        title = self._tool_titles.get(update.tool_call_id, update.tool_call_id)
-        status = update.status or ("pending" if isinstance(update, ToolCallStart) else "updated")
-        return f"{title} [{status}]"
 
 
 def _lines_of(update: Any, stream: str, text: str) -> list[str]:
@@ -351,15 +438,18 @@ def _sha256(text: str) -> str:
 
 
 async def _initialize(
-    conn: ClientSideConnection, proc: asyncio.subprocess.Process, stderr_tail: _StderrTail
+    conn: ClientSideConnection, proc: asyncio.subprocess.Process, stderr_tail: _StderrTail, *,
+    offer_workspace: bool,
 ) -> None:
-    """ACP initialize; any failure becomes :class:`AgentStartError`."""
+    """ACP initialize, offering `fs/*` and `terminal/*` if `offer_workspace`; any failure becomes
+    :class:`AgentStartError`."""
     try:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
             await conn.initialize(
                 protocol_version=PROTOCOL_VERSION,
                 client_capabilities=ClientCapabilities(
-                    fs=FileSystemCapabilities(read_text_file=False, write_text_file=False), terminal=False
+                    fs=FileSystemCapabilities(read_text_file=offer_workspace, write_text_file=offer_workspace),
+                    terminal=offer_workspace,
                 ),
                 client_info=Implementation(name="baton", version="0.1.0"),
             )
@@ -393,6 +483,9 @@ async def _run_turn(conn: ClientSideConnection, session_id: str, prompt: str, ev
         if pump_task.done():
             pump_task.result()
         response = await prompt_task
+        usage = usage_of_response(response)
+        if usage is not None:
+            events.record(usage)
         events.end_turn()
         await pump_task
     except BaseException:

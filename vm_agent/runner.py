@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.runtime.store import ServiceStore
-from vm_agent.acp_session import AgentProcess, AgentStartError
+from vm_agent.acp_session import AgentProcess, AgentStartError, WorkspaceAccess
 from vm_agent.backends import Backend
 from vm_agent.domain import Session, TurnEvent
 from vm_agent.gitops import PushAccess, PushError, commit_and_push
-from vm_agent.sandbox import Sandbox, SandboxUnavailable
+from vm_agent.sandbox import WORKSPACE_VIEW, AgentLaunch, Sandbox, SandboxUnavailable
+from vm_agent.workspace_files import WorkspaceFiles
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,18 @@ class AgentLauncher:
             raise AgentStartError(str(error)) from error
         env = backend.environment(self.home, launch.env)
         return await AgentProcess.start(launch.argv, cwd=launch.cwd, env=env,
-                                        session_cwd=launch.workspace_view)
+                                        session_cwd=launch.workspace_view, offer_workspace=True)
+
+    def access(self, backend: Backend, *, workspace: Path) -> WorkspaceAccess:
+        """What `backend`'s agent reaches through ACP `fs/*` and `terminal/*`: the files of
+        `workspace`, and commands run in the same sandbox, home and environment as the agent."""
+
+        def launch_command(argv: Sequence[str]) -> AgentLaunch:
+            launch = self.sandbox.launch(argv, workspace=workspace, home=self.home, env_names=backend.env)
+            return replace(launch, env=backend.environment(self.home, launch.env))
+
+        view = WORKSPACE_VIEW if self.sandbox.mode == "bwrap" else workspace
+        return WorkspaceAccess(WorkspaceFiles(workspace, view), launch_command)
 
 
 class SessionRunner:
@@ -144,8 +156,10 @@ class SessionRunner:
         try:
             agent = await self._agent()
             try:
-                result = await agent.run_prompt(cwd=self.workspace, prompt=self.prompt, sink=self,
-                                                deliver_prompt="prompt_delivery" not in self.faults)
+                result = await agent.run_prompt(
+                    cwd=self.workspace, prompt=self.prompt, sink=self,
+                    deliver_prompt="prompt_delivery" not in self.faults,
+                    access=self.launcher.access(self.backend, workspace=self.workspace))
             finally:
                 await agent.close()  # The agent and its whole process group (or sandbox) are gone.
         except AgentStartError as error:
