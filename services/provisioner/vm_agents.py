@@ -11,10 +11,13 @@ once, a few at a time so they do not fight over the CPUs).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import itertools
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -61,6 +64,9 @@ class VmAgentProcess:
     workspace: Path | None = None
     """The empty directory its warm agent works in: the task's clone is moved into it
     (`local.py`, `move_clone_into`)."""
+    credentials_version: str = ""
+    """Which agents' credentials it was started with (a keyed hash, in memory only): a member
+    started before `baton secrets set` is replaced, not assigned."""
 
     @property
     def alive(self) -> bool:
@@ -199,6 +205,7 @@ class VmAgentPool:
         self._background: set[asyncio.Task[None]] = set()
         # Agent start-ups compete for the CPUs: a few at a time finish sooner than all at once.
         self._start_slots = asyncio.Semaphore(max(2, os.cpu_count() or 2))
+        self._credentials_key = secrets.token_bytes(32)
         self.pool_dir = settings.data_dir / "vm_agents" / "pool"
         # Beside the workspaces (one file system): a clone moves into one by renames.
         self.pool_workspaces = settings.data_dir / "workspaces" / ".pool"
@@ -278,7 +285,7 @@ class VmAgentPool:
             async with changed:  # Checked under the lock: a member made ready meanwhile is seen.
                 asked = False
                 while True:
-                    self._ready = [member for member in self._ready if member.alive]
+                    self._ready = self._fresh_members()
                     if self._ready:
                         match = next((m for m in self._ready if m.warm_agent == agent), self._ready[0])
                         self._ready.remove(match)
@@ -306,9 +313,10 @@ class VmAgentPool:
         state_dir.mkdir(parents=True, exist_ok=True)
         log_file = state_dir / "vm_agent.log"
         settings = self._settings
+        credentials = agent_environ(settings)
         env = {
             **os.environ,
-            **agent_environ(settings),  # Its agents' credentials (each gets only its own kind's).
+            **credentials,  # Its agents' credentials (each agent gets only its own kind's).
             "BATON_NATS_URL": settings.nats_url,
             "BATON_FAULTS": ",".join(sorted(settings.faults)),
             "BATON_VM_AGENT_TOKEN": self.pool_token(state_dir),
@@ -338,7 +346,23 @@ class VmAgentPool:
         except BaseException:  # Timed out, or cancelled (the provisioner stops): not left running.
             _kill_group(pid, signal.SIGTERM)
             raise
-        return VmAgentProcess(url, pid, state_dir, warm_agent, workspace)
+        return VmAgentProcess(url, pid, state_dir, warm_agent, workspace, self._credentials_version(credentials))
+
+    def _credentials_version(self, credentials: Mapping[str, str]) -> str:
+        text = json.dumps(sorted(credentials.items()))
+        return hmac.new(self._credentials_key, text.encode(), hashlib.sha256).hexdigest()
+
+    def _fresh_members(self) -> list[VmAgentProcess]:
+        """The ready members still running with the agents' credentials as they are now; those
+        started with older ones (a secret set or unset since) are stopped."""
+        current = self._credentials_version(agent_environ(self._settings))
+        fresh = []
+        for member in self._ready:
+            if member.alive and member.credentials_version == current:
+                fresh.append(member)
+            elif member.alive:
+                member.kill()
+        return fresh
 
     def pool_token(self, state_dir: Path) -> str:
         return vm_agent_token(self._settings.install_secret(), f"pool/{state_dir.name}")

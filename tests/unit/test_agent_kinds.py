@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from services.provisioner.vm_agents import VmAgentPool
+from services.provisioner.vm_agents import VmAgentPool, VmAgentProcess
 from services.runtime.agent_secrets import AgentSecrets, UnknownSecretName, agent_environ
 from services.runtime.settings import Settings
 from vm_agent.backends import AGENT_KINDS, refusal
@@ -122,6 +123,26 @@ def test_the_warm_pool_keeps_the_kinds_asked_for_that_can_run_here(tmp_path: Pat
     assert sorted(pool._shortfall()) == ["claude", "shell", "shell"]
     pool._waiting.append("codex")  # A take for a kind that cannot run is served by a shell member.
     assert sorted(pool._shortfall()) == ["claude", "shell", "shell", "shell"]
+
+
+def test_a_warm_member_started_before_a_secret_changed_is_replaced_not_assigned(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    settings = Settings(data_dir=tmp_path, secret="s")
+    pool = VmAgentPool(settings, mix={"shell": 2})
+    before = pool._credentials_version(agent_environ(settings))
+    stale, fresh = (subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(2))
+    try:
+        pool._ready = [VmAgentProcess("http://stale", stale.pid, tmp_path, "shell", None, before)]
+        AgentSecrets.of(settings).set("OPENAI_API_KEY", "new")
+        now = pool._credentials_version(agent_environ(settings))
+        assert now != before and "new" not in now
+        pool._ready.append(VmAgentProcess("http://fresh", fresh.pid, tmp_path, "shell", None, now))
+        assert [member.url for member in pool._fresh_members()] == ["http://fresh"]
+        assert stale.wait(10) is not None, "the stale member is stopped"
+    finally:
+        for process in (stale, fresh):
+            process.kill()
+            process.wait()
 
 
 def test_warm_agents_says_what_it_expects():
