@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Page, expect
 
 from events import FLOW_CONTRACT
+from tests.capability.test_web_ui import browser, log_in, page  # noqa: F401 (fixtures)
 from tests.support.api import Api
 from tests.support.fake_anthropic import ClaudeScript, FakeAnthropic, running_fake_anthropic
 from tests.support.flow import assert_flow_completes
@@ -45,7 +47,7 @@ def claude_task(tmp_path_factory: pytest.TempPathFactory,
     root = tmp_path_factory.mktemp("claude")
     nonce = secrets.token_hex(8)
     api_key = f"sk-ant-api03-{secrets.token_hex(16)}"
-    script = ClaudeScript(file_name=FILE_NAME, file_content=f"{nonce}\n", final_text=f"Wrote {FILE_NAME}.",
+    script = ClaudeScript(file_name=FILE_NAME, file_content=written(nonce), final_text=f"Wrote {FILE_NAME}.",
                           input_tokens=1357, output_tokens=79)
     with running_fake_anthropic(api_key, script) as fake, running_stack(
         root, env={"ANTHROPIC_BASE_URL": fake.url, "ANTHROPIC_API_KEY": api_key},
@@ -57,6 +59,11 @@ def claude_task(tmp_path_factory: pytest.TempPathFactory,
         task_id = api.submit(repo=origin.as_uri(), prompt=prompt, agent="claude")["task_id"]
         events = assert_flow_completes(api, task_id, timeout_s=180)
         yield ClaudeTask(stack, api, fake, origin, task_id, prompt, nonce, events)
+
+
+def written(nonce: str) -> str:
+    """What the scripted Write puts in the file: not in the prompt, so seeing it means the diff."""
+    return f"written by claude: {nonce}\n"
 
 
 def of_type(events: list[dict], type_name: str) -> list[dict]:
@@ -80,7 +87,7 @@ def test_claude_does_the_task_and_its_file_is_on_the_pushed_branch(claude_task: 
     # The file the scripted Write made is on the branch the events name.
     [pushed] = of_type(events, "BranchPushed")
     assert pushed["branch"] == f"baton/{claude_task.task_id}"
-    assert branch_file(claude_task.origin, pushed["branch"], FILE_NAME) == nonce
+    assert branch_file(claude_task.origin, pushed["branch"], FILE_NAME) == written(nonce).strip()
     assert claude_task.api.wait_for_state(claude_task.task_id, "completed")["branch"] == pushed["branch"]
 
 
@@ -92,7 +99,7 @@ def test_claude_s_tool_call_permission_and_usage_are_events(claude_task: ClaudeT
     assert started["kind"] == "edit"
     updates = [u for u in of_type(events, "ToolCallUpdated") if u["tool_call_id"] == started["tool_call_id"]]
     diffs = [(d["path"], d["new_text"]) for update in updates for d in update["diffs"]]
-    assert (FILE_NAME, f"{claude_task.nonce}\n") in diffs, updates
+    assert (FILE_NAME, written(claude_task.nonce)) in diffs, updates
     assert updates[-1]["status"] == "completed"
     # Claude Code asked before writing, and Baton's policy allowed it once.
     [asked] = of_type(events, "PermissionRequested")
@@ -114,3 +121,17 @@ def test_the_api_key_is_in_no_event_log_or_store(claude_task: ClaudeTask):
     for path in claude_task.stack.data_dir.rglob("*"):
         if path.is_file():
             assert key[-20:].encode() not in path.read_bytes(), path
+
+
+def test_the_task_page_shows_claude_s_tool_call_and_its_diff(claude_task: ClaudeTask, page: Page):
+    # A person opens the finished task's page in Chromium.
+    log_in(page, claude_task.stack, f"/tasks/{claude_task.task_id}")
+    expect(page.locator("#state .badge")).to_have_text("completed", timeout=30_000)
+    # The Write tool call is there with its title and its status…
+    tool_call = page.locator("[data-tool-call]", has_text=f"Write {FILE_NAME}")
+    expect(tool_call).to_have_count(1, timeout=30_000)
+    expect(tool_call).to_contain_text("completed")
+    # …and the diff it made: the file's path and the added line.
+    diff = tool_call.locator("[data-diff]")
+    expect(diff).to_contain_text(FILE_NAME)
+    expect(diff).to_contain_text(written(claude_task.nonce).strip())
