@@ -249,19 +249,8 @@ Backend = AgentKind
 BACKENDS = AGENT_KINDS
 
 
-def default_agents_dir() -> Path:
-    """BATON_AGENTS_DIR, else `<data dir>/agents` (BATON_DATA_DIR, else ~/.baton)."""
-    from services.runtime.settings import Settings
-
-    return Settings().agents_root
-
-
-def available_backends(
-    agents_dir: Path | None = None, environ: Mapping[str, str] | None = None,
-) -> dict[str, AgentKind]:
+def available_backends(agents_dir: Path, environ: Mapping[str, str] = os.environ) -> dict[str, AgentKind]:
     """The kinds that can run here: installed under `agents_dir`, their credentials in `environ`."""
-    agents_dir = default_agents_dir() if agents_dir is None else agents_dir
-    environ = os.environ if environ is None else environ
     return {name: kind for name, kind in AGENT_KINDS.items() if kind.available(agents_dir, environ)}
 
 
