@@ -85,11 +85,7 @@ def _claude_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
     of Baton over ACP (`session/request_permission`, answered by the task's policy and recorded).
     Left alone it starts in "auto" mode, where its own classifier decides, in extra model calls
     that are billed and that Baton never sees."""
-    settings_file = home / ".claude" / "settings.json"
-    settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
-    settings.setdefault("permissions", {})["defaultMode"] = "default"
-    settings_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2))
+    _merge_json(home / ".claude" / "settings.json", {"permissions": {"defaultMode": "default"}})
     return env
 
 
