@@ -178,8 +178,32 @@ def _merge_json(path: Path, wanted: Mapping[str, Mapping[str, object]]) -> None:
     path.write_text(json.dumps(current, indent=2))
 
 
+OPENCODE_PLUGIN_PACKAGE = {"@opencode-ai/plugin": "1.18.33"}
+"""What OpenCode npm-installs into its config dir at every start unless that dir holds it already."""
+
+
 def _opencode_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
+    """Give OpenCode its model (OPENCODE_MODEL, e.g. `anthropic/claude-sonnet-4-5`) in its global
+    config, which OPENCODE_CONFIG_CONTENT (the user's own providers, if any) overrides; mark its
+    config dir's plugin package installed, so it starts without the npm registry; and read
+    ANTHROPIC_BASE_URL as Claude Code does (the AI SDK wants the `/v1` in it)."""
+    config_dir = home / ".config" / "opencode"
+    _mark_opencode_plugin_installed(config_dir)
+    config = {"model": env["OPENCODE_MODEL"]} if env.get("OPENCODE_MODEL") else {}
+    (config_dir / "opencode.json").write_text(json.dumps(config))
+    base_url = env.get("ANTHROPIC_BASE_URL", "").rstrip("/")
+    if base_url and not base_url.endswith("/v1"):
+        env = {**env, "ANTHROPIC_BASE_URL": f"{base_url}/v1"}
     return env
+
+
+def _mark_opencode_plugin_installed(config_dir: Path) -> None:
+    """OpenCode skips its background `npm install @opencode-ai/plugin` when the dir's package.json
+    and package-lock.json both list it and `node_modules/` exists; nothing in Baton needs it."""
+    (config_dir / "node_modules").mkdir(mode=0o700, parents=True, exist_ok=True)
+    (config_dir / "package.json").write_text(json.dumps({"dependencies": OPENCODE_PLUGIN_PACKAGE}))
+    lock = {"lockfileVersion": 3, "packages": {"": {"dependencies": OPENCODE_PLUGIN_PACKAGE}}}
+    (config_dir / "package-lock.json").write_text(json.dumps(lock))
 
 
 AGENT_KINDS: dict[str, AgentKind] = {
@@ -232,9 +256,16 @@ AGENT_KINDS: dict[str, AgentKind] = {
         AgentKind(
             "opencode", "OpenCode (opencode acp)",
             "opencode-ai", "1.18.33", "opencode", args=("acp",),
-            env=("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
-                 "OPENCODE_MODEL"),
-            requires=(("OPENAI_API_KEY", "ANTHROPIC_API_KEY"),),
+            env=("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL",
+                 "OPENCODE_API_KEY", "OPENCODE_MODEL", "OPENCODE_CONFIG_CONTENT"),
+            requires=(("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "OPENCODE_API_KEY"),),
+            fixed_env={
+                # Only the model API is reached: no self-update, no models.dev catalogue (the one
+                # built into the pinned version serves), no language-server downloads.
+                "OPENCODE_DISABLE_AUTOUPDATE": "1",
+                "OPENCODE_DISABLE_MODELS_FETCH": "1",
+                "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+            },
             prepare=_opencode_prepare,
         ),
     )
