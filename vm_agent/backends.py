@@ -59,8 +59,9 @@ class AgentKind:
     def command_in(self, agents_dir: Path) -> tuple[str, ...]:
         """The command that starts this agent, its adapter installed under `agents_dir`."""
         place = self.install_dir(agents_dir)
-        if place is None:
-            return (sys.executable, "-m", self.executable, *self.args)
+        if place is None:  # Baton's own: a Python module (or, for a test kind, a script).
+            run = (self.executable,) if self.executable.endswith(".py") else ("-m", self.executable)
+            return (sys.executable, *run, *self.args)
         return (str(place / "node_modules" / ".bin" / self.executable), *self.args)
 
     def installed(self, agents_dir: Path) -> bool:
@@ -270,6 +271,21 @@ AGENT_KINDS: dict[str, AgentKind] = {
         ),
     )
 }
+
+TEST_AGENT_KINDS = "BATON_TEST_AGENT_KINDS"
+"""TEST ONLY, off by default: `BATON_TEST_AGENT_KINDS=scripted` (where `baton up` runs) adds the kind
+`scripted`, tests/support/scripted_acp_agent.py, a real ACP agent whose prompt is its script (tool
+calls, diffs, plan, permissions, usage, with no model behind it). Never set it in an install."""
+
+
+def _test_kinds(environ: Mapping[str, str]) -> dict[str, AgentKind]:
+    if "scripted" not in environ.get(TEST_AGENT_KINDS, "").split(","):
+        return {}
+    script = Path(__file__).resolve().parents[1] / "tests" / "support" / "scripted_acp_agent.py"
+    return {"scripted": AgentKind("scripted", "TEST ONLY: scripted ACP agent", None, None, str(script))}
+
+
+AGENT_KINDS.update(_test_kinds(os.environ))
 
 Backend = AgentKind
 """The former name of a kind (still used by the vm_agent's runner)."""
