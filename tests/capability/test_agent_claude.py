@@ -123,15 +123,19 @@ def test_the_api_key_is_in_no_event_log_or_store(claude_task: ClaudeTask):
             assert key[-20:].encode() not in path.read_bytes(), path
 
 
-def test_the_task_page_shows_claude_s_tool_call_and_its_diff(claude_task: ClaudeTask, page: Page):
+def test_the_task_page_shows_claude_s_tool_call_its_diff_and_tokens(claude_task: ClaudeTask, page: Page):
     # A person opens the finished task's page in Chromium.
     log_in(page, claude_task.stack, f"/tasks/{claude_task.task_id}")
     expect(page.locator("#state .badge")).to_have_text("completed", timeout=30_000)
-    # The Write tool call is there with its title and its status…
-    tool_call = page.locator("[data-tool-call]", has_text=f"Write {FILE_NAME}")
-    expect(tool_call).to_have_count(1, timeout=30_000)
-    expect(tool_call).to_contain_text("completed")
-    # …and the diff it made: the file's path and the added line.
-    diff = tool_call.locator("[data-diff]")
-    expect(diff).to_contain_text(FILE_NAME)
-    expect(diff).to_contain_text(written(claude_task.nonce).strip())
+    # The Write tool call is a card with its title, its status and the policy's answer…
+    card = page.locator(".tool-call", has_text=f"Write {FILE_NAME}")
+    expect(card).to_have_count(1, timeout=30_000)
+    expect(card.locator(".tool-status")).to_have_text("completed")
+    expect(card.locator(".tool-permission")).to_contain_text("policy:auto")
+    # …with the diff it made: the new file, its line added.
+    diff = card.locator(f'.diff[data-path="{FILE_NAME}"]')
+    expect(diff).to_contain_text("new file")
+    expect(diff.locator(".diff-add")).to_have_text(f"+{written(claude_task.nonce)}")
+    # The tokens the fake reported, on the task's head.
+    input_tokens, output_tokens = claude_task.fake.reported_usage
+    expect(page.locator("#usage")).to_contain_text(f"{input_tokens:,} in · {output_tokens:,} out tokens")
