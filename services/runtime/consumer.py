@@ -186,6 +186,22 @@ async def fetch(pull: Any, batch: int, *, timeout_s: float) -> list[Msg]:
     return messages
 
 
+class MisroutedEnvelope(ValueError):
+    """An envelope whose task or type is not the one its subject names."""
+
+
+def envelope_on_its_subject(message: Msg) -> Envelope:
+    """The message's envelope, only if it says what its subject says: the bus lets a credential
+    publish only on its own subjects (a vm_agent: its own task's), so an envelope claiming
+    another task or type than its subject is forged and is never acted on."""
+    envelope = Envelope.from_json(message.data)
+    if message.subject != envelope.subject:
+        raise MisroutedEnvelope(
+            f"misrouted envelope: it says {envelope.type} of task {envelope.task_id} but was "
+            f"published on {message.subject}; not acted on")
+    return envelope
+
+
 async def _process_batch(
     bus: Bus, durable: str, messages: list[Msg], subscription: Subscription, store: TrackingStore
 ) -> None:
@@ -196,9 +212,9 @@ async def _process_batch(
     for message in messages:
         tracking = Tracking(durable, stream_seq(message))
         try:
-            items.append((Envelope.from_json(message.data), tracking))
+            items.append((envelope_on_its_subject(message), tracking))
         except (ValidationError, ValueError):
-            break  # Undecodable: leave it and what follows to the one-at-a-time path.
+            break  # Undecodable or misrouted: leave it and what follows to the one-at-a-time path.
     fresh = _unprocessed(store, items)
     try:
         if fresh:
@@ -278,7 +294,10 @@ async def _process(
                        f"delivered {message.metadata.num_delivered} times without being handled")
         return
     try:
-        envelope = Envelope.from_json(message.data)
+        envelope = envelope_on_its_subject(message)
+    except MisroutedEnvelope as error:
+        await _give_up(bus, durable, message, store, tracking, str(error))
+        return
     except (ValidationError, ValueError) as error:
         await _give_up(bus, durable, message, store, tracking, f"undecodable envelope: {error}")
         return

@@ -127,6 +127,36 @@ def test_a_vm_agent_credential_cannot_speak_for_another_task(own_bus_stack: Bato
     assert Recorder.contacted == []
 
 
+def test_an_envelope_about_another_task_on_a_vm_agent_s_own_subject_changes_nothing(own_bus_stack: BatonStack):
+    api = Api(own_bus_stack.api, own_bus_stack.token)
+    origin = make_origin(own_bus_stack.data_dir.parent / "forged-inside")
+    victim = api.submit(repo=origin.as_uri(), prompt="sleep 1; echo victim", agent="shell")["task_id"]
+    mine = secrets.token_hex(8)
+    creds = InstallAuth(own_bus_stack.data_dir / "nats-auth").user_creds(
+        f"vm_agent-{mine}", vm_agent_permissions(mine), ttl_s=600)
+
+    async def scenario() -> None:
+        nc = await connect(own_bus_stack.nats_url, user_credentials=raw_credentials(creds),
+                           inbox_prefix=vm_agent_inbox(mine))
+        try:
+            # Published where this credential may publish (its own task's AgentOutput), but the
+            # envelope inside claims to end the victim's session.
+            forged = Envelope(type="SessionFailed", task_id=victim, actor="vm_agent", data={"reason": "PWNED"})
+            ack = await nc.jetstream().publish(f"baton.task.{mine}.AgentOutput", forged.to_json(), stream=STREAM)
+            assert ack.seq > 0
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
+    # The victim runs its own course: the forged envelope is never acted on…
+    events = assert_flow_completes(api, victim, timeout_s=120)
+    assert all(e["data"].get("reason") != "PWNED" for e in events)
+    assert api.task(victim)["state"] == "completed"
+    # …and the audit trail names it as misrouted.
+    gateway = api.http.get("/api/health").json()
+    assert gateway["dead_letters"] >= 1
+
+
 def test_every_credential_is_confined(own_bus_stack: BatonStack):
     auth = InstallAuth(own_bus_stack.data_dir / "nats-auth")
     task = secrets.token_hex(8)

@@ -71,9 +71,17 @@ class FakeMsg:
     data: bytes
     stream_seq: int
     num_delivered: int = 1
-    subject: str = "baton.task.t.X"
+    subject: str | None = None
+    """Where it was published; by default the subject its envelope names (as the bus routes it)."""
     acks: list[str] = field(default_factory=list)
     nak_delays: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.subject is None:
+            try:
+                self.subject = Envelope.from_json(self.data).subject
+            except ValueError:
+                self.subject = "baton.task.t.X"
 
     @property
     def metadata(self) -> SimpleNamespace:

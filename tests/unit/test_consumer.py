@@ -6,7 +6,7 @@ import json
 
 from eventsourcing.persistence import Tracking
 
-from events import TaskFailed, envelope_for
+from events import Envelope, TaskFailed, envelope_for
 from services.runtime.bus import DEAD_LETTER_PREFIX
 from services.runtime.consumer import (
     MAX_DELIVER,
@@ -65,6 +65,18 @@ async def test_an_undecodable_message_is_dead_lettered_tracked_and_acked():
     body = json.loads(payload)
     assert (body["stream_seq"], body["data"]) == (2, "{not json")
     assert body["error"].startswith("undecodable envelope")
+
+
+async def test_an_envelope_claiming_another_task_than_its_subject_is_dead_lettered_not_acted_on():
+    # A vm_agent may publish only on its own task's subjects; what it writes inside is its own.
+    forged = Envelope(type="SessionFailed", task_id="victim", actor="vm_agent", data={"reason": "forged"})
+    store, handler, bus = popo_store(), Recorder(), FakeBus()
+    msg = FakeMsg(data=forged.to_json(), stream_seq=5, subject="baton.task.mine.AgentOutput")
+    await _process(bus, DURABLE, msg, handler, store)
+    assert handler.seen == []
+    assert msg.acks == ["ack"] and store.is_processed(Tracking(DURABLE, 5))
+    [(_, payload)] = bus.js.published
+    assert json.loads(payload)["error"].startswith("misrouted envelope: it says SessionFailed of task victim")
 
 
 async def test_a_dead_letter_keeps_only_the_start_of_a_big_message_so_it_always_fits_the_bus():
