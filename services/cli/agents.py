@@ -28,6 +28,7 @@ NO_NODE = ("Node.js and npm are needed to install the agents' adapters (Node 20 
            "`apt-get install nodejs npm` on Debian/Ubuntu, `brew install node` on macOS, "
            "or see https://nodejs.org/en/download")
 INSTALL_TIMEOUT_S = 600
+MIN_NODE_MAJOR = 20
 
 
 def _settings(data_dir: Path | None) -> Settings:
@@ -82,12 +83,26 @@ def install(
             console.print(f"{name}: {kind.npm_spec or 'built in'} is installed")
             continue
         npm = shutil.which("npm")
-        if npm is None or shutil.which("node") is None:
-            console.print(f"[bold red]error:[/] {NO_NODE}")
+        problem = node_problem()
+        if npm is None or problem is not None:
+            console.print(f"[bold red]error:[/] {problem or 'npm is not installed'}; {NO_NODE}")
             raise typer.Exit(1)
         console.print(f"{name}: installing {kind.npm_spec}…")
         _npm_install(npm, kind, agents_dir)
         console.print(f"{name}: installed in {kind.install_dir(agents_dir)}")
+
+
+def node_problem() -> str | None:
+    """None if a Node.js the adapters run on (MIN_NODE_MAJOR or newer) is on the PATH, else why not."""
+    node = shutil.which("node")
+    if node is None:
+        return "node is not installed"
+    try:
+        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+        major = int(version.lstrip("v").split(".")[0])
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return "node does not say its version"
+    return None if major >= MIN_NODE_MAJOR else f"node {version} is too old"
 
 
 def _npm_install(npm: str, kind: AgentKind, agents_dir: Path) -> None:
