@@ -26,7 +26,9 @@ from services.runtime.settings import Settings
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 AUTHENTICATED = "baton.authenticated"
 """The scope key that says whether this request carried the token (for routes open to anyone)."""
-SESSION_MAX_AGE_S = 30 * 24 * 3600
+SESSION_MAX_AGE_S = 24 * 3600
+"""A browser's login lasts a day. Browsers send a 127.0.0.1 cookie to every port of 127.0.0.1, so
+any local server the user opens could see it: the shorter it lives, the less such a copy is worth."""
 HOW_TO_AUTHENTICATE = (
     "authentication required: send `Authorization: Bearer <token>` (the token is in the data dir's "
     "`api-token` file, or BATON_API_TOKEN), or open the login URL that `baton up` printed "
