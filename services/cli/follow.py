@@ -13,13 +13,15 @@ from rich.markup import escape
 
 from events import FLOW_CONTRACT, TERMINAL_TYPES
 from services.cli.client import ApiToken
+from services.cli.conversation import CONVERSATION_TYPES, conversation_lines
 
-_OUTPUT_STYLE = {"stdout": "white", "stderr": "yellow", "message": "cyan", "tool": "magenta"}
+_OUTPUT_STYLE = {"stdout": "white", "stderr": "yellow", "message": "cyan", "thought": "dim italic",
+                 "tool": "magenta"}
 
 
 def render_event(console: Console, event: dict, started: datetime, pieces: dict[str, str] | None = None) -> None:
     """Print one event. `pieces` (one dict per task followed) holds the start of a line whose
-    AgentOutputs are marked `continues`, so the line prints once, whole."""
+    AgentOutputs are marked `continues`, so the line prints once, whole (and the titles of tool calls)."""
     at = datetime.fromisoformat(event["occurred_at"])
     elapsed = f"+{(at - started).total_seconds():6.2f}s"
     data = event.get("data", {})
@@ -32,7 +34,12 @@ def render_event(console: Console, event: dict, started: datetime, pieces: dict[
                 pieces[stream] = text
                 return
         style = _OUTPUT_STYLE.get(stream, "white")
-        console.print(f"[dim]{elapsed}[/]   [dim]│[/] [{style}]{escape(text.rstrip())}[/]")
+        mark = "[dim]┆[/]" if stream == "thought" else "[dim]│[/]"
+        console.print(f"[dim]{elapsed}[/]   {mark} [{style}]{escape(text.rstrip())}[/]")
+        return
+    if kind in CONVERSATION_TYPES:
+        for line in conversation_lines(kind, data, pieces if pieces is not None else {}):
+            console.print(f"[dim]{elapsed}[/]   {line}")
         return
     mark = "[green]✓[/]" if kind in FLOW_CONTRACT else "[red]✗[/]" if "Fail" in kind else "•"
     detail = {

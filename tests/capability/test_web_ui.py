@@ -229,3 +229,55 @@ def test_the_login_url_logs_the_browser_in_and_the_board_goes_live(stack: BatonS
     # The session cookie is the browser's only credential: HttpOnly, SameSite=Strict, not the token.
     cookie = next(c for c in page.context.cookies() if c["name"] == f"baton_session_{stack.port}")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] != stack.token
+
+
+def scripted_turn(nonce: str) -> str:
+    """A prompt for the TEST ONLY `scripted` agent kind (tests/support/scripted_acp_agent.py): a real
+    ACP agent's turn, one step a line."""
+    return "\n".join([
+        f"think The README needs a line for {nonce}",
+        "plan Read the README | Add the line",
+        "say I will update the README",
+        f"write README.md # test repo\\nThe {nonce} line\\n",
+        "run git status --short",
+        "usage 1200 200000 0.0123",
+        f"say Done with {nonce}",
+        "tokens 1000 234",
+    ])
+
+
+def test_a_real_agents_turn_reads_as_a_conversation_with_tool_calls_and_diffs(
+    tmp_path: Path, origin: Path, page: Page
+):
+    nonce = secrets.token_hex(6)
+    with running_stack(tmp_path / "scripted", env={"BATON_TEST_AGENT_KINDS": "scripted"}) as scripted_stack:
+        task = Api(scripted_stack.api, scripted_stack.token).submit(
+            repo=origin.as_uri(), prompt=scripted_turn(nonce), agent="scripted")
+        log_in(page, scripted_stack, f"/tasks/{task['task_id']}")
+        expect(page.locator("#state .badge")).to_have_text("completed", timeout=90_000)
+
+    # Each tool call is a card with its status; the edit shows its diff as a unified diff.
+    calls = page.locator("#output .tool-call")
+    expect(calls).to_have_count(2)
+    edit, run = calls.nth(0), calls.nth(1)
+    expect(edit.locator(".tool-title")).to_have_text("Write README.md")
+    expect(edit.locator(".tool-status")).to_have_text("completed")
+    expect(edit.locator(".tool-permission")).to_have_text("Permission: Allow once (policy:auto)")
+    diff = edit.locator('.diff[data-path="README.md"]')
+    expect(diff.locator(".diff-hunk")).to_have_text("@@ -1,1 +1,2 @@")
+    expect(diff.locator(".diff-ctx")).to_have_text(" # test repo")
+    expect(diff.locator(".diff-add")).to_have_text(f"+The {nonce} line")
+    expect(diff.locator(".diff-del")).to_have_count(0)
+    expect(run.locator(".tool-status")).to_have_text("completed")
+    expect(run.locator(".tool-output-text")).to_contain_text("M README.md")
+    # Messages read as text, the thinking is there but folded away, the plan and the usage are shown.
+    expect(page.locator("#output .message").first).to_have_text("I will update the README\n")
+    thought = page.locator("#output details.thought")
+    expect(thought).not_to_have_attribute("open", "")
+    expect(thought.locator(".thought-body")).to_have_text(f"The README needs a line for {nonce}\n")
+    expect(page.locator("#plan li")).to_have_text(["Read the README", "Add the line"])
+    expect(page.locator("#usage")).to_have_text("1,000 in · 234 out tokens · 0.0123 USD · context 1,200 / 200,000")
+    # The timeline stays the flow's handoffs: no row per tool call.
+    expect(page.locator('#timeline [data-event^="ToolCall"]')).to_have_count(0)
+    if os.environ.get("BATON_SCREENSHOT") == "1":
+        page.screenshot(path=str(SCREENSHOT.with_name("task-page-conversation.png")), full_page=True)

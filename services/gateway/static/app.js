@@ -1,6 +1,8 @@
 // Baton's web UI: the task board at "/" and a task's page at "/tasks/<id>". No build step.
 // Everything live comes from the event stream over WebSocket; user text is only ever set as text.
 
+import { CONVERSATION_TYPES, conversation } from "./conversation.js";
+
 // events/flow.py FLOW_CONTRACT, in the same order (the capability test checks they agree).
 const FLOW = ["TaskSubmitted", "WorkspaceRequested", "WorkspaceReady", "AgentSessionStarted",
   "PromptDelivered", "AgentOutput", "AgentFinished", "BranchPushed", "TaskCompleted"];
@@ -301,8 +303,11 @@ async function taskPage(app, id) {
   const prompt = h("pre", { class: "prompt" });
   const result = h("div", { id: "result" });
   const timeline = h("ol", { class: "timeline", id: "timeline" });
-  const output = h("pre", { class: "terminal", id: "output", "aria-live": "off" });
+  const output = h("div", { class: "conversation", id: "output", "aria-live": "off" });
   const outputCount = h("span", { class: "count" }, "0 lines");
+  const plan = h("section", { class: "plan", id: "plan", hidden: true });
+  const usage = h("span", { class: "usage", id: "usage", title: "Tokens and cost the agent reported", hidden: true });
+  const talk = conversation(output, plan, usage, h);
   const rows = {};
   for (const type of FLOW) {
     rows[type] = h("li", { class: "step pending", "data-step": type },
@@ -313,11 +318,11 @@ async function taskPage(app, id) {
   app.replaceChildren(
     h("section", { class: "task-head" },
       h("div", { class: "title-row" }, h("h1", {}, h("a", { class: "back", href: "/", title: "Back to the board" }, "Board ›"), " Task ", h("code", {}, id)), state, conn),
-      facts, prompt),
+      facts, usage, prompt),
     result,
     h("div", { class: "task-body" },
       h("section", { class: "panel" }, h("h2", {}, "Flow"), timeline),
-      h("section", { class: "panel output-panel" }, h("h2", {}, "Agent output", outputCount), output)));
+      h("section", { class: "panel output-panel" }, h("h2", {}, "Agent output", outputCount), plan, output)));
 
   const task = { task_id: id };
   let response;
@@ -394,11 +399,17 @@ async function taskPage(app, id) {
     const data = event.data || {};
     if (event.type === "TaskSubmitted" && event.occurred_at) t0 = Date.parse(event.occurred_at);
     fold(task, event);
+    if (CONVERSATION_TYPES.has(event.type)) {
+      const stick = output.scrollTop + output.clientHeight >= output.scrollHeight - 24;
+      talk.event(event);
+      if (stick) output.scrollTop = output.scrollHeight;
+      return;  // the conversation shows it; the flow's timeline stays the handoffs
+    }
     if (event.type === "AgentOutput") {
       if (seenOutput.has(data.seq)) return;
       seenOutput.add(data.seq);
       const stick = output.scrollTop + output.clientHeight >= output.scrollHeight - 24;
-      output.append(h("span", { class: `out-${data.stream}`, "data-seq": data.seq }, data.text));
+      talk.output(data);
       lines += (data.text.match(/\n/g) || []).length;
       outputCount.textContent = `${lines} line${lines === 1 ? "" : "s"}`;
       if (stick) output.scrollTop = output.scrollHeight;
