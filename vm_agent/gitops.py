@@ -1,26 +1,28 @@
-"""Commit the workspace's changes to the task's branch and push it to the origin.
+"""Commit the workspace's work to the task's branch and push it to the origin.
 
-This runs outside the agent's sandbox, on a `.git` the agent could write: before any git
-command, `reclaim_git_dir` puts back what the clone made, and every command runs with hooks
-and fsmonitor off and only the origin's transport allowed.
+This runs outside the agent's sandbox, so it never runs git on the workspace's `.git`: the agent
+can write it, and a symlink planted there (a ref, a reflog, HEAD, the index…) would make the
+vm_agent's git write wherever it points. Git runs on the vm_agent's own copy of the clone's git
+dir instead (made by the provisioner before the agent could see the workspace, kept in the
+vm_agent's state dir, which the sandbox hides), with the workspace as its work tree: git reads the
+agent's files (it skips `.git` in a work tree and commits a symlink as a link, never following
+it) and writes only to its own git dir. Every command runs with hooks, fsmonitor and reflogs off,
+submodules not recursed into, and only the origin's transport allowed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.runtime.git_safety import credential_config, git_environment, hardened_config, redact
 from services.runtime.repo_url import RepoCredential, RepoUrlError, scheme_of
 
-Git = Callable[..., Awaitable[str]]
-
-# Files in a git dir that make git read another config, object store or repository.
-_PLANTABLE = ("commondir", "objects/info/alternates", "objects/info/http-alternates")
+# What the vm_agent's git never does, whatever a config or the work tree's attributes say.
+_OWN_GIT_CONFIG = ("core.logAllRefUpdates=false", "submodule.recurse=false",
+                   "push.recurseSubmodules=no", "diff.ignoreSubmodules=all", "core.untrackedCache=false")
 
 
 class PushError(Exception):
@@ -29,75 +31,75 @@ class PushError(Exception):
 
 @dataclass(frozen=True)
 class PushAccess:
-    """What pushing a task's branch needs: the clone's `.git/config` as saved by the provisioner,
-    and the repo's credential (held in the vm_agent's memory only)."""
+    """What pushing a task's branch needs: the vm_agent's own copy of the clone's git dir, and
+    the repo's credential (held in the vm_agent's memory only)."""
 
-    saved_config: Path
+    git_dir: Path
     credential: RepoCredential | None = field(default=None, repr=False)
 
 
-def reclaim_git_dir(workspace: Path, saved_config: Path) -> Path:
-    """Undo what an agent may have planted in the workspace's git dir; the git dir.
+class Git:
+    """A runner of git commands on the vm_agent's git dir with the workspace as work tree:
+    hardened, the origin's transport the only one on, the credential by helper."""
 
-    `.git` must still be a real directory; its config becomes the clone's again (no filter,
-    fsmonitor, hooksPath, include, url rewrite or helper the agent added); files that send git
-    to another object store or repository are removed. Hooks are off on every command anyway.
-    """
-    git_dir = workspace / ".git"
-    if git_dir.is_symlink() or not git_dir.is_dir():
-        raise PushError(f"{git_dir} is no longer the directory the clone made; not pushing from it")
-    if not saved_config.is_file():
-        raise PushError(f"the clone's git config ({saved_config}) is missing; cannot push safely")
-    config = git_dir / "config"
-    _remove(config)
-    shutil.copyfile(saved_config, config)
-    for planted in _PLANTABLE:
-        _remove(git_dir / planted)
-    return git_dir
+    def __init__(self, workspace: Path, access: PushAccess, options: list[str]) -> None:
+        self._access = access
+        self._options = options
+        self._env = {**git_environment(access.credential),
+                     "GIT_DIR": str(access.git_dir), "GIT_WORK_TREE": str(workspace)}
 
+    async def __call__(self, *args: str) -> str:
+        code, stdout, stderr = await self._run(*args)
+        if code != 0:
+            command = next(arg for arg in args if not arg.startswith("-") and "=" not in arg)
+            raise PushError(redact(f"git {command} failed: {stderr}", self._access.credential))
+        return stdout
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+    async def succeeds(self, *args: str) -> bool:
+        code, _, _ = await self._run(*args)
+        return code == 0
 
-
-async def _run_git(*args: str, env: dict[str, str], cwd: Path, credential: RepoCredential | None) -> str:
-    process = await asyncio.create_subprocess_exec(
-        "git", *args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    stdout, stderr = await process.communicate()
-    if process.returncode != 0:
-        command = next(arg for arg in args if not arg.startswith("-") and "=" not in arg)
-        message = f"git {command} failed: {stderr.decode(errors='replace').strip()}"
-        raise PushError(redact(message, credential))
-    return stdout.decode().strip()
+    async def _run(self, *args: str) -> tuple[int, str, str]:
+        # Run from inside its own git dir: nothing of the workspace is the current directory.
+        process = await asyncio.create_subprocess_exec(
+            "git", *self._options, *args, cwd=self._access.git_dir, env=self._env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        stdout, stderr = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, stdout.decode().strip(), stderr.decode(errors="replace").strip()
 
 
 async def safe_git(workspace: Path, access: PushAccess) -> Git:
-    """A runner of git commands on the reclaimed workspace: its git dir and work tree given
-    explicitly, hardened, the origin's transport the only one on, the credential by helper."""
-    git_dir = reclaim_git_dir(workspace, access.saved_config)
-    env = {**git_environment(access.credential), "GIT_DIR": str(git_dir), "GIT_WORK_TREE": str(workspace)}
-    origin = await _run_git("config", "--file", str(access.saved_config), "--get", "remote.origin.url",
-                            env=env, cwd=workspace, credential=None)
+    """A Git for pushing `workspace`'s work; PushError if the vm_agent's git dir is missing."""
+    if not (access.git_dir / "HEAD").is_file() or not (access.git_dir / "config").is_file():
+        raise PushError(f"the clone's git dir ({access.git_dir}) is missing; cannot push safely")
+    unconfigured = Git(workspace, access, hardened_config([]))
+    origin = await unconfigured("config", "--get", "remote.origin.url")
     try:
         schemes = [scheme_of(origin)]
     except RepoUrlError as error:
         raise PushError(f"the origin's URL cannot be pushed to: {error}") from None
-    options = [*hardened_config(schemes), *credential_config(access.credential)]
+    own = [arg for option in _OWN_GIT_CONFIG for arg in ("-c", option)]
+    return Git(workspace, access, [*hardened_config(schemes), *own, *credential_config(access.credential)])
 
-    async def git(*args: str) -> str:
-        return await _run_git(*options, *args, env=env, cwd=workspace, credential=access.credential)
 
-    return git
+async def put_head_on(git: Git, branch: str) -> None:
+    """HEAD of the vm_agent's git dir on `refs/heads/<branch>`, which starts at the clone's commit
+    (a later push of the same task builds on the last one). The work tree is not touched."""
+    ref = f"refs/heads/{branch}"
+    if not await git.succeeds("rev-parse", "--verify", "--quiet", ref) and await git.succeeds(
+        "rev-parse", "--verify", "--quiet", "HEAD"
+    ):
+        await git("update-ref", ref, "HEAD")
+    await git("symbolic-ref", "HEAD", ref)  # An empty origin: the branch's first commit is a root.
 
 
 async def commit_and_push(workspace: Path, *, branch: str, message: str, access: PushAccess) -> str:
-    """Commit everything (even nothing, so the branch always exists) and push; returns the commit."""
+    """Commit everything in the work tree (even nothing, so the branch always exists) and push;
+    returns the commit."""
     git = await safe_git(workspace, access)
-    await git("checkout", "-B", branch)
+    await put_head_on(git, branch)
     await git("add", "--all")
     await git("-c", "user.name=Baton", "-c", "user.email=baton@localhost",
               "commit", "--allow-empty", "--no-verify", "--quiet", "-m", message)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.runtime.bus import vm_agent_dead_letter_subject
-from services.runtime.git_safety import saved_clone_config
+from services.runtime.git_safety import vm_agent_git_dir
 from services.runtime.relay import BatchPublisher, Relay
 from services.runtime.repo_url import RepoCredential
 from services.runtime.store import ServiceStore, sqlite_env
@@ -105,8 +105,8 @@ class VmAgent:
             on_dead_letter=self._end_session_for_lost_event).run())
         existing = store.get_task_aggregate(Session, task_id)
         self.assigned = Assigned(task_id, workspace, token, token_expires_at, store, relay, existing)
-        # The provisioner saves the clone's .git/config there once the clone is done.
-        self.assigned.push_access = PushAccess(saved_clone_config(state_dir), repo_credential)
+        # The provisioner copies the clone's git dir there once the clone is done.
+        self.assigned.push_access = PushAccess(vm_agent_git_dir(state_dir), repo_credential)
         log.info("assigned to task %s in %s", task_id, workspace)
 
     def _end_session_for_lost_event(self, task_id: str, event_type: str, reason: str) -> None:

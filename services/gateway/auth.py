@@ -37,6 +37,8 @@ HOW_TO_AUTHENTICATE = (
 # The web UI's pages and assets: open, since they are the same static files for everyone.
 _PUBLIC_PATH = re.compile(r"^/(|tasks/[^/]+/?|static/[^/]+|favicon\.ico)$")
 _HEALTH_PATH = "/api/health"
+# A Host header: a name or an IPv4 address, or a bracketed IPv6 address; then an optional port.
+_HOST_HEADER = re.compile(r"^(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::[0-9]{1,5})?$")
 
 
 def is_authenticated(connection: HTTPConnection) -> bool:
@@ -66,7 +68,7 @@ class ApiAuth:
             return
         headers = Headers(scope=scope)
         host = headers.get("host", "")
-        if _bare_host(host) not in self.hosts:
+        if _host_of_header(host) not in self.hosts:
             await refuse(scope, receive, send, 400, (
                 f"this Baton does not answer to Host {host!r}: use localhost, 127.0.0.1 or [::1], "
                 "or add the name to BATON_ALLOWED_HOSTS"))
@@ -124,6 +126,13 @@ class DenialLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.getMessage() != "ASGI callable returned without completing handshake."
+
+
+def _host_of_header(header: str) -> str | None:
+    """The host a Host header names, as `_bare_host` gives it; None unless the header is exactly
+    `host[:port]` (so `127.0.0.1:1@evil` or `localhost, evil` name no host)."""
+    header = header.strip().lower()
+    return _bare_host(header) if _HOST_HEADER.match(header) else None
 
 
 def _bare_host(host: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from services.provisioner.vm_agents import VmAgentError, VmAgentPool, VmAgentProcess, answers
 from services.runtime.credentials import CredentialVault
 from services.runtime.git_safety import (
-    credential_config, git_environment, hardened_config, redact, save_clone_config,
+    credential_config, git_environment, hardened_config, redact, save_clone_git_dir,
 )
 from services.runtime.repo_url import RepoCredential, RepoUrl, RepoUrlError, parse_repo_url
 from services.runtime.settings import Settings
@@ -52,7 +52,9 @@ class LocalProvider:
         """Clone `repo` (at `base_branch`) into the task's workspace, replacing a partial one.
 
         git runs hardened (no hooks, only the allowed transports) and gets `credential` from a
-        credential helper; the clone's `.git/config` is saved for the vm_agent to restore.
+        credential helper. A local repo's objects are copied, not hardlinked (the agent could
+        otherwise write the origin's files). Before the agent can see the workspace, its `.git`
+        is copied to the vm_agent's state dir: the only git dir the vm_agent runs git on.
         """
         target = self.workspace_dir(task_id)
         if target.exists():
@@ -61,7 +63,7 @@ class LocalProvider:
         branch = ["--branch", base_branch] if base_branch else []
         process = await asyncio.create_subprocess_exec(
             "git", *hardened_config(self._settings.repo_schemes), *credential_config(credential),
-            "clone", "--quiet", *branch, "--", repo, str(target),
+            "clone", "--quiet", "--no-hardlinks", *branch, "--", repo, str(target),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=git_environment(credential),
@@ -70,7 +72,7 @@ class LocalProvider:
         if process.returncode != 0:
             message = f"git clone {repo} failed: {stderr.decode(errors='replace').strip()}"
             raise ProvisionError(redact(message, credential))
-        save_clone_config(target, self.vm_agent_dir(task_id))
+        save_clone_git_dir(target, self.vm_agent_dir(task_id))
         return target
 
     async def provision(self, task_id: str, repo: str, base_branch: str | None, *, agent: str) -> str:

@@ -62,15 +62,20 @@ def redact(text: str, credential: RepoCredential | None) -> str:
     return text.replace(secret, "***") if secret and len(secret) >= 4 else text
 
 
-def saved_clone_config(state_dir: Path) -> Path:
-    """Where the provisioner keeps a copy of the workspace's `.git/config` as the clone wrote it
-    (outside the workspace, which the agent controls); the vm_agent restores it before pushing."""
-    return state_dir / "clone-git-config"
+def vm_agent_git_dir(state_dir: Path) -> Path:
+    """Where the provisioner keeps a copy of the clone's git dir, made before the agent could see
+    the workspace (in the vm_agent's state dir, hidden from the sandbox): the only git dir the
+    vm_agent ever runs git on. The workspace's own `.git` is the agent's."""
+    return state_dir / "git"
 
 
-def save_clone_config(workspace: Path, state_dir: Path) -> None:
+def save_clone_git_dir(workspace: Path, state_dir: Path) -> Path:
+    """Copy the fresh clone's `.git` to the vm_agent's git dir: a real copy (no hardlink, no
+    symlink followed), so nothing the agent later does to its `.git` reaches it."""
     ensure_private_dir(state_dir)
-    saved = saved_clone_config(state_dir)
-    saved.unlink(missing_ok=True)
-    shutil.copyfile(workspace / ".git" / "config", saved)
-    saved.chmod(0o600)
+    saved = vm_agent_git_dir(state_dir)
+    if saved.exists():
+        shutil.rmtree(saved)
+    shutil.copytree(workspace / ".git", saved, symlinks=True)
+    saved.chmod(0o700)
+    return saved

@@ -16,6 +16,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _TRANSPORT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9+.-]*)::")
 _SCP = re.compile(r"^(?:([^@/:]+)@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(.*)$", re.DOTALL)
+# scp form with a password: `user:SECRET@host:path` (git would read `user` as the host).
+_SCP_PASSWORD = re.compile(r"^[^@/:]+:[^@/]*@(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(:[0-9]{1,5})?$")
 
 
@@ -82,17 +84,26 @@ def scheme_of(text: str) -> str:
                        "user@host:path, or an absolute path")
 
 
+_WHERE_CREDENTIALS_GO = ("put a credential in the URL's user part instead "
+                         "(https://user:TOKEN@host/x.git, '@', ':', '?', '#' in it percent-encoded): "
+                         "it is taken out and never recorded")
+
+
 def _from_url(text: str, scheme: str) -> RepoUrl:
     parts = urlsplit(text)
+    if "?" in text or "#" in text:  # Where tokens hide (`?access_token=…`); git needs neither.
+        raise RepoUrlError(f"repo URL must not have a query (?…) or fragment (#…); {_WHERE_CREDENTIALS_GO}")
     userinfo, _, hostport = parts.netloc.rpartition("@")
     hostport = hostport.lower()  # As git's credential protocol will name it.
     if not _HOST.match(hostport) or hostport.startswith("-"):
         raise RepoUrlError("repo URL has an invalid host")
+    if unquote(userinfo).startswith("-"):  # git decodes the URL: ssh would read `-o…` as an option.
+        raise RepoUrlError("repo URL's user must not start with '-'")
     if scheme != "file" and not hostport.split(":")[0]:
         raise RepoUrlError(f"repo URL needs a host: {scheme}://host/path")
     if scheme == "file" and hostport not in ("", "localhost"):
         raise RepoUrlError("a file:// repo URL names a local path: file:///path/to/repo.git")
-    clean = urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
+    clean = urlunsplit((parts.scheme, hostport, parts.path, "", ""))
     if not userinfo:
         return RepoUrl(clean, scheme)
     if scheme in ("http", "https"):
@@ -113,6 +124,9 @@ def _credential(host: str, userinfo: str) -> RepoCredential:
 
 
 def _from_scp(text: str) -> RepoUrl:
+    if _SCP_PASSWORD.match(text):
+        raise RepoUrlError("repo in scp form cannot carry a password (user:password@host:path); "
+                           "use an ssh key, or an https URL with the credential in it")
     scp = _SCP.match(text)
     assert scp is not None
     user, host, path = scp.groups()

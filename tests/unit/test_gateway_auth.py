@@ -75,7 +75,9 @@ def test_local_and_allowed_hosts_are_served(tmp_path, host):
 
 
 @pytest.mark.parametrize("host", ["attacker.example:8420", "127.0.0.1.attacker.example", "", "[::2]:8420",
-                                  "localhost@evil"])
+                                  "localhost@evil", "127.0.0.1:18777@evil", "127.0.0.1:80:80",
+                                  "localhost:http", "localhost, evil", "::1", "[::1]x", "127.0.0.1/x",
+                                  "127.0.0.1:"])
 def test_a_foreign_host_is_refused_naming_the_setting(tmp_path, host):
     refused = app(tmp_path).get("/api/tasks", headers={**BEARER, "Host": host})
     assert refused.status_code == 400 and "BATON_ALLOWED_HOSTS" in refused.json()["detail"]

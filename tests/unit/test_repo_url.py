@@ -45,11 +45,34 @@ def test_allowed_repo_urls_are_kept_as_given(raw: str, url: str, scheme: str):
         ("ssh://u:pw@host/r.git", "cannot carry a password"),
         ("https:///r.git", "needs a host"),
         ("user@-oProxyCommand:r.git", "must not start with '-'"),
+        ("ssh://-oProxyCommand=touch%20x@host/r.git", "user must not start with '-'"),
+        ("ssh://%2DoProxyCommand=x@host/r.git", "user must not start with '-'"),
+        ("https://-u@host/r.git", "user must not start with '-'"),
+        ("ssh://-host/r.git", "invalid host"),
     ],
 )
 def test_bad_repo_urls_are_refused_saying_what_to_change(raw: str, message: str):
     with pytest.raises(RepoUrlError, match=re.escape(message)):
         parse_repo_url(raw, allowed=DEFAULT)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("https://host/x.git?access_token=SEKRET", "must not have a query (?…) or fragment (#…)"),
+        ("https://host/x.git#SEKRET", "must not have a query (?…) or fragment (#…)"),
+        ("https://u:SEK#RET@host/x.git", "must not have a query (?…) or fragment (#…)"),
+        ("https://u:SEK?RET@host/x.git", "must not have a query (?…) or fragment (#…)"),
+        ("file:///srv/x.git?SEKRET", "must not have a query (?…) or fragment (#…)"),
+        ("u:SEKRET@host:x.git", "scp form cannot carry a password"),
+        ("u:SEKRET@[::1]:x.git", "scp form cannot carry a password"),
+    ],
+)
+def test_a_credential_where_it_would_be_recorded_is_refused_without_repeating_it(raw: str, message: str):
+    with pytest.raises(RepoUrlError, match=re.escape(message)) as refused:
+        parse_repo_url(raw, allowed=DEFAULT)
+    assert "SEK" not in str(refused.value)
+    assert "user:TOKEN@host" in str(refused.value) or "ssh key" in str(refused.value)
 
 
 def test_the_refusal_names_the_allowed_schemes_and_how_to_change_them():
