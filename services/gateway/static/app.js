@@ -191,7 +191,7 @@ async function boardPage(app) {
   }
   render();
   // The board has no stream position to resume from, so replay the stream (forward-only states).
-  follow("/api/stream?exclude=AgentOutput", (event) => {
+  follow(`/api/stream?exclude=${["AgentOutput", ...CONVERSATION_TYPES].join(",")}`, (event) => {
     if (!tasks.has(event.task_id)) tasks.set(event.task_id, { task_id: event.task_id });
     fold(tasks.get(event.task_id), event);
     render();
