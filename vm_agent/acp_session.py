@@ -144,20 +144,21 @@ class AgentProcess:
     @classmethod
     async def start(
         cls, command: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None,
-        session_cwd: Path | None = None, offer_workspace: bool = False,
+        session_cwd: Path | None = None, offer_workspace: bool = False, offer_reads: bool = True,
     ) -> AgentProcess:
         """Spawn `command` in `cwd` and run ACP initialize; raises AgentStartError.
 
         `session_cwd`: the workspace as the agent sees it (in a sandbox, not the host's path);
         its session opens there whatever `run_prompt` is told. `offer_workspace`: tell the agent
         its client serves `fs/*` and `terminal/*` (then give `run_prompt` a WorkspaceAccess with
-        a `launch_command`, or terminals are refused)."""
+        a `launch_command`, or terminals are refused); `offer_reads=False` leaves `fs/read_text_file` out."""
         agent = cls(command)
         agent.session_cwd = session_cwd
         connection = _agent_connection(command, Path(cwd).resolve(), env, agent._events)
         agent._conn, agent._proc, agent._stderr_tail = await agent._stack.enter_async_context(connection)
         try:
-            await _initialize(agent._conn, agent._proc, agent._stderr_tail, offer_workspace=offer_workspace)
+            await _initialize(agent._conn, agent._proc, agent._stderr_tail, offer_workspace=offer_workspace,
+                              offer_reads=offer_reads)
         except BaseException:
             await agent.close()
             raise
@@ -439,7 +440,7 @@ def _sha256(text: str) -> str:
 
 async def _initialize(
     conn: ClientSideConnection, proc: asyncio.subprocess.Process, stderr_tail: _StderrTail, *,
-    offer_workspace: bool,
+    offer_workspace: bool, offer_reads: bool = True,
 ) -> None:
     """ACP initialize, offering `fs/*` and `terminal/*` if `offer_workspace`; any failure becomes
     :class:`AgentStartError`."""
@@ -448,7 +449,8 @@ async def _initialize(
             await conn.initialize(
                 protocol_version=PROTOCOL_VERSION,
                 client_capabilities=ClientCapabilities(
-                    fs=FileSystemCapabilities(read_text_file=offer_workspace, write_text_file=offer_workspace),
+                    fs=FileSystemCapabilities(read_text_file=offer_workspace and offer_reads,
+                                              write_text_file=offer_workspace),
                     terminal=offer_workspace,
                 ),
                 client_info=Implementation(name="baton", version="0.1.0"),

@@ -47,6 +47,9 @@ class AgentKind:
     fixed_env: Mapping[str, str] = field(default_factory=dict)
     """Variables it always gets (not secrets: shown in `baton agents`)."""
     prepare: Prepare = unchanged
+    reads_through_client: bool = True
+    """Offer it the client's `fs/read_text_file` (with `fs/write_text_file` and terminals). Off for
+    an agent that mistakes the client's "no such file" for a failure, and then writes no new file."""
 
     @property
     def npm_spec(self) -> str | None:
@@ -253,6 +256,10 @@ AGENT_KINDS: dict[str, AgentKind] = {
             # it starts a second sooner and stops when told.
             fixed_env={"GEMINI_CLI_NO_RELAUNCH": "true"},
             prepare=_gemini_prepare,
+            # Gemini CLI 0.61 takes an ACP error for a missing file as a failure (the ACP SDK rejects
+            # with a bare object, not an Error it can classify), so it writes no new file: it reads
+            # the workspace itself, in the sandbox, and writes through Baton.
+            reads_through_client=False,
         ),
         AgentKind(
             "opencode", "OpenCode (opencode acp)",

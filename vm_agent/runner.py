@@ -49,7 +49,8 @@ class AgentLauncher:
             raise AgentStartError(str(error)) from error
         env = backend.environment(self.home, launch.env)
         return await AgentProcess.start(launch.argv, cwd=launch.cwd, env=env,
-                                        session_cwd=launch.workspace_view, offer_workspace=True)
+                                        session_cwd=launch.workspace_view, offer_workspace=True,
+                                        offer_reads=backend.reads_through_client)
 
     def access(self, backend: Backend, *, workspace: Path) -> WorkspaceAccess:
         """What `backend`'s agent reaches through ACP `fs/*` and `terminal/*`: the files of
