@@ -95,21 +95,23 @@ def test_claude_s_tool_call_permission_and_usage_are_events(claude_task: ClaudeT
     events = claude_task.events
 
     # The scripted Write: started, its diff (the path relative to the workspace), completed.
-    [started] = of_type(events, "ToolCallStarted")
-    assert started["kind"] == "edit"
+    starts = of_type(events, "ToolCallStarted")
+    assert len(starts) == 1 and starts[0]["kind"] == "edit", starts
+    started = starts[0]
     updates = [u for u in of_type(events, "ToolCallUpdated") if u["tool_call_id"] == started["tool_call_id"]]
     diffs = [(d["path"], d["new_text"]) for update in updates for d in update["diffs"]]
     assert (FILE_NAME, written(claude_task.nonce)) in diffs, updates
-    assert updates[-1]["status"] == "completed"
+    assert updates[-1]["status"] == "completed", updates
     # Claude Code asked before writing, and Baton's policy allowed it once.
-    [asked] = of_type(events, "PermissionRequested")
-    [answered] = of_type(events, "PermissionAnswered")
-    assert asked["tool_call_id"] == started["tool_call_id"]
-    assert (answered["request_id"], answered["outcome"], answered["by"]) == (
-        asked["request_id"], "selected", "policy:auto")
+    asked, answered = of_type(events, "PermissionRequested"), of_type(events, "PermissionAnswered")
+    assert len(asked) == len(answered) == 1, (asked, answered)
+    assert asked[0]["tool_call_id"] == started["tool_call_id"]
+    assert (answered[0]["request_id"], answered[0]["outcome"], answered[0]["by"]) == (
+        asked[0]["request_id"], "selected", "policy:auto")
     # The turn's tokens are those the fake reported.
-    turn = [u for u in of_type(events, "UsageRecorded") if u["source"] == "prompt_response"]
-    assert [(u["input_tokens"], u["output_tokens"]) for u in turn] == [claude_task.fake.reported_usage]
+    usage = of_type(events, "UsageRecorded")
+    turn = [(u["input_tokens"], u["output_tokens"]) for u in usage if u["source"] == "prompt_response"]
+    assert turn == [claude_task.fake.reported_usage], (usage, len(claude_task.fake.main_turn_calls()))
 
 
 def test_the_api_key_is_in_no_event_log_or_store(claude_task: ClaudeTask):

@@ -72,8 +72,10 @@ class FakeAnthropic:
             return [r.body for r in self.requests if r.path.split("?")[0] == "/v1/messages"]
 
     def main_turn_calls(self) -> list[dict[str, Any]]:
-        """The bodies of the calls that played the script (those offering the Write tool)."""
-        return [body for body in self.messages() if _offers_write(body)]
+        """The bodies of the calls that played the script (those offering the Write tool), each
+        once: a call the SDK retried (it does on a slow answer) counts once, as in its usage."""
+        distinct = {json.dumps(body, sort_keys=True): body for body in self.messages() if _offers_write(body)}
+        return list(distinct.values())
 
     def saw(self, text: str) -> bool:
         """Whether any message request carried `text` (in its messages or system prompt)."""
