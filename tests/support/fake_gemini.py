@@ -100,7 +100,9 @@ class FakeGemini:
             return [_chunk([{"text": head}]), _chunk([{"text": tail}], finish="STOP", usage=self.usage)]
         call = {"functionCall": {"name": "write_file",
                                  "args": {"file_path": self.file_path, "content": self.file_content}}}
-        return [_chunk([{"text": THOUGHT_TEXT, "thought": True}]), _chunk([{"text": "I will write the file."}]),
+        # A thought starts with its subject in bold, as Gemini's do.
+        thought = {"text": f"**Writing the file**\n{THOUGHT_TEXT}", "thought": True}
+        return [_chunk([thought]), _chunk([{"text": "I will write the file."}]),
                 _chunk([call], finish="STOP", usage=self.usage)]
 
 
