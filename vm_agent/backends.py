@@ -182,19 +182,25 @@ def _merge_json(path: Path, wanted: Mapping[str, Mapping[str, object]]) -> None:
     path.write_text(json.dumps(current, indent=2))
 
 
+OPENCODE_CONFIG: dict[str, object] = {
+    # No git snapshot of the whole workspace in its home at every step (for its own undo): Baton
+    # commits the workspace, and a big repo would be copied again and again.
+    "snapshot": False,
+}
+"""OpenCode's global config (`~/.config/opencode/opencode.json`), below the repo's and the user's."""
 OPENCODE_PLUGIN_PACKAGE = {"@opencode-ai/plugin": "1.18.33"}
 """What OpenCode npm-installs into its config dir at every start unless that dir holds it already."""
 
 
 def _opencode_prepare(home: Path, env: dict[str, str]) -> dict[str, str]:
-    """Give OpenCode its model (OPENCODE_MODEL, e.g. `anthropic/claude-sonnet-4-5`) in its global
-    config, which OPENCODE_CONFIG_CONTENT (the user's own providers, if any) overrides; mark its
-    config dir's plugin package installed, so it starts without the npm registry; and read
-    ANTHROPIC_BASE_URL as Claude Code does (the AI SDK wants the `/v1` in it)."""
+    """Give OpenCode its model (OPENCODE_MODEL, e.g. `anthropic/claude-sonnet-4-5`) and no snapshots
+    in its global config, which OPENCODE_CONFIG_CONTENT (the user's own providers, if any)
+    overrides; mark its config dir's plugin package installed, so it starts without the npm
+    registry; and read ANTHROPIC_BASE_URL as Claude Code does (the AI SDK wants the `/v1` in it)."""
     config_dir = home / ".config" / "opencode"
     _mark_opencode_plugin_installed(config_dir)
-    config = {"model": env["OPENCODE_MODEL"]} if env.get("OPENCODE_MODEL") else {}
-    (config_dir / "opencode.json").write_text(json.dumps(config))
+    model = {"model": env["OPENCODE_MODEL"]} if env.get("OPENCODE_MODEL") else {}
+    (config_dir / "opencode.json").write_text(json.dumps({**OPENCODE_CONFIG, **model}))
     base_url = env.get("ANTHROPIC_BASE_URL", "").rstrip("/")
     if base_url and not base_url.endswith("/v1"):
         env = {**env, "ANTHROPIC_BASE_URL": f"{base_url}/v1"}

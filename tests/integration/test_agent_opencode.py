@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.fake_anthropic import ClaudeScript, running_fake_anthropic
 from tests.support.fake_openai_chat import FINAL_USAGE, MODEL, FakeOpenAIChat, ToolScript, serving_fake_openai_chat
+from tests.support.waiting import wait_for
 from vm_agent.acp_session import TurnResult, start_agent_with_prompt
 from vm_agent.backends import AGENT_KINDS
 from vm_agent.sandbox import agent_environment
@@ -67,11 +69,12 @@ class RecordingSink:
         return [event.model_dump() for event in self.reports if type(event).__name__ == type_name]
 
 
-async def _run_opencode(agents_dir: Path, fake: FakeOpenAIChat, *, workspace: Path, home: Path, prompt: str,
-                        sink: RecordingSink, extra: dict[str, str] | None = None) -> TurnResult:
+async def _run_opencode(agents_dir: Path, settings: dict[str, str], *, workspace: Path, home: Path, prompt: str,
+                        sink: RecordingSink) -> TurnResult:
     """Start the `opencode` kind as the vm_agent does outside a sandbox: its declared variables
-    taken from the environment, its fixed ones added, its `prepare` hook run."""
-    environ = {**os.environ, **opencode_settings(fake), **(extra or {})}
+    taken from the environment (with the user's `settings`), its fixed ones added, its `prepare`
+    hook run."""
+    environ = {**os.environ, **settings}
     env = OPENCODE.environment(home, {**agent_environment(environ, OPENCODE.env), "HOME": str(home)})
     return await asyncio.wait_for(
         start_agent_with_prompt(OPENCODE.command_in(agents_dir), cwd=workspace, prompt=prompt, sink=sink, env=env),
@@ -97,7 +100,8 @@ async def test_opencode_writes_the_scripted_file_and_reports_its_tool_call_and_u
     sink = RecordingSink()
 
     with _dirs(tmp_path) as (workspace, home), serving_fake_openai_chat(api_key=api_key, script=script) as fake:
-        result = await _run_opencode(agents_dir, fake, workspace=workspace, home=home, prompt=prompt, sink=sink)
+        result = await _run_opencode(agents_dir, opencode_settings(fake), workspace=workspace, home=home,
+                                     prompt=prompt, sink=sink)
 
     assert result.stop_reason == "end_turn"
     # The prompt reached the model (in the turn that offers tools), with the key; nothing refused.
@@ -114,6 +118,21 @@ async def test_opencode_writes_the_scripted_file_and_reports_its_tool_call_and_u
         (FINAL_USAGE["prompt_tokens"], FINAL_USAGE["completion_tokens"])]
     # The key reached the model and nothing else.
     assert api_key not in json.dumps([repr(e) for e in sink.reports] + sink.outputs)
+    # Nothing of OpenCode outlives its turn (its process group is gone within moments).
+    wait_for(lambda: not _processes_with_home(home), timeout_s=5, what="OpenCode's processes to end")
+
+
+def _processes_with_home(home: Path) -> list[str]:
+    """The command lines of the processes whose HOME is `home` (this run's agent and its children)."""
+    marker = f"HOME={home}".encode()
+    lines = []
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (process / "environ").read_bytes().split(b"\0"):
+                lines.append((process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue  # It ended while we looked, or is not ours to read.
+    return lines
 
 
 def _assert_the_write_was_reported(sink: RecordingSink, script: ToolScript) -> None:
@@ -140,8 +159,8 @@ async def test_opencode_reaches_nothing_but_the_model_api(agents_dir: Path, tmp_
     try:
         with _dirs(tmp_path) as (workspace, home), \
                 serving_fake_openai_chat(api_key="sk-fake", script=ToolScript("a.txt", "a\n")) as fake:
-            result = await _run_opencode(agents_dir, fake, workspace=workspace, home=home,
-                                         prompt="write a.txt", sink=RecordingSink(), extra=proxied)
+            result = await _run_opencode(agents_dir, {**opencode_settings(fake), **proxied}, workspace=workspace,
+                                         home=home, prompt="write a.txt", sink=RecordingSink())
     finally:
         proxy.close()
 
@@ -150,3 +169,24 @@ async def test_opencode_reaches_nothing_but_the_model_api(agents_dir: Path, tmp_
     # Its state stayed in its private home; the workspace holds only the file it wrote.
     assert sorted(p.name for p in workspace.iterdir()) == ["a.txt"]
     assert (home / ".local" / "share" / "opencode").is_dir()
+
+
+@pytest.mark.asyncio
+async def test_opencode_on_claude_code_s_variables_reaches_the_anthropic_api_where_claude_code_would(
+    agents_dir: Path, tmp_path: Path,
+) -> None:
+    # The same ANTHROPIC_BASE_URL (without /v1) serves the `claude` and the `opencode` kinds.
+    nonce = secrets.token_hex(8)
+    api_key = f"sk-ant-fake-{secrets.token_hex(12)}"
+    sink = RecordingSink()
+    with _dirs(tmp_path) as (workspace, home), \
+            running_fake_anthropic(api_key, ClaudeScript("a.txt", "a\n", final_text="unused")) as fake:
+        settings = {"ANTHROPIC_API_KEY": api_key, "ANTHROPIC_BASE_URL": fake.url,
+                    "OPENCODE_MODEL": "anthropic/claude-sonnet-4-5"}
+        result = await _run_opencode(agents_dir, settings, workspace=workspace, home=home,
+                                     prompt=f"Say hello {nonce}", sink=sink)
+
+    assert result.stop_reason == "end_turn"
+    assert {request.path for request in fake.requests} == {"/v1/messages"}
+    assert fake.saw(nonce) and fake.refused == 0
+    assert [stream for stream, _ in sink.outputs] == ["message"]
