@@ -290,6 +290,10 @@ class _AgentEvents:
         if session_id != self._session_id or not isinstance(update, (*_TURN_UPDATES, UsageUpdate)):
             log.debug("ignoring %s update for session %s", type(update).__name__, session_id)
             return
+        if isinstance(update, (ToolCallStart, ToolCallProgress)):
+            # Now, not when the pump gets to it: a terminal it shows may be released by then.
+            self._queue.put_nowait(self._event_of(update))
+            return
         self._queue.put_nowait(update)
 
     async def request_permission(
