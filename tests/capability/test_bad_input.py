@@ -50,6 +50,27 @@ def test_bad_task_is_refused_with_a_message_and_health_stays_ok(api: Api, body: 
     assert api.http.get("/api/health").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("repo", "message"),
+    [
+        ("u:SEKRET@example.com:x.git", "scp form cannot carry a password"),
+        ("ssh://-oProxyCommand=SEKRET@example.com/x.git", "user must not start with '-'"),
+        ("ssh://%2DoProxyCommand=SEKRET@example.com/x.git", "user must not start with '-'"),
+    ],
+    ids=["scp-password", "ssh-option-as-user", "ssh-encoded-option-as-user"],
+)
+def test_an_ssh_repo_with_a_password_or_an_option_is_refused_without_repeating_it(
+    api: Api, repo: str, message: str
+):
+    before = len(api.http.get("/api/tasks").json()["tasks"])
+
+    response = api.http.post("/api/tasks", json={"repo": repo, "prompt": "echo hi", "agent": "shell"})
+
+    assert response.status_code == 422 and message in response.text
+    assert "SEKRET" not in response.text
+    assert len(api.http.get("/api/tasks").json()["tasks"]) == before
+
+
 def test_malformed_json_is_refused_with_a_message(api: Api):
     response = api.http.post(
         "/api/tasks", content=b'{"repo": "x", "prompt": ', headers={"Content-Type": "application/json"}

@@ -105,9 +105,12 @@ def test_a_task_clones_and_pushes_with_the_credential_of_its_repo_url(
         ("file:///tmp/x\u0000.git", "control characters"),
         ("ftp://u:SEKRET@example.com/x.git", "BATON_REPO_SCHEMES"),
         ("gopher://example.com/x.git", "'gopher' is not allowed"),
+        ("https://example.com/x.git?access_token=SEKRET", "must not have a query (?…) or fragment (#…)"),
+        ("https://example.com/x.git#SEKRET", "must not have a query (?…) or fragment (#…)"),
+        ("https://-oProxyCommand=SEKRET@example.com/x.git", "user must not start with '-'"),
     ],
     ids=["leading-space-upload-pack", "ext-transport", "nul", "unknown-scheme-with-credential",
-         "unknown-scheme"],
+         "unknown-scheme", "token-in-query", "token-in-fragment", "option-as-user"],
 )
 def test_a_bad_repo_url_is_refused_with_a_message_and_nothing_is_recorded(
     api: Api, stack_root: Path, repo: str, message: str
