@@ -124,6 +124,9 @@ async def test_symlinks_the_agent_planted_in_its_git_dir_are_never_followed(clon
     # …and the work is on the branch in the origin.
     assert branch_commit(origin, "baton/t2") == commit
     assert branch_file(origin, "baton/t2", "work.txt") == "the agent's work"
+    tree = subprocess.run(["git", "--git-dir", str(origin), "ls-tree", "-r", "--name-only", "baton/t2"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert tree == ["README.md", "work.txt"]  # The workspace's `.git` is never part of the work.
 
 
 async def test_a_symlink_in_the_work_tree_is_pushed_as_a_link_never_followed(cloned):
