@@ -13,12 +13,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import branch_file
 from tests.support.processes import BatonStack
-
-import pytest
 
 pytestmark = pytest.mark.capability
 
