@@ -15,7 +15,10 @@ from services.runtime.store import ServiceStore
 
 log = logging.getLogger(__name__)
 
-WATCHED_TYPES = (*FLOW_CONTRACT, TaskFailed.type)
+ACTIVITY_TYPES = ("ToolCallStarted", "ToolCallUpdated", "PlanUpdated", "UsageRecorded",
+                  "PermissionRequested", "PermissionAnswered")
+"""What an agent does besides printing: an agent in a long tool call is busy, not stalled."""
+WATCHED_TYPES = (*FLOW_CONTRACT, TaskFailed.type, *ACTIVITY_TYPES)
 
 
 class Monitor:
@@ -62,6 +65,9 @@ class Monitor:
 
     def _fold(self, envelope: Envelope) -> Watch:
         watch = self.watch_for(envelope.task_id)
+        if envelope.type in ACTIVITY_TYPES:
+            self.last_output_at[envelope.task_id] = envelope.occurred_at
+            return watch
         if envelope.type == "AgentOutput":
             self.last_output_at[envelope.task_id] = envelope.occurred_at
             watch.last_seq = max(watch.last_seq, envelope.data["seq"])

@@ -53,7 +53,7 @@ def _end_all(pool: VmAgentPool) -> None:
 
 def test_a_pool_member_is_forked_from_the_zygote_with_its_agent_warm(tmp_path: Path, nats: NatsServer) -> None:
     async def scenario() -> None:
-        pool = VmAgentPool(_settings(tmp_path, nats.url), size=1, ready_timeout_s=DEADLINE_S)
+        pool = VmAgentPool(_settings(tmp_path, nats.url), mix={"shell": 1}, ready_timeout_s=DEADLINE_S)
         try:
             pool.refill_soon()
             member = await asyncio.wait_for(pool.take("shell"), DEADLINE_S)
@@ -81,7 +81,7 @@ def test_a_pool_member_is_forked_from_the_zygote_with_its_agent_warm(tmp_path: P
 
 def test_with_the_pool_empty_a_task_waits_for_the_next_warm_vm_agent(tmp_path: Path, nats: NatsServer) -> None:
     async def scenario() -> None:
-        pool = VmAgentPool(_settings(tmp_path, nats.url), size=0, ready_timeout_s=DEADLINE_S)
+        pool = VmAgentPool(_settings(tmp_path, nats.url), mix={}, ready_timeout_s=DEADLINE_S)
         try:
             first, second = await asyncio.wait_for(
                 asyncio.gather(pool.take("shell"), pool.take("shell")), DEADLINE_S)
@@ -99,7 +99,7 @@ def test_a_vm_agent_that_cannot_start_fails_the_take_with_its_reason(tmp_path: P
         # An address no interface of this machine has: the vm_agent cannot listen.
         settings = _settings(tmp_path, f"nats://127.0.0.1:{free_port()}").model_copy(
             update={"vm_agent_bind": "192.0.2.1"})
-        pool = VmAgentPool(settings, size=0, ready_timeout_s=20)
+        pool = VmAgentPool(settings, mix={}, ready_timeout_s=20)
         try:
             with pytest.raises(VmAgentError) as failure:
                 await asyncio.wait_for(pool.take("shell"), DEADLINE_S)

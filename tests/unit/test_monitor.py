@@ -79,6 +79,18 @@ async def test_a_silent_agent_is_stalled_once_and_recovers_when_it_speaks():
     assert named(m)[0][1]["last_seq"] == 1
 
 
+async def test_an_agent_busy_in_a_long_tool_call_is_not_stalled():
+    m = monitor(stall_after_s=10)
+    await observe(m, "PromptDelivered", 0, session_id="s", prompt_sha256="x")
+    await observe(m, "ToolCallStarted", 1, tool_call_id="c1", title="pytest", kind="execute", status="pending")
+    await observe(m, "ToolCallUpdated", 9, tool_call_id="c1", status="in_progress")
+    m.tick(at(15))
+    assert named(m) == []
+    # Silence after its last sign of life is still a stall.
+    m.tick(at(20))
+    assert [t for t, _ in named(m)] == ["AgentStalled"]
+
+
 async def test_a_restarted_monitor_rebuilds_its_timers_from_the_store():
     m = monitor()
     await observe(m, "WorkspaceReady", 0)
