@@ -38,6 +38,9 @@ class TaskSubmitted(BaseEvent, emitter="gateway"):
     prompt: str
     agent: str
     base_branch: str | None = None
+    permission_policy: Literal["auto", "ask"] = "auto"
+    """How the agent's permission requests are answered: `auto` (allowed once, by the policy) or
+    `ask` (a person answers each; unanswered after BATON_PERMISSION_TIMEOUT_S, it is rejected)."""
 
 
 class WorkspaceRequested(BaseEvent, emitter="task-runner"):
@@ -242,12 +245,28 @@ class PermissionAnswered(BaseEvent, emitter="vm_agent"):
     """Emitted by the vm_agent once a permission request was answered, and the answer sent.
 
     `outcome`: "selected" (then `option_id` is the option chosen) or "cancelled". `by` says who
-    decided: "policy:auto" (the task's policy: allow once, never allow always)."""
+    decided: "policy:auto" (the task's policy: allow once, never allow always), "user" (a person,
+    under the `ask` policy: see PermissionAnswerGiven) or "timeout" (nobody answered in time: the
+    request was rejected, `reason` says so)."""
 
     request_id: str
     option_id: str | None
     outcome: Literal["selected", "cancelled"]
     by: str
+    reason: str | None = None
+
+
+class PermissionAnswerGiven(BaseEvent, emitter="gateway"):
+    """Emitted by the gateway when a person answers an open permission request (HTTP, CLI or UI)
+    of a task under the `ask` policy.
+
+    Promises: `option_id` was one of the options the request offered and the request had no answer
+    yet; the task runner hands it to the task's vm_agent, which answers the agent and records
+    PermissionAnswered (by "user"), unless the request timed out first."""
+
+    request_id: str
+    option_id: str
+    by: str = "user"
 
 
 class AgentFinished(BaseEvent, emitter="vm_agent"):
@@ -332,6 +351,7 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
         UsageRecorded,
         PermissionRequested,
         PermissionAnswered,
+        PermissionAnswerGiven,
         AgentFinished,
         BranchPushed,
         SessionFailed,

@@ -26,7 +26,8 @@ STATE_OF = {
     "TaskFailed": "failed",
 }
 GAP_TYPES = ("StepOverdue", "StepRecovered", "AgentStalled")
-PROJECTED_TYPES = (*STATE_OF, *GAP_TYPES)
+PERMISSION_TYPES = ("PermissionRequested", "PermissionAnswered")
+PROJECTED_TYPES = (*STATE_OF, *GAP_TYPES, *PERMISSION_TYPES)
 """Every event type the board folds in (AgentOutput is not one: the board has no use for it)."""
 
 STATE_RANK = {"queued": 0, "provisioning": 1, "running": 2, "completed": 3, "failed": 3}
@@ -40,8 +41,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     branch TEXT, commit_sha TEXT, reason TEXT,
     created_at TEXT, updated_at TEXT, last_event TEXT, gaps TEXT
 );
-CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created_at)
+CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created_at);
+CREATE TABLE IF NOT EXISTS task_permissions (
+    task_id TEXT NOT NULL, request_id TEXT NOT NULL, answered INTEGER NOT NULL,
+    PRIMARY KEY (task_id, request_id)
+)
 """
+# task_permissions: each permission request and whether it was answered yet (its answer may be
+# folded first: each event type has its own consumer). A task with an open one waits for a person.
 
 _COLUMNS = ("task_id", "state", "repo", "agent", "prompt", "base_branch", "branch",
             "commit_sha", "reason", "created_at", "updated_at", "last_event", "gaps")
@@ -104,17 +111,27 @@ class TaskBoard(TrackedProjection):
                     found = db.execute("SELECT * FROM tasks WHERE task_id = ?", (envelope.task_id,))
                     rows[envelope.task_id] = found[0] if found else {"task_id": envelope.task_id}
                 _fold(rows[envelope.task_id], envelope)
+                if envelope.type in PERMISSION_TYPES:
+                    _note_permission(db, envelope)
             for row in rows.values():
                 db.execute(_UPSERT, [row.get(column) for column in _COLUMNS])
             self.track(db, items[-1][1])
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         rows = self._db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
-        return _public(rows[0]) if rows else None
+        if not rows:
+            return None
+        return _public(rows[0]) | {"waiting_for": _waiting_for(task_id, self.awaiting_person())}
 
     def list(self, *, limit: int = 500) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,))
-        return [_public(row) for row in rows]
+        awaiting = self.awaiting_person()
+        return [_public(row) | {"waiting_for": _waiting_for(row["task_id"], awaiting)} for row in rows]
+
+    def awaiting_person(self) -> set[str]:
+        """The tasks with a permission request a person has not answered yet."""
+        rows = self._db.execute("SELECT DISTINCT task_id FROM task_permissions WHERE answered = 0")
+        return {row["task_id"] for row in rows}
 
 
 def _fold(row: dict[str, Any], envelope: Envelope) -> None:
@@ -129,6 +146,19 @@ def _fold(row: dict[str, Any], envelope: Envelope) -> None:
     row["last_event"] = envelope.type
     if not row.get("created_at"):
         row["created_at"] = row["updated_at"]
+
+
+def _note_permission(db: Any, envelope: Envelope) -> None:
+    answered = int(envelope.type == "PermissionAnswered")
+    db.execute("INSERT INTO task_permissions (task_id, request_id, answered) VALUES (?, ?, ?) "
+               "ON CONFLICT (task_id, request_id) DO UPDATE SET answered = "
+               "CASE WHEN excluded.answered = 1 THEN 1 ELSE task_permissions.answered END",
+               (envelope.task_id, envelope.data["request_id"], answered))
+
+
+def _waiting_for(task_id: str, awaiting: set[str]) -> str | None:
+    """`"person"` while the task's agent waits for a person's answer."""
+    return "person" if task_id in awaiting else None
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:

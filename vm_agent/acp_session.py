@@ -47,6 +47,7 @@ from acp.schema import (
 from events import BaseEvent
 from vm_agent.client_requests import ClientRequests
 from vm_agent.domain import TurnEvent
+from vm_agent.permissions import PermissionDesk
 from vm_agent.terminals import LaunchCommand, Terminals
 from vm_agent.turn_events import (
     plan_updated,
@@ -107,10 +108,13 @@ class SessionSink(Protocol):
 @dataclass(frozen=True)
 class WorkspaceAccess:
     """What the agent may reach through its client: `files` (its workspace), and terminals that
-    `launch_command` starts in its sandbox (None: it gets none)."""
+    `launch_command` starts in its sandbox (None: it gets none), and who answers its permission
+    requests."""
 
     files: WorkspaceFiles
     launch_command: LaunchCommand | None = None
+    permissions: PermissionDesk | None = None
+    """Where a person answers the agent's permission requests (the `ask` policy); None: `auto`."""
 
 
 @dataclass(frozen=True)
@@ -255,7 +259,7 @@ class _AgentEvents:
         self._prompt_sha = _sha256(prompt)
         terminals = (Terminals(access.launch_command, workspace_view=PurePosixPath(access.files.view))
                      if access.launch_command is not None else None)
-        self._requests = ClientRequests(access.files, terminals, self._queue.put_nowait)
+        self._requests = ClientRequests(access.files, terminals, self._queue.put_nowait, access.permissions)
 
     def detach(self) -> None:
         """The run is over: its terminals are killed."""

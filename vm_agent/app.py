@@ -11,13 +11,14 @@ import asyncio
 import hmac
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from services.runtime.repo_url import RepoCredential
 from vm_agent.backends import available_backends, refusal
+from vm_agent.permissions import PermissionDesk
 from vm_agent.runner import SessionRunner
 from vm_agent.state import VmAgent
 
@@ -51,12 +52,28 @@ class SessionStart(BaseModel):
     initial_prompt: str = Field(min_length=1)
     attempt_id: str = Field(min_length=1)
     causation_id: str | None = None
+    permission_policy: Literal["auto", "ask"] = "auto"
+    """`ask`: a person answers each permission request (`POST /permissions/{request_id}`)."""
+
+
+class PermissionAnswer(BaseModel):
+    """A person's answer to the open permission request of `task_id`."""
+
+    task_id: str
+    option_id: str = Field(min_length=1)
 
 
 class SessionAccepted(BaseModel):
     task_id: str
     attempt_id: str
     started_now: bool
+
+
+ANSWER_REFUSALS = {
+    "unknown": (404, "no such permission request"),
+    "not_offered": (422, "that option was not offered"),
+    "closed": (409, "that permission request was already answered or timed out"),
+}
 
 
 def authorized(request: Request, authorization: Annotated[str, Header()] = "") -> VmAgent:
@@ -119,13 +136,27 @@ def create_app(vm_agent: VmAgent) -> FastAPI:
             why = refusal(body.agent, vm.launcher.agents_dir, os.environ)
             raise HTTPException(422, f"agent {body.agent!r} is not available on this machine: {why}")
         session = vm.open_session(body.attempt_id, body.agent, body.causation_id)
+        if body.permission_policy == "ask":
+            vm.permissions = PermissionDesk(timeout_s=vm.permission_timeout_s)
         runner = SessionRunner(
             vm.assigned.store, session, workspace=vm.assigned.workspace, backend=backend,
             prompt=body.initial_prompt, faults=vm.faults, launcher=vm.launcher,
             warm_agent=vm.take_warm_agent(body.agent, vm.assigned.workspace),
-            push_access=vm.assigned.push_access,
+            push_access=vm.assigned.push_access, permissions=vm.permissions,
         )
         vm.runs[body.attempt_id] = asyncio.get_running_loop().create_task(runner.run())
         return SessionAccepted(task_id=body.task_id, attempt_id=body.attempt_id, started_now=True)
+
+    @app.post("/permissions/{request_id}")
+    async def answer_permission(request_id: str, body: PermissionAnswer, vm: VmAgentDep) -> dict:
+        """A person's answer to an open request; repeating the same answer changes nothing."""
+        if vm.assigned is None or body.task_id != vm.assigned.task_id:
+            raise HTTPException(409, f"this vm_agent does not serve task {body.task_id}")
+        if vm.permissions is None:
+            raise HTTPException(404, "this task's permission requests are not answered by people")
+        answering = vm.permissions.answer(request_id, body.option_id)
+        if answering in ANSWER_REFUSALS:
+            raise HTTPException(*ANSWER_REFUSALS[answering])
+        return {"request_id": request_id, "option_id": body.option_id, "answered_now": answering == "answered"}
 
     return app

@@ -1,5 +1,5 @@
 """What an ACP agent may ask of its client during a run: its workspace's files, terminals in its
-sandbox, and permissions, answered by the task's permission policy.
+sandbox, and permissions, answered by the task's permission policy (`auto`, or a person: `ask`).
 
 Every refusal is an ACP error (`RequestError`) whose message says why, so the agent (and whoever
 reads its transcript) sees it; nothing here lets the agent reach past its workspace and sandbox.
@@ -31,6 +31,7 @@ from acp.schema import (
 
 from events import PermissionAnswered
 from vm_agent.domain import TurnEvent
+from vm_agent.permissions import PermissionDesk
 from vm_agent.terminals import Terminals, UnknownTerminal
 from vm_agent.turn_events import permission_requested
 from vm_agent.workspace_files import OutsideWorkspace, WorkspaceFiles
@@ -46,13 +47,21 @@ def choose_allow_once(options: Sequence[PermissionOption]) -> PermissionOption |
     return next((option for option in options if option.kind == "allow_once"), None)
 
 
+def choose_reject(options: Sequence[PermissionOption]) -> PermissionOption | None:
+    """What a request nobody answered gets: rejected once (else the request is cancelled)."""
+    return next((option for option in options if option.kind == "reject_once"), None)
+
+
 class ClientRequests:
     """Serves one agent run's requests; `record` puts an event in the turn's ordered stream."""
 
-    def __init__(self, files: WorkspaceFiles, terminals: Terminals | None, record: Callable[[TurnEvent], None]) -> None:
+    def __init__(self, files: WorkspaceFiles, terminals: Terminals | None, record: Callable[[TurnEvent], None],
+                 permissions: PermissionDesk | None = None) -> None:
         self.files = files
         self.terminals = terminals
         self._record = record
+        self._permissions = permissions
+        """None: the `auto` policy; else the `ask` policy, a person answers through this desk."""
         self._permission_ids = itertools.count(1)
 
     async def read_text_file(self, path: str, line: int | None = None, limit: int | None = None) -> ReadTextFileResponse:
@@ -75,8 +84,11 @@ class ClientRequests:
         return WriteTextFileResponse()
 
     async def request_permission(self, tool_call: Any, options: list[PermissionOption]) -> RequestPermissionResponse:
-        """Answered by the `auto` policy; the request and its answer are both recorded."""
+        """Answered by the task's policy (`auto`, or a person under `ask`); the request and its
+        answer are both recorded."""
         request_id = str(next(self._permission_ids))
+        if self._permissions is not None:
+            return await self._ask_a_person(request_id, tool_call, options)
         self._record(permission_requested(request_id, tool_call, options))
         choice = choose_allow_once(options)
         if choice is None:
@@ -86,6 +98,21 @@ class ClientRequests:
         self._record(PermissionAnswered(request_id=request_id, option_id=choice.option_id, outcome="selected",
                                         by=AUTO_POLICY))
         return RequestPermissionResponse(outcome=AllowedOutcome(outcome="selected", option_id=choice.option_id))
+
+    async def _ask_a_person(self, request_id: str, tool_call: Any,
+                            options: list[PermissionOption]) -> RequestPermissionResponse:
+        """Wait (on a future, never blocking the loop) for a person's answer or the timeout."""
+        assert self._permissions is not None
+        self._permissions.open(request_id, [option.option_id for option in options])
+        self._record(permission_requested(request_id, tool_call, options))
+        reject = choose_reject(options)
+        decision = await self._permissions.decision(request_id, reject_option=reject.option_id if reject else None)
+        outcome = "selected" if decision.option_id is not None else "cancelled"
+        self._record(PermissionAnswered(request_id=request_id, option_id=decision.option_id, outcome=outcome,
+                                        by=decision.by, reason=decision.reason))
+        if decision.option_id is None:
+            return RequestPermissionResponse(outcome=DeniedOutcome(outcome="cancelled"))
+        return RequestPermissionResponse(outcome=AllowedOutcome(outcome="selected", option_id=decision.option_id))
 
     async def create_terminal(
         self, command: str, args: list[str] | None = None, env: list[EnvVariable] | None = None,

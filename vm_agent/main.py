@@ -90,7 +90,8 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
     sandbox = Sandbox.from_setting(settings.sandbox, hidden=(settings.data_dir, args.state_dir),
                                    readable=(settings.agents_root,))
     launcher = AgentLauncher(sandbox, home=args.state_dir / "home", agents_dir=settings.agents_root)
-    vm_agent = VmAgent(token, connect, settings.faults, launcher, warm_backend=args.warm_agent)
+    vm_agent = VmAgent(token, connect, settings.faults, launcher, warm_backend=args.warm_agent,
+                       permission_timeout_s=settings.permission_timeout_s)
     if args.warm_agent:
         # Start the agent now: its start-up (seconds for some) is off the task's path.
         workspace = args.workspace or args.state_dir / "workspace"

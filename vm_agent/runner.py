@@ -13,6 +13,7 @@ from vm_agent.acp_session import AgentProcess, AgentStartError, WorkspaceAccess
 from vm_agent.backends import Backend
 from vm_agent.domain import Session, TurnEvent
 from vm_agent.gitops import PushAccess, PushError, commit_and_push
+from vm_agent.permissions import PermissionDesk
 from vm_agent.sandbox import WORKSPACE_VIEW, AgentLaunch, Sandbox, SandboxUnavailable
 from vm_agent.workspace_files import WorkspaceFiles
 
@@ -82,6 +83,7 @@ class SessionRunner:
         launcher: AgentLauncher,
         push_access: PushAccess,
         warm_agent: Awaitable[AgentProcess] | None = None,
+        permissions: PermissionDesk | None = None,
     ) -> None:
         self.store = store
         self.session = session
@@ -92,6 +94,7 @@ class SessionRunner:
         self.launcher = launcher
         self.push_access = push_access
         self.warm_agent = warm_agent
+        self.permissions = permissions
         self._flush: asyncio.TimerHandle | None = None
         self._unsaved_outputs = 0
 
@@ -160,8 +163,11 @@ class SessionRunner:
                 result = await agent.run_prompt(
                     cwd=self.workspace, prompt=self.prompt, sink=self,
                     deliver_prompt="prompt_delivery" not in self.faults,
-                    access=self.launcher.access(self.backend, workspace=self.workspace))
+                    access=replace(self.launcher.access(self.backend, workspace=self.workspace),
+                                   permissions=self.permissions))
             finally:
+                if self.permissions is not None:
+                    self.permissions.close()
                 await agent.close()  # The agent and its whole process group (or sandbox) are gone.
         except AgentStartError as error:
             self._fail(f"agent {self.backend.name!r} could not start: {error}")

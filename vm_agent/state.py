@@ -17,6 +17,7 @@ from services.runtime.store import ServiceStore, sqlite_env
 from vm_agent.acp_session import AgentProcess
 from vm_agent.domain import Session
 from vm_agent.gitops import PushAccess
+from vm_agent.permissions import DEFAULT_TIMEOUT_S, PermissionDesk
 from vm_agent.runner import AgentLauncher
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ class VmAgent:
     assigned: Assigned | None = None
     runs: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     publisher: BatchPublisher | None = None
+    permission_timeout_s: float = DEFAULT_TIMEOUT_S
+    permissions: PermissionDesk | None = None
+    """The session's open permission requests, when its task's policy is `ask`."""
 
     @property
     def token(self) -> str:

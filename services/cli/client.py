@@ -72,9 +72,18 @@ class BatonClient:
             raise ApiError(f"{response.status_code}: {detail}")
         return response.json()
 
-    def submit(self, *, repo: str, prompt: str, agent: str, base_branch: str | None) -> dict:
-        body = {"repo": repo, "prompt": prompt, "agent": agent, "base_branch": base_branch}
+    def submit(self, *, repo: str, prompt: str, agent: str, base_branch: str | None,
+               permission_policy: str = "auto") -> dict:
+        body = {"repo": repo, "prompt": prompt, "agent": agent, "base_branch": base_branch,
+                "permission_policy": permission_policy}
         return self._json(self._http.post("/api/tasks", json=body))
+
+    def permissions(self, task_id: str) -> list[dict]:
+        return self._json(self._http.get(f"/api/tasks/{task_id}/permissions"))["permissions"]
+
+    def answer_permission(self, task_id: str, request_id: str, option_id: str) -> dict:
+        response = self._http.post(f"/api/tasks/{task_id}/permissions/{request_id}", json={"option_id": option_id})
+        return self._json(response)
 
     def task(self, task_id: str) -> dict:
         return self._json(self._http.get(f"/api/tasks/{task_id}"))

@@ -26,7 +26,8 @@ def conversation_lines(kind: str, data: dict, titles: dict[str, str]) -> list[st
         return [f"[dim]? permission asked: {escape(data['title'])}[/]"]
     if kind == "PermissionAnswered":
         answer = f"option {data['option_id']}" if data["outcome"] == "selected" else "cancelled"
-        return [f"[dim]  answered {escape(answer)} by {escape(data['by'])}[/]"]
+        reason = f": {data['reason']}" if data.get("reason") else ""
+        return [f"[dim]  answered {escape(answer)} by {escape(data['by'])}{escape(reason)}[/]"]
     return []
 
 

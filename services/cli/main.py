@@ -27,6 +27,7 @@ from services.cli.audit import audit_app
 from services.cli.client import ApiError, ApiToken, BatonClient, TokenOption, find_api_token
 from services.cli.follow import follow_task, render_event
 from services.cli.nats_config import nats_config
+from services.cli.permissions import permissions
 from services.cli.supervisor import (
     SERVICE_NAMES,
     SERVICE_STOP_GRACE_S,
@@ -51,6 +52,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(agents_app, name="agents")
 app.add_typer(secrets_app, name="secrets")
 app.command("nats-config")(nats_config)
+app.command("permissions")(permissions)
 
 
 @app.callback()
@@ -341,6 +343,9 @@ def submit(
     repo: Annotated[str, typer.Option(help="git URL or path of the repository")],
     agent: Annotated[str, typer.Option(help="an agent from GET /api/backends")] = "shell",
     base_branch: Annotated[Optional[str], typer.Option(help="branch to start from")] = None,
+    permission_policy: Annotated[str, typer.Option(
+        "--permissions", help="auto: the agent's permission requests are allowed once; ask: you answer "
+                              "each (baton permissions)")] = "auto",
     follow: Annotated[bool, typer.Option(help="follow the task live until it ends")] = True,
     api: ApiOption = DEFAULT_API,
     token: TokenOption = None,
@@ -348,7 +353,8 @@ def submit(
     """Submit a task, print its id, and follow it to the end (exit code 1 if it fails)."""
     client = BatonClient(api, find_api_token(token))
     try:
-        task = client.submit(repo=repo, prompt=prompt, agent=agent, base_branch=base_branch)
+        task = client.submit(repo=repo, prompt=prompt, agent=agent, base_branch=base_branch,
+                             permission_policy=permission_policy)
         if not follow:
             console.print(task["task_id"])
             return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from eventsourcing.domain import event
 
-from events import TaskSubmitted
+from events import PermissionAnswerGiven, TaskSubmitted
 from services.runtime.store import TaskAggregate
 
 
@@ -14,11 +14,18 @@ class Submission(TaskAggregate):
         super().__init__(task_id)
         self.submitted: TaskSubmitted | None = None
         self.submitted_at: str | None = None
+        self.permission_answers: dict[str, str] = {}
+        """request id → the option a person chose (each request is answered once)."""
 
     def submit(self, submitted: TaskSubmitted, *, actor: str) -> None:
         self.emit(submitted, actor=actor)
+
+    def answer_permission(self, request_id: str, option_id: str, *, actor: str) -> None:
+        self.emit(PermissionAnswerGiven(request_id=request_id, option_id=option_id), actor=actor)
 
     def apply(self, envelope) -> None:
         if envelope.type == TaskSubmitted.type:
             self.submitted = TaskSubmitted.model_validate(envelope.data)
             self.submitted_at = envelope.occurred_at.isoformat()
+        elif envelope.type == PermissionAnswerGiven.type:
+            self.permission_answers[envelope.data["request_id"]] = envelope.data["option_id"]

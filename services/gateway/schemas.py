@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -21,6 +21,8 @@ class TaskCreate(BaseModel):
     )
     agent: str = Field(default="shell", min_length=1, description="a name from GET /api/backends")
     base_branch: str | None = Field(default=None, max_length=250)
+    permission_policy: Literal["auto", "ask"] = Field(
+        default="auto", description="auto: the agent's permission requests are allowed once; ask: a person answers each")
 
     @field_validator("repo", "prompt", "agent", "base_branch")
     @classmethod
@@ -74,6 +76,9 @@ class TaskPublic(BaseModel):
     last_event: str | None = None
     gaps: list[dict[str, Any]] = Field(default_factory=list)
     """Handoffs that were overdue: `{"expected", "after", "waited_s", "recovered"}`."""
+    permission_policy: str | None = None
+    waiting_for: str | None = None
+    """`"person"` while a permission request waits for an answer, else null."""
 
 
 class TaskEvents(BaseModel):

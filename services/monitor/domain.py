@@ -6,7 +6,7 @@ timers are rebuilt from the store after a restart and fire on time.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from eventsourcing.domain import event
 
@@ -33,6 +33,36 @@ class Watch(TaskAggregate):
         self.overdue: dict[str, str] = {}  # expected → after, while not recovered
         self.stalled_at_seq: int | None = None
         self.last_seq = 0
+        self.asked: dict[str, str] = {}  # open permission request → when it was asked
+        self.answered: set[str] = set()
+        self.person_waits: list[tuple[str, float]] = []  # (asked at, seconds) of each answered request
+
+    @property
+    def waiting_for_person(self) -> bool:
+        """A permission request is open: the agent waits for a person, it is not stalled."""
+        return bool(self.asked)
+
+    def deadline_start(self, event_type: str) -> datetime | None:
+        """When `event_type` was seen, moved on by the time spent waiting for a person since (None
+        while a person is asked): a deadline counts the flow's own time, not the person's."""
+        seen = self.seen_at(event_type)
+        if seen is None or any(datetime.fromisoformat(at) >= seen for at in self.asked.values()):
+            return None  # Waiting for a person now: the deadline's clock is stopped.
+        waited = sum(s for at, s in self.person_waits if datetime.fromisoformat(at) >= seen)
+        return seen + timedelta(seconds=waited)
+
+    @event("PersonAsked")
+    def person_asked(self, request_id: str, at: str) -> None:
+        if request_id not in self.answered:  # An answer may be folded before its request.
+            self.asked[request_id] = at
+
+    @event("PersonAnswered")
+    def person_answered(self, request_id: str, at: str) -> None:
+        self.answered.add(request_id)
+        asked_at = self.asked.pop(request_id, None)
+        if asked_at is not None:
+            waited = (datetime.fromisoformat(at) - datetime.fromisoformat(asked_at)).total_seconds()
+            self.person_waits.append((asked_at, max(waited, 0.0)))
 
     @property
     def ended(self) -> bool:

@@ -67,6 +67,7 @@ class Monitor:
         watch = self.watch_for(envelope.task_id)
         if envelope.type in ACTIVITY_TYPES:
             self.last_output_at[envelope.task_id] = envelope.occurred_at
+            _note_person(watch, envelope)
             return watch
         if envelope.type == "AgentOutput":
             self.last_output_at[envelope.task_id] = envelope.occurred_at
@@ -91,7 +92,7 @@ class Monitor:
         for watch in list(self.watches.values()):
             changed = False
             for deadline in self.deadlines:
-                started = watch.seen_at(deadline.after)
+                started = watch.deadline_start(deadline.after)
                 if (started and deadline.expected not in watch.seen and deadline.expected not in watch.overdue
                         and (now - started).total_seconds() > deadline.seconds):
                     watch.overdue_step(deadline, now)
@@ -102,6 +103,8 @@ class Monitor:
 
     def _check_stall(self, watch: Watch, now: datetime) -> bool:
         if "PromptDelivered" not in watch.seen or "AgentFinished" in watch.seen or watch.ended:
+            return False
+        if watch.waiting_for_person:
             return False
         if watch.stalled_at_seq == watch.last_seq and "AgentOutput" in watch.overdue:
             return False
@@ -117,5 +120,19 @@ class Monitor:
             self.tick(datetime.now(UTC))
             await asyncio.sleep(interval_s)
 
+    def waiting_for_person(self, task_id: str) -> bool:
+        watch = self.watches.get(task_id)
+        return watch is not None and watch.waiting_for_person
+
     def subscriptions(self) -> list[Subscription]:
         return [Subscription(event_type, self.on_event, self.on_batch) for event_type in WATCHED_TYPES]
+
+
+def _note_person(watch: Watch, envelope: Envelope) -> None:
+    """A permission request a person must answer opens a wait; its answer closes it (under the
+    `auto` policy the two come together and the wait is nil)."""
+    request_id = envelope.data.get("request_id")
+    if envelope.type == "PermissionRequested":
+        watch.person_asked(request_id, envelope.occurred_at.isoformat())
+    elif envelope.type == "PermissionAnswered":
+        watch.person_answered(request_id, envelope.occurred_at.isoformat())

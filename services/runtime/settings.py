@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     """Override flow deadlines: `"PromptDelivered=30,AgentOutput=120"` (seconds, by awaited event)."""
     stall_after_s: float = Field(default=300.0, gt=0)
     """A running agent silent this long is reported as AgentStalled."""
+    permission_timeout_s: float = Field(default=600.0, gt=0)
+    """Under the `ask` policy, a permission request nobody answered this long is rejected."""
     overdue_backoff_s: Annotated[tuple[float, ...], NoDecode] = (1.0, 2.0, 4.0)
     """After StepOverdue the task runner retries (or waits) at these intervals, then fails the task."""
 

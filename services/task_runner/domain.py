@@ -15,9 +15,11 @@ class Task(TaskAggregate):
 
     @event("Accepted")
     def __init__(
-        self, task_id: str, repo: str, prompt: str, agent: str, base_branch: str | None
+        self, task_id: str, repo: str, prompt: str, agent: str, base_branch: str | None,
+        permission_policy: str = "auto",
     ) -> None:
         super().__init__(task_id)
+        self.permission_policy = permission_policy
         self.repo = repo
         self.prompt = prompt
         self.agent = agent

@@ -15,6 +15,7 @@ from events import (
     AgentSessionStarted,
     BranchPushed,
     Envelope,
+    PermissionAnswerGiven,
     PromptDelivered,
     SessionFailed,
     StepOverdue,
@@ -61,7 +62,8 @@ class TaskRunnerHandlers:
         submitted = parse_event(envelope)
         assert isinstance(submitted, TaskSubmitted)
         task = Task(
-            envelope.task_id, submitted.repo, submitted.prompt, submitted.agent, submitted.base_branch
+            envelope.task_id, submitted.repo, submitted.prompt, submitted.agent, submitted.base_branch,
+            submitted.permission_policy,
         )
         task.request_workspace(cause=envelope.event_id)
         self.store.save_processed(tracking, task)
@@ -82,6 +84,7 @@ class TaskRunnerHandlers:
                 attempt_id=attempt_id,
                 causation_id=envelope.event_id,
                 token_expires_at=ready.credential_expires_at,
+                permission_policy=task.permission_policy,
             )
         except AgentStartRefused as error:
             # A redelivered WorkspaceReady may find the vm_agent done and gone: the stream
@@ -161,10 +164,24 @@ class TaskRunnerHandlers:
             await self.starter.start_agent_with_prompt(
                 task.vm_agent_url, task_id=task.task_id, agent=task.agent, prompt=task.prompt,
                 attempt_id=task.attempt_id, causation_id=cause,
-                token_expires_at=task.vm_agent_token_expires_at,
+                token_expires_at=task.vm_agent_token_expires_at, permission_policy=task.permission_policy,
             )
         except AgentStartRefused as error:
             log.warning("retrying the start of %s: %s", task.task_id, error)
+
+    async def on_permission_answer_given(self, envelope: Envelope, tracking: Tracking) -> None:
+        """Hand a person's answer to the task's vm_agent (which records PermissionAnswered)."""
+        task = self._task(envelope)
+        given = parse_event(envelope)
+        assert isinstance(given, PermissionAnswerGiven)
+        if task is None or task.is_over or task.vm_agent_url is None:
+            return
+        try:
+            await self.starter.answer_permission(
+                task.vm_agent_url, task_id=task.task_id, request_id=given.request_id,
+                option_id=given.option_id, token_expires_at=task.vm_agent_token_expires_at)
+        except AgentStartRefused as error:  # Timed out meanwhile, or the run is over: on the record.
+            log.warning("answer to permission %s of %s not taken: %s", given.request_id, task.task_id, error)
 
     async def _fail(self, envelope: Envelope, tracking: Tracking, reason: str) -> None:
         task = self._task(envelope)
@@ -182,4 +199,5 @@ class TaskRunnerHandlers:
             AgentFinished.type: self.on_agent_finished,
             BranchPushed.type: self.on_branch_pushed,
             StepOverdue.type: self.on_step_overdue,
+            PermissionAnswerGiven.type: self.on_permission_answer_given,
         }

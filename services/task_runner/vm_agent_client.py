@@ -17,7 +17,12 @@ class AgentStartRefused(Exception):
 class AgentStarter(Protocol):
     async def start_agent_with_prompt(
         self, vm_agent_url: str, *, task_id: str, agent: str, prompt: str, attempt_id: str,
-        causation_id: str, token_expires_at: float | None = None,
+        causation_id: str, token_expires_at: float | None = None, permission_policy: str = "auto",
+    ) -> None: ...
+
+    async def answer_permission(
+        self, vm_agent_url: str, *, task_id: str, request_id: str, option_id: str,
+        token_expires_at: float | None = None,
     ) -> None: ...
 
 
@@ -34,11 +39,11 @@ class VmAgentClient:
 
     async def start_agent_with_prompt(
         self, vm_agent_url: str, *, task_id: str, agent: str, prompt: str, attempt_id: str,
-        causation_id: str, token_expires_at: float | None = None,
+        causation_id: str, token_expires_at: float | None = None, permission_policy: str = "auto",
     ) -> None:
         body = {
             "task_id": task_id, "agent": agent, "initial_prompt": prompt,
-            "attempt_id": attempt_id, "causation_id": causation_id,
+            "attempt_id": attempt_id, "causation_id": causation_id, "permission_policy": permission_policy,
         }
         headers = {"Authorization": f"Bearer {vm_agent_token(self._secret, task_id, token_expires_at)}"}
         for attempt in range(1, self._attempts + 1):
@@ -54,6 +59,21 @@ class VmAgentClient:
             raise AgentStartRefused(
                 f"vm_agent refused to start the agent ({response.status_code}): {response.text[:500]}"
             )
+
+    async def answer_permission(
+        self, vm_agent_url: str, *, task_id: str, request_id: str, option_id: str,
+        token_expires_at: float | None = None,
+    ) -> None:
+        """`POST /permissions/{request_id}`: hand a person's answer to the waiting agent (idempotent
+        per request); raises AgentStartRefused saying why it was not taken."""
+        headers = {"Authorization": f"Bearer {vm_agent_token(self._secret, task_id, token_expires_at)}"}
+        body = {"task_id": task_id, "option_id": option_id}
+        try:
+            response = await self._http.post(f"{vm_agent_url}/permissions/{request_id}", json=body, headers=headers)
+        except httpx.TransportError as error:
+            raise AgentStartRefused(f"vm_agent at {vm_agent_url} unreachable: {error!r}") from error
+        if response.status_code != 200:
+            raise AgentStartRefused(f"vm_agent refused the answer ({response.status_code}): {response.text[:500]}")
 
     async def aclose(self) -> None:
         await self._http.aclose()

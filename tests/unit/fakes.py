@@ -63,6 +63,11 @@ class FakeStarter:
         if self.refuse_with is not None:
             raise AgentStartRefused(self.refuse_with)
 
+    async def answer_permission(self, vm_agent_url: str, **kwargs: Any) -> None:
+        self.calls.append({"answer_to": vm_agent_url, **kwargs})
+        if self.refuse_with is not None:
+            raise AgentStartRefused(self.refuse_with)
+
 
 @dataclass
 class FakeMsg:

@@ -77,7 +77,7 @@ def test_a_task_id_of_64_token_characters_is_accepted():
 
 
 def test_every_event_class_in_the_catalog_has_a_docstring_and_its_own_name_as_type():
-    assert len(EVENT_TYPES) == 21
+    assert len(EVENT_TYPES) == 22
     for name, cls in EVENT_TYPES.items():
         assert cls.__doc__ and cls.__doc__.strip(), f"{name} has no docstring"
         assert cls.type == name == cls.__name__
@@ -95,7 +95,8 @@ def test_envelope_for_then_parse_event_gives_back_the_same_event():
     assert envelope.actor == "user:ann"
     assert envelope.causation_id == "c9"
     assert envelope.data == {
-        "repo": "file:///r", "prompt": "do it", "agent": "shell", "base_branch": "dev"
+        "repo": "file:///r", "prompt": "do it", "agent": "shell", "base_branch": "dev",
+        "permission_policy": "auto",
     }
     assert parse_event(envelope) == event
     assert parse_event(Envelope.from_json(envelope.to_json())) == event
@@ -127,3 +128,9 @@ def test_agent_output_seq_one_and_a_known_stream_are_accepted():
     assert AgentOutput(seq=1, stream="tool", text="x").seq == 1
     with pytest.raises(ValidationError):
         AgentOutput(seq=1, stream="stdlog", text="x")
+
+
+def test_a_task_submitted_before_permission_policies_existed_is_still_valid_and_auto():
+    envelope = Envelope(type="TaskSubmitted", task_id="t1", actor="user",
+                        data={"repo": "file:///r", "prompt": "p", "agent": "shell", "base_branch": None})
+    assert parse_event(envelope).permission_policy == "auto"

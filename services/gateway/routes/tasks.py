@@ -38,7 +38,8 @@ def submit_task(body: TaskCreate, gateway: GatewayDep) -> TaskPublic:
     submission = Submission(new_task_id())
     repo = _checked_repo(body.repo, gateway)
     submitted = TaskSubmitted(
-        repo=repo.url, prompt=body.prompt, agent=body.agent, base_branch=body.base_branch
+        repo=repo.url, prompt=body.prompt, agent=body.agent, base_branch=body.base_branch,
+        permission_policy=body.permission_policy,
     )
     _refuse_what_the_bus_cannot_carry(gateway, submission.task_id, submitted)
     submission.submit(submitted, actor="user")
@@ -124,6 +125,7 @@ def _from_submission(submission: Submission) -> TaskPublic:
         agent=submitted.agent,
         prompt=submitted.prompt,
         base_branch=submitted.base_branch,
+        permission_policy=submitted.permission_policy,
         created_at=submission.submitted_at,
         updated_at=submission.submitted_at,
         last_event=TaskSubmitted.type,

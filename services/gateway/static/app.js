@@ -191,7 +191,9 @@ async function boardPage(app) {
   }
   render();
   // The board has no stream position to resume from, so replay the stream (forward-only states).
-  follow(`/api/stream?exclude=${["AgentOutput", ...CONVERSATION_TYPES].join(",")}`, (event) => {
+  // Permission requests stay in: a task whose agent waits for a person says so.
+  const quiet = ["AgentOutput", ...CONVERSATION_TYPES].filter((type) => !type.startsWith("Permission"));
+  follow(`/api/stream?exclude=${quiet.join(",")}`, (event) => {
     if (!tasks.has(event.task_id)) tasks.set(event.task_id, { task_id: event.task_id });
     fold(tasks.get(event.task_id), event);
     render();
@@ -201,11 +203,14 @@ async function boardPage(app) {
 function fold(task, event) {
   const data = event.data || {};
   if (event.type === "TaskSubmitted") {
-    for (const key of ["repo", "prompt", "agent", "base_branch"]) task[key] = data[key];
+    for (const key of ["repo", "prompt", "agent", "base_branch", "permission_policy"]) task[key] = data[key];
     task.created_at = task.created_at || event.occurred_at;
   }
   if (event.type === "BranchPushed" || event.type === "TaskCompleted") Object.assign(task, { branch: data.branch, commit: data.commit });
   if (event.type === "TaskFailed") task.reason = data.reason;
+  if (event.type === "PermissionRequested") (task.asked ||= new Set()).add(data.request_id);
+  if (event.type === "PermissionAnswered") task.asked?.delete(data.request_id);
+  if (task.asked) task.waiting_for = task.asked.size ? "person" : null;
   if (GAPS.has(event.type)) (task.open_gaps ||= new Set()).add(data.expected || "AgentOutput");
   if (event.type === "StepRecovered") task.open_gaps?.delete(data.expected);
   const state = STATE_OF[event.type];
@@ -220,6 +225,7 @@ function card(task) {
     h("div", { class: "card-top" }, h("code", {}, task.task_id), task.agent && h("span", { class: "chip" }, task.agent)),
     h("p", { class: "card-prompt" }, firstLine(task.prompt) || "(no prompt)"),
     task.state === "failed" && task.reason && h("p", { class: "card-reason", title: task.reason }, task.reason),
+    RANK[task.state] < 3 && task.waiting_for === "person" && h("p", { class: "card-waiting" }, "✋ waiting for you: a permission request"),
     RANK[task.state] < 3 && task.open_gaps?.size > 0 && h("p", { class: "card-gap" }, `⚠ overdue: ${[...task.open_gaps].join(", ")}`),
     task.state === "completed" && task.branch && h("p", { class: "card-branch" }, "⎇ ", h("code", {}, task.branch)),
     h("div", { class: "card-meta" }, h("span", { title: task.repo || "" }, repo || ""),
@@ -233,11 +239,14 @@ function submitForm() {
   const prompt = h("textarea", { name: "prompt", required: true, rows: "3", placeholder: "What should the agent do? For the shell agent: a bash script." });
   const agent = h("select", { name: "agent", required: true }, h("option", { value: "" }, "loading…"));
   const base = h("input", { name: "base_branch", placeholder: "default branch", autocomplete: "off", spellcheck: "false" });
+  const policy = h("select", { name: "permission_policy" },
+    h("option", { value: "auto" }, "Allow once (auto)"), h("option", { value: "ask" }, "Ask me"));
   const errors = h("div", { class: "form-errors", role: "alert", hidden: true });
   const button = h("button", { type: "submit", class: "primary" }, "Run task");
   const form = h("form", { class: "panel submit", novalidate: true },
     h("h2", {}, "New task"),
     h("div", { class: "form-grid" }, field("Repository", repo), field("Agent", agent), field("Base branch", base, "optional"),
+      field("Permissions", policy, "when the agent asks"),
       field("Prompt", prompt, null, "field-prompt")),
     h("div", { class: "form-foot" }, errors, button));
 
@@ -255,7 +264,8 @@ function submitForm() {
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     for (const control of [repo, prompt, agent]) control.removeAttribute("aria-invalid");
-    const body = { repo: repo.value.trim(), prompt: prompt.value, agent: agent.value, base_branch: base.value.trim() || null };
+    const body = { repo: repo.value.trim(), prompt: prompt.value, agent: agent.value, base_branch: base.value.trim() || null,
+      permission_policy: policy.value };
     const missing = [["repository", repo], ["prompt", prompt], ["agent", agent]].filter(([, c]) => !c.value.trim());
     if (missing.length) {
       missing.forEach(([, c]) => c.setAttribute("aria-invalid", "true"));
@@ -295,6 +305,26 @@ function describeError(status, detail, form) {
 
 // ---- a task's page ----------------------------------------------------------------------------
 
+/** Answers to the task's permission requests, when its policy is `ask`: send() resolves to null
+ *  once recorded, else to what the gateway said (e.g. it timed out meanwhile). */
+function answersFor(task) {
+  return {
+    enabled: () => task.permission_policy === "ask",
+    send: async (requestId, optionId) => {
+      const path = `/api/tasks/${encodeURIComponent(task.task_id)}/permissions/${encodeURIComponent(requestId)}`;
+      try {
+        const response = await api(path, { method: "POST", headers: { "content-type": "application/json" },
+          body: JSON.stringify({ option_id: optionId }) });
+        if (response.ok) return null;
+        const body = await response.json().catch(() => ({}));
+        return typeof body.detail === "string" ? body.detail : `the gateway answered ${response.status}`;
+      } catch (error) {
+        return error instanceof LoginNeeded ? "not logged in" : `could not reach the gateway: ${error.message}`;
+      }
+    },
+  };
+}
+
 async function taskPage(app, id) {
   document.title = `Task ${id} · Baton`;
   const state = h("span", { id: "state" }, badge(""));
@@ -307,7 +337,8 @@ async function taskPage(app, id) {
   const outputCount = h("span", { class: "count" }, "0 lines");
   const plan = h("section", { class: "plan", id: "plan", hidden: true });
   const usage = h("span", { class: "usage", id: "usage", title: "Tokens and cost the agent reported", hidden: true });
-  const talk = conversation(output, plan, usage, h);
+  const task = { task_id: id };
+  const talk = conversation(output, plan, usage, h, answersFor(task));
   const rows = {};
   for (const type of FLOW) {
     rows[type] = h("li", { class: "step pending", "data-step": type },
@@ -324,7 +355,6 @@ async function taskPage(app, id) {
       h("section", { class: "panel" }, h("h2", {}, "Flow"), timeline),
       h("section", { class: "panel output-panel" }, h("h2", {}, "Agent output", outputCount), plan, output)));
 
-  const task = { task_id: id };
   let response;
   try {
     response = await api(`/api/tasks/${encodeURIComponent(id)}`);

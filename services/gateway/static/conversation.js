@@ -10,8 +10,9 @@ const CONTEXT = 3; // unchanged lines shown around a change
 const MAX_LCS_CELLS = 400_000; // bigger changes are shown as all removed, then all added
 
 /** Renders into `root` (the scrolled conversation), `plan` (the plan box) and `usage` (tokens/cost);
- *  `h` is the page's element helper. Returns {output(data), event(event)}. */
-export function conversation(root, plan, usage, h) {
+ *  `h` is the page's element helper; `answers` ({enabled(), send(requestId, optionId)}), if given,
+ *  puts a button per option next to an open permission request. Returns {output(data), event(event)}. */
+export function conversation(root, plan, usage, h, answers = null) {
   let block = null; // the block consecutive lines of one kind go into: {group, body}
   const calls = new Map(); // tool_call_id -> its card's parts
   const asked = new Map(); // permission request_id -> {call: tool_call_id, options}
@@ -78,6 +79,7 @@ export function conversation(root, plan, usage, h) {
       const parts = card(call);
       parts.permission.hidden = false;
       parts.permission.textContent = `Permission asked: ${d.title}`;
+      if (answers?.enabled()) parts.permission.append(answerButtons(d, answers, h));
       return;
     }
     const request = asked.get(d.request_id);
@@ -117,6 +119,23 @@ export function conversation(root, plan, usage, h) {
     else permission(ev);
   };
   return { output, event };
+}
+
+/** A person's answer to an open permission request: one button per option the agent offered. */
+function answerButtons(request, answers, h) {
+  const note = h("span", { class: "permission-note" }, " waiting for you: ");
+  const buttons = (request.options || []).map((option) => {
+    const button = h("button", { type: "button", class: `permission-option option-${option.kind}`,
+      "data-option-id": option.option_id }, option.name || option.option_id);
+    button.addEventListener("click", async () => {
+      buttons.forEach((b) => { b.disabled = true; });
+      const problem = await answers.send(request.request_id, option.option_id);
+      note.textContent = problem ? ` ${problem} ` : ` answered “${option.name || option.option_id}”, the agent goes on… `;
+      if (problem) buttons.forEach((b) => { b.disabled = false; });
+    });
+    return button;
+  });
+  return h("div", { class: "permission-answer", "data-request-id": request.request_id }, note, ...buttons);
 }
 
 /** A file's change as a unified diff: hunks of changed lines with CONTEXT lines around them. */
