@@ -52,6 +52,19 @@ class WorkspaceRequested(BaseEvent, emitter="task-runner"):
     provider: str = "local"
 
 
+class TaskQueued(BaseEvent, emitter="task-runner"):
+    """Emitted by the task runner when a submitted task must wait for a place
+    (BATON_MAX_RUNNING_TASKS tasks already hold one).
+
+    Promises: the task waits, first come first served; `position` was its place in the line
+    when it was queued (1 = next). Its WorkspaceRequested follows as soon as it gets a place, so
+    until then its absence is not a gap. The board shows the current position (`queue_position`).
+    """
+
+    position: int
+    max_running: int
+
+
 class WorkspaceReady(BaseEvent, emitter="provisioner"):
     """Emitted by the provisioner once the repo is cloned and the workspace's vm_agent answers.
 
@@ -305,6 +318,32 @@ class TaskFailed(BaseEvent, emitter="task-runner"):
     reason: str
 
 
+class TaskCancelRequested(BaseEvent, emitter="gateway"):
+    """Emitted by the gateway when a person asks to cancel a task that had not ended (HTTP, CLI or UI).
+
+    Promises: the intent is recorded, with who (`by`); the task runner acts on it: a queued task
+    never starts, a running agent is stopped. TaskCancelled follows, unless the task ended first
+    (a cancel that arrives after the agent's turn ended is too late: the branch is pushed)."""
+
+    by: str
+    reason: str | None = None
+
+
+class TaskCancelled(BaseEvent, emitter="task-runner"):
+    """Emitted by the task runner (the only owner of a task's end): the task was cancelled by `by`.
+
+    Promises: nothing of the task runs any more (a queued task never started; a running agent
+    was sent ACP `session/cancel`, given a short grace, then its process group was ended) and
+    nothing is pushed after it. `pushed` says whether a branch was pushed before the cancel
+    (`branch`, `commit` then name it)."""
+
+    by: str
+    reason: str | None = None
+    pushed: bool = False
+    branch: str | None = None
+    commit: str | None = None
+
+
 class StepOverdue(BaseEvent, emitter="monitor"):
     """Emitted by the flow monitor when a handoff did not happen within its deadline.
 
@@ -339,6 +378,7 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
     cls.type: cls
     for cls in (
         TaskSubmitted,
+        TaskQueued,
         WorkspaceRequested,
         WorkspaceReady,
         WorkspaceFailed,
@@ -357,6 +397,8 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
         SessionFailed,
         TaskCompleted,
         TaskFailed,
+        TaskCancelRequested,
+        TaskCancelled,
         StepOverdue,
         StepRecovered,
         AgentStalled,
@@ -370,7 +412,7 @@ def types_emitted_by(emitter: str) -> frozenset[str]:
     return frozenset(name for name, cls in EVENT_TYPES.items() if cls.emitter == emitter)
 
 
-TERMINAL_TYPES = frozenset({TaskCompleted.type, TaskFailed.type})
+TERMINAL_TYPES = frozenset({TaskCompleted.type, TaskFailed.type, TaskCancelled.type})
 
 
 def envelope_for(

@@ -41,6 +41,11 @@ DEADLINES: tuple[Deadline, ...] = (
 """The flow contract's deadlines, by awaited handoff. AgentFinished has none: agents may work
 long; a silent agent is caught as AgentStalled instead."""
 
+WAITING_FOR: dict[str, str] = {"TaskQueued": "WorkspaceRequested"}
+"""Events saying a task legitimately waits for a handoff, and which: a task queued for a place
+gets its WorkspaceRequested when it gets the place, however long that takes; so no deadline
+runs for that handoff once such an event was seen."""
+
 
 def parse_deadlines(spec: str, base: tuple[Deadline, ...] = DEADLINES) -> tuple[Deadline, ...]:
     """Override deadlines from `"PromptDelivered=30,AgentOutput=120"` (seconds, by awaited event)."""

@@ -35,7 +35,7 @@ def timeline(log: AuditLog, task_id: str) -> dict[str, Any] | None:
         for step in FLOW_CONTRACT if step in first
     ]
     report = check_flow(e["type"] for e in events)
-    ended = next((e for e in reversed(events) if e["type"] in ("TaskCompleted", "TaskFailed")), None)
+    ended = next((e for e in reversed(events) if e["type"] in ("TaskCompleted", "TaskFailed", "TaskCancelled")), None)
     return {
         "task_id": task_id,
         "handoffs": handoffs,

@@ -14,6 +14,7 @@ from projections.sql import TrackedProjection
 # STATE_RANK, so events that reach the projector out of order never move it back.
 STATE_OF = {
     "TaskSubmitted": "queued",
+    "TaskQueued": "queued",
     "WorkspaceRequested": "provisioning",
     "WorkspaceReady": "provisioning",
     "WorkspaceFailed": "provisioning",
@@ -24,13 +25,14 @@ STATE_OF = {
     "BranchPushed": "running",
     "TaskCompleted": "completed",
     "TaskFailed": "failed",
+    "TaskCancelled": "cancelled",
 }
 GAP_TYPES = ("StepOverdue", "StepRecovered", "AgentStalled")
 PERMISSION_TYPES = ("PermissionRequested", "PermissionAnswered")
 PROJECTED_TYPES = (*STATE_OF, *GAP_TYPES, *PERMISSION_TYPES)
 """Every event type the board folds in (AgentOutput is not one: the board has no use for it)."""
 
-STATE_RANK = {"queued": 0, "provisioning": 1, "running": 2, "completed": 3, "failed": 3}
+STATE_RANK = {"queued": 0, "provisioning": 1, "running": 2, "completed": 3, "failed": 3, "cancelled": 3}
 STATES = tuple(STATE_RANK)
 
 _SCHEMA = """
@@ -42,6 +44,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at TEXT, updated_at TEXT, last_event TEXT, gaps TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created_at);
+CREATE TABLE IF NOT EXISTS task_queue (task_id TEXT PRIMARY KEY, queued_seq BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS task_permissions (
     task_id TEXT NOT NULL, request_id TEXT NOT NULL, answered INTEGER NOT NULL,
     PRIMARY KEY (task_id, request_id)
@@ -49,6 +52,8 @@ CREATE TABLE IF NOT EXISTS task_permissions (
 """
 # task_permissions: each permission request and whether it was answered yet (its answer may be
 # folded first: each event type has its own consumer). A task with an open one waits for a person.
+# task_queue: the stream position of each task's TaskQueued. The tasks still `queued` with one,
+# in that order, are the line the task runner serves (it queues and starts in that order).
 
 _COLUMNS = ("task_id", "state", "repo", "agent", "prompt", "base_branch", "branch",
             "commit_sha", "reason", "created_at", "updated_at", "last_event", "gaps")
@@ -86,6 +91,8 @@ def _fields_from(envelope: Envelope) -> dict[str, Any]:
         return {"branch": data["branch"], "commit_sha": data["commit"]}
     if envelope.type in ("TaskFailed",):
         return {"reason": data["reason"]}
+    if envelope.type == "TaskCancelled":
+        return {"reason": f"cancelled by {data['by']}" + (f": {data['reason']}" if data.get("reason") else "")}
     return {}
 
 
@@ -106,11 +113,14 @@ class TaskBoard(TrackedProjection):
             parse_event(envelope)
         rows: dict[str, dict[str, Any]] = {}
         with self._db.transaction() as db:
-            for envelope, _ in items:
+            for envelope, tracking in items:
                 if envelope.task_id not in rows:
                     found = db.execute("SELECT * FROM tasks WHERE task_id = ?", (envelope.task_id,))
                     rows[envelope.task_id] = found[0] if found else {"task_id": envelope.task_id}
                 _fold(rows[envelope.task_id], envelope)
+                if envelope.type == "TaskQueued":
+                    db.execute("INSERT INTO task_queue (task_id, queued_seq) VALUES (?, ?) "
+                               "ON CONFLICT (task_id) DO NOTHING", (envelope.task_id, tracking.notification_id))
                 if envelope.type in PERMISSION_TYPES:
                     _note_permission(db, envelope)
             for row in rows.values():
@@ -121,17 +131,25 @@ class TaskBoard(TrackedProjection):
         rows = self._db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
         if not rows:
             return None
-        return _public(rows[0]) | {"waiting_for": _waiting_for(task_id, self.awaiting_person())}
+        return _public(rows[0], self.queue_positions()) | {"waiting_for": _waiting_for(task_id, self.awaiting_person())}
 
     def list(self, *, limit: int = 500) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,))
+        positions = self.queue_positions()
         awaiting = self.awaiting_person()
-        return [_public(row) | {"waiting_for": _waiting_for(row["task_id"], awaiting)} for row in rows]
+        return [_public(row, positions) | {"waiting_for": _waiting_for(row["task_id"], awaiting)} for row in rows]
 
     def awaiting_person(self) -> set[str]:
         """The tasks with a permission request a person has not answered yet."""
         rows = self._db.execute("SELECT DISTINCT task_id FROM task_permissions WHERE answered = 0")
         return {row["task_id"] for row in rows}
+
+    def queue_positions(self) -> dict[str, int]:
+        """Each task waiting for a place → its place in the line (1 = next)."""
+        rows = self._db.execute(
+            "SELECT q.task_id FROM task_queue q JOIN tasks t ON t.task_id = q.task_id "
+            "WHERE t.state = 'queued' ORDER BY q.queued_seq")
+        return {row["task_id"]: index for index, row in enumerate(rows, start=1)}
 
 
 def _fold(row: dict[str, Any], envelope: Envelope) -> None:
@@ -161,8 +179,9 @@ def _waiting_for(task_id: str, awaiting: set[str]) -> str | None:
     return "person" if task_id in awaiting else None
 
 
-def _public(row: dict[str, Any]) -> dict[str, Any]:
+def _public(row: dict[str, Any], positions: dict[str, int]) -> dict[str, Any]:
     task = dict(row)
+    task["queue_position"] = positions.get(task["task_id"])
     task["commit"] = task.pop("commit_sha")
     task["gaps"] = json.loads(task.get("gaps") or "[]")
     return task

@@ -63,6 +63,13 @@ class PermissionAnswer(BaseModel):
     option_id: str = Field(min_length=1)
 
 
+class SessionCancel(BaseModel):
+    """Stop the agent of `task_id`'s attempt (`agent`: its kind, for a session that never started)."""
+
+    task_id: str
+    agent: str
+
+
 class SessionAccepted(BaseModel):
     task_id: str
     attempt_id: str
@@ -96,6 +103,7 @@ def _repo_credential(body: RepoCredentialBody | None) -> RepoCredential | None:
 def create_app(vm_agent: VmAgent) -> FastAPI:
     app = FastAPI(title="Baton vm_agent")
     app.state.vm_agent = vm_agent
+    runners: dict[str, SessionRunner] = {}
 
     @app.get("/health")
     def health() -> dict:
@@ -145,7 +153,25 @@ def create_app(vm_agent: VmAgent) -> FastAPI:
             push_access=vm.assigned.push_access, permissions=vm.permissions,
         )
         vm.runs[body.attempt_id] = asyncio.get_running_loop().create_task(runner.run())
+        runners[body.attempt_id] = runner
         return SessionAccepted(task_id=body.task_id, attempt_id=body.attempt_id, started_now=True)
+
+    @app.post("/sessions/{attempt_id}/cancel", status_code=202)
+    async def cancel_session(attempt_id: str, body: SessionCancel, vm: VmAgentDep) -> dict:
+        """Stop the agent mid-turn (ACP `session/cancel`, a short grace, then its process group is
+        ended; AgentFinished `cancelled`, nothing pushed). A session that never started ends at once
+        (this vm_agent then exits). 409 once the turn ended by itself (its push follows)."""
+        if vm.assigned is None or body.task_id != vm.assigned.task_id:
+            raise HTTPException(409, f"this vm_agent does not serve task {body.task_id}")
+        existing = vm.session()
+        if existing is None:
+            vm.open_session(attempt_id, body.agent, None).finished("cancelled", None)
+            vm.assigned.store.save(vm.session())
+            return {"task_id": body.task_id, "attempt_id": attempt_id, "agent_ran": False}
+        runner, run = runners.get(existing.attempt_id), vm.runs.get(existing.attempt_id)
+        if existing.attempt_id != attempt_id or runner is None or run is None or not runner.cancel(run):
+            raise HTTPException(409, "too late to cancel: the agent's turn already ended")
+        return {"task_id": body.task_id, "attempt_id": attempt_id, "agent_ran": True}
 
     @app.post("/permissions/{request_id}")
     async def answer_permission(request_id: str, body: PermissionAnswer, vm: VmAgentDep) -> dict:

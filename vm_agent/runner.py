@@ -97,6 +97,20 @@ class SessionRunner:
         self.permissions = permissions
         self._flush: asyncio.TimerHandle | None = None
         self._unsaved_outputs = 0
+        self.turn_over = False
+        """The agent's turn ended by itself: from then on a cancel is too late (the push follows)."""
+        self.cancelling = False
+
+    def cancel(self, run: asyncio.Task[None]) -> bool:
+        """Stop the agent mid-turn (`run` is this runner's task): ACP `session/cancel`, a short
+        grace, then its process group is ended; the session ends AgentFinished `cancelled` and
+        nothing is pushed. False if the turn already ended."""
+        if self.turn_over or self.session.ended:
+            return False
+        if not self.cancelling:
+            self.cancelling = True
+            run.cancel()
+        return True
 
     async def agent_started(self, session_id: str) -> None:
         self.session.started(session_id)
@@ -134,6 +148,13 @@ class SessionRunner:
     async def run(self) -> None:
         try:
             await self._run()
+        except asyncio.CancelledError:
+            if not self.cancelling:
+                raise
+            # The agent and its process group are gone (the turn's finally below closed them).
+            if not self.session.ended:
+                self.session.finished("cancelled", None)
+                self._save()
         except Exception as error:  # Whatever happens, the task must not hang.
             log.exception("session for %s crashed", self.session.task_id)
             self._fail(f"vm_agent error while running the agent: {error!r}")
@@ -165,6 +186,7 @@ class SessionRunner:
                     deliver_prompt="prompt_delivery" not in self.faults,
                     access=replace(self.launcher.access(self.backend, workspace=self.workspace),
                                    permissions=self.permissions))
+                self.turn_over = not self.cancelling
             finally:
                 if self.permissions is not None:
                     self.permissions.close()

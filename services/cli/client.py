@@ -88,6 +88,9 @@ class BatonClient:
     def task(self, task_id: str) -> dict:
         return self._json(self._http.get(f"/api/tasks/{task_id}"))
 
+    def cancel(self, task_id: str, *, reason: str | None = None) -> dict:
+        return self._json(self._http.post(f"/api/tasks/{task_id}/cancel", json={"reason": reason}))
+
     def tasks(self) -> list[dict]:
         return self._json(self._http.get("/api/tasks"))["tasks"]
 

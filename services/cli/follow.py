@@ -48,6 +48,10 @@ def render_event(console: Console, event: dict, started: datetime, pieces: dict[
         "AgentFinished": data.get("stop_reason"),
         "BranchPushed": f"{data.get('branch')} @ {str(data.get('commit'))[:10]}",
         "TaskCompleted": data.get("branch"),
+        "TaskCancelled": f"by {data.get('by')}" + (f": {data['reason']}" if data.get("reason") else "")
+                         + (f" (pushed before: {data.get('branch')})" if data.get("pushed") else " (nothing pushed)"),
+        "TaskQueued": f"waiting for a place: #{data.get('position')} in line "
+                      f"({data.get('max_running')} tasks run at once)",
     }.get(kind) or data.get("reason") or ""
     console.print(f"[dim]{elapsed}[/] {mark} [bold]{kind}[/] [dim]{escape(str(detail))}[/]")
 

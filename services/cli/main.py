@@ -333,6 +333,10 @@ def _follow_and_report(client: BatonClient, task_id: str, *, from_seq: int = 1) 
         console.print(f"[bold green]completed[/]: branch {end['data']['branch']} "
                       f"at {end['data']['commit'][:10]}")
         return True
+    if end["type"] == "TaskCancelled":
+        console.print(f"[bold yellow]cancelled[/] by {end['data']['by']}"
+                      + (f": {end['data']['reason']}" if end["data"].get("reason") else ""))
+        return False
     console.print(f"[bold red]failed[/]: {end['data']['reason']}")
     return False
 
@@ -383,9 +387,10 @@ def watch(
 
 @app.command()
 def tasks(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
-    """The task board."""
+    """The task board (a task waiting for a place shows its place in line: `queued #2`)."""
     table = Table("task", "state", "agent", "repo", "branch / reason", "gaps")
-    colours = {"completed": "green", "failed": "red", "running": "cyan", "provisioning": "blue"}
+    colours = {"completed": "green", "failed": "red", "running": "cyan", "provisioning": "blue",
+               "cancelled": "yellow"}
     try:
         board = BatonClient(api, find_api_token(token)).tasks()
     except (ApiError, httpx.HTTPError) as error:
@@ -398,9 +403,26 @@ def tasks(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
             f"{' (late)' if g['recovered'] else ''}[/]"
             for g in task.get("gaps", [])
         )
-        table.add_row(task["task_id"], f"[{colour}]{task['state']}[/]", task["agent"] or "",
+        state = task["state"] + (f" #{task['queue_position']}" if task.get("queue_position") else "")
+        table.add_row(task["task_id"], f"[{colour}]{state}[/]", task["agent"] or "",
                       task["repo"] or "", task["branch"] or task["reason"] or "", gaps)
     console.print(table)
+
+
+@app.command()
+def cancel(
+    task_id: TaskIdArgument,
+    reason: Annotated[Optional[str], typer.Option(help="why (kept with the cancel)")] = None,
+    api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
+) -> None:
+    """Cancel a task: a queued one never starts, a running agent is stopped; nothing more is pushed."""
+    try:
+        BatonClient(api, find_api_token(token)).cancel(task_id, reason=reason)
+    except (ApiError, httpx.HTTPError) as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2 if "409" not in str(error) else 1) from None
+    console.print(f"task [bold]{task_id}[/]: cancel recorded; it ends [yellow]cancelled[/] within seconds")
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from eventsourcing.domain import event
 
-from events import PermissionAnswerGiven, TaskSubmitted
+from events import PermissionAnswerGiven, TaskCancelRequested, TaskSubmitted
 from services.runtime.store import TaskAggregate
 
 
@@ -16,6 +16,7 @@ class Submission(TaskAggregate):
         self.submitted_at: str | None = None
         self.permission_answers: dict[str, str] = {}
         """request id → the option a person chose (each request is answered once)."""
+        self.cancel_requested = False
 
     def submit(self, submitted: TaskSubmitted, *, actor: str) -> None:
         self.emit(submitted, actor=actor)
@@ -23,9 +24,16 @@ class Submission(TaskAggregate):
     def answer_permission(self, request_id: str, option_id: str, *, actor: str) -> None:
         self.emit(PermissionAnswerGiven(request_id=request_id, option_id=option_id), actor=actor)
 
+    def request_cancel(self, *, by: str, reason: str | None) -> None:
+        """Record a person's wish to cancel the task (once: a repeated cancel records nothing)."""
+        if not self.cancel_requested:
+            self.emit(TaskCancelRequested(by=by, reason=reason), actor=by)
+
     def apply(self, envelope) -> None:
         if envelope.type == TaskSubmitted.type:
             self.submitted = TaskSubmitted.model_validate(envelope.data)
             self.submitted_at = envelope.occurred_at.isoformat()
+        elif envelope.type == TaskCancelRequested.type:
+            self.cancel_requested = True
         elif envelope.type == PermissionAnswerGiven.type:
             self.permission_answers[envelope.data["request_id"]] = envelope.data["option_id"]

@@ -76,6 +76,8 @@ class TaskPublic(BaseModel):
     last_event: str | None = None
     gaps: list[dict[str, Any]] = Field(default_factory=list)
     """Handoffs that were overdue: `{"expected", "after", "waited_s", "recovered"}`."""
+    queue_position: int | None = None
+    """While the task waits for a place (BATON_MAX_RUNNING_TASKS): its place in the line, 1 = next."""
     permission_policy: str | None = None
     waiting_for: str | None = None
     """`"person"` while a permission request waits for an answer, else null."""

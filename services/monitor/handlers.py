@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 from eventsourcing.persistence import Tracking
 
-from events import FLOW_CONTRACT, Deadline, Envelope, TaskFailed
+from events import FLOW_CONTRACT, Deadline, Envelope, TaskCancelled, TaskCancelRequested, TaskFailed
+from events.flow import WAITING_FOR
 from services.monitor.domain import Watch, skipped
 from services.runtime.consumer import Subscription
 from services.runtime.store import ServiceStore
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 ACTIVITY_TYPES = ("ToolCallStarted", "ToolCallUpdated", "PlanUpdated", "UsageRecorded",
                   "PermissionRequested", "PermissionAnswered")
 """What an agent does besides printing: an agent in a long tool call is busy, not stalled."""
-WATCHED_TYPES = (*FLOW_CONTRACT, TaskFailed.type, *ACTIVITY_TYPES)
+WATCHED_TYPES = (*FLOW_CONTRACT, TaskFailed.type, *ACTIVITY_TYPES, *WAITING_FOR,
+                 TaskCancelled.type, TaskCancelRequested.type)
 
 
 class Monitor:
@@ -84,7 +86,8 @@ class Monitor:
     def _name_skipped_steps(self, watch: Watch, *, at: datetime) -> None:
         for deadline in self.deadlines:
             if (deadline.after in watch.seen and deadline.expected not in watch.seen
-                    and deadline.expected not in watch.overdue and skipped(deadline, watch)):
+                    and deadline.expected not in watch.overdue and not _waits_for(watch, deadline.expected)
+                    and skipped(deadline, watch)):
                 watch.overdue_step(deadline, at)
 
     def tick(self, now: datetime) -> None:
@@ -94,6 +97,7 @@ class Monitor:
             for deadline in self.deadlines:
                 started = watch.deadline_start(deadline.after)
                 if (started and deadline.expected not in watch.seen and deadline.expected not in watch.overdue
+                        and not _waits_for(watch, deadline.expected)
                         and (now - started).total_seconds() > deadline.seconds):
                     watch.overdue_step(deadline, now)
                     changed = True
@@ -126,6 +130,12 @@ class Monitor:
 
     def subscriptions(self) -> list[Subscription]:
         return [Subscription(event_type, self.on_event, self.on_batch) for event_type in WATCHED_TYPES]
+
+
+def _waits_for(watch: Watch, expected: str) -> bool:
+    """The task legitimately waits for `expected` (e.g. queued for a place), or a person asked to
+    cancel it (the task runner ends it in seconds, whatever was left undone): no deadline runs."""
+    return TaskCancelRequested.type in watch.seen or any(waiting in watch.seen for waiting, awaited in WAITING_FOR.items() if awaited == expected)
 
 
 def _note_person(watch: Watch, envelope: Envelope) -> None:

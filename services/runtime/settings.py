@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     vm_agent_credential_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     """How long a vm_agent's token and NATS credential stay valid after its workspace is assigned."""
 
+    max_running_tasks: int = Field(default_factory=lambda: default_max_running_tasks(), ge=1)
+    """Tasks that hold a place (workspace and agent) at once; the rest wait `queued`, first come
+    first served. Default: max(2, min(4 per CPU, 1 per GiB of free memory)). An agent's turn
+    mostly waits on its model's API (a real agent's adapter is a Node process of a few hundred
+    MB, plus the tools it runs), so memory bounds it before the CPUs do: 4 per CPU lets agents
+    overlap their waiting, 1 GiB each keeps a full machine out of swap."""
+
     deadlines: str = ""
     """Override flow deadlines: `"PromptDelivered=30,AgentOutput=120"` (seconds, by awaited event)."""
     stall_after_s: float = Field(default=300.0, gt=0)
@@ -160,6 +167,16 @@ class Settings(BaseSettings):
     def api_token_value(self) -> str:
         """The API's bearer token: BATON_API_TOKEN, else `<data dir>/api-token` (created once, 0600)."""
         return self.api_token or read_or_create_secret(self.path("api-token"))
+
+
+def default_max_running_tasks() -> int:
+    """max(2, min(4 per CPU, 1 per GiB of free memory)) on this machine."""
+    cpus = os.cpu_count() or 1
+    try:
+        available_gib = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1024**3
+    except (ValueError, OSError, AttributeError):
+        available_gib = float(cpus * 4)
+    return max(2, min(cpus * 4, int(available_gib)))
 
 
 def ensure_private_dir(path: Path) -> None:

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from eventsourcing.domain import event
 
-from events import Envelope, TaskCompleted, TaskFailed, WorkspaceRequested
+from events import (
+    Envelope,
+    TaskCancelled,
+    TaskCompleted,
+    TaskFailed,
+    TaskQueued,
+    WorkspaceRequested,
+)
 from services.runtime.store import TaskAggregate
 
 ACTOR = "service:task-runner"
 
 
 class Task(TaskAggregate):
-    """queued → provisioning → starting → completed | failed."""
+    """queued → provisioning → starting → completed | failed | cancelled."""
 
     @event("Accepted")
     def __init__(
@@ -28,14 +35,38 @@ class Task(TaskAggregate):
         self.attempt = 0
         self.vm_agent_url: str | None = None
         self.vm_agent_token_expires_at: float | None = None
+        self.cancel_by: str | None = None
+        self.cancel_reason: str | None = None
 
     @property
     def is_over(self) -> bool:
-        return self.state in ("completed", "failed")
+        return self.state in ("completed", "failed", "cancelled")
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.cancel_by is not None
+
+    @event("CancelRequested")
+    def request_cancel(self, by: str, reason: str | None = None) -> None:
+        """Recorded once a person's TaskCancelRequested reached the task runner (the first one counts)."""
+        if self.cancel_by is None:
+            self.cancel_by, self.cancel_reason = by, reason
+
+    def cancel(self, *, cause: str | None, pushed: tuple[str, str] | None = None) -> None:
+        """End the task `cancelled`; `pushed`: the (branch, commit) pushed before the cancel, if any."""
+        if not self.is_over:
+            branch, commit = pushed or (None, None)
+            event = TaskCancelled(by=self.cancel_by or "user", reason=self.cancel_reason,
+                                  pushed=pushed is not None, branch=branch, commit=commit)
+            self.emit(event, actor=ACTOR, causation_id=cause)
 
     @property
     def attempt_id(self) -> str:
         return f"{self.task_id}-a{self.attempt}"
+
+    def wait_for_place(self, *, position: int, max_running: int, cause: str) -> None:
+        """No place is free: the task waits `queued` (RunQueue gives it one later)."""
+        self.emit(TaskQueued(position=position, max_running=max_running), actor=ACTOR, causation_id=cause)
 
     def request_workspace(self, *, cause: str) -> None:
         event = WorkspaceRequested(repo=self.repo, agent=self.agent, base_branch=self.base_branch)
@@ -54,7 +85,11 @@ class Task(TaskAggregate):
             self.emit(TaskCompleted(branch=branch, commit=commit), actor=ACTOR, causation_id=cause)
 
     def fail(self, reason: str, *, cause: str | None) -> None:
-        if not self.is_over:
+        """End the task `failed`; once a person asked to cancel it, whatever stopped it (the
+        agent's cancelled turn included) ends it `cancelled`."""
+        if self.cancel_requested:
+            self.cancel(cause=cause)
+        elif not self.is_over:
             self.emit(TaskFailed(reason=reason), actor=ACTOR, causation_id=cause)
 
     def apply(self, envelope: Envelope) -> None:
@@ -64,3 +99,5 @@ class Task(TaskAggregate):
             self.state = "completed"
         elif envelope.type == TaskFailed.type:
             self.state = "failed"
+        elif envelope.type == TaskCancelled.type:
+            self.state = "cancelled"

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
+from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import Tracking
 
 from events import (
@@ -19,6 +20,7 @@ from events import (
     PromptDelivered,
     SessionFailed,
     StepOverdue,
+    TaskCancelRequested,
     TaskSubmitted,
     WorkspaceFailed,
     WorkspaceReady,
@@ -27,6 +29,7 @@ from events import (
 from services.runtime.consumer import Handler
 from services.runtime.store import ServiceStore
 from services.task_runner.domain import Task
+from services.task_runner.queue import QUEUE_ID, RunQueue
 from services.task_runner.vm_agent_client import AgentStarter, AgentStartRefused
 
 log = logging.getLogger(__name__)
@@ -44,11 +47,48 @@ class TaskRunnerHandlers:
         lookup: EventLookup,
         *,
         overdue_backoff_s: Sequence[float] = (1.0, 2.0, 4.0),
+        max_running: int = 8,
     ) -> None:
         self.store = store
         self.starter = starter
         self.lookup = lookup
         self.overdue_backoff_s = tuple(overdue_backoff_s)
+        self.max_running = max_running
+        self._queue: RunQueue | None = None
+
+    def queue(self) -> RunQueue:
+        """The fair queue, replayed from the store once and kept (this process is its only writer)."""
+        if self._queue is None:
+            try:
+                self._queue = self.store.repository.get(QUEUE_ID)
+            except AggregateNotFoundError:
+                self._queue = RunQueue()
+        return self._queue
+
+    def _save(self, tracking: Tracking, task: Task, *, cause: str) -> None:
+        """Save the task with the consumer position; a task that just ended frees its place,
+        and the next waiting task gets it (its WorkspaceRequested) in the same transaction."""
+        queue, placed = self.queue(), []
+        try:
+            if task.is_over and queue.holds(task.task_id):
+                queue.release(task.task_id)
+                placed = self._fill_places(queue, cause=cause)
+            self.store.save_processed(tracking, task, queue, *placed)
+        except BaseException:
+            self._queue = None  # Not committed: the store, not this copy, says what was decided.
+            raise
+
+    def _fill_places(self, queue: RunQueue, *, cause: str) -> list[Task]:
+        placed = []
+        while (task_id := queue.next_waiting(self.max_running)) is not None:
+            waiting = self.store.get_task_aggregate(Task, task_id)
+            if waiting is None or waiting.is_over:
+                queue.release(task_id)  # Ended while it waited: nothing to start.
+                continue
+            queue.place(task_id)
+            waiting.request_workspace(cause=cause)
+            placed.append(waiting)
+        return placed
 
     def _task(self, envelope: Envelope) -> Task | None:
         task = self.store.get_task_aggregate(Task, envelope.task_id)
@@ -65,8 +105,16 @@ class TaskRunnerHandlers:
             envelope.task_id, submitted.repo, submitted.prompt, submitted.agent, submitted.base_branch,
             submitted.permission_policy,
         )
-        task.request_workspace(cause=envelope.event_id)
-        self.store.save_processed(tracking, task)
+        queue = self.queue()
+        if queue.has_place(self.max_running) and not queue.waiting:
+            queue.place(task.task_id)
+            task.request_workspace(cause=envelope.event_id)
+        else:
+            queue.wait(task.task_id)
+            position = queue.position_of(task.task_id)
+            assert position is not None
+            task.wait_for_place(position=position, max_running=self.max_running, cause=envelope.event_id)
+        self._save(tracking, task, cause=envelope.event_id)
 
     async def on_workspace_ready(self, envelope: Envelope, tracking: Tracking) -> None:
         task = self._task(envelope)
@@ -75,6 +123,11 @@ class TaskRunnerHandlers:
         ready = parse_event(envelope)
         assert isinstance(ready, WorkspaceReady)
         attempt_id = f"{task.task_id}-a{task.attempt + 1}"
+        if task.cancel_requested:  # Cancelled while provisioning: start nothing, let the vm_agent go.
+            await self._cancel_session(task, ready.vm_agent_url, attempt_id, ready.credential_expires_at)
+            task.cancel(cause=envelope.event_id)
+            self._save(tracking, task, cause=envelope.event_id)
+            return
         try:
             await self.starter.start_agent_with_prompt(
                 ready.vm_agent_url,
@@ -95,7 +148,7 @@ class TaskRunnerHandlers:
                 task.agent_start_requested(ready.vm_agent_url, ready.credential_expires_at)
         else:
             task.agent_start_requested(ready.vm_agent_url, ready.credential_expires_at)
-        self.store.save_processed(tracking, task)
+        self._save(tracking, task, cause=envelope.event_id)
 
     async def _attempt_started(self, task_id: str, attempt_id: str) -> bool:
         started = await self.lookup.last_event(task_id, AgentSessionStarted.type)
@@ -132,7 +185,7 @@ class TaskRunnerHandlers:
                       cause=envelope.event_id)
         else:
             task.complete(branch=pushed.branch, commit=pushed.commit, cause=envelope.event_id)
-        self.store.save_processed(tracking, task)
+        self._save(tracking, task, cause=envelope.event_id)
 
     async def _missing_handoffs(self, task_id: str, *, before: str) -> list[str]:
         steps = FLOW_CONTRACT[: FLOW_CONTRACT.index(before)]
@@ -155,7 +208,7 @@ class TaskRunnerHandlers:
         waited_s = overdue.waited_s + sum(self.overdue_backoff_s)
         task.fail(f"{overdue.expected} missing {waited_s:.0f}s after {overdue.after}",
                   cause=envelope.event_id)
-        self.store.save_processed(tracking, task)
+        self._save(tracking, task, cause=envelope.event_id)
 
     async def _retry_start(self, task: Task, *, cause: str) -> None:
         # Same attempt id: the vm_agent starts nothing twice and never re-sends a delivered prompt.
@@ -183,12 +236,42 @@ class TaskRunnerHandlers:
         except AgentStartRefused as error:  # Timed out meanwhile, or the run is over: on the record.
             log.warning("answer to permission %s of %s not taken: %s", given.request_id, task.task_id, error)
 
+    async def on_task_cancel_requested(self, envelope: Envelope, tracking: Tracking) -> None:
+        """A queued task ends `cancelled` at once; a running agent is stopped by its vm_agent (its
+        AgentFinished `cancelled` then ends the task); one still provisioning ends on WorkspaceReady."""
+        task = self._task(envelope)
+        asked = parse_event(envelope)
+        assert isinstance(asked, TaskCancelRequested)
+        if task is None or task.is_over or task.cancel_requested:
+            return
+        task.request_cancel(asked.by, asked.reason)
+        if task.state == "queued":
+            task.cancel(cause=envelope.event_id)
+        elif task.state == "starting" and task.vm_agent_url:
+            stopping = await self._cancel_session(task, task.vm_agent_url, task.attempt_id,
+                                                  task.vm_agent_token_expires_at)
+            if stopping is None:  # No vm_agent to stop it: nothing of the task runs.
+                task.cancel(cause=envelope.event_id)
+        self._save(tracking, task, cause=envelope.event_id)
+
+    async def _cancel_session(self, task: Task, vm_agent_url: str, attempt_id: str,
+                              token_expires_at: float | None) -> bool | None:
+        """Ask the vm_agent to stop the agent (True), or learn the turn already ended (False);
+        None when the vm_agent cannot be reached."""
+        try:
+            return await self.starter.cancel_session(
+                vm_agent_url, task_id=task.task_id, attempt_id=attempt_id, agent=task.agent,
+                token_expires_at=token_expires_at)
+        except AgentStartRefused as error:
+            log.warning("cancel of %s: %s", task.task_id, error)
+            return None
+
     async def _fail(self, envelope: Envelope, tracking: Tracking, reason: str) -> None:
         task = self._task(envelope)
         if task is None:
             return
         task.fail(reason, cause=envelope.event_id)
-        self.store.save_processed(tracking, task)
+        self._save(tracking, task, cause=envelope.event_id)
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -200,4 +283,5 @@ class TaskRunnerHandlers:
             BranchPushed.type: self.on_branch_pushed,
             StepOverdue.type: self.on_step_overdue,
             PermissionAnswerGiven.type: self.on_permission_answer_given,
+            TaskCancelRequested.type: self.on_task_cancel_requested,
         }

@@ -19,6 +19,7 @@ async def run(settings: Settings) -> None:
     async with open_bus(settings.nats_url, name=NAME, credentials=service_credentials(settings, NAME),
                        stream_limits=StreamLimits.from_settings(settings)) as bus:
         handlers = TaskRunnerHandlers(
-            store, starter, bus, overdue_backoff_s=settings.overdue_backoff_s
+            store, starter, bus, overdue_backoff_s=settings.overdue_backoff_s,
+            max_running=settings.max_running_tasks,
         )
         await serve(bus, name=NAME, settings=settings, store=store, handlers=handlers.handlers())

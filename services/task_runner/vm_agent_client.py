@@ -25,6 +25,11 @@ class AgentStarter(Protocol):
         token_expires_at: float | None = None,
     ) -> None: ...
 
+    async def cancel_session(
+        self, vm_agent_url: str, *, task_id: str, attempt_id: str, agent: str,
+        token_expires_at: float | None = None,
+    ) -> bool: ...
+
 
 class VmAgentClient:
     """`POST /sessions` on a workspace's vm_agent: starts the agent and delivers the prompt.
@@ -74,6 +79,26 @@ class VmAgentClient:
             raise AgentStartRefused(f"vm_agent at {vm_agent_url} unreachable: {error!r}") from error
         if response.status_code != 200:
             raise AgentStartRefused(f"vm_agent refused the answer ({response.status_code}): {response.text[:500]}")
+
+    async def cancel_session(
+        self, vm_agent_url: str, *, task_id: str, attempt_id: str, agent: str,
+        token_expires_at: float | None = None,
+    ) -> bool:
+        """`POST /sessions/{attempt_id}/cancel`: True once the vm_agent is stopping the agent (it
+        records AgentFinished `cancelled`), False if the turn had already ended (too late to stop
+        the push); raises AgentStartRefused when the vm_agent cannot be reached or refuses."""
+        headers = {"Authorization": f"Bearer {vm_agent_token(self._secret, task_id, token_expires_at)}"}
+        body = {"task_id": task_id, "agent": agent}
+        try:
+            response = await self._http.post(f"{vm_agent_url}/sessions/{attempt_id}/cancel", json=body,
+                                             headers=headers)
+        except httpx.TransportError as error:
+            raise AgentStartRefused(f"vm_agent at {vm_agent_url} unreachable: {error!r}") from error
+        if response.status_code == 202:
+            return True
+        if response.status_code == 409:
+            return False
+        raise AgentStartRefused(f"vm_agent refused the cancel ({response.status_code}): {response.text[:500]}")
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -68,6 +68,15 @@ class FakeStarter:
         if self.refuse_with is not None:
             raise AgentStartRefused(self.refuse_with)
 
+    cancel_answer = True
+    """What `cancel_session` says: True (stopping the agent), False (the turn already ended)."""
+
+    async def cancel_session(self, vm_agent_url: str, **kwargs: Any) -> bool:
+        self.calls.append({"cancel_at": vm_agent_url, **kwargs})
+        if self.refuse_with is not None:
+            raise AgentStartRefused(self.refuse_with)
+        return self.cancel_answer
+
 
 @dataclass
 class FakeMsg:

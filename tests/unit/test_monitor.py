@@ -110,3 +110,35 @@ async def test_an_ended_task_is_no_longer_watched():
     m.tick(at(100))
 
     assert named(m) == [] and TASK not in m.watches
+
+
+async def test_a_task_queued_for_a_place_is_not_a_gap_however_long_it_waits():
+    m = monitor()
+    await observe(m, "TaskSubmitted", 0, repo="file:///r", prompt="p", agent="shell")
+    await observe(m, "TaskQueued", 0.1, position=3, max_running=2)
+    m.tick(at(600))
+    assert named(m) == []
+    # Once it gets its place the next deadlines run as for any task.
+    await observe(m, "WorkspaceRequested", 601, repo="file:///r", agent="shell")
+    m.tick(at(601 + 121))
+    assert named(m) == [("StepOverdue", {"expected": "WorkspaceReady", "after": "WorkspaceRequested",
+                                         "waited_s": 121.0})]
+
+
+async def test_a_task_neither_queued_nor_given_a_workspace_is_still_a_gap():
+    m = monitor()
+    await observe(m, "TaskSubmitted", 0, repo="file:///r", prompt="p", agent="shell")
+    m.tick(at(31))
+    assert named(m)[0][1]["expected"] == "WorkspaceRequested"
+
+
+async def test_after_a_cancel_was_asked_nothing_left_undone_is_named_a_gap():
+    m = monitor()
+    await observe(m, "WorkspaceReady", 0)
+    await observe(m, "TaskCancelRequested", 1, by="user", reason=None)
+    # The vm_agent records the cancelled turn without a session or a prompt: no gap for them.
+    await observe(m, "AgentFinished", 2, stop_reason="cancelled", exit_code=None)
+    m.tick(at(120))
+    assert named(m) == []
+    await observe(m, "TaskCancelled", 3, by="user", reason=None, pushed=False, branch=None, commit=None)
+    assert TASK not in m.watches

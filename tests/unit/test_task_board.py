@@ -140,3 +140,26 @@ def test_an_unknown_task_is_none_and_a_reopened_board_keeps_its_rows(tmp_path):
         assert second.get("t1")["state"] == "queued"
     finally:
         second.close()
+
+
+def test_waiting_tasks_show_their_place_in_the_line_and_lose_it_when_they_get_a_place(board, feed):
+    for task_id in ("a", "b", "c", "d"):
+        feed("TaskSubmitted", task_id, **SUBMITTED_DATA)
+    feed("WorkspaceRequested", "a", repo="file:///r", agent="shell")
+    for position, task_id in enumerate(("b", "c", "d"), start=1):
+        feed("TaskQueued", task_id, position=position, max_running=1)
+    assert [board.get(t)["queue_position"] for t in "abcd"] == [None, 1, 2, 3]
+    # a ends, b gets its place: everyone behind moves up one.
+    feed("TaskCompleted", "a", branch="baton/a", commit="c" * 40)
+    feed("WorkspaceRequested", "b", repo="file:///r", agent="shell")
+    assert {row["task_id"]: row["queue_position"] for row in board.list()} == {
+        "a": None, "b": None, "c": 1, "d": 2}
+    assert board.get("c")["state"] == "queued"
+
+
+def test_a_start_projected_before_its_queueing_never_puts_the_task_back_in_line(board, feed):
+    feed("TaskSubmitted", "a", **SUBMITTED_DATA)
+    feed("WorkspaceRequested", "a", repo="file:///r", agent="shell")
+    feed("TaskQueued", "a", position=1, max_running=1)
+    assert board.get("a")["state"] == "provisioning"
+    assert board.get("a")["queue_position"] is None

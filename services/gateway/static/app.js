@@ -10,21 +10,22 @@ const LABEL = {
   TaskSubmitted: "Submitted", WorkspaceRequested: "Workspace requested", WorkspaceReady: "Workspace ready",
   AgentSessionStarted: "Agent started", PromptDelivered: "Prompt delivered", AgentOutput: "Agent output",
   AgentFinished: "Agent finished", BranchPushed: "Branch pushed", TaskCompleted: "Completed",
-  TaskFailed: "Task failed", WorkspaceFailed: "Workspace failed", SessionFailed: "Session failed",
+  TaskFailed: "Task failed", TaskCancelRequested: "Cancel asked", TaskCancelled: "Task cancelled",
+  TaskQueued: "Queued for a place", WorkspaceFailed: "Workspace failed", SessionFailed: "Session failed",
   StepOverdue: "Step overdue", StepRecovered: "Step recovered", AgentStalled: "Agent stalled",
 };
-const STATES = ["queued", "provisioning", "running", "completed", "failed"];
+const STATES = ["queued", "provisioning", "running", "completed", "failed", "cancelled"];
 // As projections/task_board.py: a task only moves forward in rank.
 const STATE_OF = {
-  TaskSubmitted: "queued", WorkspaceRequested: "provisioning", WorkspaceReady: "provisioning",
+  TaskSubmitted: "queued", TaskQueued: "queued", WorkspaceRequested: "provisioning", WorkspaceReady: "provisioning",
   WorkspaceFailed: "provisioning", AgentSessionStarted: "running", PromptDelivered: "running",
   AgentFinished: "running", SessionFailed: "running", BranchPushed: "running",
-  TaskCompleted: "completed", TaskFailed: "failed",
+  TaskCompleted: "completed", TaskFailed: "failed", TaskCancelled: "cancelled",
 };
-const RANK = { queued: 0, provisioning: 1, running: 2, completed: 3, failed: 3 };
+const RANK = { queued: 0, provisioning: 1, running: 2, completed: 3, failed: 3, cancelled: 3 };
 const GAPS = new Set(["StepOverdue", "AgentStalled"]); // named gaps: shown red, as markers
 const RED = new Set(["TaskFailed", "WorkspaceFailed", "SessionFailed", ...GAPS]);
-const TERMINAL = new Set(["TaskCompleted", "TaskFailed"]);
+const TERMINAL = new Set(["TaskCompleted", "TaskFailed", "TaskCancelled"]);
 
 // ---- small helpers -------------------------------------------------------------------------
 
@@ -173,6 +174,7 @@ async function boardPage(app) {
     requestAnimationFrame(() => {
       scheduled = false;
       const sorted = [...tasks.values()].sort((a, b) => (b.created_at || "").localeCompare(a.created_at || ""));
+      placeInLine(sorted);
       for (const state of STATES) {
         const mine = sorted.filter((task) => task.state === state);
         counts[state].textContent = String(mine.length);
@@ -200,14 +202,25 @@ async function boardPage(app) {
   }, connection(conn));
 }
 
+// The line of tasks waiting for a place, as the task runner serves it: by their TaskQueued's
+// stream position (until the replay reaches it, the position GET /api/tasks gave).
+function placeInLine(tasks) {
+  const line = tasks.filter((task) => task.state === "queued" && task.queued_seq != null)
+    .sort((a, b) => a.queued_seq - b.queued_seq);
+  line.forEach((task, index) => { task.queue_position = index + 1; });
+  for (const task of tasks) if (task.state !== "queued") task.queue_position = null;
+}
+
 function fold(task, event) {
   const data = event.data || {};
+  if (event.type === "TaskQueued") task.queued_seq = event.stream_seq;
   if (event.type === "TaskSubmitted") {
     for (const key of ["repo", "prompt", "agent", "base_branch", "permission_policy"]) task[key] = data[key];
     task.created_at = task.created_at || event.occurred_at;
   }
   if (event.type === "BranchPushed" || event.type === "TaskCompleted") Object.assign(task, { branch: data.branch, commit: data.commit });
   if (event.type === "TaskFailed") task.reason = data.reason;
+  if (event.type === "TaskCancelled") task.reason = `cancelled by ${data.by}${data.reason ? `: ${data.reason}` : ""}`;
   if (event.type === "PermissionRequested") (task.asked ||= new Set()).add(data.request_id);
   if (event.type === "PermissionAnswered") task.asked?.delete(data.request_id);
   if (task.asked) task.waiting_for = task.asked.size ? "person" : null;
@@ -224,6 +237,8 @@ function card(task) {
   return h("a", { class: `card card-${task.state}`, href: `/tasks/${encodeURIComponent(task.task_id)}`, "data-task": task.task_id },
     h("div", { class: "card-top" }, h("code", {}, task.task_id), task.agent && h("span", { class: "chip" }, task.agent)),
     h("p", { class: "card-prompt" }, firstLine(task.prompt) || "(no prompt)"),
+    task.state === "queued" && task.queue_position && h("p", { class: "card-queue", "data-queue-position": task.queue_position },
+      `waiting for a place: #${task.queue_position} in line`),
     task.state === "failed" && task.reason && h("p", { class: "card-reason", title: task.reason }, task.reason),
     RANK[task.state] < 3 && task.waiting_for === "person" && h("p", { class: "card-waiting" }, "✋ waiting for you: a permission request"),
     RANK[task.state] < 3 && task.open_gaps?.size > 0 && h("p", { class: "card-gap" }, `⚠ overdue: ${[...task.open_gaps].join(", ")}`),
@@ -329,6 +344,7 @@ async function taskPage(app, id) {
   document.title = `Task ${id} · Baton`;
   const state = h("span", { id: "state" }, badge(""));
   const conn = h("span", { class: "conn" }, "connecting…");
+  const cancel = h("button", { type: "button", class: "cancel", id: "cancel", hidden: true, title: "Stop the agent; nothing more is pushed" }, "Cancel");
   const facts = h("dl", { class: "facts" });
   const prompt = h("pre", { class: "prompt" });
   const result = h("div", { id: "result" });
@@ -348,7 +364,7 @@ async function taskPage(app, id) {
   }
   app.replaceChildren(
     h("section", { class: "task-head" },
-      h("div", { class: "title-row" }, h("h1", {}, h("a", { class: "back", href: "/", title: "Back to the board" }, "Board ›"), " Task ", h("code", {}, id)), state, conn),
+      h("div", { class: "title-row" }, h("h1", {}, h("a", { class: "back", href: "/", title: "Back to the board" }, "Board ›"), " Task ", h("code", {}, id)), state, cancel, conn),
       facts, usage, prompt),
     result,
     h("div", { class: "task-body" },
@@ -376,7 +392,8 @@ async function taskPage(app, id) {
     state.replaceChildren(badge(task.state));
     const fact = (label, value) => value && h("div", {}, h("dt", {}, label), h("dd", {}, value));
     const submitted = task.created_at && new Date(task.created_at).toLocaleString([], { dateStyle: "medium", timeStyle: "medium" });
-    facts.replaceChildren(...[fact("Repository", task.repo), fact("Agent", task.agent), fact("Base branch", task.base_branch),
+    const inLine = task.state === "queued" && task.queue_position && `#${task.queue_position} (waiting for a place)`;
+    facts.replaceChildren(...[fact("In line", inLine), fact("Repository", task.repo), fact("Agent", task.agent), fact("Base branch", task.base_branch),
       fact("Submitted", submitted), fact("Took", task.took)].filter(Boolean));
     prompt.textContent = task.prompt || "";
     prompt.hidden = !task.prompt;
@@ -391,7 +408,22 @@ async function taskPage(app, id) {
       result.append(h("div", { class: "result result-failed", id: "failure" },
         h("div", {}, h("strong", {}, "✕ Task failed: "), h("span", { class: "reason" }, task.reason || "no reason given"))));
     }
+    if (task.state === "cancelled") {
+      result.append(h("div", { class: "result result-cancelled", id: "cancelled" },
+        h("div", {}, h("strong", {}, "■ Task cancelled: "), h("span", { class: "reason" }, task.reason || ""))));
+    }
+    cancel.hidden = RANK[task.state] === 3;
   };
+  cancel.addEventListener("click", async () => {
+    cancel.disabled = true;
+    cancel.textContent = "Cancelling…";
+    const response = await api(`/api/tasks/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+    if (!response.ok) {
+      cancel.textContent = "Cancel";
+      cancel.disabled = false;
+      cancel.title = (await response.json().catch(() => ({}))).detail || `The gateway answered ${response.status}.`;
+    }
+  });
   showHeader();
 
   const at = (event) => (t0 == null ? "" : `+${duration(Date.parse(event.occurred_at) - t0)}`);
@@ -458,7 +490,7 @@ async function taskPage(app, id) {
       conn.hidden = true;
       output.dataset.ended = "true";
       task.took = t0 == null ? null : duration(Date.parse(event.occurred_at) - t0);
-      if (event.type === "TaskFailed") {
+      if (event.type === "TaskFailed" || event.type === "TaskCancelled") {
         for (const type of FLOW) if (rows[type].classList.contains("pending")) {
           rows[type].classList.replace("pending", "skipped");
           $(".at", rows[type]).textContent = "not reached";

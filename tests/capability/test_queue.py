@@ -1,0 +1,97 @@
+"""The fair queue: at most BATON_MAX_RUNNING_TASKS tasks run at once, the rest wait their turn in order."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from pathlib import Path
+
+import pytest
+
+from events import TERMINAL_TYPES
+from tests.support.api import Api
+from tests.support.flow import assert_flow_completes
+from tests.support.git_remote import make_origin
+from tests.support.processes import running_stack
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.capability
+
+LIMIT = 2
+
+
+def test_with_the_limit_at_two_six_tasks_run_two_at_a_time_in_order_and_all_complete(tmp_path: Path):
+    with running_stack(tmp_path / "stack", env={"BATON_MAX_RUNNING_TASKS": str(LIMIT)}) as stack:
+        api = Api(stack.api, stack.token)
+        origin = make_origin(tmp_path)
+        prompt = f"echo start\nsleep 2\necho {secrets.token_hex(4)} > done.txt\necho done\n"
+
+        # Six tasks at once: two get a place, four wait in the order they came.
+        ids = [api.submit(repo=origin.as_uri(), prompt=prompt, agent="shell")["task_id"] for _ in range(6)]
+        last = wait_for(lambda: (t := api.task(ids[-1]))["queue_position"] and t, timeout_s=30,
+                        what="the last task to show its place in line")
+        assert last["state"] == "queued" and last["queue_position"] == 4
+        board = {row["task_id"]: row for row in api.http.get("/api/tasks").json()["tasks"]}
+        assert board[ids[-1]]["queue_position"] == 4
+
+        # While it waits, its place only shrinks; it starts from the front (two places may free at once).
+        seen = PositionWatcher(api, ids[-1])
+        for task_id in ids:
+            assert_flow_completes(api, task_id, timeout_s=120)
+        positions = seen.wait()
+        assert positions == sorted(positions, reverse=True), positions
+        assert positions[0] == 4 and positions[-1] <= LIMIT and len(positions) >= 2, positions
+        assert api.task(ids[-1])["queue_position"] is None
+
+        # Never more than two held a place at once (the task runner's own events, in stream order),
+        # and places were given first come first served.
+        events = sorted((e for task_id in ids for e in api.events(task_id)), key=lambda e: e["stream_seq"])
+        assert max_running(events) == LIMIT
+        started = [e["task_id"] for e in events if e["type"] == "WorkspaceRequested"]
+        assert started == ids
+        queued = {e["task_id"]: e["data"]["position"] for e in events if e["type"] == "TaskQueued"}
+        assert queued == {ids[2]: 1, ids[3]: 2, ids[4]: 3, ids[5]: 4}
+        # Waiting for a place is not a gap.
+        assert not [e for e in events if e["type"] == "StepOverdue"]
+
+
+def max_running(events: list[dict]) -> int:
+    """The most tasks between their WorkspaceRequested and their end at any point of the stream."""
+    running, most = 0, 0
+    for event in events:
+        if event["type"] == "WorkspaceRequested":
+            running += 1
+        elif event["type"] in TERMINAL_TYPES:
+            running -= 1
+        most = max(most, running)
+    return most
+
+
+class PositionWatcher:
+    """Polls a task's `queue_position` until it leaves the line; `wait()` gives the positions seen."""
+
+    def __init__(self, api: Api, task_id: str) -> None:
+        self.positions: list[int] = []
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        own_client = Api(str(api.http.base_url), api.auth["Authorization"].removeprefix("Bearer "))
+        self.thread = threading.Thread(target=self._poll, args=(own_client, task_id), daemon=True)
+        self.thread.start()
+
+    def _poll(self, api: Api, task_id: str) -> None:
+        try:
+            while not self.done.wait(0.05):
+                task = api.task(task_id)
+                if task["state"] != "queued":
+                    return
+                if task["queue_position"] and (not self.positions or self.positions[-1] != task["queue_position"]):
+                    self.positions.append(task["queue_position"])
+        except BaseException as error:  # Reported by wait().
+            self.error = error
+        finally:
+            self.done.set()
+
+    def wait(self) -> list[int]:
+        self.thread.join(timeout=60)
+        assert self.error is None, self.error
+        return self.positions
