@@ -10,7 +10,6 @@ import httpx
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from events.envelope import task_id_problem
 from services.cli.client import ApiError, BatonClient, TokenOption, find_api_token
@@ -51,14 +50,16 @@ def _task_id(value: str) -> str:
 
 
 def _print_open(console: Console, client: BatonClient, task_ids: list[str]) -> None:
-    table = Table("task", "request", "asked", "options (answer with one)")
+    """One line per open request (whole, never wrapped: scripts read it too)."""
+    shown = 0
     for task_id in task_ids:
         for request in client.permissions(task_id):
             if request["answer"] is None:
                 options = ", ".join(f"{o['option_id']} ({o['kind']})" for o in request["options"])
-                table.add_row(task_id, request["request_id"], escape(request["title"]), escape(options))
-    if table.row_count:
-        console.print(table)
+                console.print(f"{task_id}  request [bold]{escape(request['request_id'])}[/]: "
+                              f"{escape(request['title'])}  options: {escape(options)}")
+                shown += 1
+    if shown:
         console.print("answer with: baton permissions answer TASK_ID REQUEST_ID OPTION_ID")
     else:
         console.print("no permission request is waiting for you")

@@ -23,6 +23,7 @@ from playwright.sync_api import Browser, expect
 
 from events import TERMINAL_TYPES
 from tests.capability.test_web_ui import browser, log_in  # noqa: F401 - the browser fixture
+from tests.support.agents import baton
 from tests.support.api import Api
 from tests.support.processes import BatonStack, running_stack
 from tests.support.waiting import wait_for
@@ -141,11 +142,24 @@ def test_an_answer_lets_the_agent_go_on_with_the_option_chosen(ask_api: Api, ori
     assert_no_gap(ask_api, events)
 
 
-def test_a_rejection_is_seen_by_the_agent(ask_api: Api, origin: Path):
+def test_a_rejection_given_with_baton_permissions_is_seen_by_the_agent(
+        ask_stack: BatonStack, ask_api: Api, origin: Path):
     nonce = secrets.token_hex(6)
+    cli_env = {"BATON_API": ask_stack.api, "BATON_API_TOKEN": ask_stack.token}
 
     def reject(request: dict) -> None:
-        assert answer(ask_api, request["task_id"], request["data"]["request_id"], "no").status_code == 202
+        task_id = request["task_id"]
+        # `baton permissions` lists the open request with its options (of every task waiting for you
+        # once the board has it), then `baton permissions answer` rejects it.
+        listed = baton("permissions", task_id, env=cli_env)
+        assert listed.returncode == 0 and "Write asked.txt" in listed.stdout and "no (reject_once)" in listed.stdout
+        wait_for(lambda: task_id in baton("permissions", env=cli_env).stdout, timeout_s=20,
+                 what="baton permissions to list the task among those waiting for you")
+        answered = baton("permissions", "answer", task_id, request["data"]["request_id"], "no", env=cli_env)
+        assert answered.returncode == 0, answered.stdout + answered.stderr
+        # Answered: nothing is waiting any more, and a second answer is refused with the reason.
+        again = baton("permissions", "answer", task_id, request["data"]["request_id"], "once", env=cli_env)
+        assert again.returncode == 2 and "409" in again.stdout
 
     events = run_asked_task(ask_api, origin, nonce, reject)
     task_id = events[0]["task_id"]
