@@ -245,8 +245,8 @@ class PermissionRequested(BaseEvent, emitter="vm_agent"):
     """Emitted by the vm_agent when the agent asks permission for a tool call (ACP
     `session/request_permission`), before it is answered.
 
-    Promises: a PermissionAnswered with the same `request_id` follows (unless the session dies
-    first). `request_id` is unique within the task."""
+    Promises: a PermissionAnswered with the same `request_id` follows (unless the session dies or
+    the task is cancelled first). `request_id` is unique within the task."""
 
     request_id: str
     tool_call_id: str

@@ -140,8 +140,11 @@ class TaskBoard(TrackedProjection):
         return [_public(row, positions) | {"waiting_for": _waiting_for(row["task_id"], awaiting)} for row in rows]
 
     def awaiting_person(self) -> set[str]:
-        """The tasks with a permission request a person has not answered yet."""
-        rows = self._db.execute("SELECT DISTINCT task_id FROM task_permissions WHERE answered = 0")
+        """The tasks not ended with a permission request a person has not answered yet (a task that
+        ended while asking, cancelled or failed, waits for nobody)."""
+        rows = self._db.execute(
+            "SELECT DISTINCT p.task_id FROM task_permissions p JOIN tasks t ON t.task_id = p.task_id "
+            "WHERE p.answered = 0 AND t.state NOT IN ('completed', 'failed', 'cancelled')")
         return {row["task_id"] for row in rows}
 
     def queue_positions(self) -> dict[str, int]:

@@ -14,6 +14,7 @@ import re
 import secrets
 import subprocess
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -86,7 +87,9 @@ def run_asked_task(api: Api, origin: Path, nonce: str, decide: Callable[[dict], 
             await asyncio.to_thread(decide, events[-1])
             return events + await read_until(ws, lambda e: e["type"] in TERMINAL_TYPES, timeout_s=90)
 
-    return asyncio.run(follow())
+    # In a thread of its own: Playwright's sync API (the browser test) keeps a loop in this one.
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, follow()).result()
 
 
 def types_of(events: list[dict], *wanted: str) -> list[str]:
@@ -223,3 +226,23 @@ def test_a_person_answers_in_the_browser_and_the_board_says_who_is_awaited(
     finally:
         context.close()
     assert branch_file(origin, task_id, "asked.txt") == nonce
+
+
+def test_a_task_cancelled_while_it_waits_for_a_person_ends_and_waits_for_nobody(ask_api: Api, origin: Path):
+    nonce = secrets.token_hex(6)
+
+    def cancel(request: dict) -> None:
+        assert ask_api.http.post(f"/api/tasks/{request['task_id']}/cancel").status_code == 202
+
+    events = run_asked_task(ask_api, origin, nonce, cancel)
+    task_id = events[0]["task_id"]
+    # Cancelled well before the request would have timed out; nothing was written or pushed.
+    assert events[-1]["type"] == "TaskCancelled", events[-1]
+    asked = next(e for e in events if e["type"] == "PermissionRequested")
+    waited = datetime.fromisoformat(events[-1]["occurred_at"]) - datetime.fromisoformat(asked["occurred_at"])
+    assert waited.total_seconds() < TIMEOUT_S
+    assert not types_of(events, "BranchPushed", "PermissionAnswered")
+    # The board no longer says it waits for you, and no gap was named.
+    wait_for(lambda: ask_api.task(task_id)["state"] == "cancelled", timeout_s=20, what="the board to say cancelled")
+    assert ask_api.task(task_id)["waiting_for"] is None
+    assert_no_gap(ask_api, events)

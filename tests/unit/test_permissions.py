@@ -190,6 +190,11 @@ def test_the_board_says_a_task_waits_for_a_person_until_answered(tmp_path: Path)
         assert [t["waiting_for"] for t in board.list()] == ["person"]
         feed("PermissionAnswered", request_id="1", option_id="once", outcome="selected", by="user")
         assert board.get("t1")["waiting_for"] is None
+        # A task that ends while asking waits for nobody.
+        feed("PermissionRequested", request_id="2", tool_call_id="c2", title="Run make", options=[])
+        assert board.get("t1")["waiting_for"] == "person"
+        feed("TaskFailed", reason="the vm_agent was lost")
+        assert board.get("t1")["waiting_for"] is None
     finally:
         board.close()
 
