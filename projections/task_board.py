@@ -48,10 +48,12 @@ CREATE TABLE IF NOT EXISTS task_queue (task_id TEXT PRIMARY KEY, queued_seq BIGI
 CREATE TABLE IF NOT EXISTS task_permissions (
     task_id TEXT NOT NULL, request_id TEXT NOT NULL, answered INTEGER NOT NULL,
     PRIMARY KEY (task_id, request_id)
-)
+);
+CREATE TABLE IF NOT EXISTS task_asking (task_id TEXT PRIMARY KEY)
 """
 # task_permissions: each permission request and whether it was answered yet (its answer may be
 # folded first: each event type has its own consumer). A task with an open one waits for a person.
+# task_asking: the tasks submitted with the `ask` permission policy (the rest are `auto`).
 # task_queue: the stream position of each task's TaskQueued. The tasks still `queued` with one,
 # in that order, are the line the task runner serves (it queues and starts in that order).
 
@@ -123,6 +125,9 @@ class TaskBoard(TrackedProjection):
                                "ON CONFLICT (task_id) DO NOTHING", (envelope.task_id, tracking.notification_id))
                 if envelope.type in PERMISSION_TYPES:
                     _note_permission(db, envelope)
+                if envelope.type == "TaskSubmitted" and envelope.data.get("permission_policy") == "ask":
+                    db.execute("INSERT INTO task_asking (task_id) VALUES (?) ON CONFLICT (task_id) DO NOTHING",
+                               (envelope.task_id,))
             for row in rows.values():
                 db.execute(_UPSERT, [row.get(column) for column in _COLUMNS])
             self.track(db, items[-1][1])
@@ -131,13 +136,22 @@ class TaskBoard(TrackedProjection):
         rows = self._db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
         if not rows:
             return None
-        return _public(rows[0], self.queue_positions()) | {"waiting_for": _waiting_for(task_id, self.awaiting_person())}
+        return _public(rows[0], self.queue_positions()) | self._permissions_of([task_id])[task_id]
 
     def list(self, *, limit: int = 500) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,))
         positions = self.queue_positions()
+        permissions = self._permissions_of([row["task_id"] for row in rows])
+        return [_public(row, positions) | permissions[row["task_id"]] for row in rows]
+
+    def _permissions_of(self, task_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Each task's `permission_policy` and `waiting_for` ("person" while it asks one)."""
         awaiting = self.awaiting_person()
-        return [_public(row, positions) | {"waiting_for": _waiting_for(row["task_id"], awaiting)} for row in rows]
+        marks = ", ".join("?" for _ in task_ids)
+        asking = {row["task_id"] for row in self._db.execute(
+            f"SELECT task_id FROM task_asking WHERE task_id IN ({marks})", task_ids)} if task_ids else set()
+        return {task_id: {"permission_policy": "ask" if task_id in asking else "auto",
+                          "waiting_for": _waiting_for(task_id, awaiting)} for task_id in task_ids}
 
     def awaiting_person(self) -> set[str]:
         """The tasks not ended with a permission request a person has not answered yet (a task that

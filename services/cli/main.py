@@ -404,6 +404,7 @@ def tasks(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
             for g in task.get("gaps", [])
         )
         state = task["state"] + (f" #{task['queue_position']}" if task.get("queue_position") else "")
+        state += " (waiting for you: baton permissions)" if task.get("waiting_for") == "person" else ""
         table.add_row(task["task_id"], f"[{colour}]{state}[/]", task["agent"] or "",
                       task["repo"] or "", task["branch"] or task["reason"] or "", gaps)
     console.print(table)

@@ -142,6 +142,7 @@ def test_an_answer_lets_the_agent_go_on_with_the_option_chosen(ask_api: Api, ori
     # Answered: a second answer is a conflict, the task no longer waits, and no gap was named.
     assert answer(ask_api, task_id, "1", "no").status_code == 409
     assert ask_api.task(task_id)["waiting_for"] is None
+    assert ask_api.task(task_id)["permission_policy"] == "ask"
     assert_no_gap(ask_api, events)
 
 

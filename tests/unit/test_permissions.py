@@ -187,7 +187,7 @@ def test_the_board_says_a_task_waits_for_a_person_until_answered(tmp_path: Path)
              permission_policy="ask")
         feed("PermissionRequested", request_id="1", tool_call_id="c1", title="Write a.txt", options=[])
         assert board.get("t1")["waiting_for"] == "person"
-        assert [t["waiting_for"] for t in board.list()] == ["person"]
+        assert [(t["permission_policy"], t["waiting_for"]) for t in board.list()] == [("ask", "person")]
         feed("PermissionAnswered", request_id="1", option_id="once", outcome="selected", by="user")
         assert board.get("t1")["waiting_for"] is None
         # A task that ends while asking waits for nobody.
