@@ -21,8 +21,9 @@ class Submission(TaskAggregate):
     def submit(self, submitted: TaskSubmitted, *, actor: str) -> None:
         self.emit(submitted, actor=actor)
 
-    def answer_permission(self, request_id: str, option_id: str, *, actor: str) -> None:
-        self.emit(PermissionAnswerGiven(request_id=request_id, option_id=option_id), actor=actor)
+    def answer_permission(self, request_id: str, option_id: str, *, actor: str, cause: str | None) -> None:
+        """`cause`: the PermissionRequested answered."""
+        self.emit(PermissionAnswerGiven(request_id=request_id, option_id=option_id), actor=actor, causation_id=cause)
 
     def request_cancel(self, *, by: str, reason: str | None) -> None:
         """Record a person's wish to cancel the task (once: a repeated cancel records nothing)."""

@@ -29,12 +29,12 @@ async def _events_of(js: JetStreamContext, task_id: str, event_type: str) -> lis
 
 async def permission_requests(js: JetStreamContext, task_id: str) -> list[dict[str, Any]]:
     """Every permission request of the task in order, each with its answer (None while open):
-    `{"request_id", "tool_call_id", "title", "options", "requested_at", "stream_seq", "answer"}`."""
+    `{"request_id", "tool_call_id", "title", "options", "requested_at", "event_id", "stream_seq", "answer"}`."""
     asked, answered = await asyncio.gather(_events_of(js, task_id, PermissionRequested.type),
                                            _events_of(js, task_id, PermissionAnswered.type))
     answers = {event["data"]["request_id"]: event["data"] | {"at": event["occurred_at"]} for event in answered}
-    return [event["data"] | {"requested_at": event["occurred_at"], "stream_seq": event["stream_seq"],
-                             "answer": answers.get(event["data"]["request_id"])}
+    return [event["data"] | {"requested_at": event["occurred_at"], "event_id": event["event_id"],
+                             "stream_seq": event["stream_seq"], "answer": answers.get(event["data"]["request_id"])}
             for event in asked]
 
 

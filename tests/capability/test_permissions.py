@@ -136,6 +136,9 @@ def test_an_answer_lets_the_agent_go_on_with_the_option_chosen(ask_api: Api, ori
     given = next(e for e in events if e["type"] == "PermissionAnswerGiven")["data"]
     answered = next(e for e in events if e["type"] == "PermissionAnswered")["data"]
     assert given == {"request_id": "1", "option_id": "once", "by": "user"}
+    # The person's answer names the request it answers (for the audit trail).
+    asked = next(e for e in events if e["type"] == "PermissionRequested")
+    assert next(e for e in events if e["type"] == "PermissionAnswerGiven")["causation_id"] == asked["event_id"]
     assert (answered["option_id"], answered["outcome"], answered["by"]) == ("once", "selected", "user")
     # The agent got "once": it wrote the file, and it is on the branch.
     assert branch_file(origin, task_id, "asked.txt") == nonce

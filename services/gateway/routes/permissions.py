@@ -50,7 +50,8 @@ async def answer_permission(task_id: TaskIdDep, request_id: str, body: Permissio
     except AnswerRefused as refused:
         raise HTTPException(refused.status, str(refused)) from None
     if new:
-        submission.answer_permission(request_id, body.option_id, actor="user")
+        asked = next(r for r in requests if r["request_id"] == request_id)
+        submission.answer_permission(request_id, body.option_id, actor="user", cause=asked["event_id"])
         try:
             gateway.store.save(submission)
         except IntegrityError:  # Another answer to this task was recorded meanwhile.
