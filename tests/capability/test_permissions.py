@@ -226,6 +226,7 @@ def test_a_person_answers_in_the_browser_and_the_board_says_who_is_awaited(
         expect(page.locator(".tool-call .tool-permission")).to_have_text("Permission: Allow once (user)",
                                                                            timeout=30_000)
         expect(page.locator("#state .badge")).to_have_text("completed", timeout=60_000)
+        expect(page.locator('#timeline [data-event="PermissionAnswerGiven"] .info')).to_have_text("permission 1: once")
         expect(board.locator(f'[data-task="{task_id}"] .card-waiting')).to_have_count(0)
     finally:
         context.close()

@@ -13,6 +13,7 @@ const LABEL = {
   TaskFailed: "Task failed", TaskCancelRequested: "Cancel asked", TaskCancelled: "Task cancelled",
   TaskQueued: "Queued for a place", WorkspaceFailed: "Workspace failed", SessionFailed: "Session failed",
   StepOverdue: "Step overdue", StepRecovered: "Step recovered", AgentStalled: "Agent stalled",
+  PermissionAnswerGiven: "You answered",
 };
 const STATES = ["queued", "provisioning", "running", "completed", "failed", "cancelled"];
 // As projections/task_board.py: a task only moves forward in rank.
@@ -437,6 +438,7 @@ async function taskPage(app, id) {
     if (event.type === "StepOverdue") detail = `No ${data.expected} ${secs(data.waited_s)}after ${data.after}`;
     else if (event.type === "AgentStalled") detail = `No output for ${secs(data.silent_s)}`;
     else if (event.type === "StepRecovered") detail = `${data.expected} came ${secs(data.waited_s)}after ${data.after}`;
+    else if (event.type === "PermissionAnswerGiven") detail = `permission ${data.request_id}: ${data.option_id}`;
     else if (!LABEL[event.type]) detail = JSON.stringify(data).slice(0, 160);
     const kind = gap ? " red gap" : RED.has(event.type) ? " red" : event.type === "StepRecovered" ? " recovered" : "";
     const row = h("li", { class: `step extra${kind}`, "data-event": event.type, "data-gap": gap ? data.expected || "AgentOutput" : null },
