@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from events.envelope import Envelope
 
@@ -97,11 +97,25 @@ class PromptDelivered(BaseEvent, emitter="vm_agent"):
     """Emitted by the vm_agent once the agent has accepted the task's first prompt.
 
     Promises: the agent named by `session_id` received exactly the UTF-8 bytes whose SHA-256
-    is `prompt_sha256`. Its absence after WorkspaceReady is a flow gap.
+    is `prompt_sha256`. Its absence after WorkspaceReady is a flow gap. A follow-up
+    (FollowUpSubmitted) is delivered the same way as turn `turn` (2, 3, …) of the same ACP
+    session; the first prompt's event carries no `turn` (it is turn 1), as before turns existed.
     """
 
     session_id: str
     prompt_sha256: str
+    turn: int = Field(default=1, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _first_turn_as_before(self, handler: Any) -> Any:
+        return _without_first_turn(self, handler(self))
+
+
+def _without_first_turn(event: Any, data: Any) -> Any:
+    """An event of turn 1 serialized exactly as before turns existed (no `turn`)."""
+    if isinstance(data, dict) and event.turn == 1:
+        data.pop("turn", None)
+    return data
 
 
 class AgentOutput(BaseEvent, emitter="vm_agent"):
@@ -306,16 +320,37 @@ class SessionFailed(BaseEvent, emitter="vm_agent"):
 
 
 class TaskCompleted(BaseEvent, emitter="task-runner"):
-    """Emitted by the task runner: the agent's work is on `branch` in the origin."""
+    """Emitted by the task runner: the agent's work is on `branch` in the origin.
+
+    After each turn's push: a follow-up sent while the workspace lingers (BATON_LINGER_S) runs
+    as turn `turn` + 1 and the task completes again, `commit` then being that turn's. The first
+    turn's event carries no `turn`, as before turns existed."""
 
     branch: str
     commit: str
+    turn: int = Field(default=1, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _first_turn_as_before(self, handler: Any) -> Any:
+        return _without_first_turn(self, handler(self))
 
 
 class TaskFailed(BaseEvent, emitter="task-runner"):
     """Emitted by the task runner (the only owner of a task's end): `reason` says why, for people."""
 
     reason: str
+
+
+class FollowUpSubmitted(BaseEvent, emitter="gateway"):
+    """Emitted by the gateway when a person sends a follow-up prompt to a task (HTTP, CLI or UI).
+
+    Promises: the prompt passed the same checks as a task's first prompt and is recorded; the
+    task runner delivers each follow-up exactly once, in the order recorded, as the next turn of
+    the task's agent session: at once if the agent is idle (the task `completed`, its workspace
+    still lingering), else when the running turn's push is recorded. Its PromptDelivered carries
+    the turn's number."""
+
+    prompt: str
 
 
 class TaskCancelRequested(BaseEvent, emitter="gateway"):
@@ -398,6 +433,7 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
         TaskCompleted,
         TaskFailed,
         TaskCancelRequested,
+        FollowUpSubmitted,
         TaskCancelled,
         StepOverdue,
         StepRecovered,

@@ -49,8 +49,13 @@ CREATE TABLE IF NOT EXISTS task_permissions (
     task_id TEXT NOT NULL, request_id TEXT NOT NULL, answered INTEGER NOT NULL,
     PRIMARY KEY (task_id, request_id)
 );
-CREATE TABLE IF NOT EXISTS task_asking (task_id TEXT PRIMARY KEY)
+CREATE TABLE IF NOT EXISTS task_asking (task_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS task_turns (
+    task_id TEXT PRIMARY KEY, delivered INTEGER NOT NULL, completed INTEGER NOT NULL
+)
 """
+# task_turns: the last turn whose prompt was delivered and the last that completed. A follow-up
+# runs after the task completed: the board says `running` until its turn completes too.
 # task_permissions: each permission request and whether it was answered yet (its answer may be
 # folded first: each event type has its own consumer). A task with an open one waits for a person.
 # task_asking: the tasks submitted with the `ask` permission policy (the rest are `auto`).
@@ -125,6 +130,8 @@ class TaskBoard(TrackedProjection):
                                "ON CONFLICT (task_id) DO NOTHING", (envelope.task_id, tracking.notification_id))
                 if envelope.type in PERMISSION_TYPES:
                     _note_permission(db, envelope)
+                if envelope.type in ("PromptDelivered", "TaskCompleted"):
+                    _note_turn(db, envelope, rows[envelope.task_id])
                 if envelope.type == "TaskSubmitted" and envelope.data.get("permission_policy") == "ask":
                     db.execute("INSERT INTO task_asking (task_id) VALUES (?) ON CONFLICT (task_id) DO NOTHING",
                                (envelope.task_id,))
@@ -181,6 +188,19 @@ def _fold(row: dict[str, Any], envelope: Envelope) -> None:
     row["last_event"] = envelope.type
     if not row.get("created_at"):
         row["created_at"] = row["updated_at"]
+
+
+def _note_turn(db: Any, envelope: Envelope, row: dict[str, Any]) -> None:
+    """A completed task whose later turn was delivered runs again (each event type has its own
+    consumer, so a turn's PromptDelivered may be folded before the turn before's TaskCompleted)."""
+    turn, column = envelope.data.get("turn", 1), "delivered" if envelope.type == "PromptDelivered" else "completed"
+    db.execute("INSERT INTO task_turns (task_id, delivered, completed) VALUES (?, 0, 0) "
+               "ON CONFLICT (task_id) DO NOTHING", (envelope.task_id,))
+    db.execute(f"UPDATE task_turns SET {column} = ? WHERE task_id = ? AND {column} < ?",
+               (turn, envelope.task_id, turn))
+    found = db.execute("SELECT delivered, completed FROM task_turns WHERE task_id = ?", (envelope.task_id,))
+    if row.get("state") == "completed" and found[0]["delivered"] > found[0]["completed"]:
+        row["state"] = "running"
 
 
 def _note_permission(db: Any, envelope: Envelope) -> None:

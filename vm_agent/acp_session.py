@@ -144,6 +144,8 @@ class AgentProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr_tail: _StderrTail | None = None
         self.session_cwd: Path | None = None
+        self.session_id: str | None = None
+        """The ACP session the last `run_prompt` opened; a follow-up (`run_next_turn`) plays in it."""
 
     @classmethod
     async def start(
@@ -183,11 +185,23 @@ class AgentProcess:
         workspace = self.session_cwd or Path(cwd).resolve()
         self._events.attach(sink, prompt, access or WorkspaceAccess(WorkspaceFiles(Path(cwd).resolve(), workspace)))
         session_id = await _new_session(self._conn, workspace, self._proc, self._stderr_tail)
+        self.session_id = session_id
         await sink.agent_started(session_id)
         if not deliver_prompt:
             await _withhold_prompt(self._proc, self._stderr_tail)
+        return await self._turn(prompt)
+
+    async def run_next_turn(self, *, prompt: str, sink: SessionSink, access: WorkspaceAccess) -> TurnResult:
+        """Play one more prompt turn (a follow-up) in the session `run_prompt` opened: the agent
+        keeps what it learned in the turns before."""
+        assert self._conn and self.session_id, "run_prompt() first"
+        self._events.attach(sink, prompt, access)
+        return await self._turn(prompt)
+
+    async def _turn(self, prompt: str) -> TurnResult:
+        assert self._conn and self._proc and self._stderr_tail and self.session_id
         try:
-            return await _run_turn(self._conn, session_id, prompt, self._events)
+            return await _run_turn(self._conn, self.session_id, prompt, self._events)
         except ConnectionError as exc:
             await self._stderr_tail.settle(self._proc)
             failure = _describe_failure("agent connection lost mid-turn", exc, self._proc, self._stderr_tail)
@@ -257,6 +271,7 @@ class _AgentEvents:
         """The run this agent now serves (an agent may be started before its run is known)."""
         self._sink = sink
         self._prompt_sha = _sha256(prompt)
+        self._delivered, self._held = False, []  # Each turn proves its own prompt's delivery.
         terminals = (Terminals(access.launch_command, workspace_view=PurePosixPath(access.files.view))
                      if access.launch_command is not None else None)
         self._requests = ClientRequests(access.files, terminals, self._queue.put_nowait, access.permissions)

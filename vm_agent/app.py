@@ -70,6 +70,22 @@ class SessionCancel(BaseModel):
     agent: str
 
 
+class TurnStart(BaseModel):
+    """Run `prompt` as turn `turn` (2, 3, …: the idempotency key) of `task_id`'s agent session."""
+
+    task_id: str
+    turn: int = Field(ge=2)
+    prompt: str = Field(min_length=1)
+    causation_id: str | None = None
+
+
+TURN_REFUSALS = {
+    "busy": "a turn is running; the task runner sends the next one when its push is recorded",
+    "out_of_order": "turns run in order: that is not the next one",
+    "gone": "the session cannot take a follow-up: its last turn was not pushed or its agent is gone",
+}
+
+
 class SessionAccepted(BaseModel):
     task_id: str
     attempt_id: str
@@ -172,6 +188,20 @@ def create_app(vm_agent: VmAgent) -> FastAPI:
         if existing.attempt_id != attempt_id or runner is None or run is None or not runner.cancel(run):
             raise HTTPException(409, "too late to cancel: the agent's turn already ended")
         return {"task_id": body.task_id, "attempt_id": attempt_id, "agent_ran": True}
+
+    @app.post("/sessions/{attempt_id}/turns", status_code=202)
+    async def start_turn(attempt_id: str, body: TurnStart, vm: VmAgentDep) -> dict:
+        """A follow-up: the next turn in the same ACP session and agent process, once the turn
+        before was pushed; repeating a turn that began starts nothing (409 while another runs)."""
+        if vm.assigned is None or body.task_id != vm.assigned.task_id:
+            raise HTTPException(409, f"this vm_agent does not serve task {body.task_id}")
+        existing, runner = vm.session(), runners.get(attempt_id)
+        if existing is None or existing.attempt_id != attempt_id or runner is None:
+            raise HTTPException(409, f"no session of attempt {attempt_id} runs here")
+        starting = runner.follow_up(body.turn, body.prompt, body.causation_id)
+        if starting in TURN_REFUSALS:
+            raise HTTPException(409, TURN_REFUSALS[starting])
+        return {"task_id": body.task_id, "turn": body.turn, "started_now": starting == "started"}
 
     @app.post("/permissions/{request_id}")
     async def answer_permission(request_id: str, body: PermissionAnswer, vm: VmAgentDep) -> dict:

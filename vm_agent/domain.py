@@ -49,7 +49,8 @@ TurnEvent = ToolCallStarted | ToolCallUpdated | PlanUpdated | UsageRecorded | Pe
 
 
 class Session(TaskAggregate):
-    """Started → prompt delivered → output 1..n → finished → pushed (or failed)."""
+    """Started → prompt delivered → output 1..n → finished → pushed (or failed); after a push,
+    a follow-up begins the next turn (prompt delivered → … → pushed) in the same agent session."""
 
     @event("Opened")
     def __init__(self, task_id: str, attempt_id: str, agent: str, cause: str | None) -> None:
@@ -60,6 +61,14 @@ class Session(TaskAggregate):
         self.session_id: str | None = None
         self.output_count = 0
         self.ended = False
+        self.turn = 1
+        self.pushed_turn = 0
+        """The last turn whose work was pushed: only a pushed turn's session takes a follow-up."""
+
+    @event("TurnBegun")
+    def begin_turn(self, turn: int, cause: str | None) -> None:
+        """A follow-up (turn 2, 3, …) now runs in this session; its events follow the turn before's."""
+        self.turn, self.cause, self.ended = turn, cause, False
 
     def started(self, session_id: str) -> None:
         event = AgentSessionStarted(session_id=session_id, agent=self.agent, attempt_id=self.attempt_id)
@@ -67,7 +76,7 @@ class Session(TaskAggregate):
 
     def prompt_delivered(self, prompt_sha256: str) -> None:
         assert self.session_id is not None
-        event = PromptDelivered(session_id=self.session_id, prompt_sha256=prompt_sha256)
+        event = PromptDelivered(session_id=self.session_id, prompt_sha256=prompt_sha256, turn=self.turn)
         self.emit(event, actor=ACTOR, causation_id=self.cause)
 
     def output(self, stream: str, text: str, *, continues: bool = False) -> int:
@@ -109,3 +118,5 @@ class Session(TaskAggregate):
             self.output_count = envelope.data["seq"]
         elif self.ends(envelope):
             self.ended = True
+            if envelope.type == BranchPushed.type:
+                self.pushed_turn = self.turn

@@ -44,17 +44,29 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "provisioner moved the clone there (default: <state-dir>/workspace)")
     parser.add_argument("--linger-s", type=float, default=5.0,
                         help="stay up this long after the session ended and every event was relayed")
+    parser.add_argument("--follow-up-linger-s", type=float, default=None,
+                        help="…or this long after its last turn was pushed, for a follow-up "
+                             "(default: BATON_LINGER_S)")
     return parser.parse_args(argv)
 
 
-async def _exit_when_done(vm_agent: VmAgent, server: uvicorn.Server, linger_s: float) -> None:
+async def _exit_when_done(vm_agent: VmAgent, server: uvicorn.Server, linger_s: float,
+                          follow_up_linger_s: float) -> None:
+    """Exit once the session is over, every event relayed, and no follow-up came for a while: a
+    pushed turn waits `follow_up_linger_s` for one (its agent session stays), any other end `linger_s`."""
+    loop = asyncio.get_running_loop()
+    idle: tuple[int, float] | None = None  # (the session's turn, since when it is over)
     while True:
         await asyncio.sleep(0.2)
-        if vm_agent.assigned is None:
+        assigned = vm_agent.assigned
+        session = assigned.session if assigned else None
+        if assigned is None or session is None or not session.ended or pending_envelopes(assigned.store):
+            idle = None
             continue
-        session = vm_agent.session()
-        if session is not None and session.ended and not pending_envelopes(vm_agent.assigned.store):
-            await asyncio.sleep(linger_s)
+        if idle is None or idle[0] != session.turn:
+            idle = (session.turn, loop.time())
+        wait_s = follow_up_linger_s if session.pushed_turn == session.turn else linger_s
+        if loop.time() - idle[1] >= wait_s:
             server.should_exit = True
             return
 
@@ -99,7 +111,8 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
         vm_agent.warm_workspace = directory_identity(workspace)
         vm_agent.warming = asyncio.create_task(launcher.start(BACKENDS[args.warm_agent], workspace=workspace))
     server = uvicorn.Server(uvicorn.Config(create_app(vm_agent), log_level="warning"))
-    watcher = asyncio.create_task(_exit_when_done(vm_agent, server, args.linger_s))
+    follow_up_linger_s = settings.linger_s if args.follow_up_linger_s is None else args.follow_up_linger_s
+    watcher = asyncio.create_task(_exit_when_done(vm_agent, server, args.linger_s, follow_up_linger_s))
     url = f"http://{args.advertise_host or args.host}:{sock.getsockname()[1]}"
     _write_url(args.state_dir, url)
     log.info("vm_agent listening on %s (warm agent: %s; sandbox: %s)", url, args.warm_agent, sandbox.describe())

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from services.runtime.relay import pending_envelopes
 from services.runtime.store import ServiceStore
-from vm_agent.acp_session import AgentProcess, AgentStartError, WorkspaceAccess
+from vm_agent.acp_session import AgentProcess, AgentStartError, TurnResult, WorkspaceAccess
 from vm_agent.backends import Backend
 from vm_agent.domain import Session, TurnEvent
 from vm_agent.gitops import PushAccess, PushError, commit_and_push
@@ -100,6 +101,25 @@ class SessionRunner:
         self.turn_over = False
         """The agent's turn ended by itself: from then on a cancel is too late (the push follows)."""
         self.cancelling = False
+        self.agent: AgentProcess | None = None
+        self._follow_ups: asyncio.Queue[str] = asyncio.Queue()
+
+    def follow_up(self, turn: int, prompt: str, cause: str | None) -> str:
+        """Run `prompt` as turn `turn` of the session (the task runner's idempotency key): `started`,
+        `already` (that turn began before), or why it cannot (`busy`, `gone`, `out_of_order`)."""
+        if turn <= self.session.turn:
+            return "already"
+        if turn != self.session.turn + 1:
+            return "out_of_order"
+        if not self.session.ended:
+            return "busy"
+        if self.session.pushed_turn != self.session.turn or self.agent is None or not self.agent.alive:
+            return "gone"
+        self.session.begin_turn(turn, cause)
+        self._save()
+        self.turn_over = False
+        self._follow_ups.put_nowait(prompt)
+        return "started"
 
     def cancel(self, run: asyncio.Task[None]) -> bool:
         """Stop the agent mid-turn (`run` is this runner's task): ACP `session/cancel`, a short
@@ -148,6 +168,11 @@ class SessionRunner:
     async def run(self) -> None:
         try:
             await self._run()
+            # A pushed turn keeps the agent and its session for follow-ups, until the vm_agent exits.
+            while self.agent is not None:
+                self.prompt = await self._follow_ups.get()
+                await self._turn(lambda access, agent=self.agent: agent.run_next_turn(
+                    prompt=self.prompt, sink=self, access=access))
         except asyncio.CancelledError:
             if not self.cancelling:
                 raise
@@ -158,6 +183,14 @@ class SessionRunner:
         except Exception as error:  # Whatever happens, the task must not hang.
             log.exception("session for %s crashed", self.session.task_id)
             self._fail(f"vm_agent error while running the agent: {error!r}")
+        finally:
+            await self._close_agent()
+
+    async def _close_agent(self) -> None:
+        """The agent and its whole process group (or sandbox) are gone."""
+        agent, self.agent = self.agent, None
+        if agent is not None:
+            await agent.close()
 
     async def _warm(self) -> AgentProcess | None:
         if self.warm_agent is None:
@@ -179,25 +212,48 @@ class SessionRunner:
 
     async def _run(self) -> None:
         try:
-            agent = await self._agent()
+            self.agent = await self._agent()
+        except AgentStartError as error:
+            self._fail(f"agent {self.backend.name!r} could not start: {error}")
+            return
+        await self._turn(lambda access, agent=self.agent: agent.run_prompt(
+            cwd=self.workspace, prompt=self.prompt, sink=self,
+            deliver_prompt="prompt_delivery" not in self.faults, access=access))
+
+    async def _turn(self, play: Callable[[WorkspaceAccess], Awaitable[TurnResult]]) -> None:
+        """Play one turn, record how it ended and push its work; the agent stays only after a push."""
+        try:
             try:
-                result = await agent.run_prompt(
-                    cwd=self.workspace, prompt=self.prompt, sink=self,
-                    deliver_prompt="prompt_delivery" not in self.faults,
-                    access=replace(self.launcher.access(self.backend, workspace=self.workspace),
-                                   permissions=self.permissions))
+                result = await play(replace(self.launcher.access(self.backend, workspace=self.workspace),
+                                            permissions=self.permissions))
                 self.turn_over = not self.cancelling
             finally:
                 if self.permissions is not None:
                     self.permissions.close()
-                await agent.close()  # The agent and its whole process group (or sandbox) are gone.
         except AgentStartError as error:
+            await self._close_agent()
             self._fail(f"agent {self.backend.name!r} could not start: {error}")
             return
+        except BaseException:
+            await self._close_agent()  # Before AgentFinished `cancelled`: nothing of it runs then.
+            raise
+        await self._output_relayed()
         self.session.finished(result.stop_reason, result.exit_code)
         self._save()
         if result.stop_reason == "end_turn":
             await self._push()
+        if self.session.pushed_turn != self.session.turn:
+            await self._close_agent()
+
+    async def _output_relayed(self, *, at_most_s: float = 1.0) -> None:
+        """The turn's output is on the bus before its AgentFinished is recorded (waiting at most
+        `at_most_s`): consumers of each type (the monitor's) then see the output first, and never
+        take a turn that ended as one that skipped its output."""
+        self._save()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + at_most_s
+        while pending_envelopes(self.store) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _push(self) -> None:
         if "branch_push" in self.faults:
@@ -205,9 +261,10 @@ class SessionRunner:
             return
         branch = branch_for(self.session.task_id)
         first_line = self.prompt.strip().splitlines()[0][:60] if self.prompt.strip() else ""
+        turn_note = f", turn {self.session.turn}" if self.session.turn > 1 else ""
         try:
             commit = await commit_and_push(
-                self.workspace, branch=branch, message=f"baton: {first_line}\n\nTask {self.session.task_id}",
+                self.workspace, branch=branch, message=f"baton: {first_line}\n\nTask {self.session.task_id}{turn_note}",
                 access=self.push_access,
             )
         except PushError as error:

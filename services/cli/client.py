@@ -91,6 +91,9 @@ class BatonClient:
     def cancel(self, task_id: str, *, reason: str | None = None) -> dict:
         return self._json(self._http.post(f"/api/tasks/{task_id}/cancel", json={"reason": reason}))
 
+    def say(self, task_id: str, prompt: str) -> dict:
+        return self._json(self._http.post(f"/api/tasks/{task_id}/messages", json={"prompt": prompt}))
+
     def tasks(self) -> list[dict]:
         return self._json(self._http.get("/api/tasks"))["tasks"]
 

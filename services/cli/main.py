@@ -427,6 +427,23 @@ def cancel(
 
 
 @app.command()
+def say(
+    task_id: TaskIdArgument,
+    prompt: Annotated[str, typer.Argument(help="the follow-up prompt: the agent's next turn")],
+    api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
+) -> None:
+    """Send a follow-up to a task's agent: it runs as the next turn of the same session (after the
+    running turn is pushed), and its work is pushed to the task's branch as a commit of its own."""
+    try:
+        BatonClient(api, find_api_token(token)).say(task_id, prompt)
+    except (ApiError, httpx.HTTPError) as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2 if "409" not in str(error) else 1) from None
+    console.print(f"task [bold]{task_id}[/]: follow-up recorded; it runs as the agent's next turn")
+
+
+@app.command()
 def events(
     task_id: TaskIdArgument,
     api: ApiOption = DEFAULT_API,

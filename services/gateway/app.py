@@ -13,7 +13,7 @@ from services.gateway.body_limit import BodyLimit
 from services.gateway.context import Gateway
 from services.gateway.errors import install_error_handlers
 from services.gateway.routes import audit as audit_routes
-from services.gateway.routes import cancel, permissions, streams, system, tasks, ui
+from services.gateway.routes import cancel, messages, permissions, streams, system, tasks, ui
 from services.projector.read_models import open_audit_log, open_task_board
 from services.runtime.bus import StreamLimits, open_bus
 from services.runtime.nats_auth import bus_is_open, service_credentials
@@ -58,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(permissions.router)
     app.include_router(cancel.router)
+    app.include_router(messages.router)
     app.include_router(system.router)
     app.include_router(streams.router)
     app.include_router(audit_routes.router)

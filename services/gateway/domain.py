@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from eventsourcing.domain import event
 
-from events import PermissionAnswerGiven, TaskCancelRequested, TaskSubmitted
+from events import FollowUpSubmitted, PermissionAnswerGiven, TaskCancelRequested, TaskSubmitted
 from services.runtime.store import TaskAggregate
 
 
@@ -29,6 +29,10 @@ class Submission(TaskAggregate):
         """Record a person's wish to cancel the task (once: a repeated cancel records nothing)."""
         if not self.cancel_requested:
             self.emit(TaskCancelRequested(by=by, reason=reason), actor=by)
+
+    def follow_up(self, prompt: str, *, actor: str) -> None:
+        """Record a person's follow-up prompt (each one is its own turn, in the order recorded)."""
+        self.emit(FollowUpSubmitted(prompt=prompt), actor=actor)
 
     def apply(self, envelope) -> None:
         if envelope.type == TaskSubmitted.type:

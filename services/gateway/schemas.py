@@ -61,6 +61,18 @@ class TaskCreate(BaseModel):
         return value.strip() if value else value
 
 
+class FollowUpCreate(BaseModel):
+    """`POST /api/tasks/{task_id}/messages`: a follow-up prompt, checked as a task's first prompt is."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, description=f"the next turn's prompt (at most {MAX_PROMPT_BYTES:,} bytes in UTF-8)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _checked_as_a_first_prompt(cls, value: str) -> str:
+        return TaskCreate.model_validate({"repo": "x", "prompt": value}).prompt
+
+
 class TaskPublic(BaseModel):
     task_id: str
     state: str

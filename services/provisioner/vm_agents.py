@@ -325,7 +325,8 @@ class VmAgentPool:
         }
         env.pop("BATON_SECRET", None)  # A vm_agent gets tokens, never the install secret.
         argv = ["--state-dir", str(state_dir), "--host", settings.vm_agent_bind,
-                "--advertise-host", settings.vm_agent_advertise or settings.vm_agent_bind]
+                "--advertise-host", settings.vm_agent_advertise or settings.vm_agent_bind,
+                "--follow-up-linger-s", str(settings.linger_s)]
         workspace = self.pool_workspaces / state_dir.name
         workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
         argv += ["--workspace", str(workspace)]

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     """A running agent silent this long is reported as AgentStalled."""
     permission_timeout_s: float = Field(default=600.0, gt=0)
     """Under the `ask` policy, a permission request nobody answered this long is rejected."""
+    linger_s: float = Field(default=300.0, ge=0)
+    """After a task's turn is pushed, its workspace and agent session stay this long (BATON_LINGER_S)
+    so a follow-up runs as the next turn of the same session; then the vm_agent exits."""
     overdue_backoff_s: Annotated[tuple[float, ...], NoDecode] = (1.0, 2.0, 4.0)
     """After StepOverdue the task runner retries (or waits) at these intervals, then fails the task."""
 

@@ -37,6 +37,11 @@ class Task(TaskAggregate):
         self.vm_agent_token_expires_at: float | None = None
         self.cancel_by: str | None = None
         self.cancel_reason: str | None = None
+        self.turn = 1
+        """The turn last started: 1 is the task's prompt, 2, 3, … its follow-ups."""
+        self.follow_ups: list[tuple[str, str]] = []
+        """(FollowUpSubmitted id, prompt) not yet handed to the vm_agent, in the order people sent them."""
+        self.follow_up_ids: set[str] = set()
 
     @property
     def is_over(self) -> bool:
@@ -82,7 +87,36 @@ class Task(TaskAggregate):
 
     def complete(self, *, branch: str, commit: str, cause: str) -> None:
         if not self.is_over:
-            self.emit(TaskCompleted(branch=branch, commit=commit), actor=ACTOR, causation_id=cause)
+            self.emit(TaskCompleted(branch=branch, commit=commit, turn=self.turn), actor=ACTOR, causation_id=cause)
+
+    @property
+    def takes_follow_ups(self) -> bool:
+        """Neither failed nor cancelled (nor asked to be): a follow-up waits for its turn."""
+        return self.state not in ("failed", "cancelled") and not self.cancel_requested
+
+    @property
+    def next_follow_up_due(self) -> bool:
+        """A follow-up waits and the agent is idle: the last turn completed (its workspace lingers)."""
+        return bool(self.follow_ups) and self.state == "completed" and self.vm_agent_url is not None
+
+    @event("FollowUpQueued")
+    def queue_follow_up(self, prompt: str, follow_up_id: str) -> None:
+        """A person's follow-up (its FollowUpSubmitted's id), kept until its turn starts."""
+        if follow_up_id not in self.follow_up_ids:
+            self.follow_up_ids.add(follow_up_id)
+            self.follow_ups.append((follow_up_id, prompt))
+
+    @event("TurnStartRequested")
+    def turn_start_requested(self, turn: int) -> None:
+        """The vm_agent took the next follow-up as turn `turn`: the task runs again."""
+        self.follow_ups.pop(0)
+        self.turn = turn
+        self.state = "starting"
+
+    @event("FollowUpsDropped")
+    def drop_follow_ups(self, reason: str) -> None:
+        """The session can take no more turns (its workspace is gone): the waiting ones are dropped."""
+        self.follow_ups.clear()
 
     def fail(self, reason: str, *, cause: str | None) -> None:
         """End the task `failed`; once a person asked to cancel it, whatever stopped it (the

@@ -16,6 +16,7 @@ from events import (
     AgentSessionStarted,
     BranchPushed,
     Envelope,
+    FollowUpSubmitted,
     PermissionAnswerGiven,
     PromptDelivered,
     SessionFailed,
@@ -185,7 +186,41 @@ class TaskRunnerHandlers:
                       cause=envelope.event_id)
         else:
             task.complete(branch=pushed.branch, commit=pushed.commit, cause=envelope.event_id)
+            await self._start_next_turn(task)  # A follow-up sent during the turn runs now.
         self._save(tracking, task, cause=envelope.event_id)
+
+    async def on_follow_up_submitted(self, envelope: Envelope, tracking: Tracking) -> None:
+        """Keep a person's follow-up in order; it runs at once if the agent is idle (the task
+        completed, its workspace lingering), else once the running turn's push is recorded."""
+        task = self.store.get_task_aggregate(Task, envelope.task_id)
+        if task is None:  # Its TaskSubmitted (another consumer) is not handled yet: retried.
+            raise LookupError(f"follow-up for {envelope.task_id} before its TaskSubmitted was handled")
+        submitted = parse_event(envelope)
+        assert isinstance(submitted, FollowUpSubmitted)
+        if not task.takes_follow_ups:
+            log.info("follow-up to %s (%s) not run: the task takes no more turns", task.task_id, task.state)
+            return
+        task.queue_follow_up(submitted.prompt, envelope.event_id)
+        await self._start_next_turn(task)
+        self._save(tracking, task, cause=envelope.event_id)
+
+    async def _start_next_turn(self, task: Task) -> None:
+        """Hand the oldest waiting follow-up to the vm_agent as the next turn, if the agent is idle;
+        a vm_agent that cannot take it (its workspace released) drops every waiting follow-up."""
+        if not task.next_follow_up_due:
+            return
+        assert task.vm_agent_url is not None
+        follow_up_id, prompt = task.follow_ups[0]
+        turn = task.turn + 1
+        try:
+            await self.starter.start_turn(
+                task.vm_agent_url, task_id=task.task_id, attempt_id=task.attempt_id, turn=turn,
+                prompt=prompt, causation_id=follow_up_id, token_expires_at=task.vm_agent_token_expires_at)
+        except AgentStartRefused as error:
+            log.warning("turn %s of %s not started: %s", turn, task.task_id, error)
+            task.drop_follow_ups(f"turn {turn} not started: {error}")
+            return
+        task.turn_start_requested(turn)
 
     async def _missing_handoffs(self, task_id: str, *, before: str) -> list[str]:
         steps = FLOW_CONTRACT[: FLOW_CONTRACT.index(before)]
@@ -284,4 +319,5 @@ class TaskRunnerHandlers:
             StepOverdue.type: self.on_step_overdue,
             PermissionAnswerGiven.type: self.on_permission_answer_given,
             TaskCancelRequested.type: self.on_task_cancel_requested,
+            FollowUpSubmitted.type: self.on_follow_up_submitted,
         }

@@ -30,6 +30,11 @@ class AgentStarter(Protocol):
         token_expires_at: float | None = None,
     ) -> bool: ...
 
+    async def start_turn(
+        self, vm_agent_url: str, *, task_id: str, attempt_id: str, turn: int, prompt: str,
+        causation_id: str, token_expires_at: float | None = None,
+    ) -> None: ...
+
 
 class VmAgentClient:
     """`POST /sessions` on a workspace's vm_agent: starts the agent and delivers the prompt.
@@ -99,6 +104,22 @@ class VmAgentClient:
         if response.status_code == 409:
             return False
         raise AgentStartRefused(f"vm_agent refused the cancel ({response.status_code}): {response.text[:500]}")
+
+    async def start_turn(
+        self, vm_agent_url: str, *, task_id: str, attempt_id: str, turn: int, prompt: str,
+        causation_id: str, token_expires_at: float | None = None,
+    ) -> None:
+        """`POST /sessions/{attempt_id}/turns`: run a follow-up as turn `turn` (the idempotency key:
+        a turn that began is not started again); raises AgentStartRefused saying why not."""
+        headers = {"Authorization": f"Bearer {vm_agent_token(self._secret, task_id, token_expires_at)}"}
+        body = {"task_id": task_id, "turn": turn, "prompt": prompt, "causation_id": causation_id}
+        try:
+            response = await self._http.post(f"{vm_agent_url}/sessions/{attempt_id}/turns", json=body,
+                                             headers=headers)
+        except httpx.TransportError as error:
+            raise AgentStartRefused(f"vm_agent at {vm_agent_url} unreachable: {error!r}") from error
+        if response.status_code != 202:
+            raise AgentStartRefused(f"vm_agent refused turn {turn} ({response.status_code}): {response.text[:500]}")
 
     async def aclose(self) -> None:
         await self._http.aclose()

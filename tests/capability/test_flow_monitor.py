@@ -111,7 +111,12 @@ def test_a_silent_agent_is_reported_stalled_and_recovers_when_it_speaks_again(tm
         events = assert_flow_completes(api, task["task_id"], timeout_s=90)
 
         types = [e["type"] for e in events]
-        assert types.index("AgentStalled") < types.index("StepRecovered") < types.index("AgentFinished")
+        assert types.index("AgentStalled") < types.index("StepRecovered")
+        # The recovery is named for the output the agent wrote before its turn ended (the monitor's
+        # StepRecovered may reach the stream after the vm_agent's AgentFinished: they race).
+        recovered = next(e for e in events if e["type"] == "StepRecovered")
+        [cause] = [e for e in events if e["event_id"] == recovered["causation_id"]]
+        assert cause["type"] == "AgentOutput" and events.index(cause) < types.index("AgentFinished")
         stalled = next(e for e in events if e["type"] == "AgentStalled")["data"]
         assert stalled["silent_s"] >= 2 and stalled["last_seq"] == 1
         board = api.wait_for_state(task["task_id"], "completed")

@@ -77,6 +77,14 @@ class FakeStarter:
             raise AgentStartRefused(self.refuse_with)
         return self.cancel_answer
 
+    refuse_turns_with: str | None = None
+    """Set: `start_turn` refuses with it (the vm_agent is gone)."""
+
+    async def start_turn(self, vm_agent_url: str, **kwargs: Any) -> None:
+        self.calls.append({"turn_at": vm_agent_url, **kwargs})
+        if self.refuse_turns_with is not None:
+            raise AgentStartRefused(self.refuse_turns_with)
+
 
 @dataclass
 class FakeMsg:

@@ -13,7 +13,7 @@ const LABEL = {
   TaskFailed: "Task failed", TaskCancelRequested: "Cancel asked", TaskCancelled: "Task cancelled",
   TaskQueued: "Queued for a place", WorkspaceFailed: "Workspace failed", SessionFailed: "Session failed",
   StepOverdue: "Step overdue", StepRecovered: "Step recovered", AgentStalled: "Agent stalled",
-  PermissionAnswerGiven: "You answered",
+  PermissionAnswerGiven: "You answered", FollowUpSubmitted: "You followed up",
 };
 const STATES = ["queued", "provisioning", "running", "completed", "failed", "cancelled"];
 // As projections/task_board.py: a task only moves forward in rank.
@@ -229,6 +229,8 @@ function fold(task, event) {
   if (event.type === "StepRecovered") task.open_gaps?.delete(data.expected);
   const state = STATE_OF[event.type];
   if (state && (!task.state || RANK[state] > RANK[task.state])) task.state = state;
+  // A follow-up's turn: the completed task runs again until that turn completes.
+  if (event.type === "PromptDelivered" && (data.turn || 1) > 1 && task.state === "completed") task.state = "running";
   task.created_at = task.created_at || event.occurred_at;
   if (!task.updated_at || event.occurred_at > task.updated_at) task.updated_at = event.occurred_at;
 }
@@ -348,6 +350,10 @@ async function taskPage(app, id) {
   const cancel = h("button", { type: "button", class: "cancel", id: "cancel", hidden: true, title: "Stop the agent; nothing more is pushed" }, "Cancel");
   const facts = h("dl", { class: "facts" });
   const prompt = h("pre", { class: "prompt" });
+  const followUpText = h("textarea", { id: "follow-up-prompt", rows: 2, placeholder: "Follow-up: the agent's next turn, in the same session" });
+  const followUpNote = h("span", { class: "note", id: "follow-up-note" });
+  const followUp = h("form", { class: "follow-up", id: "follow-up", hidden: true },
+    followUpText, h("button", { type: "submit", id: "follow-up-send" }, "Send"), followUpNote);
   const result = h("div", { id: "result" });
   const timeline = h("ol", { class: "timeline", id: "timeline" });
   const output = h("div", { class: "conversation", id: "output", "aria-live": "off" });
@@ -366,7 +372,7 @@ async function taskPage(app, id) {
   app.replaceChildren(
     h("section", { class: "task-head" },
       h("div", { class: "title-row" }, h("h1", {}, h("a", { class: "back", href: "/", title: "Back to the board" }, "Board ›"), " Task ", h("code", {}, id)), state, cancel, conn),
-      facts, usage, prompt),
+      facts, usage, prompt, followUp),
     result,
     h("div", { class: "task-body" },
       h("section", { class: "panel" }, h("h2", {}, "Flow"), timeline),
@@ -414,7 +420,17 @@ async function taskPage(app, id) {
         h("div", {}, h("strong", {}, "■ Task cancelled: "), h("span", { class: "reason" }, task.reason || ""))));
     }
     cancel.hidden = RANK[task.state] === 3;
+    followUp.hidden = task.state === "failed" || task.state === "cancelled";
   };
+  followUp.addEventListener("submit", async (submitted) => {
+    submitted.preventDefault();
+    if (!followUpText.value.trim()) return;
+    const response = await api(`/api/tasks/${encodeURIComponent(id)}/messages`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ prompt: followUpText.value }) });
+    if (response.ok) followUpText.value = "";
+    followUpNote.textContent = response.ok ? "Sent: it runs as the agent's next turn."
+      : (await response.json().catch(() => ({}))).detail || `The gateway answered ${response.status}.`;
+  });
   cancel.addEventListener("click", async () => {
     cancel.disabled = true;
     cancel.textContent = "Cancelling…";

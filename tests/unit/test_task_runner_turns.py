@@ -1,0 +1,87 @@
+"""The task runner's turn decisions: follow-ups are kept in order and each handed over once, when
+the agent is idle (the turn before pushed and the task completed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from events import BranchPushed, FollowUpSubmitted, TaskCancelRequested, envelope_for
+from tests.unit.fakes import FakeStarter
+from tests.unit.test_task_runner_handlers import TASK, Runner, started_runner
+
+
+def follow_up(prompt: str):
+    return envelope_for(FollowUpSubmitted(prompt=prompt), task_id=TASK, actor="user")
+
+
+def pushed(commit: str):
+    return envelope_for(BranchPushed(branch=f"baton/{TASK}", commit=commit), task_id=TASK, actor="vm_agent")
+
+
+def turns_started(runner: Runner) -> list[tuple[int, str]]:
+    return [(c["turn"], c["prompt"]) for c in runner.starter.calls if "turn_at" in c]
+
+
+def completed_turns(runner: Runner) -> list[tuple[int, str]]:
+    return [(e.data.get("turn", 1), e.data["commit"]) for e in runner.emitted() if e.type == "TaskCompleted"]
+
+
+async def test_follow_ups_sent_during_a_turn_wait_for_its_push_then_run_one_at_a_time_in_order():
+    runner = await started_runner()
+    first, second = follow_up("echo two"), follow_up("echo three")
+    await runner.deliver(first)
+    await runner.deliver(second)
+    assert turns_started(runner) == []  # The first turn still runs.
+
+    await runner.deliver(pushed("c1"))
+    # The task completed turn 1 and handed over the oldest follow-up as turn 2, caused by it.
+    assert completed_turns(runner) == [(1, "c1")]
+    assert turns_started(runner) == [(2, "echo two")]
+    [call] = [c for c in runner.starter.calls if "turn_at" in c]
+    assert call["causation_id"] == first.event_id and call["attempt_id"] == f"{TASK}-a1"
+    assert runner.task().state == "starting" and not runner.task().is_over
+
+    await runner.deliver(pushed("c2"))
+    assert completed_turns(runner) == [(1, "c1"), (2, "c2")]
+    assert turns_started(runner) == [(2, "echo two"), (3, "echo three")]
+    await runner.deliver(pushed("c3"))
+    assert completed_turns(runner) == [(1, "c1"), (2, "c2"), (3, "c3")]
+    assert runner.task().state == "completed" and runner.task().follow_ups == []
+
+
+async def test_a_follow_up_to_a_completed_task_runs_at_once_and_a_redelivered_one_runs_once():
+    runner = await started_runner()
+    await runner.deliver(pushed("c1"))
+    message = follow_up("echo again")
+    tracking = await runner.deliver(message)
+    assert turns_started(runner) == [(2, "echo again")]
+    assert runner.task().state == "starting"
+    # The same message again (a redelivery, or the same event under another position) starts nothing.
+    await runner.deliver(message, tracking)
+    await runner.deliver(message)
+    assert turns_started(runner) == [(2, "echo again")]
+
+
+async def test_a_vm_agent_that_cannot_take_the_turn_drops_the_waiting_follow_ups_and_the_task_stays_completed():
+    starter = FakeStarter()
+    starter.refuse_turns_with = "vm_agent at http://vm:1 unreachable"
+    runner = await started_runner(starter)
+    await runner.deliver(follow_up("echo two"))
+    await runner.deliver(follow_up("echo three"))
+    await runner.deliver(pushed("c1"))
+    assert turns_started(runner) == [(2, "echo two")]
+    assert runner.task().state == "completed" and runner.task().follow_ups == []
+    assert completed_turns(runner) == [(1, "c1")]
+
+
+async def test_a_task_asked_to_cancel_takes_no_follow_up():
+    runner = await started_runner()
+    await runner.deliver(envelope_for(TaskCancelRequested(by="user"), task_id=TASK, actor="user"))
+    await runner.deliver(follow_up("echo two"))
+    assert runner.task().follow_ups == [] and turns_started(runner) == []
+
+
+async def test_a_follow_up_before_its_task_is_known_is_retried_not_lost():
+    runner = Runner()
+    with pytest.raises(LookupError):
+        await runner.deliver(follow_up("echo two"))
