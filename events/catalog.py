@@ -50,6 +50,33 @@ class WorkspaceRequested(BaseEvent, emitter="task-runner"):
     agent: str
     base_branch: str | None = None
     provider: str = "local"
+    attempt: int = Field(default=1, ge=1)
+    """The attempt the workspace is for: 1 (not written, as before attempts existed), then 2, 3…
+    after an AttemptStarted (a lost workspace)."""
+
+    @model_serializer(mode="wrap")
+    def _first_attempt_as_before(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and self.attempt == 1:
+            data.pop("attempt", None)
+        return data
+
+
+class AttemptStarted(BaseEvent, emitter="task-runner"):
+    """Emitted by the task runner when a task's workspace was lost mid-run (SessionFailed with
+    `lost_workspace`) and attempts remain (BATON_MAX_ATTEMPTS).
+
+    Promises: attempt `attempt` (2, 3, …) starts now, for `reason`; a WorkspaceRequested with the
+    same `attempt` follows at once, from `base_branch` (the task's branch if one was pushed, else
+    the task's base branch), and the task's prompt is delivered again under attempt id
+    `<task>-a<attempt>`. The flow contract then applies to this attempt; earlier attempts' handoffs
+    and `AgentOutput.seq` are theirs (each attempt's output counts from 1). The task keeps its
+    place (it does not queue again).
+    """
+
+    attempt: int = Field(ge=2)
+    reason: str
+    base_branch: str | None = None
 
 
 class TaskQueued(BaseEvent, emitter="task-runner"):
@@ -122,7 +149,7 @@ class AgentOutput(BaseEvent, emitter="vm_agent"):
     """Emitted by the vm_agent for each piece of output of the agent, in order.
 
     `stream`: "stdout"/"stderr" (the shell agent's lines), "message" (an ACP agent's text to the
-    user), "thought" (its thinking, as it shares it). Promises: `seq` is 1-based and contiguous per task; `text` is at most 64 KiB of UTF-8 (a
+    user), "thought" (its thinking, as it shares it). Promises: `seq` is 1-based and contiguous per attempt (AttemptStarted; per task when it ran once); `text` is at most 64 KiB of UTF-8 (a
     longer line is split, never inside a character, so every event fits the bus). `continues`:
     the next AgentOutput of the same `stream` continues this line (join their texts to get it
     whole); false when the line ends here or, for agents that send chunks, as sent.
@@ -314,9 +341,22 @@ class BranchPushed(BaseEvent, emitter="vm_agent"):
 
 
 class SessionFailed(BaseEvent, emitter="vm_agent"):
-    """Emitted by the vm_agent when the agent could not run or its work could not be pushed."""
+    """Emitted by the vm_agent when the agent could not run or its work could not be pushed.
+
+    `lost_workspace`: the vm_agent (or its machine) died mid-run and the provisioner's watcher
+    ended the session for it; the work was lost with the workspace, not refused, so the task
+    runner starts a new attempt (AttemptStarted) rather than failing the task.
+    """
 
     reason: str
+    lost_workspace: bool = False
+
+    @model_serializer(mode="wrap")
+    def _not_lost_as_before(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and not self.lost_workspace:
+            data.pop("lost_workspace", None)
+        return data
 
 
 class TaskCompleted(BaseEvent, emitter="task-runner"):
@@ -414,6 +454,7 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
     for cls in (
         TaskSubmitted,
         TaskQueued,
+        AttemptStarted,
         WorkspaceRequested,
         WorkspaceReady,
         WorkspaceFailed,

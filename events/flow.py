@@ -64,6 +64,19 @@ def parse_deadlines(spec: str, base: tuple[Deadline, ...] = DEADLINES) -> tuple[
     return tuple(Deadline(d.expected, d.after, overrides.get(d.expected, d.seconds)) for d in base)
 
 
+NEW_ATTEMPT = "AttemptStarted"
+"""A lost workspace's task starts over from WorkspaceRequested: each attempt has its own flow."""
+
+
+def last_attempt(event_types: list[str]) -> list[str]:
+    """The types of a task's events (stream order) that its last attempt's flow is judged by:
+    all of them when it ran once, else TaskSubmitted and what follows the last AttemptStarted."""
+    if NEW_ATTEMPT not in event_types:
+        return event_types
+    start = len(event_types) - event_types[::-1].index(NEW_ATTEMPT)
+    return [t for t in event_types[:start] if t == FLOW_CONTRACT[0]][:1] + event_types[start:]
+
+
 @dataclass(frozen=True)
 class FlowReport:
     """How far a task's events follow the contract."""
@@ -98,10 +111,11 @@ def check_flow(event_types: Iterable[str]) -> FlowReport:
     """Compare the types of a task's events, in stream order, with FLOW_CONTRACT.
 
     A handoff is out of order when its first occurrence precedes the first occurrence
-    of the handoff before it in the contract.
+    of the handoff before it in the contract. A task whose workspace was lost is judged by its
+    last attempt: the submission, then what follows its last AttemptStarted.
     """
     first_index: dict[str, int] = {}
-    for index, event_type in enumerate(event_types):
+    for index, event_type in enumerate(last_attempt(list(event_types))):
         first_index.setdefault(event_type, index)
     reached = tuple(step for step in FLOW_CONTRACT if step in first_index)
     missing = tuple(step for step in FLOW_CONTRACT if step not in first_index)

@@ -102,8 +102,9 @@ class Session(TaskAggregate):
     def pushed(self, branch: str, commit: str) -> None:
         self.emit(BranchPushed(branch=branch, commit=commit), actor=ACTOR, causation_id=self.cause)
 
-    def failed(self, reason: str) -> None:
-        self.emit(SessionFailed(reason=reason), actor=ACTOR, causation_id=self.cause)
+    def failed(self, reason: str, *, lost_workspace: bool = False) -> None:
+        event = SessionFailed(reason=reason, lost_workspace=lost_workspace)
+        self.emit(event, actor=ACTOR, causation_id=self.cause)
 
     @staticmethod
     def ends(envelope: Envelope) -> bool:

@@ -39,14 +39,15 @@ def directory_identity(path: Path) -> tuple[int, int] | None:
 
 
 def end_unfinished_session(store: ServiceStore, task_id: str, *, reason: str) -> bool:
-    """End a session a dead vm_agent process left unfinished with `reason`; True if there was one."""
+    """End a session a dead vm_agent process left unfinished with `reason`, said to be a lost
+    workspace (the task runner tries again); True if there was one."""
     last = store.last_envelope(Session, task_id)
     if last is not None and Session.ends(last):
         return False  # The usual case, told without replaying every output of the session.
     session = store.get_task_aggregate(Session, task_id)
     if session is None or session.ended:
         return False
-    session.failed(reason)
+    session.failed(reason, lost_workspace=True)
     store.save(session)
     return True
 

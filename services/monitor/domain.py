@@ -36,6 +36,26 @@ class Watch(TaskAggregate):
         self.asked: dict[str, str] = {}  # open permission request → when it was asked
         self.answered: set[str] = set()
         self.person_waits: list[tuple[str, float]] = []  # (asked at, seconds) of each answered request
+        self.attempt = 1
+        self.attempt_began_at: str | None = None  # when the current attempt's workspace was requested
+
+    @event("AttemptBegan")
+    def attempt_began(self, attempt: int, at: str) -> None:
+        """A new attempt (the last one's workspace was lost) follows the flow from WorkspaceRequested
+        again: what earlier attempts reached, or missed, is theirs."""
+        self.attempt, self.attempt_began_at = attempt, at
+        for step in FLOW_CONTRACT[FLOW_CONTRACT.index("WorkspaceRequested"):]:
+            self.seen.pop(step, None)
+            self.seen_ids.pop(step, None)
+            self.overdue.pop(step, None)
+        self.overdue.pop("AgentOutput", None)
+        self.stalled_at_seq, self.last_seq = None, 0
+        self.asked.clear()
+
+    def of_earlier_attempt(self, envelope: Envelope) -> bool:
+        """An event that happened before the current attempt began (relayed late) is not its."""
+        return (self.attempt_began_at is not None
+                and envelope.occurred_at < datetime.fromisoformat(self.attempt_began_at))
 
     @property
     def waiting_for_person(self) -> bool:

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 ACTIVITY_TYPES = ("ToolCallStarted", "ToolCallUpdated", "PlanUpdated", "UsageRecorded",
                   "PermissionRequested", "PermissionAnswered")
 """What an agent does besides printing: an agent in a long tool call is busy, not stalled."""
+TASK_LEVEL_TYPES = (TaskFailed.type, TaskCancelled.type, TaskCancelRequested.type, "TaskCompleted")
+"""Events about the whole task, whichever attempt runs."""
 WATCHED_TYPES = (*FLOW_CONTRACT, TaskFailed.type, *ACTIVITY_TYPES, *WAITING_FOR,
                  TaskCancelled.type, TaskCancelRequested.type)
 
@@ -67,6 +69,12 @@ class Monitor:
 
     def _fold(self, envelope: Envelope) -> Watch:
         watch = self.watch_for(envelope.task_id)
+        attempt = envelope.data.get("attempt", 1) if envelope.type == "WorkspaceRequested" else 1
+        if attempt > watch.attempt:
+            watch.attempt_began(attempt, envelope.occurred_at.isoformat())
+            self.last_output_at.pop(envelope.task_id, None)
+        elif envelope.type not in TASK_LEVEL_TYPES and watch.of_earlier_attempt(envelope):
+            return watch
         if envelope.type in ACTIVITY_TYPES:
             self.last_output_at[envelope.task_id] = envelope.occurred_at
             _note_person(watch, envelope)

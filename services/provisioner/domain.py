@@ -1,4 +1,5 @@
-"""The Workspace aggregate: one per task, from request to ready or failed."""
+"""The Workspace aggregate: one per task, from request to ready or failed; a later attempt's
+request (after the workspace was lost) replaces it with the new attempt's."""
 
 from __future__ import annotations
 
@@ -24,6 +25,17 @@ class Workspace(TaskAggregate):
         self.cause = cause
         self.vm_agent_url: str | None = None
         self.failure: str | None = None
+        self.released = False
+        self.attempt = 1
+
+    @event("Reattempted")
+    def new_attempt(self, attempt: int, base_branch: str | None, cause: str) -> None:
+        """A later attempt of the task needs a workspace: the lost one's place is taken by it."""
+        self.attempt = attempt
+        self.base_branch = base_branch
+        self.cause = cause
+        self.vm_agent_url = None
+        self.failure = None
         self.released = False
 
     @property

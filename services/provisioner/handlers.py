@@ -28,7 +28,7 @@ class ProvisionerHandlers:
         store: ServiceStore,
         provider: LocalProvider,
         faults: frozenset[str],
-        on_ready: Callable[[str], None] = lambda task_id: None,
+        on_ready: Callable[[str, int], None] = lambda task_id, attempt: None,
     ) -> None:
         self.store = store
         self.on_ready = on_ready
@@ -37,10 +37,15 @@ class ProvisionerHandlers:
         self._running: dict[str, asyncio.Task[None]] = {}
 
     async def on_workspace_requested(self, envelope: Envelope, tracking: Tracking) -> None:
-        if self.store.get_task_aggregate(Workspace, envelope.task_id) is not None:
-            return
         requested = parse_event(envelope)
         assert isinstance(requested, WorkspaceRequested)
+        existing = self.store.get_task_aggregate(Workspace, envelope.task_id)
+        if existing is not None:
+            if requested.attempt > existing.attempt:  # The last one was lost: a new workspace.
+                existing.new_attempt(requested.attempt, requested.base_branch, envelope.event_id)
+                self.store.save_processed(tracking, existing)
+                self.provision_in_background(existing)
+            return
         workspace = Workspace(
             envelope.task_id, requested.repo, requested.base_branch, requested.provider,
             envelope.event_id, requested.agent,
@@ -57,7 +62,8 @@ class ProvisionerHandlers:
     async def provision(self, workspace: Workspace) -> None:
         try:
             url = await self.provider.provision(
-                workspace.task_id, workspace.repo, workspace.base_branch, agent=workspace.agent
+                workspace.task_id, workspace.repo, workspace.base_branch, agent=workspace.agent,
+                attempt=workspace.attempt,
             )
         except ProvisionError as error:
             workspace.failed(str(error))
@@ -65,11 +71,13 @@ class ProvisionerHandlers:
             if "workspace_ready" in self.faults:
                 log.warning("fault workspace_ready: not announcing workspace %s", workspace.task_id)
                 return
-            workspace.ready(workspace_id=f"local-{workspace.task_id}", vm_agent_url=url,
-                            credential_expires_at=self.provider.credential_expires_at(workspace.task_id))
+            suffix = f"-a{workspace.attempt}" if workspace.attempt > 1 else ""
+            expires_at = self.provider.credential_expires_at(workspace.task_id, attempt=workspace.attempt)
+            workspace.ready(workspace_id=f"local-{workspace.task_id}{suffix}", vm_agent_url=url,
+                            credential_expires_at=expires_at)
         self.store.save(workspace)
         if workspace.vm_agent_url:
-            self.on_ready(workspace.task_id)
+            self.on_ready(workspace.task_id, workspace.attempt)
 
     def resume_unsettled(self) -> None:
         """After a restart, finish every workspace that was requested but never settled."""

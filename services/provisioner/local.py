@@ -33,21 +33,24 @@ class LocalProvider:
         self.pool = VmAgentPool(settings, mix=settings.warm_mix, ready_timeout_s=ready_timeout_s)
         self.credentials = CredentialVault.of(settings)
 
-    def workspace_dir(self, task_id: str) -> Path:
-        return self._settings.data_dir / "workspaces" / task_id
+    def workspace_dir(self, task_id: str, *, attempt: int = 1) -> Path:
+        return self._settings.data_dir / "workspaces" / _attempt_dir_name(task_id, attempt)
 
-    def vm_agent_dir(self, task_id: str) -> Path:
-        return self._settings.data_dir / "vm_agents" / task_id
+    def vm_agent_dir(self, task_id: str, *, attempt: int = 1) -> Path:
+        """The state dir (store, pid, url) of the task's vm_agent for `attempt`: each attempt has
+        its own, so a new attempt's vm_agent records from a fresh store (its output counts from 1)."""
+        return self._settings.data_dir / "vm_agents" / _attempt_dir_name(task_id, attempt)
 
-    def credential_expires_at(self, task_id: str) -> float | None:
+    def credential_expires_at(self, task_id: str, *, attempt: int = 1) -> float | None:
         """When the token and bus credential of the task's vm_agent expire (set at assignment)."""
         try:
-            return float((self.vm_agent_dir(task_id) / "credential_expires_at").read_text())
+            return float((self.vm_agent_dir(task_id, attempt=attempt) / "credential_expires_at").read_text())
         except (OSError, ValueError):
             return None
 
     async def clone(
-        self, task_id: str, repo: str, base_branch: str | None, *, credential: RepoCredential | None = None
+        self, task_id: str, repo: str, base_branch: str | None, *, credential: RepoCredential | None = None,
+        attempt: int = 1,
     ) -> Path:
         """Clone `repo` (at `base_branch`) into the task's workspace, replacing a partial one.
 
@@ -56,7 +59,7 @@ class LocalProvider:
         otherwise write the origin's files). Before the agent can see the workspace, its `.git`
         is copied to the vm_agent's state dir: the only git dir the vm_agent runs git on.
         """
-        target = self.workspace_dir(task_id)
+        target = self.workspace_dir(task_id, attempt=attempt)
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -72,17 +75,19 @@ class LocalProvider:
         if process.returncode != 0:
             message = f"git clone {repo} failed: {stderr.decode(errors='replace').strip()}"
             raise ProvisionError(redact(message, credential))
-        save_clone_git_dir(target, self.vm_agent_dir(task_id))
+        save_clone_git_dir(target, self.vm_agent_dir(task_id, attempt=attempt))
         return target
 
-    async def provision(self, task_id: str, repo: str, base_branch: str | None, *, agent: str) -> str:
+    async def provision(self, task_id: str, repo: str, base_branch: str | None, *, agent: str,
+                        attempt: int = 1) -> str:
         """Clone the workspace and assign it a warm vm_agent (both at once); the vm_agent's URL.
 
         The repo's credential, sealed by the gateway, is used for the clone, handed to the
         vm_agent (to push) and then discarded.
         """
         try:
-            url = await self._provision(task_id, self._checked_repo(task_id, repo), base_branch, agent=agent)
+            url = await self._provision(task_id, self._checked_repo(task_id, repo), base_branch, agent=agent,
+                                        attempt=attempt)
         except ProvisionError:
             self.credentials.discard(task_id)  # The workspace failed: nobody will need it.
             raise
@@ -97,23 +102,24 @@ class LocalProvider:
             raise ProvisionError(f"cannot clone this repo: {error}") from None
         return replace(checked, credential=checked.credential or self.credentials.open(task_id))
 
-    async def _provision(self, task_id: str, repo: RepoUrl, base_branch: str | None, *, agent: str) -> str:
+    async def _provision(self, task_id: str, repo: RepoUrl, base_branch: str | None, *, agent: str,
+                         attempt: int) -> str:
         """If the task already has its vm_agent (a provisioner restarted after assigning it),
         that one's URL: the clone was done before it was assigned."""
-        state_dir = self.vm_agent_dir(task_id)
+        state_dir = self.vm_agent_dir(task_id, attempt=attempt)
         url_file = state_dir / "url"
         if url_file.exists() and await answers(url_file.read_text().strip(), task_id=task_id):
             return url_file.read_text().strip()
         loop = asyncio.get_running_loop()
         started, ready_before = loop.time(), self.pool.ready_count
-        workspace = self.workspace_dir(task_id)
+        workspace = self.workspace_dir(task_id, attempt=attempt)
         # The vm_agent does not touch the workspace before a session starts: it is taken and
         # assigned while the clone runs.
         assigning = loop.create_task(
             self._take_and_assign(task_id, workspace, state_dir, agent, repo.credential)
         )
         try:
-            await self.clone(task_id, repo.url, base_branch, credential=repo.credential)
+            await self.clone(task_id, repo.url, base_branch, credential=repo.credential, attempt=attempt)
             cloned = loop.time()
             member, taken = await assigning
         except VmAgentError as error:
@@ -154,6 +160,10 @@ class LocalProvider:
             member.kill()
             raise
         return member, taken
+
+
+def _attempt_dir_name(task_id: str, attempt: int) -> str:
+    return task_id if attempt <= 1 else f"{task_id}-a{attempt}"
 
 
 def move_clone_into(prepared: Path, *, clone: Path) -> None:

@@ -1,8 +1,9 @@
 """Watches the vm_agents the local provider started: a vm_agent that is gone never leaves a task hanging.
 
 When a vm_agent process has exited, for whatever reason, the watcher opens its store, ends a
-session it left unfinished with `SessionFailed` (the reason names the lost vm_agent), relays
-everything it had not yet published, and releases the workspace.
+session it left unfinished with `SessionFailed` (`lost_workspace`, the reason names the lost
+vm_agent: the task runner starts a new attempt), relays everything it had not yet published, and
+releases the workspace. Each attempt of a task has its own vm_agent; the watcher follows the latest.
 """
 
 from __future__ import annotations
@@ -26,43 +27,47 @@ class VmAgentWatcher:
         self.store = store
         self.provider = provider
         self.publisher = publisher
-        self._watched: set[str] = set()
+        self._watched: dict[str, int] = {}  # task id → the attempt whose vm_agent is watched
 
-    def watch(self, task_id: str) -> None:
-        self._watched.add(task_id)
+    def watch(self, task_id: str, attempt: int = 1) -> None:
+        self._watched[task_id] = attempt
 
     async def run(self, *, interval_s: float = 1.0) -> None:
         for workspace in all_workspaces(self.store):
             if workspace.vm_agent_url and not workspace.released:
-                self.watch(workspace.task_id)
+                self.watch(workspace.task_id, workspace.attempt)
         while True:
-            for task_id in sorted(self._watched):
-                if not self._vm_agent_alive(task_id):
-                    await self.settle_lost_vm_agent(task_id)
+            for task_id, attempt in sorted(self._watched.items()):
+                if not self._vm_agent_alive(task_id, attempt):
+                    await self.settle_lost_vm_agent(task_id, attempt)
             await asyncio.sleep(interval_s)
 
-    def _vm_agent_alive(self, task_id: str) -> bool:
-        pid_file = self.provider.vm_agent_dir(task_id) / "pid"
+    def _vm_agent_alive(self, task_id: str, attempt: int) -> bool:
+        pid_file = self.provider.vm_agent_dir(task_id, attempt=attempt) / "pid"
         try:
             return process_alive(int(pid_file.read_text()))
         except (OSError, ValueError):
             return False
 
-    async def settle_lost_vm_agent(self, task_id: str) -> None:
-        workspace = self.store.get_task_aggregate(Workspace, task_id)
-        state_dir = self.provider.vm_agent_dir(task_id)
+    async def settle_lost_vm_agent(self, task_id: str, attempt: int = 1) -> None:
+        state_dir = self.provider.vm_agent_dir(task_id, attempt=attempt)
         vm_store = open_vm_agent_store(state_dir)
         try:
             # Rebuilding a long session replays every output: off the event loop.
             if await asyncio.to_thread(
-                end_unfinished_session, vm_store, workspace.task_id,
+                end_unfinished_session, vm_store, task_id,
                 reason="the workspace's vm_agent exited while the agent was running; the run was lost",
             ):
-                log.warning("vm_agent of task %s died mid-run; session ended", workspace.task_id)
+                log.warning("vm_agent of task %s (attempt %d) died mid-run; session ended", task_id, attempt)
             await Relay(vm_store, self.publisher,
                         dead_letter_subject=vm_agent_dead_letter_subject(task_id)).drain()
         finally:
             vm_store.close()
-        workspace.release("vm_agent gone; its events are relayed")
-        self.store.save(workspace)
-        self._watched.discard(task_id)
+        # Read now, not before the relay: its SessionFailed may already have brought a new
+        # attempt's request, and that attempt's workspace is not this one to release.
+        workspace = self.store.get_task_aggregate(Workspace, task_id)
+        if workspace.attempt == attempt and not workspace.released:
+            workspace.release("vm_agent gone; its events are relayed")
+            self.store.save(workspace)
+        if self._watched.get(task_id) == attempt:
+            del self._watched[task_id]

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     vm_agent_credential_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     """How long a vm_agent's token and NATS credential stay valid after its workspace is assigned."""
 
+    max_attempts: int = Field(default=3, ge=1)
+    """Attempts a task gets when its workspace is lost mid-run (BATON_MAX_ATTEMPTS): the lost one
+    is followed by a new one (AttemptStarted) until this many ran; then the task fails naming why."""
     max_running_tasks: int = Field(default_factory=lambda: default_max_running_tasks(), ge=1)
     """Tasks that hold a place (workspace and agent) at once; the rest wait `queued`, first come
     first served. Default: max(2, min(4 per CPU, 1 per GiB of free memory)). An agent's turn

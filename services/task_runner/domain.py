@@ -5,6 +5,7 @@ from __future__ import annotations
 from eventsourcing.domain import event
 
 from events import (
+    AttemptStarted,
     Envelope,
     TaskCancelled,
     TaskCompleted,
@@ -42,6 +43,7 @@ class Task(TaskAggregate):
         self.follow_ups: list[tuple[str, str]] = []
         """(FollowUpSubmitted id, prompt) not yet handed to the vm_agent, in the order people sent them."""
         self.follow_up_ids: set[str] = set()
+        self.lost: list[str] = []  # why each earlier attempt was lost
 
     @property
     def is_over(self) -> bool:
@@ -76,6 +78,26 @@ class Task(TaskAggregate):
     def request_workspace(self, *, cause: str) -> None:
         event = WorkspaceRequested(repo=self.repo, agent=self.agent, base_branch=self.base_branch)
         self.emit(event, actor=ACTOR, causation_id=cause)
+
+    @property
+    def running_attempt(self) -> bool:
+        """The current attempt's agent was started (a lost workspace now calls for a new attempt)."""
+        return self.state == "starting"
+
+    def start_new_attempt(self, reason: str, *, base_branch: str | None, cause: str) -> None:
+        """The workspace was lost: attempt n+1 gets a new one from `base_branch` (the task keeps
+        its place in the queue) and its own attempt id, `<task>-a<n+1>`."""
+        attempt = self.attempt + 1
+        self.emit(AttemptStarted(attempt=attempt, reason=reason, base_branch=base_branch),
+                  actor=ACTOR, causation_id=cause)
+        event = WorkspaceRequested(repo=self.repo, agent=self.agent, base_branch=base_branch, attempt=attempt)
+        self.emit(event, actor=ACTOR, causation_id=cause)
+
+    def attempts_ran_out(self, reason: str) -> str:
+        """Why the task fails when its last attempt's workspace was lost too, for people."""
+        losses = len(self.lost) + 1
+        times = "once" if losses == 1 else f"{losses} times"
+        return f"the workspace was lost {times} (no attempts left): {reason}"
 
     @event("AgentStartRequested")
     def agent_start_requested(self, vm_agent_url: str, token_expires_at: float | None = None) -> None:
@@ -129,6 +151,9 @@ class Task(TaskAggregate):
     def apply(self, envelope: Envelope) -> None:
         if envelope.type == WorkspaceRequested.type:
             self.state = "provisioning"
+            self.vm_agent_url = None
+        elif envelope.type == AttemptStarted.type:
+            self.lost.append(envelope.data["reason"])
         elif envelope.type == TaskCompleted.type:
             self.state = "completed"
         elif envelope.type == TaskFailed.type:

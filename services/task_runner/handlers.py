@@ -49,12 +49,14 @@ class TaskRunnerHandlers:
         *,
         overdue_backoff_s: Sequence[float] = (1.0, 2.0, 4.0),
         max_running: int = 8,
+        max_attempts: int = 3,
     ) -> None:
         self.store = store
         self.starter = starter
         self.lookup = lookup
         self.overdue_backoff_s = tuple(overdue_backoff_s)
         self.max_running = max_running
+        self.max_attempts = max_attempts
         self._queue: RunQueue | None = None
 
     def queue(self) -> RunQueue:
@@ -163,7 +165,26 @@ class TaskRunnerHandlers:
     async def on_session_failed(self, envelope: Envelope, tracking: Tracking) -> None:
         failed = parse_event(envelope)
         assert isinstance(failed, SessionFailed)
-        await self._fail(envelope, tracking, failed.reason)
+        if not failed.lost_workspace:
+            await self._fail(envelope, tracking, failed.reason)
+            return
+        task = self._task(envelope)
+        if task is None or task.is_over or not task.running_attempt:
+            return  # Not the running attempt's loss (already handled, or the task ended).
+        await self._after_lost_workspace(task, failed.reason, cause=envelope.event_id)
+        self._save(tracking, task, cause=envelope.event_id)
+
+    async def _after_lost_workspace(self, task: Task, reason: str, *, cause: str) -> None:
+        """A new attempt from the last pushed commit while attempts remain; else the task fails
+        naming the loss. A task a person asked to cancel ends cancelled."""
+        if task.cancel_requested:
+            task.cancel(cause=cause)
+        elif task.attempt >= self.max_attempts:
+            task.fail(task.attempts_ran_out(reason), cause=cause)
+        else:
+            pushed = await self.lookup.last_event(task.task_id, BranchPushed.type)
+            base_branch = (pushed.data.get("branch") if pushed is not None else None) or task.base_branch
+            task.start_new_attempt(reason, base_branch=base_branch, cause=cause)
 
     async def on_agent_finished(self, envelope: Envelope, tracking: Tracking) -> None:
         finished = parse_event(envelope)

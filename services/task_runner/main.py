@@ -20,6 +20,6 @@ async def run(settings: Settings) -> None:
                        stream_limits=StreamLimits.from_settings(settings)) as bus:
         handlers = TaskRunnerHandlers(
             store, starter, bus, overdue_backoff_s=settings.overdue_backoff_s,
-            max_running=settings.max_running_tasks,
+            max_running=settings.max_running_tasks, max_attempts=settings.max_attempts,
         )
         await serve(bus, name=NAME, settings=settings, store=store, handlers=handlers.handlers())

@@ -63,21 +63,56 @@ def test_a_task_survives_kill_9_of_a_service(crash_stack: BatonStack, tmp_path: 
     api.wait_for_state(task["task_id"], "completed", timeout_s=60)
 
 
-def test_killing_the_vm_agent_mid_run_ends_the_task_with_a_clear_reason(crash_stack: BatonStack, tmp_path: Path):
+VM_AGENT_KILL_POINTS = ["AgentOutput", "PromptDelivered"]
+
+
+@pytest.mark.parametrize("after", VM_AGENT_KILL_POINTS, ids=[f"after-{a}" for a in VM_AGENT_KILL_POINTS])
+def test_a_task_whose_vm_agent_is_killed_completes_on_a_new_attempt(crash_stack: BatonStack, tmp_path: Path,
+                                                                      after: str):
     api = Api(crash_stack.api, crash_stack.token)
     origin = make_origin(tmp_path)
-    task = api.submit(repo=origin.as_uri(), prompt=counting_prompt("v", 400, pause_s=0.1), agent="shell")
-    wait_for(seen(api, task["task_id"], "AgentOutput"), timeout_s=60, what="first AgentOutput")
+    nonce = secrets.token_hex(6)
+    task = api.submit(repo=origin.as_uri(), prompt=counting_prompt(nonce, LINES, pause_s=0.1), agent="shell")
+    wait_for(seen(api, task["task_id"], after), timeout_s=60, what=after)
 
+    # The first attempt's vm_agent dies mid-turn: its workspace is lost.
     os.kill(crash_stack.vm_agent_pid(task["task_id"]), signal.SIGKILL)
 
-    events = api.wait_for_end(task["task_id"], timeout_s=60)
-    assert events[-1]["type"] == "TaskFailed"
-    assert "vm_agent exited while the agent was running" in events[-1]["data"]["reason"]
-    assert api.wait_for_state(task["task_id"], "failed")["reason"] == events[-1]["data"]["reason"]
-    # What the vm_agent recorded before it died still reached the stream, in order.
-    outputs = [e["data"]["seq"] for e in events if e["type"] == "AgentOutput"]
-    assert outputs == list(range(1, len(outputs) + 1))
+    events = assert_flow_completes(api, task["task_id"], timeout_s=120)
+    # Each attempt started once, got its prompt once, and printed each line once, counting from 1;
+    # the last one printed them all.
+    assert_nothing_lost_nothing_twice(events, nonce=nonce, lines=LINES)
+    # The new attempt is on the record with its reason, and ran under its own attempt id.
+    [attempt] = [e for e in events if e["type"] == "AttemptStarted"]
+    assert attempt["data"]["attempt"] == 2
+    assert "vm_agent exited while the agent was running" in attempt["data"]["reason"]
+    assert [e["data"]["attempt_id"] for e in events if e["type"] == "AgentSessionStarted"] == [
+        f"{task['task_id']}-a1", f"{task['task_id']}-a2"]
+    assert [e["data"].get("attempt", 1) for e in events if e["type"] == "WorkspaceRequested"] == [1, 2]
+    assert branch_file(origin, f"baton/{task['task_id']}", "done.txt") == nonce
+    # The lost attempt's missing handoffs are no gap: the monitor judged the attempt that ran.
+    assert not [e for e in events if e["type"] in ("StepOverdue", "AgentStalled")]
+    assert api.wait_for_state(task["task_id"], "completed", timeout_s=60)["gaps"] == []
+
+
+def test_a_task_fails_naming_the_lost_workspace_when_attempts_run_out(tmp_path: Path):
+    with running_stack(tmp_path / "stack", env={"BATON_MAX_ATTEMPTS": "1"}) as stack:
+        api = Api(stack.api, stack.token)
+        origin = make_origin(tmp_path)
+        task = api.submit(repo=origin.as_uri(), prompt=counting_prompt("v", 400, pause_s=0.1), agent="shell")
+        wait_for(seen(api, task["task_id"], "AgentOutput"), timeout_s=60, what="first AgentOutput")
+
+        os.kill(stack.vm_agent_pid(task["task_id"]), signal.SIGKILL)
+
+        events = api.wait_for_end(task["task_id"], timeout_s=60)
+        assert events[-1]["type"] == "TaskFailed"
+        reason = events[-1]["data"]["reason"]
+        assert reason.startswith("the workspace was lost once") and "vm_agent exited while the agent was running" in reason
+        assert not [e for e in events if e["type"] == "AttemptStarted"]
+        assert api.wait_for_state(task["task_id"], "failed")["reason"] == reason
+        # What the vm_agent recorded before it died still reached the stream, in order.
+        outputs = [e["data"]["seq"] for e in events if e["type"] == "AgentOutput"]
+        assert outputs == list(range(1, len(outputs) + 1))
 
 
 def test_nothing_is_lost_when_nats_stops_mid_run_and_comes_back(tmp_path: Path):

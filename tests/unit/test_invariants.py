@@ -36,3 +36,22 @@ def test_a_lost_output_line_fails():
     events = [e for e in history(3) if e["event_id"] != "o2"]
     with pytest.raises(AssertionError, match="seq not contiguous"):
         assert_nothing_lost_nothing_twice(events, nonce="n", lines=3)
+
+
+def attempt_started(attempt: int) -> dict:
+    return {"event_id": f"attempt{attempt}", "type": "AttemptStarted",
+            "data": {"attempt": attempt, "reason": "the workspace's vm_agent exited"}}
+
+
+def test_a_lost_attempt_then_a_complete_one_passes_each_counting_its_output_from_1():
+    lost = [e for e in history(2) if e["type"] != "TaskCompleted"]
+    retried = [{**e, "event_id": f"{e['event_id']}-a2"} for e in history(3) if e["type"] != "TaskSubmitted"]
+    assert_nothing_lost_nothing_twice([*lost, attempt_started(2), *retried], nonce="n", lines=3)
+
+
+def test_a_second_prompt_delivery_within_one_attempt_fails():
+    lost = [e for e in history(2) if e["type"] != "TaskCompleted"]
+    lost.append({"event_id": "again", "type": "PromptDelivered", "data": {}})
+    retried = [{**e, "event_id": f"{e['event_id']}-a2"} for e in history(3) if e["type"] != "TaskSubmitted"]
+    with pytest.raises(AssertionError, match="PromptDelivered 2 times in attempt 1"):
+        assert_nothing_lost_nothing_twice([*lost, attempt_started(2), *retried], nonce="n", lines=3)

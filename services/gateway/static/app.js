@@ -394,7 +394,8 @@ async function taskPage(app, id) {
 
   let t0 = task.created_at ? Date.parse(task.created_at) : null;
   let lines = 0;
-  const seenOutput = new Set();
+  const seenOutput = new Set();  // "<attempt>:<seq>": each attempt's output counts from 1
+  let attempt = 1;
   const showHeader = () => {
     state.replaceChildren(badge(task.state));
     const fact = (label, value) => value && h("div", {}, h("dt", {}, label), h("dd", {}, value));
@@ -455,6 +456,7 @@ async function taskPage(app, id) {
     else if (event.type === "AgentStalled") detail = `No output for ${secs(data.silent_s)}`;
     else if (event.type === "StepRecovered") detail = `${data.expected} came ${secs(data.waited_s)}after ${data.after}`;
     else if (event.type === "PermissionAnswerGiven") detail = `permission ${data.request_id}: ${data.option_id}`;
+    else if (event.type === "AttemptStarted") detail = `attempt ${data.attempt}: ${data.reason}`;
     else if (!LABEL[event.type]) detail = JSON.stringify(data).slice(0, 160);
     const kind = gap ? " red gap" : RED.has(event.type) ? " red" : event.type === "StepRecovered" ? " recovered" : "";
     const row = h("li", { class: `step extra${kind}`, "data-event": event.type, "data-gap": gap ? data.expected || "AgentOutput" : null },
@@ -478,6 +480,7 @@ async function taskPage(app, id) {
   const apply = (event) => {
     const data = event.data || {};
     if (event.type === "TaskSubmitted" && event.occurred_at) t0 = Date.parse(event.occurred_at);
+    if (event.type === "AttemptStarted") attempt = data.attempt;
     fold(task, event);
     if (CONVERSATION_TYPES.has(event.type)) {
       const stick = output.scrollTop + output.clientHeight >= output.scrollHeight - 24;
@@ -486,8 +489,8 @@ async function taskPage(app, id) {
       return;  // the conversation shows it; the flow's timeline stays the handoffs
     }
     if (event.type === "AgentOutput") {
-      if (seenOutput.has(data.seq)) return;
-      seenOutput.add(data.seq);
+      if (seenOutput.has(`${attempt}:${data.seq}`)) return;
+      seenOutput.add(`${attempt}:${data.seq}`);
       const stick = output.scrollTop + output.clientHeight >= output.scrollHeight - 24;
       talk.output(data);
       lines += (data.text.match(/\n/g) || []).length;
