@@ -87,8 +87,15 @@ class FakeOpenAIResponses:
         return 2 * self.script.input_tokens, 2 * self.script.output_tokens
 
     def responses_requests(self) -> list[RecordedRequest]:
+        """The requests of the task's own turn (not Codex's side call that titles the thread)."""
         with self._lock:
-            return [r for r in self.requests if r.method == "POST" and r.path.endswith("/responses")]
+            return [r for r in self.requests if r.method == "POST" and r.path.endswith("/responses")
+                    and not _asks_for_a_title(r.body)]
+
+    def title_requests(self) -> list[RecordedRequest]:
+        """Codex's side call, once the turn has started, for a short title of the thread."""
+        with self._lock:
+            return [r for r in self.requests if r.method == "POST" and _asks_for_a_title(r.body)]
 
     def saw(self, text: str) -> bool:
         """Whether any request to the Responses endpoint carried `text`."""
@@ -173,8 +180,20 @@ def _json_or_text(raw: bytes) -> Any:
         return raw.decode("utf-8", errors="replace")
 
 
+TITLE_REQUEST = "generate a very short title for a conversation"
+
+
+def _asks_for_a_title(body: Any) -> bool:
+    return TITLE_REQUEST in json.dumps(body)
+
+
 def _script_events(script: ResponsesScript, body: Any) -> list[dict[str, Any]]:
-    """The SSE events answering one request: the tool call first, the final message once its output came."""
+    """The SSE events answering one request: the tool call first, the final message once its output
+    came; a request for the thread's title gets a short title."""
+    if _asks_for_a_title(body):
+        item = {"type": "message", "id": "msg_baton_title", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": "Write the nonce", "annotations": []}]}
+        return _response_events("resp_baton_title", item, script, text="Write the nonce")
     if _carries_call_output(body):
         item = {"type": "message", "id": "msg_baton_final", "role": "assistant", "status": "completed",
                 "content": [{"type": "output_text", "text": script.final_message, "annotations": []}]}
