@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from services.runtime.settings import Settings, ensure_private_dir
+from services.runtime.sealed import SealedFiles
+from services.runtime.settings import Settings
 from vm_agent.backends import AGENT_KINDS
 
 _NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,127}$")
-_NONCE_BYTES = 12
 
 
 def declared_names() -> frozenset[str]:
@@ -38,10 +33,7 @@ class UnknownSecretName(ValueError):
 
 class AgentSecrets:
     def __init__(self, directory: Path, install_secret: str) -> None:
-        self._directory = directory
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                   info=b"baton agent secrets v1").derive(install_secret.encode())
-        self._aead = AESGCM(key)
+        self._files = SealedFiles(directory, install_secret, purpose=b"baton agent secrets v1")
 
     @classmethod
     def of(cls, settings: Settings) -> AgentSecrets:
@@ -49,49 +41,26 @@ class AgentSecrets:
 
     def set(self, name: str, value: str) -> None:
         """Keep `value` for `name`, encrypted (replacing the one kept before)."""
-        target = self._path(name)
-        nonce = secrets.token_bytes(_NONCE_BYTES)
-        sealed = nonce + self._aead.encrypt(nonce, value.encode(), name.encode())
-        ensure_private_dir(self._directory)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, sealed)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(target)
+        self._files.write(self._declared(name), value.encode())
 
     def names(self) -> list[str]:
-        if not self._directory.is_dir():
-            return []
-        return sorted(p.name for p in self._directory.iterdir() if _NAME.match(p.name))
+        return [name for name in self._files.names() if _NAME.match(name)]
 
     def unset(self, name: str) -> bool:
         """Forget `name`; False if it was not set."""
-        try:
-            self._path(name).unlink()
-        except FileNotFoundError:
-            return False
-        return True
+        return self._files.remove(self._declared(name))
 
     def values(self) -> dict[str, str]:
         """Every stored secret that opens with this install's key (others are skipped)."""
-        opened = {}
-        for name in self.names():
-            try:
-                sealed = (self._directory / name).read_bytes()
-                plain = self._aead.decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], name.encode())
-            except (OSError, InvalidTag, ValueError):
-                continue
-            opened[name] = plain.decode()
-        return opened
+        opened = {name: self._files.read(name) for name in self.names()}
+        return {name: plain.decode() for name, plain in opened.items() if plain is not None}
 
-    def _path(self, name: str) -> Path:
+    @staticmethod
+    def _declared(name: str) -> str:
         if name not in declared_names():
             raise UnknownSecretName(
                 f"{name!r} is not a variable any agent declares; these are: {', '.join(sorted(declared_names()))}")
-        return self._directory / name
+        return name
 
 
 def agent_environ(settings: Settings, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
