@@ -21,7 +21,10 @@ pytestmark = pytest.mark.capability
 
 PROTECTED = [("POST", "/api/tasks"), ("GET", "/api/tasks"), ("GET", "/api/tasks/0123456789abcdef"),
              ("GET", "/api/tasks/0123456789abcdef/events"), ("GET", "/api/backends"),
-             ("GET", "/api/audit/events"), ("GET", "/docs"), ("GET", "/openapi.json")]
+             ("GET", "/api/audit/events"), ("GET", "/docs"), ("GET", "/openapi.json"),
+             ("POST", "/api/tasks/0123456789abcdef/cancel"), ("POST", "/api/tasks/0123456789abcdef/messages"),
+             ("GET", "/api/tasks/0123456789abcdef/permissions"),
+             ("POST", "/api/tasks/0123456789abcdef/permissions/r1")]
 STREAMS = ["/api/stream", "/api/tasks/0123456789abcdef/stream"]
 A_TASK = {"repo": "file:///nowhere.git", "prompt": "echo hi", "agent": "shell"}
 
