@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from events.flow import DEADLINES
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import make_origin
@@ -20,8 +21,10 @@ MARGIN_S = 6
 
 
 def fast_monitor(handoff: str) -> dict[str, str]:
-    """A short deadline for the handoff under test only (a busy machine may be slow elsewhere)."""
-    return {"BATON_DEADLINES": f"{handoff}={DEADLINE_S}", "BATON_OVERDUE_BACKOFF_S": "0.5,1"}
+    """A short deadline for the handoff under test; every other one generous, so that a busy
+    machine (CI on two cores) cannot make another handoff late and add a gap of its own."""
+    deadlines = ",".join(f"{d.expected}={DEADLINE_S if d.expected == handoff else 600}" for d in DEADLINES)
+    return {"BATON_DEADLINES": deadlines, "BATON_OVERDUE_BACKOFF_S": "0.5,1"}
 
 PROMPT = 'echo "working"\necho done > done.txt\n'
 
