@@ -113,11 +113,29 @@ class WorkspaceFailed(BaseEvent, emitter="provisioner"):
 
 
 class AgentSessionStarted(BaseEvent, emitter="vm_agent"):
-    """Emitted by the vm_agent once the agent process runs and has opened an ACP session."""
+    """Emitted by the vm_agent once the agent process runs and has opened an ACP session.
+
+    `restored` says how a task's earlier agent session (asked for by `resumed_from`, the earlier
+    ACP session id, on a workspace re-provisioned for a follow-up or a new attempt) was carried
+    over: `loaded` (ACP `session/load`: the agent has the earlier conversation), or `new` (a new
+    session: the agent cannot load sessions or the load failed; `restore_note` says which). Absent
+    on a task's first session, as before sessions were restored."""
 
     session_id: str
     agent: str
     attempt_id: str
+    resumed_from: str | None = None
+    restored: Literal["loaded", "new"] | None = None
+    restore_note: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _first_session_as_before(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in ("resumed_from", "restored", "restore_note"):
+                if data.get(name) is None:
+                    data.pop(name, None)
+        return data
 
 
 class PromptDelivered(BaseEvent, emitter="vm_agent"):
@@ -381,6 +399,35 @@ class TaskFailed(BaseEvent, emitter="task-runner"):
     reason: str
 
 
+class TurnRequested(BaseEvent, emitter="task-runner"):
+    """Emitted by the task runner when it starts a follow-up's turn (turn 2, 3, …).
+
+    Promises: follow-up `follow_up_id` (its FollowUpSubmitted's event id) is now turn `turn`.
+    `reprovision` false: it was handed to the task's lingering vm_agent, and its PromptDelivered
+    (with this `turn`) follows within the PromptDelivered deadline. `reprovision` true: the
+    workspace was released, so a WorkspaceRequested (attempt `attempt`, from the task's branch)
+    follows at once and the turn runs through the whole flow again (WorkspaceReady,
+    AgentSessionStarted restoring the agent's session, PromptDelivered with this `turn`, …). The
+    flow monitor judges each turn's handoffs from this event, with the same deadlines."""
+
+    turn: int = Field(ge=2)
+    follow_up_id: str
+    reprovision: bool = False
+    attempt: int = Field(default=1, ge=1)
+
+
+class WorkspaceReleased(BaseEvent, emitter="provisioner"):
+    """Emitted by the provisioner when a task's workspace (attempt `attempt`) is given up: its
+    vm_agent exited after the task's last turn (idle past BATON_LINGER_S), or the task ended.
+
+    Promises: nothing of that workspace runs any more; a later follow-up re-provisions (a
+    TurnRequested with `reprovision`). `reason` says why, for people."""
+
+    workspace_id: str
+    attempt: int = Field(default=1, ge=1)
+    reason: str
+
+
 class FollowUpSubmitted(BaseEvent, emitter="gateway"):
     """Emitted by the gateway when a person sends a follow-up prompt to a task (HTTP, CLI or UI).
 
@@ -475,6 +522,8 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
         TaskFailed,
         TaskCancelRequested,
         FollowUpSubmitted,
+        TurnRequested,
+        WorkspaceReleased,
         TaskCancelled,
         StepOverdue,
         StepRecovered,
