@@ -476,6 +476,12 @@ class StepOverdue(BaseEvent, emitter="monitor"):
     expected: str
     after: str
     waited_s: float
+    turn: int = Field(default=1, ge=1)
+    """The turn whose handoff is overdue (TurnRequested); absent for turn 1, as before turns existed."""
+
+    @model_serializer(mode="wrap")
+    def _first_turn_as_before(self, handler: Any) -> Any:
+        return _without_first_turn(self, handler(self))
 
 
 class StepRecovered(BaseEvent, emitter="monitor"):
@@ -487,6 +493,12 @@ class StepRecovered(BaseEvent, emitter="monitor"):
     expected: str
     after: str
     waited_s: float
+    turn: int = Field(default=1, ge=1)
+    """The turn the handoff belongs to; absent for turn 1."""
+
+    @model_serializer(mode="wrap")
+    def _first_turn_as_before(self, handler: Any) -> Any:
+        return _without_first_turn(self, handler(self))
 
 
 class AgentStalled(BaseEvent, emitter="monitor"):
@@ -494,6 +506,12 @@ class AgentStalled(BaseEvent, emitter="monitor"):
 
     silent_s: float
     last_seq: int
+    turn: int = Field(default=1, ge=1)
+    """The turn in which the agent went silent; absent for turn 1."""
+
+    @model_serializer(mode="wrap")
+    def _first_turn_as_before(self, handler: Any) -> Any:
+        return _without_first_turn(self, handler(self))
 
 
 EVENT_TYPES: dict[str, type[BaseEvent]] = {
