@@ -3,8 +3,9 @@
 NATS's decentralized auth: an **operator** key signs the **account** Baton uses; the account key
 signs a **user** JWT per process, carrying that process's publish/subscribe permissions and an
 expiry. The nats-server `baton up` starts trusts the operator (`server_config`), so a credential
-minted here needs no server reload: a vm_agent's credential is minted when its workspace is
-assigned and allows publishing only its own task's vm_agent events.
+minted here needs no server reload. A vm_agent starts (or a VM boots) with a member credential for
+its own identity (hello, its assignment); at assignment it gets its workspace's credential, which
+allows publishing only its own task's vm_agent events and hearing only its own task's commands.
 
 The keys live in `<data dir>/nats-auth/` (0600, created once, atomically); they never leave the
 control plane. A JWT is three base64url parts (header, claims, Ed25519 signature by the issuer's
@@ -29,6 +30,7 @@ from nats.aio.client import Credentials, RawCredentials
 
 from events.catalog import EVENT_TYPES, types_emitted_by
 from services.runtime.settings import Settings, ensure_private_dir, write_private
+from services.runtime.vm_agent_commands import MEMBER_PREFIX, TASK_PREFIX, member_subject, task_subject
 
 JS_API_DENIED = ("$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>")
 """No Baton process deletes or purges the record; a leaked service credential cannot either."""
@@ -74,31 +76,58 @@ class Permissions:
     subscribe: tuple[str, ...]
     deny_publish: tuple[str, ...] = ()
     inbox_prefix: str = "_INBOX"
+    deny_subscribe: tuple[str, ...] = ()
+    allow_responses: bool = False
+    """May reply (once, within a minute) to a request it received, whatever its reply subject."""
 
     def claims(self) -> dict:
         pub: dict = {"allow": list(self.publish)}
         if self.deny_publish:
             pub["deny"] = list(self.deny_publish)
-        return {"pub": pub, "sub": {"allow": list(self.subscribe)}}
+        sub: dict = {"allow": list(self.subscribe)}
+        if self.deny_subscribe:
+            sub["deny"] = list(self.deny_subscribe)
+        claims: dict = {"pub": pub, "sub": sub}
+        if self.allow_responses:
+            claims["resp"] = {"max": 1, "ttl": 60_000_000_000}  # nanoseconds, as Go's Duration
+        return claims
 
 
 def event_subjects(types: frozenset[str], task: str = "*") -> tuple[str, ...]:
     return tuple(f"baton.task.{task}.{name}" for name in sorted(types))
 
 
+VM_COMMANDS_SENT_BY = {"task-runner": (task_subject("*", "*"),), "provisioner": (member_subject("*", "assign"),)}
+"""Who may ask a vm_agent something: the task runner its task's commands, the provisioner an assignment."""
+
+VM_SUBJECTS_HEARD_BY = {"provisioner": (member_subject("*", "hello"),)}
+"""What a service may hear of the vm_agents' subjects; no one else hears any (assignments carry secrets)."""
+
+
 def service_permissions(service: str) -> Permissions:
     """A Baton service: the JetStream API (never deleting), its heartbeat, dead letters, and
     publishing only the events it emits. The provisioner also relays what a dead vm_agent
-    recorded but had not published, so it may publish the vm_agent's events too."""
+    recorded but had not published, so it may publish the vm_agent's events too. Only the task
+    runner and the provisioner send vm_agents commands (`VM_COMMANDS_SENT_BY`); no service
+    hears another's commands or replies on the vm_agents' subjects."""
     types = types_emitted_by(service)
     if service == "provisioner":
         types |= types_emitted_by("vm_agent")
+    heard = VM_SUBJECTS_HEARD_BY.get(service, ())
     return Permissions(
         publish=("$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "_INBOX.>", f"baton.heartbeat.{service}",
-                 "baton.deadletter.>", *event_subjects(types)),
+                 "baton.deadletter.>", *event_subjects(types), *VM_COMMANDS_SENT_BY.get(service, ())),
         subscribe=(">",),
         deny_publish=JS_API_DENIED,
+        deny_subscribe=_vm_subjects_unheard(heard),
     )
+
+
+def _vm_subjects_unheard(heard: tuple[str, ...]) -> tuple[str, ...]:
+    """The vm_agents' subjects a control-plane reader must not hear (deny beats allow in NATS)."""
+    if not heard:
+        return (f"{TASK_PREFIX}.>", f"{MEMBER_PREFIX}.>")
+    return (f"{TASK_PREFIX}.>", member_subject("*", "assign"))
 
 
 def vm_agent_inbox(task_id: str) -> str:
@@ -107,20 +136,31 @@ def vm_agent_inbox(task_id: str) -> str:
 
 def vm_agent_permissions(task_id: str) -> Permissions:
     """One workspace's vm_agent: publish its own task's vm_agent events (and its dead letters),
-    receive JetStream's acks on an inbox of its own; nothing else (no JetStream API)."""
+    receive JetStream's acks on an inbox of its own, hear its own task's commands and answer each
+    once; nothing else (no JetStream API)."""
     inbox = vm_agent_inbox(task_id)
     return Permissions(
         publish=(*event_subjects(types_emitted_by("vm_agent"), task_id),
                  f"baton.deadletter.vm_agent.{task_id}"),
-        subscribe=(f"{inbox}.>",),
+        subscribe=(f"{inbox}.>", task_subject(task_id, "*")),
         inbox_prefix=inbox,
+        allow_responses=True,
     )
+
+
+def vm_member_permissions(vm_id: str) -> Permissions:
+    """A vm_agent not yet assigned, known by its identity `vm_id`: say hello on its own subject,
+    hear its own assignment and answer it once; nothing else (no events, no JetStream)."""
+    inbox = f"_INBOX_vm_member_{vm_id}"
+    return Permissions(publish=(member_subject(vm_id, "hello"),),
+                       subscribe=(member_subject(vm_id, "assign"), f"{inbox}.>"),
+                       inbox_prefix=inbox, allow_responses=True)
 
 
 def auditor_permissions() -> Permissions:
     """`baton audit verify|rebuild` and other readers on the control plane: read, never publish events."""
     return Permissions(publish=("$JS.API.>", "$JS.ACK.>", "_INBOX.>"), subscribe=(">",),
-                       deny_publish=JS_API_DENIED)
+                       deny_publish=JS_API_DENIED, deny_subscribe=_vm_subjects_unheard(()))
 
 
 def creds_text(jwt: str, seed: bytes) -> str:
@@ -228,6 +268,16 @@ def vm_agent_credentials(settings: Settings, task_id: str) -> str | None:
         return None
     return InstallAuth(install_auth_dir(settings)).user_creds(
         f"vm_agent-{task_id}", vm_agent_permissions(task_id), ttl_s=settings.vm_agent_credential_ttl_s)
+
+
+def vm_member_credentials(settings: Settings, vm_id: str) -> str | None:
+    """The `.creds` text a vm_agent is started (or a VM booted) with, before it has a task: its
+    identity `vm_id`'s hello and assignment only, expiring; None where the install has no NATS
+    operator of its own (as `vm_agent_credentials`)."""
+    if not InstallAuth.exists_in(install_auth_dir(settings)):
+        return None
+    return InstallAuth(install_auth_dir(settings)).user_creds(
+        f"vm_member-{vm_id}", vm_member_permissions(vm_id), ttl_s=settings.vm_agent_credential_ttl_s)
 
 
 async def bus_is_open(url: str) -> bool:
