@@ -14,6 +14,7 @@ const LABEL = {
   TaskQueued: "Queued for a place", WorkspaceFailed: "Workspace failed", SessionFailed: "Session failed",
   StepOverdue: "Step overdue", StepRecovered: "Step recovered", AgentStalled: "Agent stalled",
   PermissionAnswerGiven: "You answered", FollowUpSubmitted: "You followed up",
+  TurnRequested: "Turn started", WorkspaceReleased: "Workspace released", AttemptStarted: "New attempt",
 };
 const STATES = ["queued", "provisioning", "running", "completed", "failed", "cancelled"];
 // As projections/task_board.py: a task only moves forward in rank.
@@ -321,6 +322,15 @@ function describeError(status, detail, form) {
   return [`The gateway answered ${status}.`];
 }
 
+/** How an agent session started: a task's first, or one restored for a later turn or attempt. */
+function sessionDetail(d) {
+  if (!d.session_id) return "";
+  const session = `session ${d.session_id.slice(0, 8)}`;
+  if (d.restored === "loaded") return `${session}, the earlier conversation restored (session/load)`;
+  if (d.restored === "new") return `${session}, new: ${d.restore_note || "the earlier session could not be restored"}`;
+  return session;
+}
+
 // ---- a task's page ----------------------------------------------------------------------------
 
 /** Answers to the task's permission requests, when its policy is `ask`: send() resolves to null
@@ -396,6 +406,9 @@ async function taskPage(app, id) {
   let lines = 0;
   const seenOutput = new Set();  // "<attempt>:<seq>": each attempt's output counts from 1
   let attempt = 1;
+  let turn = 1;  // the turn shown: a follow-up's handoffs are rows of their own, marked with it
+  const outputRowOf = new Set();  // the later turns whose output has its row
+  const followUps = [];  // the follow-ups' prompts in the order sent, shown when their turn starts
   const showHeader = () => {
     state.replaceChildren(badge(task.state));
     const fact = (label, value) => value && h("div", {}, h("dt", {}, label), h("dd", {}, value));
@@ -457,10 +470,17 @@ async function taskPage(app, id) {
     else if (event.type === "StepRecovered") detail = `${data.expected} came ${secs(data.waited_s)}after ${data.after}`;
     else if (event.type === "PermissionAnswerGiven") detail = `permission ${data.request_id}: ${data.option_id}`;
     else if (event.type === "AttemptStarted") detail = `attempt ${data.attempt}: ${data.reason}`;
+    else if (event.type === "FollowUpSubmitted") detail = firstLine(data.prompt);
+    else if (event.type === "TurnRequested") detail = data.reprovision
+      ? `turn ${data.turn}: the workspace was released, so a new one is made from the branch (attempt ${data.attempt})`
+      : `turn ${data.turn}: on the agent's lingering session`;
+    else if (FLOW.includes(event.type)) detail = detailOf(event);
     else if (!LABEL[event.type]) detail = JSON.stringify(data).slice(0, 160);
     const kind = gap ? " red gap" : RED.has(event.type) ? " red" : event.type === "StepRecovered" ? " recovered" : "";
-    const row = h("li", { class: `step extra${kind}`, "data-event": event.type, "data-gap": gap ? data.expected || "AgentOutput" : null },
-      h("span", { class: "mark", "aria-hidden": "true" }), h("span", { class: "name" }, LABEL[event.type] || event.type),
+    const name = `${LABEL[event.type] || event.type}${turn > 1 && FLOW.includes(event.type) ? ` · turn ${turn}` : ""}`;
+    const row = h("li", { class: `step extra${kind}${turn > 1 ? " later-turn" : ""}`, "data-event": event.type,
+      "data-turn": turn > 1 ? turn : null, "data-gap": gap ? data.expected || "AgentOutput" : null },
+      h("span", { class: "mark", "aria-hidden": "true" }), h("span", { class: "name" }, name),
       h("time", { class: "at" }, at(event)), h("div", { class: "detail", title: detail }, h("code", {}, event.type), h("span", { class: "info" }, detail)));
     if (event.type === "StepRecovered") timeline.querySelector(`[data-gap="${CSS.escape(data.expected || "")}"]:not(.closed)`)?.classList.add("closed");
     const placed = [...timeline.children].filter((r) => !(r.dataset.step && open(r))).pop();
@@ -471,7 +491,7 @@ async function taskPage(app, id) {
   const detailOf = (event) => {
     const d = event.data || {};
     return {
-      WorkspaceReady: d.workspace_id, AgentSessionStarted: d.session_id && `session ${d.session_id.slice(0, 8)}`,
+      WorkspaceReady: d.workspace_id, AgentSessionStarted: sessionDetail(d),
       PromptDelivered: d.prompt_sha256 && `sha256 ${d.prompt_sha256.slice(0, 8)}`,
       AgentFinished: `${d.stop_reason || ""}${d.exit_code != null ? `, exit ${d.exit_code}` : ""}`, BranchPushed: d.commit && `at ${short(d.commit)}`,
     }[event.type] || "";
@@ -481,6 +501,15 @@ async function taskPage(app, id) {
     const data = event.data || {};
     if (event.type === "TaskSubmitted" && event.occurred_at) t0 = Date.parse(event.occurred_at);
     if (event.type === "AttemptStarted") attempt = data.attempt;
+    if (event.type === "FollowUpSubmitted") followUps.push(data.prompt);
+    if (event.type === "TurnRequested" && data.reprovision) attempt = data.attempt;  // a new vm_agent: output counts from 1
+    // A later turn starts with its TurnRequested, or its PromptDelivered when that is on the stream first.
+    if ((event.type === "TurnRequested" || event.type === "PromptDelivered") && (data.turn || 1) > turn) {
+      turn = data.turn;
+      // Follow-ups run in the order they were sent, each once: turn n is the (n-1)th.
+      output.append(h("div", { class: "turn-prompt", "data-turn": turn },
+        h("span", { class: "turn-label" }, `Turn ${turn} · you:`), " ", followUps[turn - 2] || ""));
+    }
     fold(task, event);
     if (CONVERSATION_TYPES.has(event.type)) {
       const stick = output.scrollTop + output.clientHeight >= output.scrollHeight - 24;
@@ -497,16 +526,18 @@ async function taskPage(app, id) {
       outputCount.textContent = `${lines} line${lines === 1 ? "" : "s"}`;
       if (stick) output.scrollTop = output.scrollHeight;
     }
-    const row = rows[event.type];
+    const row = turn > 1 ? null : rows[event.type];
     if (row && !row.classList.contains("reached")) {
       row.classList.remove("pending", "skipped");
       row.classList.add("reached");
       $(".at", row).textContent = at(event);
       $(".info", row).textContent = detailOf(event);
-    } else if (!row) {
-      extraRow(event);
+    } else if (!row && (turn > 1 || !rows[event.type])) {
+      // A later turn's output: one row, at its first piece.
+      if (event.type !== "AgentOutput" || !outputRowOf.has(turn)) extraRow(event);
+      if (event.type === "AgentOutput") outputRowOf.add(turn);
     }
-    if (event.type === "AgentOutput") $(".info", rows.AgentOutput).textContent = `${seenOutput.size} piece${seenOutput.size === 1 ? "" : "s"}`;
+    if (event.type === "AgentOutput" && turn === 1) $(".info", rows.AgentOutput).textContent = `${seenOutput.size} piece${seenOutput.size === 1 ? "" : "s"}`;
     if (TERMINAL.has(event.type)) {
       conn.hidden = true;
       output.dataset.ended = "true";
