@@ -1,4 +1,4 @@
-"""The monitor's reactions: observe each handoff, and on every tick name the gaps that opened."""
+"""The monitor's reactions: observe each handoff of each turn, and on every tick name the gaps that opened."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from eventsourcing.persistence import Tracking
 
 from events import FLOW_CONTRACT, Deadline, Envelope, TaskCancelled, TaskCancelRequested, TaskFailed
-from events.flow import WAITING_FOR
+from events.flow import NEW_TURN, TURN_NUMBERED, WAITING_FOR
 from services.monitor.domain import Watch, skipped
 from services.runtime.consumer import Subscription
 from services.runtime.store import ServiceStore
@@ -19,10 +19,13 @@ log = logging.getLogger(__name__)
 ACTIVITY_TYPES = ("ToolCallStarted", "ToolCallUpdated", "PlanUpdated", "UsageRecorded",
                   "PermissionRequested", "PermissionAnswered")
 """What an agent does besides printing: an agent in a long tool call is busy, not stalled."""
-TASK_LEVEL_TYPES = (TaskFailed.type, TaskCancelled.type, TaskCancelRequested.type, "TaskCompleted")
+TASK_LEVEL_TYPES = (TaskFailed.type, TaskCancelled.type, TaskCancelRequested.type, "TaskCompleted", NEW_TURN)
 """Events about the whole task, whichever attempt runs."""
 WATCHED_TYPES = (*FLOW_CONTRACT, TaskFailed.type, *ACTIVITY_TYPES, *WAITING_FOR,
-                 TaskCancelled.type, TaskCancelRequested.type)
+                 TaskCancelled.type, TaskCancelRequested.type, NEW_TURN)
+REMEMBERED_TYPES = tuple(step for step in FLOW_CONTRACT if step != "AgentOutput")
+"""Handoffs that happen once a turn: each occurrence is remembered, so a turn whose beginning is
+folded after its first handoffs (each type has its own consumer) still counts them as its own."""
 
 
 class Monitor:
@@ -34,6 +37,7 @@ class Monitor:
         self.stall_after_s = stall_after_s
         self.watches: dict[str, Watch] = {}
         self.last_output_at: dict[str, datetime] = {}
+        self.last_agent_output: dict[str, tuple[datetime, str]] = {}  # task → (at, id) of its latest AgentOutput
 
     def watch_for(self, task_id: str) -> Watch:
         if task_id not in self.watches:
@@ -61,11 +65,15 @@ class Monitor:
         """Fold a run of one consumer's events, then save what changed with the last position
         in one transaction (a chatty agent's output costs one commit per fetch, not per line)."""
         watches = {envelope.task_id: self._fold(envelope) for envelope, _ in items}
+        for watch in watches.values():
+            if watch.ended and watch.counted_seq != watch.last_seq:
+                watch.output_counted(watch.last_seq)
         self.store.save_processed(items[-1][1], *watches.values())
         for task_id, watch in watches.items():
             if watch.ended:
                 self.watches.pop(task_id, None)
                 self.last_output_at.pop(task_id, None)
+                self.last_agent_output.pop(task_id, None)
 
     def _fold(self, envelope: Envelope) -> Watch:
         watch = self.watch_for(envelope.task_id)
@@ -75,24 +83,59 @@ class Monitor:
             self.last_output_at.pop(envelope.task_id, None)
         elif envelope.type not in TASK_LEVEL_TYPES and watch.of_earlier_attempt(envelope):
             return watch
+        if not self._of_current_turn(watch, envelope):
+            return watch
         if envelope.type in ACTIVITY_TYPES:
             self.last_output_at[envelope.task_id] = envelope.occurred_at
             _note_person(watch, envelope)
             return watch
         if envelope.type == "AgentOutput":
             self.last_output_at[envelope.task_id] = envelope.occurred_at
+            self.last_agent_output[envelope.task_id] = (envelope.occurred_at, envelope.event_id)
             watch.last_seq = max(watch.last_seq, envelope.data["seq"])
             if watch.stalled_at_seq is not None and "AgentOutput" in watch.overdue and "AgentOutput" in watch.seen:
                 watch.recovered_step("AgentOutput", envelope.occurred_at, cause=envelope.event_id)
         if envelope.type not in watch.seen:
-            watch.observe(envelope.type, envelope.occurred_at.isoformat(), envelope.event_id)
-            if envelope.type in watch.overdue:
-                watch.recovered_step(envelope.type, envelope.occurred_at, cause=envelope.event_id)
-            self._name_skipped_steps(watch, at=envelope.occurred_at)
+            self._observe(watch, envelope)
+        elif envelope.type in REMEMBERED_TYPES:
+            watch.remember(envelope.type, envelope.occurred_at, envelope.event_id)
         return watch
 
+    def _observe(self, watch: Watch, envelope: Envelope) -> None:
+        """The current turn's first `envelope.type`: a late one recovers, a skipped one is named."""
+        watch.observe(envelope.type, envelope.occurred_at.isoformat(), envelope.event_id)
+        if envelope.type in watch.overdue:
+            watch.recovered_step(envelope.type, envelope.occurred_at, cause=envelope.event_id)
+        self._name_skipped_steps(watch, at=envelope.occurred_at)
+
+    def _of_current_turn(self, watch: Watch, envelope: Envelope) -> bool:
+        """Whether `envelope` belongs to the turn being watched; one of a later turn (its number,
+        or its TurnRequested) begins that turn first. An earlier turn's event, folded late, is only
+        remembered."""
+        if envelope.type in TURN_NUMBERED:
+            turn = envelope.data.get("turn", 1)
+            if turn < watch.turn:
+                return False
+            if turn > watch.turn or (envelope.type == NEW_TURN and not watch.turn_requested):
+                self._begin_turn(watch, envelope, turn)
+            return True
+        if envelope.type in TASK_LEVEL_TYPES or not watch.of_earlier_turn(envelope):
+            return True
+        if envelope.type in REMEMBERED_TYPES:
+            watch.remember(envelope.type, envelope.occurred_at, envelope.event_id)
+        return False
+
+    def _begin_turn(self, watch: Watch, envelope: Envelope, turn: int) -> None:
+        watch.turn_began(turn, bool(envelope.data.get("reprovision", False)), envelope.occurred_at.isoformat(),
+                         envelope.event_id, requested=envelope.type == NEW_TURN)
+        output_at, output_id = self.last_agent_output.get(envelope.task_id, (None, ""))
+        if output_at is not None and "AgentOutput" not in watch.seen and not watch.before_turn(output_at):
+            # The turn's output was folded before its beginning (each type has its own consumer).
+            watch.observe("AgentOutput", output_at.isoformat(), output_id)
+        self._name_skipped_steps(watch, at=envelope.occurred_at)
+
     def _name_skipped_steps(self, watch: Watch, *, at: datetime) -> None:
-        for deadline in self.deadlines:
+        for deadline in watch.deadlines(self.deadlines):
             if (deadline.after in watch.seen and deadline.expected not in watch.seen
                     and deadline.expected not in watch.overdue and not _waits_for(watch, deadline.expected)
                     and skipped(deadline, watch)):
@@ -102,7 +145,7 @@ class Monitor:
         """Name every deadline that passed and every agent that went silent."""
         for watch in list(self.watches.values()):
             changed = False
-            for deadline in self.deadlines:
+            for deadline in watch.deadlines(self.deadlines):
                 started = watch.deadline_start(deadline.after)
                 if (started and deadline.expected not in watch.seen and deadline.expected not in watch.overdue
                         and not _waits_for(watch, deadline.expected)
@@ -120,7 +163,9 @@ class Monitor:
             return False
         if watch.stalled_at_seq == watch.last_seq and "AgentOutput" in watch.overdue:
             return False
-        quiet_since = self.last_output_at.get(watch.task_id) or watch.seen_at("PromptDelivered")
+        delivered_at = watch.seen_at("PromptDelivered")
+        assert delivered_at is not None
+        quiet_since = max(self.last_output_at.get(watch.task_id, delivered_at), delivered_at)
         silent_s = (now - quiet_since).total_seconds()
         if silent_s <= self.stall_after_s:
             return False
