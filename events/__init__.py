@@ -40,6 +40,10 @@ from events.catalog import (
     WorkspaceRequested,
     envelope_for,
     parse_event,
+    ServerCreated,
+    ServerDeleted,
+    ServerRequested,
+    VmAgentConnected,
 )
 from events.envelope import STREAM, Envelope, subject_for, task_subjects, type_subjects
 from events.flow import (
@@ -102,4 +106,8 @@ __all__ = [
     "subject_for",
     "task_subjects",
     "type_subjects",
+    "ServerCreated",
+    "ServerDeleted",
+    "ServerRequested",
+    "VmAgentConnected",
 ]

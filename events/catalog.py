@@ -514,6 +514,63 @@ class AgentStalled(BaseEvent, emitter="monitor"):
         return _without_first_turn(self, handler(self))
 
 
+class ServerRequested(BaseEvent, emitter="provisioner"):
+    """Emitted by the provisioner before it asks a cloud for a task's server.
+
+    Promises: a server named `name`, labelled with the install, the task and `attempt`, is asked
+    for (in `locations`, in order, until one has room); ServerCreated or WorkspaceFailed follows.
+    A server created but never announced (a provisioner killed meanwhile) is found by its labels.
+    """
+
+    provider: str
+    name: str
+    server_type: str
+    locations: tuple[str, ...]
+    attempt: int = Field(default=1, ge=1)
+
+
+class ServerCreated(BaseEvent, emitter="provisioner"):
+    """Emitted by the provisioner once the cloud finished creating (and starting) the server.
+
+    Promises: server `server_id` of `server_type` runs in `location` and boots the vm_agent from
+    its user_data; VmAgentConnected follows when that vm_agent calls home over the bus.
+    """
+
+    provider: str
+    server_id: int
+    server_type: str
+    location: str
+    attempt: int = Field(default=1, ge=1)
+
+
+class VmAgentConnected(BaseEvent, emitter="provisioner"):
+    """Emitted by the provisioner when a cloud workspace's vm_agent said hello on the bus with its
+    workspace's member credential (the VM only connects out; the provisioner hears the hello).
+
+    Promises: the vm_agent of `workspace_id` runs `version` (the control plane's) and can be assigned.
+    """
+
+    workspace_id: str
+    version: str
+    attempt: int = Field(default=1, ge=1)
+
+
+class ServerDeleted(BaseEvent, emitter="provisioner"):
+    """Emitted by the provisioner once a task's server is deleted (released, or reaped).
+
+    Promises: server `server_id` no longer exists; it lived `seconds` and cost `cost_eur` (the
+    server type's hourly net price in its location, from the API's `server_types`, times its
+    life; None if the price was not known). `reason` says why it was deleted.
+    """
+
+    provider: str
+    server_id: int
+    reason: str
+    seconds: float
+    cost_eur: float | None = None
+    attempt: int = Field(default=1, ge=1)
+
+
 EVENT_TYPES: dict[str, type[BaseEvent]] = {
     cls.type: cls
     for cls in (
@@ -546,6 +603,10 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
         StepOverdue,
         StepRecovered,
         AgentStalled,
+        ServerRequested,
+        ServerCreated,
+        VmAgentConnected,
+        ServerDeleted,
     )
 }
 

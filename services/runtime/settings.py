@@ -72,6 +72,31 @@ class Settings(BaseSettings):
     vm_agent_credential_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     """How long a vm_agent's token and NATS credential stay valid after its workspace is assigned."""
 
+    # --- Providers (issue 14): where a task's workspace runs (docs/hetzner.md). ---
+    provider: str = "local"
+    """The provider of a task submitted without one (BATON_PROVIDER): `local` or `hetzner`."""
+    hcloud_token: str | None = Field(default=None, repr=False)
+    """The Hetzner Cloud API token (BATON_HCLOUD_TOKEN); never in an event, a log or user_data."""
+    hcloud_endpoint: str = "https://api.hetzner.cloud/v1"
+    """The Hetzner Cloud API's base URL (tests point it at a local fake)."""
+    hcloud_server_type: str = "cx22"
+    hcloud_image: str = "ubuntu-24.04"
+    hcloud_locations: Annotated[tuple[str, ...], NoDecode] = ("fsn1", "nbg1", "hel1")
+    """Tried in order: a location answering `resource_unavailable` passes to the next."""
+    hcloud_reap_every_s: float = Field(default=300.0, gt=0)
+    """How often the reaper deletes the install's servers that no live task owns."""
+    vm_nats_url: str | None = None
+    """The bus as cloud VMs reach it (BATON_VM_NATS_URL), e.g. `tls://nats.example.com:4222`."""
+    vm_gateway_url: str | None = None
+    """The gateway as cloud VMs reach it (BATON_VM_GATEWAY_URL, https): they fetch the vm_agent there."""
+
+    @field_validator("hcloud_locations", mode="before")
+    @classmethod
+    def _parse_locations(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
     max_attempts: int = Field(default=3, ge=1)
     """Attempts a task gets when its workspace is lost mid-run (BATON_MAX_ATTEMPTS): the lost one
     is followed by a new one (AttemptStarted) until this many ran; then the task fails naming why."""
