@@ -25,8 +25,7 @@ from hcloud.servers import BoundServer
 
 from events import ServerCreated, ServerDeleted, ServerRequested
 from services.provisioner.cloud_init import BootPlan, build_user_data, dist_credential, vm_agent_artifact
-from services.provisioner.local import ProvisionError
-from services.provisioner.providers import OwnedMachine, Placement, RecordEvent, WorkspaceOrder
+from services.provisioner.providers import OwnedMachine, Placement, ProvisionError, RecordEvent, WorkspaceOrder
 from services.runtime.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 KNOWN_PROVIDERS = ("local", "hetzner")
 
+
+class ProvisionError(Exception):
+    """No workspace could be made (by any provider); str() is the reason users see."""
+
 RecordEvent = Callable[[str, BaseEvent], None]
 """How a provider puts a lifecycle event (ServerRequested, ServerCreated, ServerDeleted) on a
 task's record: `record(task_id, event)`; the provisioner saves it with the task's Workspace."""
@@ -88,8 +92,13 @@ class LocalWorkspaces:
         self.local = local
 
     async def provision(self, order: WorkspaceOrder) -> Placement:
-        url = await self.local.provision(order.task_id, order.repo, order.base_branch, agent=order.agent,
-                                         attempt=order.attempt)
+        from services.provisioner import local  # (local imports the vm_agent pool: only when used)
+
+        try:
+            url = await self.local.provision(order.task_id, order.repo, order.base_branch, agent=order.agent,
+                                             attempt=order.attempt)
+        except local.ProvisionError as error:
+            raise ProvisionError(str(error)) from error
         suffix = f"-a{order.attempt}" if order.attempt > 1 else ""
         return Placement(workspace_id=f"local-{order.task_id}{suffix}", vm_agent_url=url,
                          credential_expires_at=self.local.credential_expires_at(order.task_id, attempt=order.attempt))

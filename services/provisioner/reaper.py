@@ -8,8 +8,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from services.provisioner.local import ProvisionError
-from services.provisioner.providers import OwnedMachine, WorkspaceProvider
+from services.provisioner.providers import OwnedMachine, ProvisionError, WorkspaceProvider
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,20 @@ What it speaks: `GET/POST /v1/servers` (label_selector, name, page/per_page with
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import secrets
+import shutil
+import signal
+import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -309,3 +316,100 @@ class FakeHetzner:
             server = self.state.servers.get(server_id) or next(
                 (s for s in self.state.deleted if s["id"] == server_id), None)
             return server and server.get("user_data")
+
+
+class NetnsBooter:
+    """Boots the fake's servers as a VM would run: each server's user_data runs as root in a network
+    namespace of its own (reaching the host only through a bridge, at `host_address`: no loopback
+    to the host, no internet), in its own root dir (its disk; the host's /usr and /etc read-only,
+    `image_python` as the image's python3) and its own process group. `fake.state.boot = booter.boot`."""
+
+    def __init__(self, root: Path, *, image_python: Path) -> None:
+        self.root = root
+        self.image_python = image_python
+        self.tag = secrets.token_hex(2)
+        self.subnet = f"10.{secrets.choice(range(100, 250))}"
+        self.bridge = f"bhz{self.tag}"
+        self.processes: dict[int, subprocess.Popen] = {}
+
+    @property
+    def host_address(self) -> str:
+        return f"{self.subnet}.0.1"
+
+    def __enter__(self) -> NetnsBooter:
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.host_address}/16", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for server_id in list(self.processes):
+            self.halt({"id": server_id})
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+    def disk(self, server_id: int) -> Path:
+        return self.root / f"server-{server_id}"
+
+    def boot(self, server: dict[str, Any]) -> None:
+        server_id, namespace = server["id"], f"bhz{self.tag}-{server['id']}"
+        host_end, vm_end = f"bh{self.tag}h{server_id % 10000}", f"bh{self.tag}v{server_id % 10000}"
+        address = f"{self.subnet}.{server_id // 250 % 250 + 1}.{server_id % 250 + 2}"
+        _ip("netns", "add", namespace)
+        _ip("link", "add", host_end, "type", "veth", "peer", "name", vm_end)
+        _ip("link", "set", vm_end, "netns", namespace)
+        _ip("link", "set", host_end, "master", self.bridge, "up")
+        for args in (("addr", "add", f"{address}/16", "dev", vm_end), ("link", "set", vm_end, "up"),
+                     ("link", "set", "lo", "up"), ("route", "add", "default", "via", self.host_address)):
+            _ip("netns", "exec", namespace, "ip", *args)
+        disk = self.disk(server_id)
+        for part in ("opt", "var/lib/cloud/instance", "var/log", "root", "tmp", "image"):
+            (disk / part).mkdir(parents=True, exist_ok=True)
+        (disk / "var/lib/cloud/instance/user-data.txt").write_text(server.get("user_data") or "")
+        log = (disk / "var/log/cloud-init-output.log").open("wb")
+        self.processes[server_id] = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, "bwrap", *self._root_of(disk),
+             "/bin/sh", "/var/lib/cloud/instance/user-data.txt"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={"PATH": "/image/bin:/usr/local/bin:/usr/bin:/bin", "HOME": "/root"})
+
+    def _root_of(self, disk: Path) -> list[str]:
+        venv = self.image_python.parent.parent
+        base = Path(os.path.realpath(self.image_python)).parent.parent
+        return ["--bind", str(disk), "/", "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc",
+                "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+                "--symlink", "usr/sbin", "/sbin", "--ro-bind", str(venv), "/image", "--ro-bind", str(base), str(base),
+                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--chdir", "/root", "--die-with-parent"]
+
+    def halt(self, server: dict[str, Any]) -> None:
+        server_id, namespace = server["id"], f"bhz{self.tag}-{server['id']}"
+        process = self.processes.pop(server_id, None)
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
+        for pid in pids:  # anything the user_data left running in the VM's network
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "link", "del", f"bh{self.tag}h{server_id % 10000}"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+    def running(self, server_id: int) -> bool:
+        process = self.processes.get(server_id)
+        return process is not None and process.poll() is None
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def netns_available() -> str | None:
+    """None if this machine can boot fake servers in network namespaces, else why not."""
+    if os.geteuid() != 0:
+        return "booting a fake server needs root (ip netns)"
+    if not shutil.which("bwrap"):
+        return "booting a fake server needs bwrap"
+    probe = f"bhzprobe{os.getpid()}"
+    result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None if result.returncode == 0 else f"ip netns does not work here: {result.stderr.strip()}"

@@ -15,8 +15,7 @@ from hcloud.server_types import ServerType
 
 from events import BaseEvent, ServerCreated, ServerDeleted, ServerRequested
 from services.provisioner.hetzner import HetznerConfig, HetznerProvider, install_id
-from services.provisioner.local import ProvisionError
-from services.provisioner.providers import WorkspaceOrder, provider_problem
+from services.provisioner.providers import ProvisionError, WorkspaceOrder, provider_problem
 from services.provisioner.reaper import Reaper
 from services.runtime.settings import Settings
 from tests.support.fake_hetzner import FakeHetzner
