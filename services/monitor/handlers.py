@@ -83,6 +83,8 @@ class Monitor:
             self.last_output_at.pop(envelope.task_id, None)
         elif envelope.type not in TASK_LEVEL_TYPES and watch.of_earlier_attempt(envelope):
             return watch
+        if envelope.type == "AgentOutput":
+            self._remember_output(envelope)
         if not self._of_current_turn(watch, envelope):
             return watch
         if envelope.type in ACTIVITY_TYPES:
@@ -91,7 +93,6 @@ class Monitor:
             return watch
         if envelope.type == "AgentOutput":
             self.last_output_at[envelope.task_id] = envelope.occurred_at
-            self.last_agent_output[envelope.task_id] = (envelope.occurred_at, envelope.event_id)
             watch.last_seq = max(watch.last_seq, envelope.data["seq"])
             if watch.stalled_at_seq is not None and "AgentOutput" in watch.overdue and "AgentOutput" in watch.seen:
                 watch.recovered_step("AgentOutput", envelope.occurred_at, cause=envelope.event_id)
@@ -100,6 +101,13 @@ class Monitor:
         elif envelope.type in REMEMBERED_TYPES:
             watch.remember(envelope.type, envelope.occurred_at, envelope.event_id)
         return watch
+
+    def _remember_output(self, envelope: Envelope) -> None:
+        """The task's latest AgentOutput (in memory: output is too chatty to record), for a turn
+        whose beginning is folded after its output."""
+        latest = self.last_agent_output.get(envelope.task_id)
+        if latest is None or envelope.occurred_at > latest[0]:
+            self.last_agent_output[envelope.task_id] = (envelope.occurred_at, envelope.event_id)
 
     def _observe(self, watch: Watch, envelope: Envelope) -> None:
         """The current turn's first `envelope.type`: a late one recovers, a skipped one is named."""
@@ -110,13 +118,16 @@ class Monitor:
 
     def _of_current_turn(self, watch: Watch, envelope: Envelope) -> bool:
         """Whether `envelope` belongs to the turn being watched; one of a later turn (its number,
-        or its TurnRequested) begins that turn first. An earlier turn's event, folded late, is only
+        or its TurnRequested) begins that turn first, and the turn began no later than any of its
+        numbered events (the task runner records TurnRequested once the vm_agent took the turn, so
+        the turn's PromptDelivered may be older). An earlier turn's event, folded late, is only
         remembered."""
         if envelope.type in TURN_NUMBERED:
             turn = envelope.data.get("turn", 1)
             if turn < watch.turn:
                 return False
-            if turn > watch.turn or (envelope.type == NEW_TURN and not watch.turn_requested):
+            if (turn > watch.turn or (envelope.type == NEW_TURN and not watch.turn_requested)
+                    or watch.of_earlier_turn(envelope)):  # The turn began before its request was recorded.
                 self._begin_turn(watch, envelope, turn)
             return True
         if envelope.type in TASK_LEVEL_TYPES or not watch.of_earlier_turn(envelope):
@@ -132,7 +143,8 @@ class Monitor:
         if output_at is not None and "AgentOutput" not in watch.seen and not watch.before_turn(output_at):
             # The turn's output was folded before its beginning (each type has its own consumer).
             watch.observe("AgentOutput", output_at.isoformat(), output_id)
-        self._name_skipped_steps(watch, at=envelope.occurred_at)
+        if envelope.type in watch.seen:  # Else its own observation, next, names what was skipped.
+            self._name_skipped_steps(watch, at=envelope.occurred_at)
 
     def _name_skipped_steps(self, watch: Watch, *, at: datetime) -> None:
         for deadline in watch.deadlines(self.deadlines):

@@ -201,3 +201,17 @@ async def test_a_late_prompt_of_a_later_turn_recovers_with_its_turn():
     await observe(m, "PromptDelivered", 140, turn=2)
     assert named(m)[-1] == ("StepRecovered", {"expected": "PromptDelivered", "after": "TurnRequested",
                                               "waited_s": 40.0, "turn": 2})
+
+
+async def test_a_turn_whose_prompt_is_older_than_its_recorded_request_owns_its_handoffs():
+    m = monitor()
+    await first_turn_completed(m)
+    # The task runner records TurnRequested after the vm_agent took the turn: the agent was quicker.
+    await turn_requested(m, 101)
+    await observe(m, "AgentOutput", 100.7, seq=2)
+    await observe(m, "AgentFinished", 100.8, stop_reason="end_turn")
+    await observe(m, "PromptDelivered", 100.5, turn=2)
+    await observe(m, "BranchPushed", 102, branch="b", commit="c2")
+    await observe(m, "TaskCompleted", 103, turn=2, branch="b", commit="c2")
+    m.tick(at(1000))
+    assert named(m) == [] and TASK not in m.watches
