@@ -27,6 +27,7 @@ from events import (
     WorkspaceReady,
     parse_event,
 )
+from events.flow import NEW_TURN, TURN_CONTRACT, TURN_NUMBERED
 from services.runtime.consumer import Handler
 from services.runtime.store import ServiceStore
 from services.task_runner.domain import Task
@@ -253,18 +254,33 @@ class TaskRunnerHandlers:
         task = self._task(envelope)
         overdue = parse_event(envelope)
         assert isinstance(overdue, StepOverdue)
-        if task is None or task.is_over or overdue.expected == overdue.after:
+        if task is None or task.is_over or overdue.expected == overdue.after or overdue.turn < task.turn:
             return
         for delay_s in self.overdue_backoff_s:
             if overdue.expected == PromptDelivered.type and task.vm_agent_url:
                 await self._retry_start(task, cause=envelope.event_id)
             await asyncio.sleep(delay_s)
-            if await self.lookup.last_event(task.task_id, overdue.expected) is not None:
+            if await self._came_in_turn(task.task_id, overdue.expected, overdue.turn):
                 return  # It came after all (the monitor names that StepRecovered).
         waited_s = overdue.waited_s + sum(self.overdue_backoff_s)
-        task.fail(f"{overdue.expected} missing {waited_s:.0f}s after {overdue.after}",
+        in_turn = f" in turn {overdue.turn}" if overdue.turn > 1 else ""
+        task.fail(f"{overdue.expected} missing {waited_s:.0f}s after {overdue.after}{in_turn}",
                   cause=envelope.event_id)
         self._save(tracking, task, cause=envelope.event_id)
+
+    async def _came_in_turn(self, task_id: str, step: str, turn: int) -> bool:
+        """`step` happened in turn `turn`: its `turn` says so, or it followed that turn's PromptDelivered
+        (the agent's steps) or TurnRequested (a re-provisioned workspace's)."""
+        found = await self.lookup.last_event(task_id, step)
+        if found is None or turn == 1:
+            return found is not None
+        if step in TURN_NUMBERED:
+            return found.data.get("turn", 1) >= turn
+        # The agent's steps follow the turn's PromptDelivered (the vm_agent's clock); a re-provisioned
+        # workspace's follow its TurnRequested.
+        began = await self.lookup.last_event(task_id, PromptDelivered.type if step in TURN_CONTRACT else NEW_TURN)
+        return (began is not None and began.data.get("turn", 1) >= turn
+                and found.occurred_at >= began.occurred_at)
 
     async def _retry_start(self, task: Task, *, cause: str) -> None:
         # Same attempt id: the vm_agent starts nothing twice and never re-sends a delivered prompt.
