@@ -41,6 +41,16 @@ class TaskSubmitted(BaseEvent, emitter="gateway"):
     permission_policy: Literal["auto", "ask"] = "auto"
     """How the agent's permission requests are answered: `auto` (allowed once, by the policy) or
     `ask` (a person answers each; unanswered after BATON_PERMISSION_TIMEOUT_S, it is rejected)."""
+    provider: str = "local"
+    """Where the task's workspace runs (`local`, `hetzner`): chosen at submit, else BATON_PROVIDER;
+    the gateway accepted it only if it is configured there. Not written when `local`, as before."""
+
+    @model_serializer(mode="wrap")
+    def _local_provider_as_before(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and self.provider == "local":
+            data.pop("provider", None)
+        return data
 
 
 class WorkspaceRequested(BaseEvent, emitter="task-runner"):

@@ -23,6 +23,8 @@ class TaskCreate(BaseModel):
     base_branch: str | None = Field(default=None, max_length=250)
     permission_policy: Literal["auto", "ask"] = Field(
         default="auto", description="auto: the agent's permission requests are allowed once; ask: a person answers each")
+    provider: str | None = Field(
+        default=None, max_length=40, description="where the workspace runs: local or hetzner (default: BATON_PROVIDER)")
 
     @field_validator("repo", "prompt", "agent", "base_branch")
     @classmethod

@@ -11,6 +11,7 @@ from services.gateway.domain import Submission
 from services.gateway.history import read_task_events
 from services.gateway.limits import BUS_HEADER_HEADROOM, MAX_STREAM_SEQ
 from services.gateway.schemas import TaskCreate, TaskEvents, TaskPublic
+from services.provisioner.providers import provider_problem
 from services.runtime.repo_url import RepoCredential, RepoUrl, RepoUrlError, parse_repo_url
 from services.runtime.agent_secrets import agent_environ
 from vm_agent.backends import refusal
@@ -35,11 +36,14 @@ def submit_task(body: TaskCreate, gateway: GatewayDep) -> TaskPublic:
     why_not = refusal(body.agent, gateway.settings.agents_root, agent_environ(gateway.settings))
     if why_not is not None:
         raise HTTPException(422, why_not)
+    provider = body.provider or gateway.settings.provider
+    if (provider_not_usable := provider_problem(provider, gateway.settings)) is not None:
+        raise HTTPException(422, provider_not_usable)
     submission = Submission(new_task_id())
     repo = _checked_repo(body.repo, gateway)
     submitted = TaskSubmitted(
         repo=repo.url, prompt=body.prompt, agent=body.agent, base_branch=body.base_branch,
-        permission_policy=body.permission_policy,
+        permission_policy=body.permission_policy, provider=provider,
     )
     _refuse_what_the_bus_cannot_carry(gateway, submission.task_id, submitted)
     submission.submit(submitted, actor="user")
