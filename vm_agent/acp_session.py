@@ -91,8 +91,10 @@ _TEXT_PIECE_CHARS = 16 * 1024
 class SessionSink(Protocol):
     """Receives the progress of one agent run."""
 
-    async def agent_started(self, session_id: str) -> None:
-        """initialize + session/new succeeded; ``session_id`` is the agent's."""
+    async def agent_started(self, session_id: str, **restoration: str) -> None:
+        """initialize + session/new (or session/load) succeeded; ``session_id`` is the agent's.
+        ``restoration`` (only when an earlier session was asked for): ``resumed_from``,
+        ``restored`` ("loaded" or "new") and, for a new one, ``restore_note`` saying why."""
 
     async def prompt_delivered(self, prompt_sha256: str) -> None:
         """The agent accepted the prompt (called once, before any ``output``)."""
@@ -146,6 +148,8 @@ class AgentProcess:
         self.session_cwd: Path | None = None
         self.session_id: str | None = None
         """The ACP session the last `run_prompt` opened; a follow-up (`run_next_turn`) plays in it."""
+        self.loads_sessions = False
+        """The agent advertised `agentCapabilities.loadSession` at initialize."""
 
     @classmethod
     async def start(
@@ -163,8 +167,8 @@ class AgentProcess:
         connection = _agent_connection(command, Path(cwd).resolve(), env, agent._events)
         agent._conn, agent._proc, agent._stderr_tail = await agent._stack.enter_async_context(connection)
         try:
-            await _initialize(agent._conn, agent._proc, agent._stderr_tail, offer_workspace=offer_workspace,
-                              offer_reads=offer_reads)
+            agent.loads_sessions = await _initialize(agent._conn, agent._proc, agent._stderr_tail,
+                                                     offer_workspace=offer_workspace, offer_reads=offer_reads)
         except BaseException:
             await agent.close()
             raise
@@ -176,20 +180,46 @@ class AgentProcess:
 
     async def run_prompt(
         self, *, cwd: Path, prompt: str, sink: SessionSink, deliver_prompt: bool = True,
-        access: WorkspaceAccess | None = None,
+        access: WorkspaceAccess | None = None, resume_session_id: str | None = None,
     ) -> TurnResult:
         """Open a session in `cwd` and play one prompt turn (see start_agent_with_prompt).
         `access`: what the agent's `fs/*` and `terminal/*` requests reach (default: the files of
-        `cwd`, no terminals)."""
+        `cwd`, no terminals). `resume_session_id`: an earlier session of the task's agent to load
+        (ACP `session/load`) instead of opening a new one; the sink's `agent_started` then says
+        how it went (`resumed_from`, `restored`, `restore_note`)."""
         assert self._conn and self._proc and self._stderr_tail, "start() first"
         workspace = self.session_cwd or Path(cwd).resolve()
         self._events.attach(sink, prompt, access or WorkspaceAccess(WorkspaceFiles(Path(cwd).resolve(), workspace)))
-        session_id = await _new_session(self._conn, workspace, self._proc, self._stderr_tail)
-        self.session_id = session_id
-        await sink.agent_started(session_id)
+        if resume_session_id is None:
+            self.session_id = await _new_session(self._conn, workspace, self._proc, self._stderr_tail)
+            await sink.agent_started(self.session_id)
+        else:
+            self.session_id, restoration = await self._restore_session(resume_session_id, workspace)
+            await sink.agent_started(self.session_id, resumed_from=resume_session_id, **restoration)
         if not deliver_prompt:
             await _withhold_prompt(self._proc, self._stderr_tail)
         return await self._turn(prompt)
+
+    async def _restore_session(self, session_id: str, workspace: Path) -> tuple[str, dict[str, str]]:
+        """`session_id` loaded (`restored: loaded`) when the agent can load sessions and the load
+        works, else a new session (`restored: new`, `restore_note` saying why). The history the
+        agent replays while loading is the earlier turns' (already on the record): not output."""
+        assert self._conn and self._proc and self._stderr_tail
+        if not self.loads_sessions:
+            note = "the agent cannot load sessions (no loadSession capability): a new session"
+        else:
+            self._events.begin_turn(None)  # The replayed session/update history is ignored.
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                    await self._conn.load_session(cwd=str(workspace), session_id=session_id, mcp_servers=[])
+            except (RequestError, ConnectionError, OSError, TimeoutError) as exc:
+                note = f"session/load failed ({str(exc) or type(exc).__name__}): a new session"
+                log.warning("agent pid %s: could not load session %s: %s", self._proc.pid, session_id, note)
+            else:
+                log.info("agent pid %s: session %s loaded", self._proc.pid, session_id)
+                return session_id, {"restored": "loaded"}
+        new_id = await _new_session(self._conn, workspace, self._proc, self._stderr_tail)
+        return new_id, {"restored": "new", "restore_note": note[:500]}
 
     async def run_next_turn(self, *, prompt: str, sink: SessionSink, access: WorkspaceAccess) -> TurnResult:
         """Play one more prompt turn (a follow-up) in the session `run_prompt` opened: the agent
@@ -281,7 +311,7 @@ class _AgentEvents:
         if self._requests is not None:
             self._requests.close()
 
-    def begin_turn(self, session_id: str) -> None:
+    def begin_turn(self, session_id: str | None) -> None:
         """From now on, updates for ``session_id`` are turn content."""
         self._session_id = session_id
 
@@ -464,12 +494,12 @@ def _sha256(text: str) -> str:
 async def _initialize(
     conn: ClientSideConnection, proc: asyncio.subprocess.Process, stderr_tail: _StderrTail, *,
     offer_workspace: bool, offer_reads: bool = True,
-) -> None:
-    """ACP initialize, offering `fs/*` and `terminal/*` if `offer_workspace`; any failure becomes
-    :class:`AgentStartError`."""
+) -> bool:
+    """ACP initialize, offering `fs/*` and `terminal/*` if `offer_workspace`; whether the agent
+    can load sessions (`agentCapabilities.loadSession`). Any failure becomes :class:`AgentStartError`."""
     try:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
-            await conn.initialize(
+            response = await conn.initialize(
                 protocol_version=PROTOCOL_VERSION,
                 client_capabilities=ClientCapabilities(
                     fs=FileSystemCapabilities(read_text_file=offer_workspace and offer_reads,
@@ -481,6 +511,8 @@ async def _initialize(
     except (RequestError, ConnectionError, OSError, TimeoutError) as exc:
         await stderr_tail.settle(proc)
         raise AgentStartError(_describe_failure("agent failed to initialize", exc, proc, stderr_tail)) from exc
+    capabilities = response.agent_capabilities
+    return bool(capabilities is not None and capabilities.load_session)
 
 
 async def _new_session(

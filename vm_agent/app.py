@@ -54,6 +54,11 @@ class SessionStart(BaseModel):
     causation_id: str | None = None
     permission_policy: Literal["auto", "ask"] = "auto"
     """`ask`: a person answers each permission request (`POST /permissions/{request_id}`)."""
+    turn: int = Field(default=1, ge=1)
+    """The turn `initial_prompt` is: above 1 on a workspace re-provisioned for a follow-up."""
+    resume_session_id: str | None = Field(default=None, min_length=1, max_length=200)
+    """The task's earlier ACP session: loaded (`session/load`) where the agent can, else a new one
+    (AgentSessionStarted says which)."""
 
 
 class PermissionAnswer(BaseModel):
@@ -159,7 +164,7 @@ def create_app(vm_agent: VmAgent) -> FastAPI:
         if backend is None:
             why = refusal(body.agent, vm.launcher.agents_dir, os.environ)
             raise HTTPException(422, f"agent {body.agent!r} is not available on this machine: {why}")
-        session = vm.open_session(body.attempt_id, body.agent, body.causation_id)
+        session = vm.open_session(body.attempt_id, body.agent, body.causation_id, turn=body.turn)
         if body.permission_policy == "ask":
             vm.permissions = PermissionDesk(timeout_s=vm.permission_timeout_s)
         runner = SessionRunner(
@@ -167,6 +172,7 @@ def create_app(vm_agent: VmAgent) -> FastAPI:
             prompt=body.initial_prompt, faults=vm.faults, launcher=vm.launcher,
             warm_agent=vm.take_warm_agent(body.agent, vm.assigned.workspace),
             push_access=vm.assigned.push_access, permissions=vm.permissions,
+            resume_session_id=body.resume_session_id,
         )
         vm.runs[body.attempt_id] = asyncio.get_running_loop().create_task(runner.run())
         runners[body.attempt_id] = runner

@@ -53,7 +53,8 @@ class Session(TaskAggregate):
     a follow-up begins the next turn (prompt delivered → … → pushed) in the same agent session."""
 
     @event("Opened")
-    def __init__(self, task_id: str, attempt_id: str, agent: str, cause: str | None) -> None:
+    def __init__(self, task_id: str, attempt_id: str, agent: str, cause: str | None, turn: int = 1) -> None:
+        """`turn`: the turn its first prompt is (above 1 on a workspace re-provisioned for a follow-up)."""
         super().__init__(task_id)
         self.attempt_id = attempt_id
         self.agent = agent
@@ -61,7 +62,7 @@ class Session(TaskAggregate):
         self.session_id: str | None = None
         self.output_count = 0
         self.ended = False
-        self.turn = 1
+        self.turn = turn
         self.pushed_turn = 0
         """The last turn whose work was pushed: only a pushed turn's session takes a follow-up."""
 
@@ -70,8 +71,10 @@ class Session(TaskAggregate):
         """A follow-up (turn 2, 3, …) now runs in this session; its events follow the turn before's."""
         self.turn, self.cause, self.ended = turn, cause, False
 
-    def started(self, session_id: str) -> None:
-        event = AgentSessionStarted(session_id=session_id, agent=self.agent, attempt_id=self.attempt_id)
+    def started(self, session_id: str, *, resumed_from: str | None = None, restored: str | None = None,
+                restore_note: str | None = None) -> None:
+        event = AgentSessionStarted(session_id=session_id, agent=self.agent, attempt_id=self.attempt_id,
+                                    resumed_from=resumed_from, restored=restored, restore_note=restore_note)
         self.emit(event, actor=ACTOR, causation_id=self.cause)
 
     def prompt_delivered(self, prompt_sha256: str) -> None:

@@ -85,6 +85,7 @@ class SessionRunner:
         push_access: PushAccess,
         warm_agent: Awaitable[AgentProcess] | None = None,
         permissions: PermissionDesk | None = None,
+        resume_session_id: str | None = None,
     ) -> None:
         self.store = store
         self.session = session
@@ -96,6 +97,8 @@ class SessionRunner:
         self.push_access = push_access
         self.warm_agent = warm_agent
         self.permissions = permissions
+        self.resume_session_id = resume_session_id
+        """The task's earlier ACP session to restore (`session/load`), on a re-provisioned workspace."""
         self._flush: asyncio.TimerHandle | None = None
         self._unsaved_outputs = 0
         self.turn_over = False
@@ -132,8 +135,8 @@ class SessionRunner:
             run.cancel()
         return True
 
-    async def agent_started(self, session_id: str) -> None:
-        self.session.started(session_id)
+    async def agent_started(self, session_id: str, **restoration: str) -> None:
+        self.session.started(session_id, **restoration)
         self._save()
 
     async def prompt_delivered(self, prompt_sha256: str) -> None:
@@ -218,7 +221,8 @@ class SessionRunner:
             return
         await self._turn(lambda access, agent=self.agent: agent.run_prompt(
             cwd=self.workspace, prompt=self.prompt, sink=self,
-            deliver_prompt="prompt_delivery" not in self.faults, access=access))
+            deliver_prompt="prompt_delivery" not in self.faults, access=access,
+            resume_session_id=self.resume_session_id))
 
     async def _turn(self, play: Callable[[WorkspaceAccess], Awaitable[TurnResult]]) -> None:
         """Play one turn, record how it ended and push its work; the agent stays only after a push."""

@@ -127,9 +127,9 @@ class VmAgent:
         which would replay every output event)."""
         return self.assigned.session if self.assigned else None
 
-    def open_session(self, attempt_id: str, agent: str, cause: str | None) -> Session:
+    def open_session(self, attempt_id: str, agent: str, cause: str | None, *, turn: int = 1) -> Session:
         assert self.assigned is not None
-        session = Session(self.assigned.task_id, attempt_id, agent, cause)
+        session = Session(self.assigned.task_id, attempt_id, agent, cause, turn)
         self.assigned.store.save(session)
         self.assigned.session = session
         return session

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from eventsourcing.domain import event
 
-from events import Envelope, WorkspaceFailed, WorkspaceReady
+from events import Envelope, WorkspaceFailed, WorkspaceReady, WorkspaceReleased
 from services.runtime.store import ServiceStore, TaskAggregate
 
 ACTOR = "service:provisioner"
@@ -27,6 +27,7 @@ class Workspace(TaskAggregate):
         self.failure: str | None = None
         self.released = False
         self.attempt = 1
+        self.task_ended = False
 
     @event("Reattempted")
     def new_attempt(self, attempt: int, base_branch: str | None, cause: str) -> None:
@@ -37,6 +38,11 @@ class Workspace(TaskAggregate):
         self.vm_agent_url = None
         self.failure = None
         self.released = False
+
+    @property
+    def workspace_id(self) -> str:
+        suffix = f"-a{self.attempt}" if self.attempt > 1 else ""
+        return f"{self.provider}-{self.task_id}{suffix}"
 
     @property
     def is_settled(self) -> bool:
@@ -56,6 +62,17 @@ class Workspace(TaskAggregate):
     def release(self, note: str) -> None:
         """The workspace's vm_agent is gone and everything it recorded is on the bus."""
         self.released = True
+
+    @event("TaskEnded")
+    def task_ends(self) -> None:
+        """The task failed or was cancelled: nothing of it is kept for a follow-up."""
+        self.task_ended = True
+
+    def announce_release(self, reason: str) -> None:
+        """WorkspaceReleased: the vm_agent left after its session ended (not lost mid-run, which its
+        SessionFailed says); the task's next follow-up re-provisions."""
+        event = WorkspaceReleased(workspace_id=self.workspace_id, attempt=self.attempt, reason=reason)
+        self.emit(event, actor=ACTOR, causation_id=self.cause)
 
     def apply(self, envelope: Envelope) -> None:
         if envelope.type == WorkspaceReady.type:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from eventsourcing.persistence import Tracking
 
-from events import Envelope, WorkspaceRequested, parse_event
+from events import Envelope, TaskCancelled, TaskFailed, WorkspaceRequested, parse_event
 from services.provisioner.domain import Workspace, all_workspaces
 from services.provisioner.local import LocalProvider, ProvisionError
 from services.runtime.consumer import Handler
@@ -71,9 +71,8 @@ class ProvisionerHandlers:
             if "workspace_ready" in self.faults:
                 log.warning("fault workspace_ready: not announcing workspace %s", workspace.task_id)
                 return
-            suffix = f"-a{workspace.attempt}" if workspace.attempt > 1 else ""
             expires_at = self.provider.credential_expires_at(workspace.task_id, attempt=workspace.attempt)
-            workspace.ready(workspace_id=f"local-{workspace.task_id}{suffix}", vm_agent_url=url,
+            workspace.ready(workspace_id=workspace.workspace_id, vm_agent_url=url,
                             credential_expires_at=expires_at)
         self.store.save(workspace)
         if workspace.vm_agent_url:
@@ -88,5 +87,18 @@ class ProvisionerHandlers:
     def unsettled(self) -> list[Workspace]:
         return [w for w in all_workspaces(self.store) if not w.is_settled]
 
+    async def on_task_ended(self, envelope: Envelope, tracking: Tracking) -> None:
+        """A failed or cancelled task takes no follow-up: its kept agent home and repo credential go
+        (the watcher deletes a home kept later, from a vm_agent that left after this)."""
+        workspace = self.store.get_task_aggregate(Workspace, envelope.task_id)
+        if workspace is not None and not workspace.task_ended:
+            workspace.task_ends()
+        self.store.save_processed(tracking, workspace)
+        self.provider.forget_task(envelope.task_id)
+
     def handlers(self) -> dict[str, Handler]:
-        return {WorkspaceRequested.type: self.on_workspace_requested}
+        return {
+            WorkspaceRequested.type: self.on_workspace_requested,
+            TaskFailed.type: self.on_task_ended,
+            TaskCancelled.type: self.on_task_ended,
+        }

@@ -41,6 +41,37 @@ class LocalProvider:
         its own, so a new attempt's vm_agent records from a fresh store (its output counts from 1)."""
         return self._settings.data_dir / "vm_agents" / _attempt_dir_name(task_id, attempt)
 
+    def saved_agent_home(self, task_id: str) -> Path:
+        """Where the agent's home of the task's last vm_agent is kept once that vm_agent is gone
+        (0700), until the next one gets a copy; deleted when the task fails or is cancelled."""
+        return self._settings.data_dir / "agent_homes" / task_id
+
+    def keep_agent_home(self, task_id: str, *, attempt: int) -> None:
+        """Move the gone vm_agent's agent home (its sessions' files) aside for the task's next one."""
+        try:
+            home = Path((self.vm_agent_dir(task_id, attempt=attempt) / "agent_home").read_text())
+        except OSError:
+            return  # Assigned before homes were kept (or never assigned): nothing to carry over.
+        if not home.is_dir():
+            return
+        saved = self.saved_agent_home(task_id)
+        saved.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.rmtree(saved, ignore_errors=True)
+        shutil.move(home, saved)
+        saved.chmod(0o700)
+
+    def restore_agent_home(self, task_id: str, member: VmAgentProcess) -> None:
+        """Copy the task's kept agent home into `member`'s (its warm agent already runs with HOME
+        there; adapters read their session files at `session/load`, which comes later)."""
+        saved = self.saved_agent_home(task_id)
+        if saved.is_dir():
+            shutil.copytree(saved, member.state_dir / "home", symlinks=True, dirs_exist_ok=True)
+
+    def forget_task(self, task_id: str) -> None:
+        """The task takes no more turns: its kept agent home and repo credential are deleted."""
+        shutil.rmtree(self.saved_agent_home(task_id), ignore_errors=True)
+        self.credentials.discard(task_id)
+
     def credential_expires_at(self, task_id: str, *, attempt: int = 1) -> float | None:
         """When the token and bus credential of the task's vm_agent expire (set at assignment)."""
         try:
@@ -82,17 +113,12 @@ class LocalProvider:
                         attempt: int = 1) -> str:
         """Clone the workspace and assign it a warm vm_agent (both at once); the vm_agent's URL.
 
-        The repo's credential, sealed by the gateway, is used for the clone, handed to the
-        vm_agent (to push) and then discarded.
+        The repo's credential, sealed by the gateway, is used for the clone and handed to the
+        vm_agent (to push); it stays sealed while the task can take a follow-up (a re-provisioned
+        workspace clones again) and is discarded when the task fails or is cancelled (`forget_task`).
         """
-        try:
-            url = await self._provision(task_id, self._checked_repo(task_id, repo), base_branch, agent=agent,
-                                        attempt=attempt)
-        except ProvisionError:
-            self.credentials.discard(task_id)  # The workspace failed: nobody will need it.
-            raise
-        self.credentials.discard(task_id)  # The vm_agent keeps it in memory, to push.
-        return url
+        return await self._provision(task_id, self._checked_repo(task_id, repo), base_branch, agent=agent,
+                                     attempt=attempt)
 
     def _checked_repo(self, task_id: str, repo: str) -> RepoUrl:
         """`repo` checked again (an event may predate the gateway's checks), with its credential."""
@@ -139,6 +165,11 @@ class LocalProvider:
                  1000 * (cloned - started), 1000 * (taken - started), ready_before,
                  1000 * (loop.time() - taken))
         state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await asyncio.to_thread(self.restore_agent_home, task_id, member)
+        except OSError as error:  # The agent then opens a new session (AgentSessionStarted says so).
+            log.warning("could not restore the agent home of %s: %s", task_id, error)
+        (state_dir / "agent_home").write_text(str(member.state_dir / "home"))
         (state_dir / "pid").write_text(str(member.pid))
         # From now on it is the task's: a restarted provisioner's pool reset must not stop it.
         (member.state_dir / "pid").unlink(missing_ok=True)

@@ -1,9 +1,11 @@
 """Watches the vm_agents the local provider started: a vm_agent that is gone never leaves a task hanging.
 
-When a vm_agent process has exited, for whatever reason, the watcher opens its store, ends a
-session it left unfinished with `SessionFailed` (`lost_workspace`, the reason names the lost
+When a vm_agent process has exited, for whatever reason, the watcher keeps its agent home aside
+(the next vm_agent of the task gets a copy: its agent's sessions can be loaded), opens its store,
+ends a session it left unfinished with `SessionFailed` (`lost_workspace`, the reason names the lost
 vm_agent: the task runner starts a new attempt), relays everything it had not yet published, and
-releases the workspace. Each attempt of a task has its own vm_agent; the watcher follows the latest.
+releases the workspace (WorkspaceReleased, unless the session was lost: a later follow-up then
+re-provisions). Each attempt of a task has its own vm_agent; the watcher follows the latest.
 """
 
 from __future__ import annotations
@@ -51,10 +53,16 @@ class VmAgentWatcher:
 
     async def settle_lost_vm_agent(self, task_id: str, attempt: int = 1) -> None:
         state_dir = self.provider.vm_agent_dir(task_id, attempt=attempt)
+        # Before anything is relayed: a new attempt's workspace (asked for once the relayed
+        # SessionFailed is handled) finds the home kept.
+        try:
+            await asyncio.to_thread(self.provider.keep_agent_home, task_id, attempt=attempt)
+        except OSError as error:  # Its next session then starts new (AgentSessionStarted says so).
+            log.warning("could not keep the agent home of %s (attempt %d): %s", task_id, attempt, error)
         vm_store = open_vm_agent_store(state_dir)
         try:
             # Rebuilding a long session replays every output: off the event loop.
-            if await asyncio.to_thread(
+            if lost := await asyncio.to_thread(
                 end_unfinished_session, vm_store, task_id,
                 reason="the workspace's vm_agent exited while the agent was running; the run was lost",
             ):
@@ -68,6 +76,11 @@ class VmAgentWatcher:
         workspace = self.store.get_task_aggregate(Workspace, task_id)
         if workspace.attempt == attempt and not workspace.released:
             workspace.release("vm_agent gone; its events are relayed")
+            if not lost:
+                workspace.announce_release("the vm_agent exited after the task's session ended "
+                                           "(idle past BATON_LINGER_S, or the task ended)")
             self.store.save(workspace)
+        if workspace.task_ended:  # Failed or cancelled meanwhile: the home just kept is not needed.
+            self.provider.forget_task(task_id)
         if self._watched.get(task_id) == attempt:
             del self._watched[task_id]

@@ -11,6 +11,7 @@ from events import (
     TaskCompleted,
     TaskFailed,
     TaskQueued,
+    TurnRequested,
     WorkspaceRequested,
 )
 from services.runtime.store import TaskAggregate
@@ -40,6 +41,8 @@ class Task(TaskAggregate):
         self.cancel_reason: str | None = None
         self.turn = 1
         """The turn last started: 1 is the task's prompt, 2, 3, … its follow-ups."""
+        self.turn_prompt = prompt
+        """The prompt of turn `turn` (delivered again by a new attempt or a re-provisioned workspace)."""
         self.follow_ups: list[tuple[str, str]] = []
         """(FollowUpSubmitted id, prompt) not yet handed to the vm_agent, in the order people sent them."""
         self.follow_up_ids: set[str] = set()
@@ -93,6 +96,11 @@ class Task(TaskAggregate):
         event = WorkspaceRequested(repo=self.repo, agent=self.agent, base_branch=base_branch, attempt=attempt)
         self.emit(event, actor=ACTOR, causation_id=cause)
 
+    def may_try_again(self, max_attempts: int) -> bool:
+        """Whether a new attempt may follow the running one's lost workspace: BATON_MAX_ATTEMPTS
+        counts the attempts lost workspaces started, not a workspace re-provisioned for a follow-up."""
+        return len(self.lost) + 1 < max_attempts
+
     def attempts_ran_out(self, reason: str) -> str:
         """Why the task fails when its last attempt's workspace was lost too, for people."""
         losses = len(self.lost) + 1
@@ -118,8 +126,36 @@ class Task(TaskAggregate):
 
     @property
     def next_follow_up_due(self) -> bool:
-        """A follow-up waits and the agent is idle: the last turn completed (its workspace lingers)."""
-        return bool(self.follow_ups) and self.state == "completed" and self.vm_agent_url is not None
+        """A follow-up waits and the agent is idle: the last turn completed (its workspace lingers,
+        or it was released and the turn re-provisions one)."""
+        return bool(self.follow_ups) and self.state == "completed"
+
+    @property
+    def workspace_lingers(self) -> bool:
+        """The last attempt's vm_agent may still take a turn (no WorkspaceReleased seen for it)."""
+        return self.vm_agent_url is not None
+
+    @event("WorkspaceReleasedSeen")
+    def workspace_released(self, attempt: int) -> None:
+        """The provisioner released attempt `attempt`'s workspace: its vm_agent takes no more turns."""
+        if attempt == self.attempt:
+            self.vm_agent_url = None
+
+    def start_turn_on_lingering_session(self, *, cause: str) -> None:
+        """The lingering vm_agent took the oldest follow-up as the next turn: the task runs again."""
+        follow_up_id, _ = self.follow_ups[0]
+        event = TurnRequested(turn=self.turn + 1, follow_up_id=follow_up_id, attempt=max(self.attempt, 1))
+        self.emit(event, actor=ACTOR, causation_id=cause)
+
+    def reprovision_for_next_turn(self, *, base_branch: str | None, cause: str) -> None:
+        """The workspace was released: the oldest follow-up's turn gets a new workspace (attempt
+        n+1, from `base_branch`, the task's pushed branch), where the agent's session is restored."""
+        follow_up_id, _ = self.follow_ups[0]
+        attempt = self.attempt + 1
+        event = TurnRequested(turn=self.turn + 1, follow_up_id=follow_up_id, reprovision=True, attempt=attempt)
+        self.emit(event, actor=ACTOR, causation_id=cause)
+        requested = WorkspaceRequested(repo=self.repo, agent=self.agent, base_branch=base_branch, attempt=attempt)
+        self.emit(requested, actor=ACTOR, causation_id=cause)
 
     @event("FollowUpQueued")
     def queue_follow_up(self, prompt: str, follow_up_id: str) -> None:
@@ -130,10 +166,18 @@ class Task(TaskAggregate):
 
     @event("TurnStartRequested")
     def turn_start_requested(self, turn: int) -> None:
-        """The vm_agent took the next follow-up as turn `turn`: the task runs again."""
+        """The vm_agent took the next follow-up as turn `turn` (recorded before TurnRequested
+        existed; kept so older tasks replay)."""
         self.follow_ups.pop(0)
         self.turn = turn
         self.state = "starting"
+
+    def _take_turn(self, follow_up_id: str, turn: int) -> None:
+        prompts = dict(self.follow_ups)
+        self.turn_prompt = prompts.get(follow_up_id, self.turn_prompt)
+        self.follow_ups = [waiting for waiting in self.follow_ups if waiting[0] != follow_up_id]
+        self.turn = turn
+        self.state = "starting"  # A re-provision's WorkspaceRequested (next) makes it `provisioning`.
 
     @event("FollowUpsDropped")
     def drop_follow_ups(self, reason: str) -> None:
@@ -154,6 +198,8 @@ class Task(TaskAggregate):
             self.vm_agent_url = None
         elif envelope.type == AttemptStarted.type:
             self.lost.append(envelope.data["reason"])
+        elif envelope.type == TurnRequested.type:
+            self._take_turn(envelope.data["follow_up_id"], envelope.data["turn"])
         elif envelope.type == TaskCompleted.type:
             self.state = "completed"
         elif envelope.type == TaskFailed.type:

@@ -25,6 +25,7 @@ from events import (
     TaskSubmitted,
     WorkspaceFailed,
     WorkspaceReady,
+    WorkspaceReleased,
     parse_event,
 )
 from events.flow import NEW_TURN, TURN_CONTRACT, TURN_NUMBERED
@@ -133,16 +134,8 @@ class TaskRunnerHandlers:
             self._save(tracking, task, cause=envelope.event_id)
             return
         try:
-            await self.starter.start_agent_with_prompt(
-                ready.vm_agent_url,
-                task_id=task.task_id,
-                agent=task.agent,
-                prompt=task.prompt,
-                attempt_id=attempt_id,
-                causation_id=envelope.event_id,
-                token_expires_at=ready.credential_expires_at,
-                permission_policy=task.permission_policy,
-            )
+            await self._start_agent(task, ready.vm_agent_url, attempt_id=attempt_id, cause=envelope.event_id,
+                                    token_expires_at=ready.credential_expires_at)
         except AgentStartRefused as error:
             # A redelivered WorkspaceReady may find the vm_agent done and gone: the stream
             # says whether this attempt already started.
@@ -153,6 +146,20 @@ class TaskRunnerHandlers:
         else:
             task.agent_start_requested(ready.vm_agent_url, ready.credential_expires_at)
         self._save(tracking, task, cause=envelope.event_id)
+
+    async def _start_agent(self, task: Task, vm_agent_url: str, *, attempt_id: str, cause: str,
+                           token_expires_at: float | None) -> None:
+        """`POST /sessions`: the running turn's prompt, and (after an earlier attempt or turn) the
+        task's last ACP session to restore; raises AgentStartRefused."""
+        resume_session_id = None
+        if task.attempt >= 1:  # An earlier attempt opened an agent session: restore it where possible.
+            started = await self.lookup.last_event(task.task_id, AgentSessionStarted.type)
+            resume_session_id = started.data.get("session_id") if started is not None else None
+        await self.starter.start_agent_with_prompt(
+            vm_agent_url, task_id=task.task_id, agent=task.agent, prompt=task.turn_prompt,
+            attempt_id=attempt_id, causation_id=cause, token_expires_at=token_expires_at,
+            permission_policy=task.permission_policy, turn=task.turn, resume_session_id=resume_session_id,
+        )
 
     async def _attempt_started(self, task_id: str, attempt_id: str) -> bool:
         started = await self.lookup.last_event(task_id, AgentSessionStarted.type)
@@ -180,12 +187,15 @@ class TaskRunnerHandlers:
         naming the loss. A task a person asked to cancel ends cancelled."""
         if task.cancel_requested:
             task.cancel(cause=cause)
-        elif task.attempt >= self.max_attempts:
+        elif not task.may_try_again(self.max_attempts):
             task.fail(task.attempts_ran_out(reason), cause=cause)
         else:
-            pushed = await self.lookup.last_event(task.task_id, BranchPushed.type)
-            base_branch = (pushed.data.get("branch") if pushed is not None else None) or task.base_branch
-            task.start_new_attempt(reason, base_branch=base_branch, cause=cause)
+            task.start_new_attempt(reason, base_branch=await self._branch_to_start_from(task), cause=cause)
+
+    async def _branch_to_start_from(self, task: Task) -> str | None:
+        """The task's branch if a turn pushed it, else the task's base branch."""
+        pushed = await self.lookup.last_event(task.task_id, BranchPushed.type)
+        return (pushed.data.get("branch") if pushed is not None else None) or task.base_branch
 
     async def on_agent_finished(self, envelope: Envelope, tracking: Tracking) -> None:
         finished = parse_event(envelope)
@@ -208,7 +218,7 @@ class TaskRunnerHandlers:
                       cause=envelope.event_id)
         else:
             task.complete(branch=pushed.branch, commit=pushed.commit, cause=envelope.event_id)
-            await self._start_next_turn(task)  # A follow-up sent during the turn runs now.
+            await self._start_next_turn(task, cause=envelope.event_id)  # One sent during the turn runs now.
         self._save(tracking, task, cause=envelope.event_id)
 
     async def on_follow_up_submitted(self, envelope: Envelope, tracking: Tracking) -> None:
@@ -223,14 +233,32 @@ class TaskRunnerHandlers:
             log.info("follow-up to %s (%s) not run: the task takes no more turns", task.task_id, task.state)
             return
         task.queue_follow_up(submitted.prompt, envelope.event_id)
-        await self._start_next_turn(task)
+        await self._start_next_turn(task, cause=envelope.event_id)
         self._save(tracking, task, cause=envelope.event_id)
 
-    async def _start_next_turn(self, task: Task) -> None:
-        """Hand the oldest waiting follow-up to the vm_agent as the next turn, if the agent is idle;
-        a vm_agent that cannot take it (its workspace released) drops every waiting follow-up."""
+    async def on_workspace_released(self, envelope: Envelope, tracking: Tracking) -> None:
+        """The task's vm_agent is gone: its next follow-up re-provisions a workspace."""
+        task = self._task(envelope)
+        released = parse_event(envelope)
+        assert isinstance(released, WorkspaceReleased)
+        if task is None or not task.workspace_lingers or released.attempt != task.attempt:
+            return
+        task.workspace_released(released.attempt)
+        await self._start_next_turn(task, cause=envelope.event_id)
+        self._save(tracking, task, cause=envelope.event_id)
+
+    async def _start_next_turn(self, task: Task, *, cause: str) -> None:
+        """Start the oldest waiting follow-up's turn once the agent is idle (the task completed): on
+        the lingering vm_agent, or, once its workspace was released (or its vm_agent refuses: it is
+        gone), on a workspace re-provisioned from the task's branch."""
         if not task.next_follow_up_due:
             return
+        if task.workspace_lingers and await self._handed_to_lingering_vm_agent(task):
+            task.start_turn_on_lingering_session(cause=cause)
+            return
+        task.reprovision_for_next_turn(base_branch=await self._branch_to_start_from(task), cause=cause)
+
+    async def _handed_to_lingering_vm_agent(self, task: Task) -> bool:
         assert task.vm_agent_url is not None
         follow_up_id, prompt = task.follow_ups[0]
         turn = task.turn + 1
@@ -239,10 +267,10 @@ class TaskRunnerHandlers:
                 task.vm_agent_url, task_id=task.task_id, attempt_id=task.attempt_id, turn=turn,
                 prompt=prompt, causation_id=follow_up_id, token_expires_at=task.vm_agent_token_expires_at)
         except AgentStartRefused as error:
-            log.warning("turn %s of %s not started: %s", turn, task.task_id, error)
-            task.drop_follow_ups(f"turn {turn} not started: {error}")
-            return
-        task.turn_start_requested(turn)
+            log.info("turn %s of %s re-provisions: the lingering vm_agent did not take it: %s",
+                     turn, task.task_id, error)
+            return False
+        return True
 
     async def _missing_handoffs(self, task_id: str, *, before: str) -> list[str]:
         steps = FLOW_CONTRACT[: FLOW_CONTRACT.index(before)]
@@ -286,11 +314,8 @@ class TaskRunnerHandlers:
         # Same attempt id: the vm_agent starts nothing twice and never re-sends a delivered prompt.
         assert task.vm_agent_url is not None
         try:
-            await self.starter.start_agent_with_prompt(
-                task.vm_agent_url, task_id=task.task_id, agent=task.agent, prompt=task.prompt,
-                attempt_id=task.attempt_id, causation_id=cause,
-                token_expires_at=task.vm_agent_token_expires_at, permission_policy=task.permission_policy,
-            )
+            await self._start_agent(task, task.vm_agent_url, attempt_id=task.attempt_id, cause=cause,
+                                    token_expires_at=task.vm_agent_token_expires_at)
         except AgentStartRefused as error:
             log.warning("retrying the start of %s: %s", task.task_id, error)
 
@@ -357,4 +382,5 @@ class TaskRunnerHandlers:
             PermissionAnswerGiven.type: self.on_permission_answer_given,
             TaskCancelRequested.type: self.on_task_cancel_requested,
             FollowUpSubmitted.type: self.on_follow_up_submitted,
+            WorkspaceReleased.type: self.on_workspace_released,
         }

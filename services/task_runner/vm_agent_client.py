@@ -18,6 +18,7 @@ class AgentStarter(Protocol):
     async def start_agent_with_prompt(
         self, vm_agent_url: str, *, task_id: str, agent: str, prompt: str, attempt_id: str,
         causation_id: str, token_expires_at: float | None = None, permission_policy: str = "auto",
+        turn: int = 1, resume_session_id: str | None = None,
     ) -> None: ...
 
     async def answer_permission(
@@ -50,10 +51,12 @@ class VmAgentClient:
     async def start_agent_with_prompt(
         self, vm_agent_url: str, *, task_id: str, agent: str, prompt: str, attempt_id: str,
         causation_id: str, token_expires_at: float | None = None, permission_policy: str = "auto",
+        turn: int = 1, resume_session_id: str | None = None,
     ) -> None:
         body = {
             "task_id": task_id, "agent": agent, "initial_prompt": prompt,
             "attempt_id": attempt_id, "causation_id": causation_id, "permission_policy": permission_policy,
+            "turn": turn, "resume_session_id": resume_session_id,
         }
         headers = {"Authorization": f"Bearer {vm_agent_token(self._secret, task_id, token_expires_at)}"}
         for attempt in range(1, self._attempts + 1):

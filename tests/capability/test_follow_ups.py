@@ -96,16 +96,51 @@ def test_follow_ups_run_as_next_turns_once_each_with_a_commit_of_their_own(tmp_p
         assert api.http.post(f"/api/tasks/{task}/messages", json={"prompt": " "}).status_code == 422
 
 
-def test_a_follow_up_after_the_workspace_is_released_is_a_409_saying_so(tmp_path: Path):
-    with running_stack(tmp_path / "stack", env={"BATON_LINGER_S": "1"}) as stack:
+def test_a_follow_up_after_the_workspace_was_released_re_provisions_it_and_runs_the_next_turn(tmp_path: Path):
+    with running_stack(tmp_path / "stack", env={"BATON_LINGER_S": "2"}) as stack:
         api = Api(stack.api, stack.token)
         origin = make_origin(tmp_path)
-        task = api.submit(repo=origin.as_uri(), agent="shell", prompt="echo one > a.txt\n")["task_id"]
+        first, second = "echo one > a.txt\n", "echo two > b.txt\n"
+        task = api.submit(repo=origin.as_uri(), agent="shell", prompt=first)["task_id"]
+        branch = f"baton/{task}"
         api.wait_for_state(task, "completed", timeout_s=60)
-        # The vm_agent leaves once BATON_LINGER_S passed without a follow-up…
+        # The vm_agent leaves once BATON_LINGER_S passed without a follow-up; the provisioner says
+        # the workspace was released.
         pid = stack.vm_agent_pid(task)
-        wait_for(lambda: exited(pid), timeout_s=15, what="the vm_agent to exit after lingering")
-        # …and a follow-up then is refused, saying why.
-        refused = api.http.post(f"/api/tasks/{task}/messages", json={"prompt": "echo two > b.txt\n"})
-        assert refused.status_code == 409, refused.text
-        assert "follow-ups after the workspace is released come in a later release" in refused.json()["detail"]
+        released = wait_for(lambda: of_type(api.events(task), "WorkspaceReleased"), timeout_s=30,
+                            what="the workspace to be released after lingering")
+        assert released[0]["data"]["attempt"] == 1 and exited(pid)
+
+        # A follow-up is still taken: it re-provisions a workspace and runs as turn 2.
+        sent = api.http.post(f"/api/tasks/{task}/messages", json={"prompt": second})
+        assert sent.status_code == 202, sent.text
+        events = wait_for(lambda: len(of_type(e := api.events(task), "TaskCompleted")) == 2 and e,
+                          timeout_s=90, what="the re-provisioned turn to complete")
+        types = [e["type"] for e in events]
+
+        # Turn 2 was asked for with a new workspace (attempt 2), from the task's branch…
+        [follow_up] = of_type(events, "FollowUpSubmitted")
+        [turn] = of_type(events, "TurnRequested")
+        assert turn["data"] == {"turn": 2, "follow_up_id": follow_up["event_id"], "reprovision": True, "attempt": 2}
+        requested = of_type(events, "WorkspaceRequested")[-1]
+        assert (requested["data"]["attempt"], requested["data"]["base_branch"]) == (2, branch)
+        assert types.index("TurnRequested") < events.index(requested) < events.index(of_type(events, "WorkspaceReady")[-1])
+        # …and its agent session says what became of the earlier one: the shell agent cannot load
+        # sessions, so it is a new one, and the note says why.
+        sessions = of_type(events, "AgentSessionStarted")
+        assert len(sessions) == 2 and sessions[1]["data"]["attempt_id"] == f"{task}-a2"
+        restored = sessions[1]["data"]
+        assert restored["resumed_from"] == sessions[0]["data"]["session_id"] and restored["restored"] == "new"
+        assert "cannot load sessions" in restored["restore_note"]
+        # Each turn's prompt was delivered once, with its own hash; turn 2 on the new session.
+        delivered = [d["data"] for d in of_type(events, "PromptDelivered")]
+        assert delivered == [
+            {"session_id": sessions[0]["data"]["session_id"], "prompt_sha256": sha256(first)},
+            {"session_id": restored["session_id"], "prompt_sha256": sha256(second), "turn": 2}]
+        assert [e["data"].get("turn", 1) for e in of_type(events, "TaskCompleted")] == [1, 2]
+        # One commit per turn on the task's branch, with both turns' files.
+        assert len(commits_on(origin, branch)) == 2
+        assert branch_file(origin, branch, "a.txt") == "one" and branch_file(origin, branch, "b.txt") == "two"
+        # A re-provision is not a lost attempt, and no handoff was late.
+        assert not {"AttemptStarted", "StepOverdue", "AgentStalled", "TaskFailed"} & set(types)
+        api.wait_for_state(task, "completed", timeout_s=10)

@@ -105,7 +105,7 @@ async def test_workspace_ready_starts_the_agent_once_with_the_prompt_agent_and_a
         "vm_agent_url": "http://vm:1", "task_id": TASK, "agent": "shell",
         "prompt": "write tests", "attempt_id": "t1-a1", "causation_id": READY.event_id,
         "token_expires_at": 1_900_000_000,  # The token the task runner derives names its expiry.
-        "permission_policy": "auto",
+        "permission_policy": "auto", "turn": 1, "resume_session_id": None,
     }]
     task = runner.task()
     assert (task.state, task.attempt, task.vm_agent_url) == ("starting", 1, "http://vm:1")

@@ -62,15 +62,18 @@ async def test_a_follow_up_to_a_completed_task_runs_at_once_and_a_redelivered_on
     assert turns_started(runner) == [(2, "echo again")]
 
 
-async def test_a_vm_agent_that_cannot_take_the_turn_drops_the_waiting_follow_ups_and_the_task_stays_completed():
+async def test_a_vm_agent_that_cannot_take_the_turn_means_the_turn_re_provisions_a_workspace():
     starter = FakeStarter()
     starter.refuse_turns_with = "vm_agent at http://vm:1 unreachable"
     runner = await started_runner(starter)
     await runner.deliver(follow_up("echo two"))
     await runner.deliver(follow_up("echo three"))
     await runner.deliver(pushed("c1"))
+    # The lingering vm_agent was asked first; it is gone, so turn 2 gets a new workspace (attempt 2).
     assert turns_started(runner) == [(2, "echo two")]
-    assert runner.task().state == "completed" and runner.task().follow_ups == []
+    [requested] = [e for e in runner.emitted() if e.type == "TurnRequested"]
+    assert (requested.data["turn"], requested.data["reprovision"], requested.data["attempt"]) == (2, True, 2)
+    assert runner.task().state == "provisioning" and [p for _, p in runner.task().follow_ups] == ["echo three"]
     assert completed_turns(runner) == [(1, "c1")]
 
 
