@@ -113,6 +113,19 @@ class LocalWorkspaces:
         """Never called: it owns no machines (see owned_machines)."""
 
 
+def providers_for(settings: Settings, local: LocalProvider, record: RecordEvent,
+                  calls_home: Callable[[str], dict[str, str]]) -> dict[str, WorkspaceProvider]:
+    """Every provider usable here, by name (the provisioner's composition root builds them once):
+    `local` always, `hetzner` when it is configured (provider_problem is None)."""
+    providers: dict[str, WorkspaceProvider] = {"local": LocalWorkspaces(local)}
+    if provider_problem("hetzner", settings) is None:
+        from services.provisioner.hetzner import HetznerConfig, HetznerProvider  # (it imports this module)
+
+        providers["hetzner"] = HetznerProvider(HetznerConfig.from_settings(settings), secret=settings.install_secret(),
+                                               record=record, calls_home=calls_home)
+    return providers
+
+
 def provider_problem(name: str, settings: Settings) -> str | None:
     """None if tasks may run on provider `name` here, else what to change (the 422 at submit)."""
     if name not in KNOWN_PROVIDERS:

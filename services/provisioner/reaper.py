@@ -8,7 +8,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from services.provisioner.domain import all_workspaces
 from services.provisioner.providers import OwnedMachine, ProvisionError, WorkspaceProvider
+from services.runtime.store import ServiceStore
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,15 @@ class Reaper:
                 if reaped:
                     log.info("reaper: deleted %d %s server(s) no live task owns", len(reaped), self.provider.name)
             await asyncio.sleep(self.every_s)
+
+
+def live_attempts_in(store: ServiceStore, provider: str) -> LiveAttempts:
+    """The live attempts on `provider` as the provisioner's store records them: the latest attempt of
+    each task whose workspace neither failed nor was released, and whose task did not end."""
+    def live() -> set[tuple[str, int]]:
+        return {(w.task_id, w.attempt) for w in all_workspaces(store)
+                if w.provider == provider and not (w.failure or w.released or w.task_ended)}
+    return live
 
 
 def _why(machine: OwnedMachine) -> str:

@@ -178,3 +178,35 @@ def test_a_provider_must_be_known_and_configured_to_be_chosen(tmp_path):
     configured = Settings(data_dir=tmp_path, hcloud_token="t", vm_nats_url="tls://n:4222",
                           vm_gateway_url="https://g")
     assert provider_problem("hetzner", configured) is None
+
+
+def test_the_reaper_counts_as_live_only_unended_latest_attempts_on_its_provider():
+    from services.provisioner.domain import Workspace
+    from services.provisioner.reaper import live_attempts_in
+    from tests.unit.fakes import popo_store
+
+    store = popo_store()
+    running = Workspace("a" * 16, "file:///r", None, "hetzner", "cause")
+    relaunched = Workspace("b" * 16, "file:///r", None, "hetzner", "cause")
+    relaunched.new_attempt(2, None, "lost")
+    failed = Workspace("c" * 16, "file:///r", None, "hetzner", "cause")
+    failed.failed("no room")
+    released = Workspace("d" * 16, "file:///r", None, "hetzner", "cause")
+    released.release("done")
+    local = Workspace("e" * 16, "file:///r", None, "local", "cause")
+    store.save(running, relaunched, failed, released, local)
+
+    assert live_attempts_in(store, "hetzner")() == {("a" * 16, 1), ("b" * 16, 2)}
+
+
+def test_hetzner_is_offered_only_where_it_is_configured(tmp_path, fake, token):
+    from services.provisioner.providers import providers_for
+
+    local = object()  # LocalProvider is only wrapped here, not called
+    bare = providers_for(Settings(data_dir=tmp_path), local, Recorded(), calls_home=lambda ws: {})
+    assert sorted(bare) == ["local"]
+    configured = Settings(data_dir=tmp_path, hcloud_token=token, hcloud_endpoint=fake.endpoint,
+                          vm_nats_url="tls://n:4222", vm_gateway_url="https://g", secret=SECRET)
+    both = providers_for(configured, local, Recorded(), calls_home=lambda ws: {})
+    assert sorted(both) == ["hetzner", "local"]
+    assert both["hetzner"].config.install_id == install_id(SECRET)
