@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+import requests
 from hcloud import APIException, Client
 from hcloud.actions import ActionException
 from hcloud.images import Image
@@ -138,6 +139,8 @@ class HetznerProvider:
                     name=name, server_type=ServerType(name=self.config.server_type),
                     image=Image(name=self.config.image), location=Location(name=location),
                     labels=self._labels(order), user_data=user_data)
+            except requests.RequestException as error:
+                raise ProvisionError(unreachable(self.config.endpoint, error)) from None
             except APIException as error:
                 if error.code != "resource_unavailable":
                     raise ProvisionError(reason_of(error)) from None
@@ -152,7 +155,7 @@ class HetznerProvider:
         """The server once its create action finished; deleted (and a ProvisionError) if it failed."""
         try:
             action.wait_until_finished()
-        except (ActionException, APIException) as error:
+        except (ActionException, APIException, requests.RequestException) as error:
             self._delete(server, f"its creation failed: {error}")
             raise ProvisionError(f"Hetzner could not create server {server.id}: {error}") from None
         return self._call(self._client.servers.get_by_id, server.id)
@@ -199,6 +202,8 @@ class HetznerProvider:
             return method(*args, **kwargs)
         except APIException as error:
             raise ProvisionError(reason_of(error)) from None
+        except requests.RequestException as error:
+            raise ProvisionError(unreachable(self.config.endpoint, error)) from None
 
 
 def reason_of(error: APIException) -> str:
@@ -210,6 +215,10 @@ def reason_of(error: APIException) -> str:
     if error.code == "rate_limit_exceeded":
         return f"Hetzner's rate limit held after retries (rate_limit_exceeded): {error.message}"
     return f"Hetzner API error ({error.code}): {error.message}"
+
+
+def unreachable(endpoint: str, error: Exception) -> str:
+    return f"could not reach the Hetzner API at {endpoint} ({type(error).__name__}): check BATON_HCLOUD_ENDPOINT and the network"
 
 
 def _owned(server: BoundServer) -> OwnedMachine:

@@ -7,6 +7,7 @@ import json
 import logging
 import secrets
 import time
+from types import SimpleNamespace
 from decimal import Decimal
 
 import pytest
@@ -210,3 +211,11 @@ def test_hetzner_is_offered_only_where_it_is_configured(tmp_path, fake, token):
     both = providers_for(configured, local, Recorded(), calls_home=lambda ws: {})
     assert sorted(both) == ["hetzner", "local"]
     assert both["hetzner"].config.install_id == install_id(SECRET)
+
+
+async def test_an_unreachable_api_fails_with_a_reason_naming_it(token):
+    from tests.support.processes import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    with pytest.raises(ProvisionError, match=f"could not reach the Hetzner API at {endpoint}"):
+        await provider_on(SimpleNamespace(endpoint=endpoint), token, Recorded()).provision(order())
