@@ -116,12 +116,13 @@ class BootPlan:
     """The bus as the VM reaches it (BATON_VM_NATS_URL, `tls://…`)."""
     vm_agent_env: dict[str, str] = field(default_factory=dict, repr=False)
     """The vm_agent's own environment (its scoped bus credential and task); never the cloud token."""
-    vm_agent_args: tuple[str, ...] = ("--state-dir", STATE_DIR, "--host", "127.0.0.1")
+    vm_agent_args: tuple[str, ...] = ("--state-dir", STATE_DIR)
+    """Its identity is BATON_VM_ID in `vm_agent_env`; it opens no port (it connects out to the bus)."""
 
 
 def build_user_data(plan: BootPlan) -> str:
     """A cloud-init shell script that installs the vm_agent `plan.version` from the control plane
-    and starts it (bound to 127.0.0.1: nothing listens on the internet). Fits Hetzner's 32 KiB."""
+    and starts it with `plan.vm_agent_env` (it only connects out). Fits Hetzner's 32 KiB."""
     env = {"BATON_NATS_URL": plan.nats_url, "BATON_WORKSPACE_ID": plan.workspace_id, **plan.vm_agent_env}
     env_lines = "\n".join(f"{key}={shlex.quote(value)}" for key, value in sorted(env.items()))
     url = plan.gateway_url.rstrip("/") + DIST_PATH.format(version=plan.version)

@@ -73,6 +73,6 @@ def test_user_data_carries_the_calls_home_environment_quoted_and_fits_hetzners_l
     assert "https://baton.example.com/api/vm-agent/dist/1.0+abc.tar.gz" in script
     assert "BATON_NATS_URL=tls://nats.example.com:4222" in script
     assert "BATON_NATS_CREDS_TEXT='line one\n'\"'\"'quoted'\"'\"' $HOME'" in script  # shell-quoted, not expanded
-    assert "--host 127.0.0.1" in script  # nothing on the VM listens on the internet
+    assert "-m vm_agent --state-dir /var/lib/baton/vm_agent >" in script  # no port option: it connects out
     with pytest.raises(ValueError, match="32768"):
         build_user_data(BootPlan(**{**plan.__dict__, "vm_agent_env": {"BIG": "x" * 40_000}}))
