@@ -71,6 +71,8 @@ class VmAgentCommands:
                             repo_credential=_repo_credential(body.repo_credential))
         except ConnectionError as error:  # Unreachable, or the credential refused: say which.
             return CommandReply.refused(503, f"this vm_agent cannot publish its task's events: {error}")
+        # From now on the task's commands come on the task's own connection (its credential may).
+        await serve_task_commands(vm.publisher.nc, body.task_id, self)  # type: ignore[union-attr]
         return CommandReply.ok(task_id=body.task_id, assigned_now=True)
 
     async def start_session(self, body: SessionStart) -> CommandReply:
@@ -182,18 +184,11 @@ async def serve_task_commands(nc: Client, task_id: str, commands: VmAgentCommand
 
 
 async def serve_assignment(member: Client, vm_id: str, commands: VmAgentCommands) -> None:
-    """Take the assignment on `baton.vm.member.<vm_id>.assign`; once assigned, answer the task's
-    commands on the task's connection and close the member connection (its work is done)."""
-
-    async def assign(body: BaseModel) -> CommandReply:
-        reply = await commands.assign(body)  # type: ignore[arg-type]
-        assigned, publisher = commands.vm.assigned, commands.vm.publisher
-        if reply.accepted and reply.result.get("assigned_now") and assigned and publisher is not None:
-            await serve_task_commands(publisher.nc, assigned.task_id, commands)  # type: ignore[attr-defined]
-        return reply
+    """Take the assignment on `baton.vm.member.<vm_id>.assign`; once assigned, close the member
+    connection (its work is done: the task's commands come on the task's connection)."""
 
     async def on_assign(msg: Msg) -> None:
-        await answer(msg, Assignment, assign)
+        await answer(msg, Assignment, commands.assign)
         if commands.vm.assigned is not None:
             asyncio.get_running_loop().create_task(member.close())
 

@@ -1,5 +1,15 @@
-"""The vm_agent process: an HTTP API, a NATS connection, perhaps a warm agent; once assigned a
-task, its store and relay. It exits once its session is over and every event is relayed."""
+"""The vm_agent process: connections out to NATS only (nothing listens), perhaps a warm agent;
+once assigned a task, its store, relay and the task's commands. It exits once its session is over
+and every event is relayed.
+
+Started (or booted) with an identity `BATON_VM_ID` and, where the install mints them, a member
+credential `BATON_VM_AGENT_CREDS` (`.creds` text: its hello and its assignment only, expiring). It
+says hello on `baton.vm.member.<vm_id>.hello` once its warm agent is ready, takes its assignment
+(with the task's own credential) on `.assign`, then answers `baton.vm.task.<task_id>.*`.
+
+Reconnects: every connection reconnects forever (nats-py); subscriptions are renewed by it. Once a
+credential expired the server refuses it: the vm_agent hears nothing more, the task runner's
+commands find no responder (AgentStartRefused naming it), and the vm_agent exits as its session ends."""
 
 from __future__ import annotations
 
@@ -8,7 +18,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
+import re
+import signal
 from pathlib import Path
 
 import uvicorn
@@ -16,11 +27,13 @@ from nats.aio.client import Client
 
 from services.runtime.bus import Bus, connect_nats
 from services.runtime.logs import setup_logging
-from services.runtime.nats_auth import raw_credentials, vm_agent_inbox
+from services.runtime.nats_auth import raw_credentials, vm_agent_inbox, vm_member_inbox
 from services.runtime.relay import pending_envelopes
 from services.runtime.settings import Settings
+from services.runtime.vm_agent_commands import ID_PATTERN
 from vm_agent.app import create_app
 from vm_agent.backends import BACKENDS
+from vm_agent.commands import VmAgentCommands, say_hello, serve_assignment
 from vm_agent.runner import AgentLauncher
 from vm_agent.sandbox import Sandbox
 from vm_agent.state import VmAgent, directory_identity, end_unfinished_session, open_vm_agent_store
@@ -32,11 +45,12 @@ log = logging.getLogger(__name__)
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vm_agent", description=__doc__)
-    parser.add_argument("--state-dir", required=True, type=Path, help="where it writes its url")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--advertise-host", default=None,
-                        help="host name in the URL others use to reach this vm_agent (default: --host)")
+    parser.add_argument("--state-dir", required=True, type=Path, help="its log and agent home")
+    parser.add_argument("--vm-id", default=os.environ.get("BATON_VM_ID"),
+                        help="its identity on the bus (default: BATON_VM_ID)")
+    parser.add_argument("--debug-http-port", type=int, default=None,
+                        help="also serve the HTTP API on 127.0.0.1 (local debugging; needs "
+                             "BATON_VM_AGENT_TOKEN); the control plane never uses it")
     parser.add_argument("--warm-agent", default=None, choices=sorted(BACKENDS),
                         help="start this agent ahead of time, so a session starts at once")
     parser.add_argument("--workspace", type=Path, default=None,
@@ -50,7 +64,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def _exit_when_done(vm_agent: VmAgent, server: uvicorn.Server, linger_s: float,
+async def _exit_when_done(vm_agent: VmAgent, done: asyncio.Event, linger_s: float,
                           follow_up_linger_s: float) -> None:
     """Exit once the session is over, every event relayed, and no follow-up came for a while: a
     pushed turn waits `follow_up_linger_s` for one (its agent session stays), any other end `linger_s`."""
@@ -67,22 +81,34 @@ async def _exit_when_done(vm_agent: VmAgent, server: uvicorn.Server, linger_s: f
             idle = (session.turn, loop.time())
         wait_s = follow_up_linger_s if session.pushed_turn == session.turn else linger_s
         if loop.time() - idle[1] >= wait_s:
-            server.should_exit = True
+            done.set()
             return
 
 
-def _write_url(state_dir: Path, url: str) -> None:
-    tmp = state_dir / "url.tmp"
-    tmp.write_text(url)
-    tmp.replace(state_dir / "url")
+async def _debug_http(vm_agent: VmAgent, commands: VmAgentCommands, port: int) -> None:
+    """The HTTP API on 127.0.0.1 only, for a person debugging this machine."""
+    if not vm_agent.pool_token:
+        raise SystemExit("vm_agent: --debug-http-port needs BATON_VM_AGENT_TOKEN")
+    server = uvicorn.Server(uvicorn.Config(create_app(vm_agent, commands), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    await server.serve()
+
+
+async def _member_connection(settings: Settings, vm_id: str, credentials: str | None) -> Client:
+    """The connection it is known by before its assignment: with its member credential where the
+    install minted one, else as the services connect (BATON_NATS_CREDS, or the URL's own)."""
+    if credentials:
+        return await connect_nats(settings.nats_url, name=f"vm_agent-{vm_id}", timeout_s=10,
+                                  credentials=raw_credentials(credentials), inbox_prefix=vm_member_inbox(vm_id))
+    return await connect_nats(settings.nats_url, name=f"vm_agent-{vm_id}", timeout_s=10,
+                              credentials=str(settings.nats_creds) if settings.nats_creds else None)
 
 
 async def serve(args: argparse.Namespace, settings: Settings) -> None:
-    token = os.environ.get("BATON_VM_AGENT_TOKEN", "")
-    if not token:
-        raise SystemExit("vm_agent: BATON_VM_AGENT_TOKEN is not set; refusing to serve unauthenticated")
+    if not args.vm_id or not re.fullmatch(ID_PATTERN, args.vm_id):
+        raise SystemExit("vm_agent: BATON_VM_ID (or --vm-id) must name it: letters, digits, '_' or '-'")
+    member_credentials = os.environ.pop("BATON_VM_AGENT_CREDS", None)  # Never handed on.
     args.state_dir.mkdir(parents=True, exist_ok=True)
-    sock = socket.create_server((args.host, args.port))
     connections: list[Client] = []
 
     async def connect(task_id: str, credentials: str | None) -> Bus:
@@ -102,30 +128,39 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
     sandbox = Sandbox.from_setting(settings.sandbox, hidden=(settings.data_dir, args.state_dir),
                                    readable=(settings.agents_root,))
     launcher = AgentLauncher(sandbox, home=args.state_dir / "home", agents_dir=settings.agents_root)
-    vm_agent = VmAgent(token, connect, settings.faults, launcher, warm_backend=args.warm_agent,
-                       permission_timeout_s=settings.permission_timeout_s)
+    vm_agent = VmAgent(os.environ.pop("BATON_VM_AGENT_TOKEN", ""), connect, settings.faults, launcher,
+                       warm_backend=args.warm_agent, permission_timeout_s=settings.permission_timeout_s)
     if args.warm_agent:
         # Start the agent now: its start-up (seconds for some) is off the task's path.
         workspace = args.workspace or args.state_dir / "workspace"
         workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
         vm_agent.warm_workspace = directory_identity(workspace)
         vm_agent.warming = asyncio.create_task(launcher.start(BACKENDS[args.warm_agent], workspace=workspace))
-    server = uvicorn.Server(uvicorn.Config(create_app(vm_agent), log_level="warning"))
+    commands = VmAgentCommands(vm_agent)
+    member = await _member_connection(settings, args.vm_id, member_credentials)
+    connections.append(member)
+    await serve_assignment(member, args.vm_id, commands)
     follow_up_linger_s = settings.linger_s if args.follow_up_linger_s is None else args.follow_up_linger_s
-    watcher = asyncio.create_task(_exit_when_done(vm_agent, server, args.linger_s, follow_up_linger_s))
-    url = f"http://{args.advertise_host or args.host}:{sock.getsockname()[1]}"
-    _write_url(args.state_dir, url)
-    log.info("vm_agent listening on %s (warm agent: %s; sandbox: %s)", url, args.warm_agent, sandbox.describe())
+    done = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # Stopped: stop its agent, close its connections.
+        asyncio.get_running_loop().add_signal_handler(signum, done.set)
+    watcher = asyncio.create_task(_exit_when_done(vm_agent, done, args.linger_s, follow_up_linger_s))
+    side = [asyncio.create_task(say_hello(member, args.vm_id, vm_agent))]
+    if args.debug_http_port is not None:
+        side.append(asyncio.create_task(_debug_http(vm_agent, commands, args.debug_http_port)))
+    log.info("vm_agent %s connected to the bus (warm agent: %s; sandbox: %s)", args.vm_id, args.warm_agent,
+             sandbox.describe())
     try:
-        await server.serve(sockets=[sock])
+        await done.wait()
     finally:
-        await _stop(vm_agent, watcher)
+        await _stop(vm_agent, watcher, *side)
         for nc in connections:
-            await nc.close()
+            if not nc.is_closed:
+                await nc.close()
 
 
-async def _stop(vm_agent: VmAgent, watcher: asyncio.Task[None]) -> None:
-    tasks = [watcher, *vm_agent.runs.values()]
+async def _stop(vm_agent: VmAgent, *helpers: asyncio.Task[None]) -> None:
+    tasks = [*helpers, *vm_agent.runs.values()]
     if vm_agent.assigned is not None:
         tasks.append(vm_agent.assigned.relay)
     for task in tasks:

@@ -10,13 +10,14 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
-from services.provisioner.vm_agents import VmAgentError, VmAgentPool, VmAgentProcess, answers
+from services.provisioner.vm_agents import VmAgentError, VmAgentPool, VmAgentProcess, process_alive
 from services.runtime.credentials import CredentialVault
 from services.runtime.git_safety import (
     credential_config, git_environment, hardened_config, redact, save_clone_git_dir,
 )
 from services.runtime.repo_url import RepoCredential, RepoUrl, RepoUrlError, parse_repo_url
 from services.runtime.settings import Settings
+from services.runtime.vm_agent_commands import task_address
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class LocalProvider:
         that one's URL: the clone was done before it was assigned."""
         state_dir = self.vm_agent_dir(task_id, attempt=attempt)
         url_file = state_dir / "url"
-        if url_file.exists() and await answers(url_file.read_text().strip(), task_id=task_id):
+        if url_file.exists() and _assigned_vm_agent_alive(state_dir):
             return url_file.read_text().strip()
         loop = asyncio.get_running_loop()
         started, ready_before = loop.time(), self.pool.ready_count
@@ -173,11 +174,11 @@ class LocalProvider:
         (state_dir / "pid").write_text(str(member.pid))
         # From now on it is the task's: a restarted provisioner's pool reset must not stop it.
         (member.state_dir / "pid").unlink(missing_ok=True)
-        url_file.write_text(member.url)
+        url_file.write_text(task_address(task_id))
         log_link = state_dir / "vm_agent.log"
         if not log_link.exists():
             log_link.symlink_to(member.state_dir / "vm_agent.log")
-        return member.url
+        return task_address(task_id)
 
     async def _take_and_assign(
         self, task_id: str, workspace: Path, state_dir: Path, agent: str, credential: RepoCredential | None
@@ -191,6 +192,15 @@ class LocalProvider:
             member.kill()
             raise
         return member, taken
+
+
+def _assigned_vm_agent_alive(state_dir: Path) -> bool:
+    """The vm_agent recorded in `state_dir` was assigned (its credential's expiry is written once
+    it accepted) and still runs."""
+    try:
+        return (state_dir / "credential_expires_at").exists() and process_alive(int((state_dir / "pid").read_text()))
+    except (OSError, ValueError):
+        return False
 
 
 def _attempt_dir_name(task_id: str, attempt: int) -> str:

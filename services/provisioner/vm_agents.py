@@ -6,11 +6,17 @@ process that imported everything once and forks a new vm_agent in milliseconds, 
 pool** of vm_agents whose agent is already started and initialized. A task takes a pool member
 that is fully warm; with none left it waits for the next one to become ready (refills start at
 once, a few at a time so they do not fight over the CPUs).
+
+The provisioner talks to its members over the bus only (`MemberBus`): each is started with an
+identity (`BATON_VM_ID`) and a member credential; it is ready when its hello arrives, and is
+assigned by a request on its own subject (services/runtime/vm_agent_commands.py). Nothing listens
+on a vm_agent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -29,13 +35,19 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from pydantic import ValidationError
 
 from services.runtime.agent_secrets import agent_environ
-from services.runtime.nats_auth import vm_agent_credentials
+from services.runtime.bus import connect_nats
+from services.runtime.nats_auth import service_credentials, vm_agent_credentials, vm_member_credentials
 from services.runtime.repo_url import RepoCredential
 from services.runtime.settings import Settings
-from services.runtime.tokens import vm_agent_token
+from services.runtime.vm_agent_commands import (
+    Assignment, CommandReply, Hello, RepoCredentialBody, member_subject,
+)
 from vm_agent.backends import available_backends
 from vm_agent.sandbox import Sandbox
 
@@ -57,7 +69,8 @@ def process_alive(pid: int) -> bool:
 
 @dataclass
 class VmAgentProcess:
-    url: str
+    vm_id: str
+    """Its identity on the bus (`baton.vm.member.<vm_id>.*`)."""
     pid: int
     state_dir: Path
     warm_agent: str | None
@@ -67,6 +80,16 @@ class VmAgentProcess:
     credentials_version: str = ""
     """Which agents' credentials it was started with (a keyed hash, in memory only): a member
     started before `baton secrets set` is replaced, not assigned."""
+    member_expires_at: float = float("inf")
+    """When its member credential expires: it cannot be assigned after that."""
+    hello: Hello | None = None
+    """What it said when it came up (its warm agent's state)."""
+
+    @property
+    def url(self) -> str:
+        """Its `vm_id`, under the name callers from the HTTP days read (tests/unit/test_agent_kinds.py);
+        nothing listens at a vm_agent. To go once they read `vm_id`."""
+        return self.vm_id
 
     @property
     def alive(self) -> bool:
@@ -74,16 +97,6 @@ class VmAgentProcess:
 
     def kill(self) -> None:
         _kill_group(self.pid, signal.SIGTERM)  # The vm_agent stops its agent on the way out.
-
-
-def _refusal_reason(response: httpx.Response) -> str:
-    """A vm_agent's refusal, for people: its `detail` message only. A 422 lists the body it got,
-    which carries the workspace's token and credentials, so that is never repeated."""
-    try:
-        detail = response.json().get("detail")
-    except ValueError:
-        detail = None
-    return detail[:300] if isinstance(detail, str) else "its answer is not shown (it may hold credentials)"
 
 
 def _kill_group(pid: int, sig: signal.Signals) -> None:
@@ -100,30 +113,60 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-_http: httpx.AsyncClient | None = None
+class MemberBus:
+    """The provisioner's side of its members' subjects: hears their hellos, sends assignments.
+    Connected (and listening for hellos) before any member starts, so no hello is missed."""
 
+    def __init__(self, settings: Settings, *, assign_timeout_s: float = 30.0) -> None:
+        self._settings = settings
+        self._assign_timeout_s = assign_timeout_s
+        self._nc: Client | None = None
+        self._connecting = asyncio.Lock()
+        self._hellos: dict[str, asyncio.Future[Hello]] = {}
 
-def http() -> httpx.AsyncClient:
-    """One client for every probe and call (each new client builds a TLS context: costly)."""
-    global _http
-    if _http is None:
-        _http = httpx.AsyncClient(timeout=10.0)
-    return _http
+    async def connected(self) -> None:
+        async with self._connecting:
+            if self._nc is None:
+                nc = await connect_nats(self._settings.nats_url, name="provisioner-vm_agents",
+                                        credentials=service_credentials(self._settings, "provisioner"))
+                await nc.subscribe(member_subject("*", "hello"), cb=self._on_hello)
+                await nc.flush()
+                self._nc = nc
 
+    def expect_hello(self, vm_id: str) -> asyncio.Future[Hello]:
+        return self._hellos.setdefault(vm_id, asyncio.get_running_loop().create_future())
 
-async def health(url: str) -> dict | None:
-    """The vm_agent's `/health` answer, or None if it does not answer."""
-    try:
-        response = await http().get(f"{url}/health", timeout=2.0)
-    except httpx.HTTPError:
-        return None
-    return response.json() if response.status_code == 200 else None
+    def forget(self, vm_id: str) -> None:
+        self._hellos.pop(vm_id, None)
 
+    async def _on_hello(self, msg: Msg) -> None:
+        try:
+            hello = Hello.model_validate_json(msg.data)
+        except ValidationError:
+            return
+        waiting = self._hellos.pop(hello.vm_id, None)
+        if msg.subject == member_subject(hello.vm_id, "hello") and waiting and not waiting.done():
+            waiting.set_result(hello)
 
-async def answers(url: str, *, task_id: str | None = None) -> bool:
-    """The vm_agent at `url` is up (and, if `task_id` is given, serves that task)."""
-    state = await health(url)
-    return state is not None and (task_id is None or state.get("task_id") == task_id)
+    async def assign(self, vm_id: str, assignment: Assignment) -> CommandReply:
+        """Its answer; raises VmAgentError if it answers nothing (gone, or its credential expired)."""
+        await self.connected()
+        assert self._nc is not None
+        try:
+            reply = await self._nc.request(member_subject(vm_id, "assign"), assignment.model_dump_json().encode(),
+                                           timeout=self._assign_timeout_s)
+        except nats.errors.NoRespondersError:
+            raise VmAgentError(f"vm_agent {vm_id} is not on the bus (gone, or its credential expired)") from None
+        except nats.errors.TimeoutError:
+            raise VmAgentError(f"vm_agent {vm_id} did not answer its assignment within "
+                               f"{self._assign_timeout_s:.0f}s") from None
+        except nats.errors.Error as error:
+            raise VmAgentError(f"vm_agent {vm_id} could not be assigned: {error}") from None
+        return CommandReply.model_validate_json(reply.data)
+
+    async def close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
 
 
 class Zygote:
@@ -211,6 +254,7 @@ class VmAgentPool:
         self.pool_workspaces = settings.data_dir / "workspaces" / ".pool"
         self.sandbox = Sandbox.from_setting(settings.sandbox, hidden=(settings.data_dir,))
         self.zygote = Zygote(settings.path("logs", "vm_agent-zygote.log"), ready_timeout_s=ready_timeout_s)
+        self.members = MemberBus(settings)
 
     def reset(self) -> None:
         """Stop idle vm_agents a previous provisioner left behind; they are not ours to assign."""
@@ -314,24 +358,30 @@ class VmAgentPool:
         log_file = state_dir / "vm_agent.log"
         settings = self._settings
         credentials = agent_environ(settings)
+        vm_id = f"local-{state_dir.name}-{secrets.token_hex(4)}"
+        member_expires_at = time.time() + settings.vm_agent_credential_ttl_s
         env = {
             **os.environ,
             **credentials,  # Its agents' credentials (each agent gets only its own kind's).
             "BATON_NATS_URL": settings.nats_url,
             "BATON_FAULTS": ",".join(sorted(settings.faults)),
-            "BATON_VM_AGENT_TOKEN": self.pool_token(state_dir),
+            "BATON_VM_ID": vm_id,
             "BATON_DATA_DIR": os.path.abspath(settings.data_dir),  # What its agent must not see.
             "BATON_SANDBOX": settings.sandbox,
         }
-        env.pop("BATON_SECRET", None)  # A vm_agent gets tokens, never the install secret.
-        argv = ["--state-dir", str(state_dir), "--host", settings.vm_agent_bind,
-                "--advertise-host", settings.vm_agent_advertise or settings.vm_agent_bind,
-                "--follow-up-linger-s", str(settings.linger_s)]
+        member_credentials = vm_member_credentials(settings, vm_id)
+        if member_credentials is not None:
+            env["BATON_VM_AGENT_CREDS"] = member_credentials
+        env.pop("BATON_SECRET", None)  # A vm_agent gets its own credentials, never the install secret.
+        env.pop("BATON_VM_AGENT_TOKEN", None)
+        argv = ["--state-dir", str(state_dir), "--follow-up-linger-s", str(settings.linger_s)]
         workspace = self.pool_workspaces / state_dir.name
         workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
         argv += ["--workspace", str(workspace)]
         if warm_agent:
             argv += ["--warm-agent", warm_agent]
+        await self.members.connected()  # Before it starts: its hello cannot be missed.
+        hello = self.members.expect_hello(vm_id)
         if await self.zygote.ready():
             pid = await self.zygote.fork(argv, env=env, log_path=log_file)
         else:
@@ -343,11 +393,13 @@ class VmAgentPool:
                 ).pid
         (state_dir / "pid").write_text(str(pid))
         try:
-            url = await self._wait_until_warm(pid, state_dir / "url", log_file, warm=bool(warm_agent))
+            said = await self._wait_for_hello(pid, hello, log_file)
         except BaseException:  # Timed out, or cancelled (the provisioner stops): not left running.
+            self.members.forget(vm_id)
             _kill_group(pid, signal.SIGTERM)
             raise
-        return VmAgentProcess(url, pid, state_dir, warm_agent, workspace, self._credentials_version(credentials))
+        return VmAgentProcess(vm_id, pid, state_dir, warm_agent, workspace, self._credentials_version(credentials),
+                              member_expires_at, said)
 
     def _credentials_version(self, credentials: Mapping[str, str]) -> str:
         text = json.dumps(sorted(credentials.items()))
@@ -357,57 +409,49 @@ class VmAgentPool:
         """The ready members still running with the agents' credentials as they are now; those
         started with older ones (a secret set or unset since) are stopped."""
         current = self._credentials_version(agent_environ(self._settings))
+        usable_until = time.time() + 60  # Time to be assigned before its member credential expires.
         fresh = []
         for member in self._ready:
-            if member.alive and member.credentials_version == current:
+            if member.alive and member.credentials_version == current and member.member_expires_at > usable_until:
                 fresh.append(member)
             elif member.alive:
                 member.kill()
         return fresh
 
-    def pool_token(self, state_dir: Path) -> str:
-        return vm_agent_token(self._settings.install_secret(), f"pool/{state_dir.name}")
-
-    async def _wait_until_warm(self, pid: int, url_file: Path, log_file: Path, *, warm: bool) -> str:
-        """Wait until the vm_agent answers and (if it warms an agent) the agent is started."""
+    async def _wait_for_hello(self, pid: int, hello: asyncio.Future[Hello], log_file: Path) -> Hello:
+        """Wait for the vm_agent's hello (sent once its warm agent, if any, is started or failed);
+        raises VmAgentError at once if it exits first, or at the readiness deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._ready_timeout_s
         while loop.time() < deadline:
             if not process_alive(pid):
                 raise VmAgentError(f"vm_agent exited during start-up: {_tail(log_file)}")
-            if url_file.exists():
-                url = url_file.read_text().strip()
-                state = await health(url)
-                if state is not None and (not warm or state.get("warm_agent_state") != "starting"):
-                    return url
-            await asyncio.sleep(0.02)
-        raise VmAgentError(f"vm_agent did not answer within {self._ready_timeout_s:.0f}s")
+            done, _ = await asyncio.wait([hello], timeout=min(0.2, max(0.0, deadline - loop.time())))
+            if done:
+                return hello.result()
+        raise VmAgentError(f"vm_agent did not say hello on the bus within {self._ready_timeout_s:.0f}s")
 
     async def assign(
         self, member: VmAgentProcess, *, task_id: str, workspace: Path, state_dir: Path,
         repo_credential: RepoCredential | None = None,
     ) -> None:
-        """Hand the vm_agent its task; from then on it answers only to the task's token. It keeps
-        `repo_credential` in memory only, to push."""
-        # The token and the bus credential are the workspace's own and expire; the vm_agent
-        # never sees the install secret (the task runner derives the token from it).
+        """Hand the vm_agent its task, over the bus: from then on it answers only its task's
+        commands, with its task's own credential. It keeps `repo_credential` in memory only, to push."""
+        # The bus credential is the workspace's own and expires; it travels in a core NATS
+        # request to this member alone, never in an event or a log.
         expires_at = int(time.time() + self._settings.vm_agent_credential_ttl_s)
-        body = {"task_id": task_id, "workspace": str(workspace), "state_dir": str(state_dir),
-                "token": vm_agent_token(self._settings.install_secret(), task_id, expires_at),
-                "token_expires_at": expires_at,
-                "nats_credentials": vm_agent_credentials(self._settings, task_id)}
-        if repo_credential is not None:
-            body["repo_credential"] = asdict(repo_credential)
-        headers = {"Authorization": f"Bearer {self.pool_token(member.state_dir)}"}
+        assignment = Assignment(
+            task_id=task_id, workspace=workspace, state_dir=state_dir, credential_expires_at=expires_at,
+            nats_credentials=vm_agent_credentials(self._settings, task_id),
+            repo_credential=None if repo_credential is None else RepoCredentialBody(**asdict(repo_credential)))
         try:
-            response = await http().post(f"{member.url}/assign", json=body, headers=headers)
-        except httpx.HTTPError as error:
+            reply = await self.members.assign(member.vm_id, assignment)
+        except BaseException:
             member.kill()
-            raise VmAgentError(f"vm_agent at {member.url} could not be assigned: {error!r}") from error
-        if response.status_code != 200:
+            raise
+        if not reply.accepted:
             member.kill()
-            raise VmAgentError(f"vm_agent refused the assignment ({response.status_code}): "
-                               f"{_refusal_reason(response)}")
+            raise VmAgentError(f"vm_agent refused the assignment ({reply.status}): {reply.reason[:300]}")
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / "credential_expires_at").write_text(str(expires_at))
 
@@ -419,3 +463,5 @@ class VmAgentPool:
             member.kill()
         self._ready.clear()
         self.zygote.stop()
+        with contextlib.suppress(RuntimeError):  # No loop: the process is ending anyway.
+            asyncio.get_running_loop().create_task(self.members.close())

@@ -148,10 +148,14 @@ def vm_agent_permissions(task_id: str) -> Permissions:
     )
 
 
+def vm_member_inbox(vm_id: str) -> str:
+    return f"_INBOX_vm_member_{vm_id}"
+
+
 def vm_member_permissions(vm_id: str) -> Permissions:
     """A vm_agent not yet assigned, known by its identity `vm_id`: say hello on its own subject,
     hear its own assignment and answer it once; nothing else (no events, no JetStream)."""
-    inbox = f"_INBOX_vm_member_{vm_id}"
+    inbox = vm_member_inbox(vm_id)
     return Permissions(publish=(member_subject(vm_id, "hello"),),
                        subscribe=(member_subject(vm_id, "assign"), f"{inbox}.>"),
                        inbox_prefix=inbox, allow_responses=True)

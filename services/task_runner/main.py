@@ -15,11 +15,10 @@ NAME = "task-runner"
 
 async def run(settings: Settings) -> None:
     store = ServiceStore(NAME, store_env(settings, NAME))
-    starter = VmAgentClient(settings.install_secret())
     async with open_bus(settings.nats_url, name=NAME, credentials=service_credentials(settings, NAME),
                        stream_limits=StreamLimits.from_settings(settings)) as bus:
         handlers = TaskRunnerHandlers(
-            store, starter, bus, overdue_backoff_s=settings.overdue_backoff_s,
+            store, VmAgentClient(bus.nc), bus, overdue_backoff_s=settings.overdue_backoff_s,
             max_running=settings.max_running_tasks, max_attempts=settings.max_attempts,
         )
         await serve(bus, name=NAME, settings=settings, store=store, handlers=handlers.handlers())

@@ -1,13 +1,23 @@
-"""The HTTP client the task runner uses to start an agent in a workspace."""
+"""How the task runner asks a workspace's vm_agent to act: NATS requests on the task's subjects.
+
+The vm_agent listens nowhere; it answers `baton.vm.task.<task_id>.<command>` with its task's own
+credential (services/runtime/vm_agent_commands.py). Each reply is accepted or refused with a
+reason, which AgentStartRefused carries.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Protocol
 
-import httpx
+import nats.errors
+from nats.aio.client import Client
+from pydantic import BaseModel
 
-from services.runtime.tokens import vm_agent_token
+from services.runtime.vm_agent_commands import (
+    CommandReply, PermissionAnswer, SessionCancel, SessionStart, TurnStart, task_address, task_subject,
+)
 
 
 class AgentStartRefused(Exception):
@@ -38,91 +48,90 @@ class AgentStarter(Protocol):
 
 
 class VmAgentClient:
-    """`POST /sessions` on a workspace's vm_agent: starts the agent and delivers the prompt.
+    """Sends a task's vm_agent its commands over the bus.
 
-    The attempt id is the idempotency key: repeating the call never starts a second agent.
+    `vm_agent_url` is the address WorkspaceReady announced (`nats:baton.vm.task.<task_id>`); one
+    naming another task, or HTTP, is refused. `token_expires_at` is when the workspace's bus
+    credential expires: after it, nothing is sent (the vm_agent can no longer hear it). Each
+    command is idempotent by its key (attempt id, turn, request id), so a repeat starts nothing.
     """
 
-    def __init__(self, secret: str, *, attempts: int = 4, timeout_s: float = 10.0) -> None:
-        self._secret = secret
+    def __init__(self, nc: Client, *, attempts: int = 4, timeout_s: float = 10.0) -> None:
+        self._nc = nc
         self._attempts = attempts
-        self._http = httpx.AsyncClient(timeout=timeout_s)
+        self._timeout_s = timeout_s
 
     async def start_agent_with_prompt(
         self, vm_agent_url: str, *, task_id: str, agent: str, prompt: str, attempt_id: str,
         causation_id: str, token_expires_at: float | None = None, permission_policy: str = "auto",
         turn: int = 1, resume_session_id: str | None = None,
     ) -> None:
-        body = {
-            "task_id": task_id, "agent": agent, "initial_prompt": prompt,
-            "attempt_id": attempt_id, "causation_id": causation_id, "permission_policy": permission_policy,
-            "turn": turn, "resume_session_id": resume_session_id,
-        }
-        headers = {"Authorization": f"Bearer {vm_agent_token(self._secret, task_id, token_expires_at)}"}
-        for attempt in range(1, self._attempts + 1):
-            try:
-                response = await self._http.post(f"{vm_agent_url}/sessions", json=body, headers=headers)
-            except httpx.TransportError as error:
-                if attempt == self._attempts:
-                    raise AgentStartRefused(f"vm_agent at {vm_agent_url} unreachable: {error!r}") from error
-                await asyncio.sleep(0.5 * 2**attempt)
-                continue
-            if response.status_code == 202:
-                return
-            raise AgentStartRefused(
-                f"vm_agent refused to start the agent ({response.status_code}): {response.text[:500]}"
-            )
+        """Start the agent (restoring the task's earlier ACP session `resume_session_id` where it
+        can) and deliver the prompt as turn `turn`; a vm_agent not (yet) on the bus is asked again."""
+        body = SessionStart(task_id=task_id, agent=agent, initial_prompt=prompt, attempt_id=attempt_id,
+                            causation_id=causation_id, permission_policy=permission_policy, turn=turn,
+                            resume_session_id=resume_session_id)
+        reply = await self._ask(vm_agent_url, "sessions", body, token_expires_at, retries=self._attempts)
+        if not reply.accepted:
+            raise AgentStartRefused(f"vm_agent refused to start the agent ({reply.status}): {reply.reason}")
 
     async def answer_permission(
         self, vm_agent_url: str, *, task_id: str, request_id: str, option_id: str,
         token_expires_at: float | None = None,
     ) -> None:
-        """`POST /permissions/{request_id}`: hand a person's answer to the waiting agent (idempotent
-        per request); raises AgentStartRefused saying why it was not taken."""
-        headers = {"Authorization": f"Bearer {vm_agent_token(self._secret, task_id, token_expires_at)}"}
-        body = {"task_id": task_id, "option_id": option_id}
-        try:
-            response = await self._http.post(f"{vm_agent_url}/permissions/{request_id}", json=body, headers=headers)
-        except httpx.TransportError as error:
-            raise AgentStartRefused(f"vm_agent at {vm_agent_url} unreachable: {error!r}") from error
-        if response.status_code != 200:
-            raise AgentStartRefused(f"vm_agent refused the answer ({response.status_code}): {response.text[:500]}")
+        """Hand a person's answer to the waiting agent (idempotent per request); raises
+        AgentStartRefused saying why it was not taken."""
+        body = PermissionAnswer(task_id=task_id, request_id=request_id, option_id=option_id)
+        reply = await self._ask(vm_agent_url, "permissions", body, token_expires_at)
+        if not reply.accepted:
+            raise AgentStartRefused(f"vm_agent refused the answer ({reply.status}): {reply.reason}")
 
     async def cancel_session(
         self, vm_agent_url: str, *, task_id: str, attempt_id: str, agent: str,
         token_expires_at: float | None = None,
     ) -> bool:
-        """`POST /sessions/{attempt_id}/cancel`: True once the vm_agent is stopping the agent (it
-        records AgentFinished `cancelled`), False if the turn had already ended (too late to stop
-        the push); raises AgentStartRefused when the vm_agent cannot be reached or refuses."""
-        headers = {"Authorization": f"Bearer {vm_agent_token(self._secret, task_id, token_expires_at)}"}
-        body = {"task_id": task_id, "agent": agent}
-        try:
-            response = await self._http.post(f"{vm_agent_url}/sessions/{attempt_id}/cancel", json=body,
-                                             headers=headers)
-        except httpx.TransportError as error:
-            raise AgentStartRefused(f"vm_agent at {vm_agent_url} unreachable: {error!r}") from error
-        if response.status_code == 202:
+        """True once the vm_agent is stopping the agent (it records AgentFinished `cancelled`),
+        False if the turn had already ended (too late to stop the push); raises AgentStartRefused
+        when the vm_agent cannot be reached or refuses."""
+        body = SessionCancel(task_id=task_id, attempt_id=attempt_id, agent=agent)
+        reply = await self._ask(vm_agent_url, "cancel", body, token_expires_at)
+        if reply.accepted:
             return True
-        if response.status_code == 409:
+        if reply.status == 409:
             return False
-        raise AgentStartRefused(f"vm_agent refused the cancel ({response.status_code}): {response.text[:500]}")
+        raise AgentStartRefused(f"vm_agent refused the cancel ({reply.status}): {reply.reason}")
 
     async def start_turn(
         self, vm_agent_url: str, *, task_id: str, attempt_id: str, turn: int, prompt: str,
         causation_id: str, token_expires_at: float | None = None,
     ) -> None:
-        """`POST /sessions/{attempt_id}/turns`: run a follow-up as turn `turn` (the idempotency key:
-        a turn that began is not started again); raises AgentStartRefused saying why not."""
-        headers = {"Authorization": f"Bearer {vm_agent_token(self._secret, task_id, token_expires_at)}"}
-        body = {"task_id": task_id, "turn": turn, "prompt": prompt, "causation_id": causation_id}
-        try:
-            response = await self._http.post(f"{vm_agent_url}/sessions/{attempt_id}/turns", json=body,
-                                             headers=headers)
-        except httpx.TransportError as error:
-            raise AgentStartRefused(f"vm_agent at {vm_agent_url} unreachable: {error!r}") from error
-        if response.status_code != 202:
-            raise AgentStartRefused(f"vm_agent refused turn {turn} ({response.status_code}): {response.text[:500]}")
+        """Run a follow-up as turn `turn` (the idempotency key: a turn that began is not started
+        again); raises AgentStartRefused saying why not."""
+        body = TurnStart(task_id=task_id, attempt_id=attempt_id, turn=turn, prompt=prompt,
+                         causation_id=causation_id)
+        reply = await self._ask(vm_agent_url, "turns", body, token_expires_at)
+        if not reply.accepted:
+            raise AgentStartRefused(f"vm_agent refused turn {turn} ({reply.status}): {reply.reason}")
 
-    async def aclose(self) -> None:
-        await self._http.aclose()
+    async def _ask(self, address: str, command: str, body: BaseModel, expires_at: float | None, *,
+                   retries: int = 1) -> CommandReply:
+        task_id = body.task_id  # type: ignore[attr-defined]
+        if address != task_address(task_id):
+            raise AgentStartRefused(f"the workspace's vm_agent is at {address!r}, not on the bus at "
+                                    f"{task_address(task_id)!r}: this Baton only talks to a vm_agent over the bus")
+        if expires_at is not None and time.time() >= expires_at:
+            raise AgentStartRefused("the workspace's bus credential has expired; the task needs a new workspace")
+        subject, data = task_subject(task_id, command), body.model_dump_json().encode()
+        for backoff_s in (0.5 * 2**n for n in range(1, retries)):
+            try:
+                return await self._request(subject, data)
+            except nats.errors.Error:  # No responder (gone, or not yet reconnected), or a timeout.
+                await asyncio.sleep(backoff_s)
+        try:
+            return await self._request(subject, data)
+        except nats.errors.Error as error:
+            raise AgentStartRefused(f"vm_agent of task {task_id} did not answer on the bus: {error}") from error
+
+    async def _request(self, subject: str, data: bytes) -> CommandReply:
+        reply = await self._nc.request(subject, data, timeout=self._timeout_s)
+        return CommandReply.model_validate_json(reply.data)
