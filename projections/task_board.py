@@ -32,7 +32,8 @@ PERMISSION_TYPES = ("PermissionRequested", "PermissionAnswered")
 PROJECTED_TYPES = (*STATE_OF, *GAP_TYPES, *PERMISSION_TYPES)
 """Every event type the board folds in (AgentOutput is not one: the board has no use for it)."""
 
-STATE_RANK = {"queued": 0, "provisioning": 1, "running": 2, "completed": 3, "failed": 3, "cancelled": 3}
+STATE_RANK = {"queued": 0, "provisioning": 1, "running": 2, "completed": 3, "failed": 4, "cancelled": 4}
+"""A task that completed a turn may still fail or be cancelled in a later one (a follow-up's)."""
 STATES = tuple(STATE_RANK)
 
 _SCHEMA = """
@@ -76,13 +77,15 @@ def _gaps_after(envelope: Envelope, gaps: list[dict[str, Any]]) -> list[dict[str
     data = envelope.data
     if envelope.type == "StepOverdue":
         return [*gaps, {"expected": data["expected"], "after": data["after"],
-                        "waited_s": data["waited_s"], "recovered": False,
+                        "waited_s": data["waited_s"], "recovered": False, "turn": data.get("turn", 1),
                         "at": envelope.occurred_at.isoformat()}]
     if envelope.type == "AgentStalled":
         return [*gaps, {"expected": "AgentOutput", "after": "AgentOutput", "waited_s": data["silent_s"],
-                        "recovered": False, "stalled": True, "at": envelope.occurred_at.isoformat()}]
-    for gap in reversed(gaps):  # StepRecovered closes the latest open gap it names.
-        if gap["expected"] == data["expected"] and not gap["recovered"]:
+                        "recovered": False, "stalled": True, "turn": data.get("turn", 1),
+                        "at": envelope.occurred_at.isoformat()}]
+    for gap in reversed(gaps):  # StepRecovered closes the latest open gap it names (in its turn).
+        if (gap["expected"] == data["expected"] and not gap["recovered"]
+                and gap.get("turn", 1) == data.get("turn", 1)):
             gap.update(recovered=True, recovered_after_s=data["waited_s"])
             break
     return gaps

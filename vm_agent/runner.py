@@ -174,6 +174,9 @@ class SessionRunner:
             # A pushed turn keeps the agent and its session for follow-ups, until the vm_agent exits.
             while self.agent is not None:
                 self.prompt = await self._follow_ups.get()
+                if "follow_up_delivery" in self.faults:
+                    log.warning("fault follow_up_delivery: turn %s not delivered", self.session.turn)
+                    continue  # Rehearsal: a follow-up's prompt silently never reaches the agent.
                 await self._turn(lambda access, agent=self.agent: agent.run_next_turn(
                     prompt=self.prompt, sink=self, access=access))
         except asyncio.CancelledError:
@@ -260,7 +263,7 @@ class SessionRunner:
             await asyncio.sleep(0.01)
 
     async def _push(self) -> None:
-        if "branch_push" in self.faults:
+        if "branch_push" in self.faults or ("follow_up_push" in self.faults and self.session.turn > 1):
             log.warning("fault branch_push: not pushing %s", self.session.task_id)
             return
         branch = branch_for(self.session.task_id)

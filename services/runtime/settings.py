@@ -13,7 +13,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from events.flow import Deadline, parse_deadlines
 from services.runtime.repo_url import KNOWN_SCHEMES as KNOWN_REPO_SCHEMES
 
-KNOWN_FAULTS = frozenset({"prompt_delivery", "workspace_ready", "agent_output", "branch_push"})
+KNOWN_FAULTS = frozenset({"prompt_delivery", "workspace_ready", "agent_output", "branch_push",
+                          "follow_up_delivery", "follow_up_push"})
+"""Handoffs a rehearsal makes silently not happen; `follow_up_*`: only a follow-up's (turn 2, 3, …)."""
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,80 @@
+"""Every turn of a conversation is watched: a follow-up's handoff that silently does not happen is
+a named gap of that turn within its deadline, and the task fails naming it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from events.flow import DEADLINES
+from tests.support.api import Api
+from tests.support.flow import assert_flow_completes
+from tests.support.git_remote import make_origin
+from tests.support.processes import running_stack
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.capability
+
+DEADLINE_S = 4
+MARGIN_S = 6
+
+# fault → (the follow-up's handoff that silently does not happen, the one it is awaited after)
+FAULTS = {
+    "follow_up_delivery": ("PromptDelivered", "TurnRequested"),
+    "follow_up_push": ("BranchPushed", "AgentFinished"),
+}
+
+
+def fast_monitor(handoff: str) -> dict[str, str]:
+    """A short deadline for the handoff under test, every other one generous (a busy machine must
+    not add a gap of its own)."""
+    deadlines = ",".join(f"{d.expected}={DEADLINE_S if d.expected == handoff else 600}" for d in DEADLINES)
+    return {"BATON_DEADLINES": deadlines, "BATON_OVERDUE_BACKOFF_S": "0.5,1"}
+
+
+def at(event: dict) -> datetime:
+    return datetime.fromisoformat(event["occurred_at"])
+
+
+def wait_for_end_of_turn(api: Api, task_id: str, turn: int) -> list[dict]:
+    """The task's events once turn `turn` completed or the task failed or was cancelled."""
+    def ended(event: dict) -> bool:
+        return event["type"] in ("TaskFailed", "TaskCancelled") or (
+            event["type"] == "TaskCompleted" and event["data"].get("turn", 1) == turn)
+
+    def events_once_ended() -> list[dict] | None:
+        events = api.events(task_id)
+        return events if any(map(ended, events)) else None
+
+    return wait_for(events_once_ended, timeout_s=90, what=f"turn {turn} of {task_id} to end")
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_follow_ups_silently_missing_handoff_is_named_with_its_turn_and_fails_the_task(tmp_path: Path, fault: str):
+    expected, after = FAULTS[fault]
+    with running_stack(tmp_path / "stack", faults=fault, env=fast_monitor(expected)) as stack:
+        api = Api(stack.api, stack.token)
+        task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="echo one > a.txt\n", agent="shell")
+        task_id = task["task_id"]
+        # The fault is a follow-up's only: the first turn's whole path happens.
+        assert_flow_completes(api, task_id, timeout_s=90)
+
+        sent = api.http.post(f"/api/tasks/{task_id}/messages", json={"prompt": "echo two > b.txt\n"})
+        assert sent.status_code == 202, sent.text
+        events = wait_for_end_of_turn(api, task_id, 2)
+
+        # The monitor named turn 2's gap within the deadline and a small margin of the turn's own handoff.
+        overdue = next(e for e in events if e["type"] == "StepOverdue")
+        assert overdue["data"] == {**overdue["data"], "expected": expected, "after": after, "turn": 2}
+        since = [e for e in events if e["type"] == after][-1]
+        assert (at(overdue) - at(since)).total_seconds() <= DEADLINE_S + MARGIN_S
+        # The task failed with a reason naming the handoff and the turn.
+        assert events[-1]["type"] == "TaskFailed"
+        assert f"{expected} missing" in events[-1]["data"]["reason"] and "turn 2" in events[-1]["data"]["reason"]
+        # The first turn's handoffs did not stand in for the follow-up's, and it had no gap of its own.
+        assert [e["data"]["turn"] for e in events if e["type"] == "StepOverdue"] == [2]
+        # The board shows the gap with its turn.
+        board = api.wait_for_state(task_id, "failed")
+        assert [(g["expected"], g["turn"], g["recovered"]) for g in board["gaps"]] == [(expected, 2, False)]
