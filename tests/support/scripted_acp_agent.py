@@ -17,6 +17,8 @@ real coding agent's turn holds, through the ACP SDK's own agent side:
     tokens IN OUT         the PromptResponse's usage (IN + OUT = total)
 
 In CONTENT, `\\n` is a newline. A relative PATH is taken in the session's cwd, as agents do.
+Each session's prompts are kept in `$HOME/.scripted-acp-agent/`: `session/load` of a kept session
+(in a later process with a copy of that home) replays them, else fails (resource not found).
 The turn ends with `end_turn`.
 """
 
@@ -27,7 +29,7 @@ import logging
 import os
 import sys
 import uuid
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from acp import (
@@ -51,6 +53,7 @@ from acp.schema import (
     Cost,
     FileEditToolCallContent,
     Implementation,
+    LoadSessionResponse,
     PermissionOption,
     PlanEntry,
     TerminalToolCallContent,
@@ -61,6 +64,7 @@ from acp.schema import (
     ToolCallUpdate,
     Usage,
     UsageUpdate,
+    UserMessageChunk,
 )
 
 log = logging.getLogger("scripted-acp-agent")
@@ -82,8 +86,23 @@ class ScriptedAgent:
         self._conn = conn
 
     async def initialize(self, protocol_version: int, **_: Any) -> InitializeResponse:
-        return InitializeResponse(protocol_version=PROTOCOL_VERSION, agent_capabilities=AgentCapabilities(),
+        return InitializeResponse(protocol_version=PROTOCOL_VERSION,
+                                  agent_capabilities=AgentCapabilities(load_session=True),
                                   agent_info=Implementation(name="scripted-acp-agent", version="0.1.0"))
+
+    async def load_session(self, cwd: str, session_id: str, **_: Any) -> LoadSessionResponse:
+        """A session an earlier process of this agent kept in `$HOME` (as real agents keep theirs):
+        its history is replayed (each prompt, then `loaded`), as ACP's `session/load` does."""
+        kept = _session_file(session_id)
+        if not kept.is_file():
+            raise RequestError.resource_not_found(str(kept))
+        self._cwd[session_id] = cwd
+        for earlier in kept.read_text().split("\0")[:-1]:
+            await self._update(session_id, UserMessageChunk(session_update="user_message_chunk",
+                                                            content=text_block(earlier)))
+            await self._update(session_id, AgentMessageChunk(session_update="agent_message_chunk",
+                                                             content=text_block(f"earlier: {earlier}\n")))
+        return LoadSessionResponse()
 
     async def new_session(self, cwd: str, **_: Any) -> NewSessionResponse:
         session_id = uuid.uuid4().hex
@@ -95,6 +114,9 @@ class ScriptedAgent:
 
     async def prompt(self, prompt: list[Any], session_id: str, **_: Any) -> PromptResponse:
         script = "".join(block.text for block in prompt if isinstance(block, TextContentBlock))
+        _session_file(session_id).parent.mkdir(parents=True, exist_ok=True)
+        with _session_file(session_id).open("a") as kept:
+            kept.write(script + "\0")
         usage = None
         for line in script.splitlines():
             verb, _, rest = line.strip().partition(" ")
@@ -206,6 +228,11 @@ class ScriptedAgent:
     def _client(self) -> Client:
         assert self._conn is not None
         return self._conn
+
+
+def _session_file(session_id: str) -> Path:
+    """Where a session's prompts are kept, in the agent's home (its id is a hex uuid)."""
+    return Path.home() / ".scripted-acp-agent" / f"{PurePosixPath(session_id).name}.prompts"
 
 
 def _text(text: str) -> ContentToolCallContent:
