@@ -413,10 +413,12 @@ class TurnRequested(BaseEvent, emitter="task-runner"):
     """Emitted by the task runner when it starts a follow-up's turn (turn 2, 3, …).
 
     Promises: follow-up `follow_up_id` (its FollowUpSubmitted's event id) is now turn `turn`.
-    `reprovision` false: it was handed to the task's lingering vm_agent, and its PromptDelivered
-    (with this `turn`) follows within the PromptDelivered deadline. `reprovision` true: the
-    workspace was released, so a WorkspaceRequested (attempt `attempt`, from the task's branch)
-    follows at once and the turn runs through the whole flow again (WorkspaceReady,
+    `reprovision` false: it was handed to the task's lingering vm_agent (recorded once that vm_agent
+    took it, so its PromptDelivered may be on the stream first), and its PromptDelivered (with this
+    `turn`) follows within the PromptDelivered deadline. `reprovision` true: the workspace was
+    released (WorkspaceReleased seen, or the vm_agent refused the turn: gone), so a
+    WorkspaceRequested (attempt `attempt`, from the task's branch; no AttemptStarted: nothing was
+    lost, and BATON_MAX_ATTEMPTS does not count it) follows in the same commit and the turn runs through the whole flow again (WorkspaceReady,
     AgentSessionStarted restoring the agent's session, PromptDelivered with this `turn`, …). The
     flow monitor judges each turn's handoffs from this event, with the same deadlines."""
 
@@ -429,6 +431,7 @@ class TurnRequested(BaseEvent, emitter="task-runner"):
 class WorkspaceReleased(BaseEvent, emitter="provisioner"):
     """Emitted by the provisioner when a task's workspace (attempt `attempt`) is given up: its
     vm_agent exited after the task's last turn (idle past BATON_LINGER_S), or the task ended.
+    Not emitted for a vm_agent lost mid-run (its SessionFailed `lost_workspace` says that).
 
     Promises: nothing of that workspace runs any more; a later follow-up re-provisions (a
     TurnRequested with `reprovision`). `reason` says why, for people."""
