@@ -87,7 +87,7 @@ async def test_a_booted_server_fetches_the_control_planes_vm_agent_over_the_netw
     output = disk / "var/log/cloud-init-output.log"
     # The user_data ran in the VM and says it started the vm_agent of our version.
     version = vm_agent_artifact().version
-    wait_for(lambda: f"baton vm_agent {version} started" in output.read_text(), timeout_s=60,
+    wait_for(lambda: f"baton vm_agent {version} started" in output.read_text(), timeout_s=240,
              what=f"the VM's user_data to finish (its output: {output})")
     # It fetched exactly the control plane's artifact, with its credential, over the bridge.
     fetched = (disk / "opt/baton/vm_agent.tar.gz").read_bytes()
