@@ -219,3 +219,17 @@ async def test_an_unreachable_api_fails_with_a_reason_naming_it(token):
     endpoint = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     with pytest.raises(ProvisionError, match=f"could not reach the Hetzner API at {endpoint}"):
         await provider_on(SimpleNamespace(endpoint=endpoint), token, Recorded()).provision(order())
+
+
+async def test_the_install_s_servers_are_listed_across_pages(fake, token):
+    provider = provider_on(fake, token, Recorded())
+    for n in range(60):  # more than one page of 50
+        provider._client.servers.create(
+            name=f"s{n}", server_type=ServerType(name="cx22"), image=Image(name="ubuntu-24.04"),
+            labels={"baton.install": install_id(SECRET), "baton.task": f"{n:016x}", "baton.attempt": "1"})
+
+    owned = await provider.owned_machines()
+
+    assert len(owned) == 60 and {m.task_id for m in owned} == {f"{n:016x}" for n in range(60)}
+    # Two pages, as the API's meta.pagination said (next_page 2, then none).
+    assert sum(1 for method, path, _ in fake.state.requests if (method, path) == ("GET", "/v1/servers")) == 2
