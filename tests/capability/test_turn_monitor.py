@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from events.flow import DEADLINES
+from events import FLOW_CONTRACT, check_flow
+from events.flow import DEADLINES, REPROVISIONED_TURN_CONTRACT, TURN_CONTRACT
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import make_origin
@@ -78,3 +79,29 @@ def test_a_follow_ups_silently_missing_handoff_is_named_with_its_turn_and_fails_
         # The board shows the gap with its turn.
         board = api.wait_for_state(task_id, "failed")
         assert [(g["expected"], g["turn"], g["recovered"]) for g in board["gaps"]] == [(expected, 2, False)]
+
+
+def test_a_conversations_every_turn_follows_its_contract_with_no_gap_named(tmp_path: Path):
+    with running_stack(tmp_path / "stack", env={"BATON_LINGER_S": "3"}) as stack:
+        api = Api(stack.api, stack.token)
+        task_id = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="echo one > a.txt\n", agent="shell")["task_id"]
+        assert_flow_completes(api, task_id, timeout_s=90)
+
+        # Turn 2 runs on the lingering session, at once.
+        sent = api.http.post(f"/api/tasks/{task_id}/messages", json={"prompt": "echo two > b.txt\n"})
+        assert sent.status_code == 202, sent.text
+        assert_flow_completes(api, task_id, timeout_s=90, turns=2)
+
+        # Turn 3 comes after the workspace was released: it is re-provisioned.
+        wait_for(lambda: any(e["type"] == "WorkspaceReleased" for e in api.events(task_id)),
+                 timeout_s=60, what="the workspace to be released after lingering")
+        sent = api.http.post(f"/api/tasks/{task_id}/messages", json={"prompt": "echo three > c.txt\n"})
+        assert sent.status_code == 202, sent.text
+        events = assert_flow_completes(api, task_id, timeout_s=120, turns=3)
+
+        # Each turn was judged by its own contract, and the monitor named no gap in any of them.
+        report = check_flow(events)
+        assert [turn.contract for turn in report.turns] == [FLOW_CONTRACT, TURN_CONTRACT, REPROVISIONED_TURN_CONTRACT]
+        assert report.ok, report.describe()
+        assert not [e for e in events if e["type"] in ("StepOverdue", "AgentStalled")]
+        assert api.wait_for_state(task_id, "completed")["gaps"] == []
