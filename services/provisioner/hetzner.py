@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -24,7 +24,7 @@ from hcloud.locations import Location
 from hcloud.server_types import ServerType
 from hcloud.servers import BoundServer
 
-from events import ServerCreated, ServerDeleted, ServerRequested
+from events import ServerCreated, ServerDeleted, ServerRequested, VmAgentConnected
 from services.provisioner.cloud_init import BootPlan, build_user_data, dist_credential, vm_agent_artifact
 from services.provisioner.providers import OwnedMachine, Placement, ProvisionError, RecordEvent, WorkspaceOrder
 from services.runtime.settings import Settings
@@ -48,6 +48,8 @@ class HetznerConfig:
     nats_url: str
     credential_ttl_s: float
     poll_interval_s: float = 1.0
+    call_home_timeout_s: float = 600.0
+    """A server whose vm_agent has not said hello this long after ServerCreated is deleted."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HetznerConfig:
@@ -57,7 +59,8 @@ class HetznerConfig:
                    server_type=settings.hcloud_server_type, image=settings.hcloud_image,
                    locations=settings.hcloud_locations, install_id=install_id(settings.install_secret()),
                    gateway_url=settings.vm_gateway_url, nats_url=settings.vm_nats_url,
-                   credential_ttl_s=settings.vm_agent_credential_ttl_s)
+                   credential_ttl_s=settings.vm_agent_credential_ttl_s,
+                   call_home_timeout_s=settings.vm_call_home_timeout_s)
 
 
 def install_id(secret: str) -> str:
@@ -76,8 +79,13 @@ class HetznerProvider:
 
     def __init__(self, config: HetznerConfig, *, secret: str, record: RecordEvent,
                  calls_home: Callable[[str], dict[str, str]] = lambda workspace_id: {},
+                 expect_hello: Callable[[str], Awaitable[object]] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
+        """`calls_home(workspace_id)`: the vm_agent's environment in the user_data (its identity and
+        member credential). `expect_hello(vm_id)`: resolves when that vm_agent says hello on the bus
+        (MemberBus.expect_hello); None: provision returns once the server runs."""
         self.config = config
+        self._expect_hello = expect_hello
         self._secret = secret
         self._record = record
         self._calls_home = calls_home
@@ -87,8 +95,27 @@ class HetznerProvider:
         self._prices: dict[tuple[str, str], Decimal] = {}
 
     async def provision(self, order: WorkspaceOrder) -> Placement:
-        """A running server for the order, booting its vm_agent (which calls home over the bus)."""
-        return await asyncio.to_thread(self._provision, order)
+        """A running server for the order whose vm_agent called home over the bus (VmAgentConnected).
+        One that does not within `call_home_timeout_s` is deleted, and the reason names the gap."""
+        workspace_id = workspace_id_of(order.task_id, order.attempt)
+        # Listening before the server exists: its hello cannot come before we wait for it.
+        hello = self._expect_hello(workspace_id) if self._expect_hello else None
+        placement = await asyncio.to_thread(self._provision, order)
+        if hello is not None:
+            await self._wait_for_call_home(order, placement, hello)
+        return placement
+
+    async def _wait_for_call_home(self, order: WorkspaceOrder, placement: Placement, hello: Awaitable[object]) -> None:
+        timeout_s = self.config.call_home_timeout_s
+        try:
+            await asyncio.wait_for(hello, timeout=timeout_s)
+        except asyncio.TimeoutError:
+            reason = (f"the vm_agent of {placement.workspace_id} did not call home within {timeout_s:g} s "
+                      f"(VmAgentConnected missing after ServerCreated)")
+            await self.release(order.task_id, attempt=order.attempt, reason=reason)
+            raise ProvisionError(f"{reason}; its server {placement.server_id} was deleted") from None
+        self._record(order.task_id, VmAgentConnected(workspace_id=placement.workspace_id,
+                                                     version=vm_agent_artifact().version, attempt=order.attempt))
 
     async def release(self, task_id: str, *, attempt: int, reason: str) -> None:
         """Delete the attempt's server(s), recording each one's life and cost."""

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     """Tried in order: a location answering `resource_unavailable` passes to the next."""
     hcloud_reap_every_s: float = Field(default=300.0, gt=0)
     """How often the reaper deletes the install's servers that no live task owns."""
+    vm_call_home_timeout_s: float = Field(default=600.0, gt=0)
+    """A cloud server whose vm_agent has not called home this long after it was created is deleted."""
     vm_nats_url: str | None = None
     """The bus as cloud VMs reach it (BATON_VM_NATS_URL), e.g. `tls://nats.example.com:4222`."""
     vm_gateway_url: str | None = None

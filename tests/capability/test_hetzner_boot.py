@@ -6,9 +6,7 @@ between "create" and "created" leaves no server behind.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -19,17 +17,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
-import nats
 import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from events import ServerCreated, ServerRequested, VmAgentConnected
 from services.gateway.routes import vm_agent_dist
 from services.provisioner.cloud_init import vm_agent_artifact
 from services.provisioner.hetzner import HetznerConfig, HetznerProvider, install_id
 from services.provisioner.providers import WorkspaceOrder
 from services.provisioner.reaper import Reaper
-from services.runtime.nats_auth import InstallAuth, install_auth_dir, service_credentials, vm_member_credentials
+from services.provisioner.vm_agents import MemberBus
+from services.runtime.nats_auth import InstallAuth, install_auth_dir, vm_member_credentials
 from services.runtime.settings import Settings
 from tests.support.fake_hetzner import FakeHetzner, NetnsBooter, netns_available
 from tests.support.processes import free_port, nats_server_binary
@@ -80,7 +79,8 @@ def provider_for(fake: FakeHetzner, gateway_url: str, recorded: list, *,
                  nats_url: str = "tls://nats.example.com:4222", calls_home=None) -> HetznerProvider:
     config = HetznerConfig(token=TOKEN, endpoint=fake.endpoint, server_type="cx22", image="ubuntu-24.04",
                            locations=("fsn1",), install_id=install_id(SECRET), gateway_url=gateway_url,
-                           nats_url=nats_url, credential_ttl_s=600, poll_interval_s=0.05)
+                           nats_url=nats_url, credential_ttl_s=600, poll_interval_s=0.05,
+                           call_home_timeout_s=240)
     return HetznerProvider(config, secret=SECRET, record=lambda task, event: recorded.append(event),
                            calls_home=calls_home or (lambda workspace_id: {"BATON_VM_ID": workspace_id}))
 
@@ -128,34 +128,22 @@ async def test_a_booted_server_fetches_the_control_planes_vm_agent_over_the_netw
 async def test_a_booted_servers_vm_agent_calls_home_over_the_bus_with_its_member_credential(
         fake, booter, control_plane, vm_bus):
     nats_url, settings = vm_bus
-    # The provisioner's side of the bus: the only service that hears the vm_agents' hellos.
-    nc = await wait_for_async(lambda: nats.connect(nats_url, user_credentials=service_credentials(settings, "provisioner"),
-                                                   allow_reconnect=False), what="the VMs' NATS")
-    hellos: asyncio.Queue = asyncio.Queue()
-    await nc.subscribe("baton.vm.member.*.hello", cb=hellos.put)
+    # The provisioner's side of the bus (it alone hears the vm_agents' hellos), on the VMs' NATS.
+    members = MemberBus(settings.model_copy(update={"nats_url": nats_url}))
+    await members.connected()
+    recorded: list = []
     try:
-        provider = provider_for(fake, control_plane, [], nats_url=nats_url, calls_home=lambda workspace_id: {
+        provider = provider_for(fake, control_plane, recorded, nats_url=nats_url, calls_home=lambda workspace_id: {
             "BATON_VM_ID": workspace_id, "BATON_VM_AGENT_CREDS": vm_member_credentials(settings, workspace_id)})
+        provider._expect_hello = members.expect_hello
         placement = await provider.provision(WorkspaceOrder(
             task_id="0badc0de0badc0de", repo="https://git.example.com/r.git", base_branch=None, agent="shell"))
-        # The vm_agent the user_data installed connects out and says hello under its workspace's identity.
-        message = await asyncio.wait_for(hellos.get(), timeout=240)
-        assert message.subject == "baton.vm.member.hetzner-0badc0de0badc0de.hello"
-        assert json.loads(message.data)["vm_id"] == placement.workspace_id == "hetzner-0badc0de0badc0de"
     finally:
-        await nc.close()
-
-
-async def wait_for_async(connect, *, what: str, timeout_s: float = 30):
-    """The first successful `await connect()` within the deadline (the server may still be starting)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            return await connect()
-        except Exception:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}") from None
-            await asyncio.sleep(0.1)
+        await members.close()
+    # The vm_agent the user_data installed connected out and said hello under its workspace's identity.
+    assert [type(e) for e in recorded] == [ServerRequested, ServerCreated, VmAgentConnected]
+    assert recorded[-1].workspace_id == placement.workspace_id == "hetzner-0badc0de0badc0de"
+    assert recorded[-1].version == vm_agent_artifact().version
 
 
 async def test_a_provisioner_killed_between_create_and_created_leaves_no_server(fake, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from hcloud.images import Image
 from hcloud.server_types import ServerType
 
-from events import BaseEvent, ServerCreated, ServerDeleted, ServerRequested
+from events import BaseEvent, ServerCreated, ServerDeleted, ServerRequested, VmAgentConnected
 from services.provisioner.hetzner import HetznerConfig, HetznerProvider, install_id
 from services.provisioner.providers import ProvisionError, WorkspaceOrder, provider_problem
 from services.provisioner.reaper import Reaper
@@ -233,3 +233,35 @@ async def test_the_install_s_servers_are_listed_across_pages(fake, token):
     assert len(owned) == 60 and {m.task_id for m in owned} == {f"{n:016x}" for n in range(60)}
     # Two pages, as the API's meta.pagination said (next_page 2, then none).
     assert sum(1 for method, path, _ in fake.state.requests if (method, path) == ("GET", "/v1/servers")) == 2
+
+
+async def test_a_server_whose_vm_agent_calls_home_is_on_the_record_as_connected(fake, token):
+    recorded, hellos = Recorded(), {}
+    provider = provider_on(fake, token, recorded)
+    provider._expect_hello = lambda vm_id: hellos.setdefault(vm_id, asyncio.get_running_loop().create_future())
+    provisioning = asyncio.create_task(provider.provision(order()))
+    # The hello is awaited from before the create call on; the vm_agent says it once booted.
+    await asyncio.wait_for(_until(lambda: fake.servers() and "hetzner-0123456789abcdef" in hellos), 30)
+    hellos["hetzner-0123456789abcdef"].set_result({"vm_id": "hetzner-0123456789abcdef"})
+    await asyncio.wait_for(provisioning, 30)
+
+    assert [type(e) for _, e in recorded] == [ServerRequested, ServerCreated, VmAgentConnected]
+    assert recorded.of(VmAgentConnected)[0].workspace_id == "hetzner-0123456789abcdef"
+
+
+async def test_a_server_whose_vm_agent_never_calls_home_is_deleted_and_the_gap_named(fake, token):
+    recorded = Recorded()
+    provider = provider_on(fake, token, recorded, call_home_timeout_s=0.5)
+    provider._expect_hello = lambda vm_id: asyncio.get_running_loop().create_future()  # never said
+
+    with pytest.raises(ProvisionError, match=r"the vm_agent of hetzner-0123456789abcdef did not call home "
+                                             r"within 0.5 s \(VmAgentConnected missing after ServerCreated\); "
+                                             r"its server \d+ was deleted"):
+        await provider.provision(order())
+    assert fake.servers() == []
+    assert "did not call home" in recorded.of(ServerDeleted)[0].reason
+
+
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.02)
