@@ -34,7 +34,7 @@ def timeline(log: AuditLog, task_id: str) -> dict[str, Any] | None:
          "actor": first[step]["actor"]}
         for step in FLOW_CONTRACT if step in first
     ]
-    report = check_flow(e["type"] for e in events)
+    report = check_flow(events)  # Envelopes: each turn's handoffs placed by the turn they carry.
     ended = next((e for e in reversed(events) if e["type"] in ("TaskCompleted", "TaskFailed", "TaskCancelled")), None)
     return {
         "task_id": task_id,
@@ -59,7 +59,7 @@ def tasks_with_gaps(log: AuditLog, *, since: datetime | None, until: datetime | 
     after = 0
     while page := log.query(type="TaskCompleted", since=since, until=until, after_seq=after, limit=1000):
         for event in page:
-            report = check_flow(e["type"] for e in task_events(log, event["task_id"]))
+            report = check_flow(task_events(log, event["task_id"]))
             if report.missing:
                 entry = flagged.setdefault(event["task_id"], {"task_id": event["task_id"], "gaps": []})
                 entry["gaps"] += [{"type": "Missing", "expected": step} for step in report.missing]

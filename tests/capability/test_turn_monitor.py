@@ -105,3 +105,10 @@ def test_a_conversations_every_turn_follows_its_contract_with_no_gap_named(tmp_p
         assert report.ok, report.describe()
         assert not [e for e in events if e["type"] in ("StepOverdue", "AgentStalled")]
         assert api.wait_for_state(task_id, "completed")["gaps"] == []
+        # Auditors see the same: every turn's handoffs, nothing missing, the task among none with a gap.
+        wait_for(lambda: any(e["data"].get("turn") == 3 for e in api.http.get(
+            "/api/audit/events", params={"task_id": task_id, "type": "TaskCompleted"}).json()["events"]),
+            timeout_s=30, what="the audit log to have turn 3's completion")
+        assert api.http.get(f"/api/audit/tasks/{task_id}/timeline").json()["missing"] == []
+        flagged = api.http.get("/api/audit/gaps").json()["tasks"]
+        assert task_id not in [t["task_id"] for t in flagged]
