@@ -8,7 +8,7 @@ satisfy it; `provider_problem` says at submit whether a provider can be used her
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -114,7 +114,8 @@ class LocalWorkspaces:
 
 
 def providers_for(settings: Settings, local: LocalProvider, record: RecordEvent,
-                  calls_home: Callable[[str], dict[str, str]]) -> dict[str, WorkspaceProvider]:
+                  calls_home: Callable[[str], dict[str, str]],
+                  expect_hello: Callable[[str], Awaitable[object]] | None = None) -> dict[str, WorkspaceProvider]:
     """Every provider usable here, by name (the provisioner's composition root builds them once):
     `local` always, `hetzner` when it is configured (provider_problem is None)."""
     providers: dict[str, WorkspaceProvider] = {"local": LocalWorkspaces(local)}
@@ -122,7 +123,7 @@ def providers_for(settings: Settings, local: LocalProvider, record: RecordEvent,
         from services.provisioner.hetzner import HetznerConfig, HetznerProvider  # (it imports this module)
 
         providers["hetzner"] = HetznerProvider(HetznerConfig.from_settings(settings), secret=settings.install_secret(),
-                                               record=record, calls_home=calls_home)
+                                               record=record, calls_home=calls_home, expect_hello=expect_hello)
     return providers
 
 
