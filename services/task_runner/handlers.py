@@ -149,8 +149,8 @@ class TaskRunnerHandlers:
 
     async def _start_agent(self, task: Task, vm_agent_url: str, *, attempt_id: str, cause: str,
                            token_expires_at: float | None) -> None:
-        """`POST /sessions`: the running turn's prompt, and (after an earlier attempt or turn) the
-        task's last ACP session to restore; raises AgentStartRefused."""
+        """The vm_agent's `sessions` command: the running turn's prompt as that turn, and (after an
+        earlier attempt or turn) the task's last ACP session to restore; raises AgentStartRefused."""
         resume_session_id = None
         if task.attempt >= 1:  # An earlier attempt opened an agent session: restore it where possible.
             started = await self.lookup.last_event(task.task_id, AgentSessionStarted.type)
