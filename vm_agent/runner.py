@@ -174,7 +174,7 @@ class SessionRunner:
             # A pushed turn keeps the agent and its session for follow-ups, until the vm_agent exits.
             while self.agent is not None:
                 self.prompt = await self._follow_ups.get()
-                if "follow_up_delivery" in self.faults:
+                if self._withholds_prompt():
                     log.warning("fault follow_up_delivery: turn %s not delivered", self.session.turn)
                     continue  # Rehearsal: a follow-up's prompt silently never reaches the agent.
                 await self._turn(lambda access, agent=self.agent: agent.run_next_turn(
@@ -224,8 +224,13 @@ class SessionRunner:
             return
         await self._turn(lambda access, agent=self.agent: agent.run_prompt(
             cwd=self.workspace, prompt=self.prompt, sink=self,
-            deliver_prompt="prompt_delivery" not in self.faults, access=access,
+            deliver_prompt=not self._withholds_prompt(), access=access,
             resume_session_id=self.resume_session_id))
+
+    def _withholds_prompt(self) -> bool:
+        """Rehearsal: this turn's prompt silently never reaches the agent (`prompt_delivery`: any
+        turn's; `follow_up_delivery`: a follow-up's, on the lingering or a re-provisioned session)."""
+        return "prompt_delivery" in self.faults or ("follow_up_delivery" in self.faults and self.session.turn > 1)
 
     async def _turn(self, play: Callable[[WorkspaceAccess], Awaitable[TurnResult]]) -> None:
         """Play one turn, record how it ended and push its work; the agent stays only after a push."""

@@ -138,3 +138,26 @@ def test_an_agent_silent_in_a_follow_ups_turn_is_stalled_with_its_turn_and_recov
         gaps = wait_for(lambda: (g := api.wait_for_state(task_id, "completed")["gaps"]) and g[0]["recovered"] and g,
                         timeout_s=30, what="the board to show the stall recovered")
         assert [(g.get("stalled"), g["turn"], g["recovered"]) for g in gaps] == [(True, 2, True)]
+
+
+def test_a_re_provisioned_turns_prompt_never_delivered_is_named_after_its_new_workspace(tmp_path: Path):
+    env = {**fast_monitor("PromptDelivered"), "BATON_LINGER_S": "2"}
+    with running_stack(tmp_path / "stack", faults="follow_up_delivery", env=env) as stack:
+        api = Api(stack.api, stack.token)
+        task_id = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="echo one > a.txt\n", agent="shell")["task_id"]
+        assert_flow_completes(api, task_id, timeout_s=90)
+        wait_for(lambda: any(e["type"] == "WorkspaceReleased" for e in api.events(task_id)),
+                 timeout_s=60, what="the workspace to be released after lingering")
+
+        # The follow-up re-provisions a workspace and a session, whose prompt then never comes.
+        sent = api.http.post(f"/api/tasks/{task_id}/messages", json={"prompt": "echo two > b.txt\n"})
+        assert sent.status_code == 202, sent.text
+        events = wait_for_end_of_turn(api, task_id, 2)
+
+        overdue = next(e for e in events if e["type"] == "StepOverdue")
+        assert (overdue["data"]["expected"], overdue["data"]["after"], overdue["data"]["turn"]) == (
+            "PromptDelivered", "WorkspaceReady", 2)
+        ready = [e for e in events if e["type"] == "WorkspaceReady"][-1]
+        assert (at(overdue) - at(ready)).total_seconds() <= DEADLINE_S + MARGIN_S
+        assert events[-1]["type"] == "TaskFailed" and "in turn 2" in events[-1]["data"]["reason"]
+        assert check_flow(events).first_gap == "PromptDelivered (turn 2)"
