@@ -9,10 +9,12 @@ reason, never echoing a request (an assignment carries credentials).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
@@ -23,6 +25,7 @@ from services.runtime.vm_agent_commands import (
     SessionStart, TurnStart, member_subject, task_subject,
 )
 from vm_agent.backends import available_backends, refusal
+from vm_agent.clone import CloneError, clone_workspace
 from vm_agent.permissions import PermissionDesk
 from vm_agent.runner import SessionRunner
 from vm_agent.state import VmAgent
@@ -65,6 +68,12 @@ class VmAgentCommands:
             if vm.assigned.task_id != body.task_id:
                 return CommandReply.refused(409, f"this vm_agent already serves task {vm.assigned.task_id}")
             return CommandReply.ok(task_id=body.task_id, assigned_now=False)
+        if body.clone is not None:  # On a machine of its own: it clones the workspace itself.
+            try:
+                await clone_workspace(body.clone, workspace=body.workspace, state_dir=body.state_dir,
+                                      credential=_repo_credential(body.repo_credential))
+            except CloneError as error:
+                return CommandReply.refused(422, str(error))
         try:
             await vm.assign(body.task_id, body.workspace.resolve(), body.state_dir, "",
                             token_expires_at=body.credential_expires_at, nats_credentials=body.nats_credentials,
@@ -196,11 +205,15 @@ async def serve_assignment(member: Client, vm_id: str, commands: VmAgentCommands
     await member.flush()
 
 
-async def say_hello(member: Client, vm_id: str, vm: VmAgent) -> None:
-    """Once the warm agent (if any) is started or has failed: tell the provisioner this vm_agent
-    is ready to be assigned."""
+async def say_hello(member: Client, vm_id: str, vm: VmAgent, *, every_s: float = 10.0) -> None:
+    """Once the warm agent (if any) is started or has failed, tell the provisioner this vm_agent is
+    ready to be assigned; again every `every_s` until it is (a provisioner that restarted, or
+    subscribed late, still learns of it)."""
     if isinstance(vm.warming, asyncio.Future):
         await asyncio.wait([vm.warming])
-    hello = Hello(vm_id=vm_id, warm_agent=vm.warm_backend, warm_agent_state=vm.warm_agent_state)
-    await member.publish(member_subject(vm_id, "hello"), hello.model_dump_json().encode())
-    await member.flush()
+    while vm.assigned is None:
+        hello = Hello(vm_id=vm_id, warm_agent=vm.warm_backend, warm_agent_state=vm.warm_agent_state)
+        with contextlib.suppress(nats.errors.Error):  # Closed (assigned meanwhile) or reconnecting: next time.
+            await member.publish(member_subject(vm_id, "hello"), hello.model_dump_json().encode())
+            await member.flush()
+        await asyncio.sleep(every_s)

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import signal
+from collections.abc import Awaitable
 from pathlib import Path
 
 import uvicorn
@@ -141,9 +142,9 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
     connections.append(member)
     await serve_assignment(member, args.vm_id, commands)
     follow_up_linger_s = settings.linger_s if args.follow_up_linger_s is None else args.follow_up_linger_s
-    done = asyncio.Event()
+    done, stopped = asyncio.Event(), asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # Stopped: stop its agent, close its connections.
-        asyncio.get_running_loop().add_signal_handler(signum, done.set)
+        asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
     watcher = asyncio.create_task(_exit_when_done(vm_agent, done, args.linger_s, follow_up_linger_s))
     side = [asyncio.create_task(say_hello(member, args.vm_id, vm_agent))]
     if args.debug_http_port is not None:
@@ -151,12 +152,30 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
     log.info("vm_agent %s connected to the bus (warm agent: %s; sandbox: %s)", args.vm_id, args.warm_agent,
              sandbox.describe())
     try:
-        await done.wait()
+        await _first_of(done.wait(), stopped.wait())
+        if stopped.is_set():
+            await _let_runs_record_their_end(vm_agent)
     finally:
         await _stop(vm_agent, watcher, *side)
         for nc in connections:
             if not nc.is_closed:
                 await nc.close()
+
+
+async def _first_of(*waits: Awaitable[object]) -> None:
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+
+
+async def _let_runs_record_their_end(vm_agent: VmAgent, *, grace_s: float = 3.0) -> None:
+    """Stopped by a signal (its process group's, which its agent also gets): a run whose agent
+    exits records how its session ended (SessionFailed, with the agent's reason) before the
+    process goes; what it recorded is relayed (by it, or by the provisioner's watcher)."""
+    runs = [run for run in vm_agent.runs.values() if not run.done()]
+    if runs:
+        await asyncio.wait(runs, timeout=grace_s)
 
 
 async def _stop(vm_agent: VmAgent, *helpers: asyncio.Task[None]) -> None:
