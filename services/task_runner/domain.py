@@ -25,10 +25,12 @@ class Task(TaskAggregate):
     @event("Accepted")
     def __init__(
         self, task_id: str, repo: str, prompt: str, agent: str, base_branch: str | None,
-        permission_policy: str = "auto",
+        permission_policy: str = "auto", provider: str = "local",
     ) -> None:
         super().__init__(task_id)
         self.permission_policy = permission_policy
+        self.provider = provider
+        """Where its workspaces are made (TaskSubmitted.provider): every WorkspaceRequested says it."""
         self.repo = repo
         self.prompt = prompt
         self.agent = agent
@@ -79,7 +81,8 @@ class Task(TaskAggregate):
         self.emit(TaskQueued(position=position, max_running=max_running), actor=ACTOR, causation_id=cause)
 
     def request_workspace(self, *, cause: str) -> None:
-        event = WorkspaceRequested(repo=self.repo, agent=self.agent, base_branch=self.base_branch)
+        event = WorkspaceRequested(repo=self.repo, agent=self.agent, base_branch=self.base_branch,
+                                   provider=self.provider)
         self.emit(event, actor=ACTOR, causation_id=cause)
 
     @property
@@ -93,7 +96,8 @@ class Task(TaskAggregate):
         attempt = self.attempt + 1
         self.emit(AttemptStarted(attempt=attempt, reason=reason, base_branch=base_branch),
                   actor=ACTOR, causation_id=cause)
-        event = WorkspaceRequested(repo=self.repo, agent=self.agent, base_branch=base_branch, attempt=attempt)
+        event = WorkspaceRequested(repo=self.repo, agent=self.agent, base_branch=base_branch, attempt=attempt,
+                                   provider=self.provider)
         self.emit(event, actor=ACTOR, causation_id=cause)
 
     def may_try_again(self, max_attempts: int) -> bool:
@@ -131,6 +135,12 @@ class Task(TaskAggregate):
         return bool(self.follow_ups) and self.state == "completed"
 
     @property
+    def turn_runs_on_lingering_session(self) -> bool:
+        """The running turn (2, 3, …) was handed to the lingering vm_agent as a turn of its session
+        (so a retry resends that turn), not started on a new workspace's session."""
+        return self.turn > 1 and getattr(self, "turn_on_lingering_session", False)
+
+    @property
     def workspace_lingers(self) -> bool:
         """The last attempt's vm_agent may still take a turn (no WorkspaceReleased seen for it)."""
         return self.vm_agent_url is not None
@@ -154,7 +164,8 @@ class Task(TaskAggregate):
         attempt = self.attempt + 1
         event = TurnRequested(turn=self.turn + 1, follow_up_id=follow_up_id, reprovision=True, attempt=attempt)
         self.emit(event, actor=ACTOR, causation_id=cause)
-        requested = WorkspaceRequested(repo=self.repo, agent=self.agent, base_branch=base_branch, attempt=attempt)
+        requested = WorkspaceRequested(repo=self.repo, agent=self.agent, base_branch=base_branch, attempt=attempt,
+                                       provider=self.provider)
         self.emit(requested, actor=ACTOR, causation_id=cause)
 
     @event("FollowUpQueued")
@@ -196,10 +207,12 @@ class Task(TaskAggregate):
         if envelope.type == WorkspaceRequested.type:
             self.state = "provisioning"
             self.vm_agent_url = None
+            self.turn_on_lingering_session = False  # The turn now starts on the new workspace's session.
         elif envelope.type == AttemptStarted.type:
             self.lost.append(envelope.data["reason"])
         elif envelope.type == TurnRequested.type:
             self._take_turn(envelope.data["follow_up_id"], envelope.data["turn"])
+            self.turn_on_lingering_session = not envelope.data.get("reprovision", False)
         elif envelope.type == TaskCompleted.type:
             self.state = "completed"
         elif envelope.type == TaskFailed.type:

@@ -108,7 +108,7 @@ class TaskRunnerHandlers:
         assert isinstance(submitted, TaskSubmitted)
         task = Task(
             envelope.task_id, submitted.repo, submitted.prompt, submitted.agent, submitted.base_branch,
-            submitted.permission_policy,
+            submitted.permission_policy, submitted.provider,
         )
         queue = self.queue()
         if queue.has_place(self.max_running) and not queue.waiting:
@@ -311,11 +311,16 @@ class TaskRunnerHandlers:
                 and found.occurred_at >= began.occurred_at)
 
     async def _retry_start(self, task: Task, *, cause: str) -> None:
-        # Same attempt id: the vm_agent starts nothing twice and never re-sends a delivered prompt.
+        # Same attempt id and turn: the vm_agent starts nothing twice and never re-sends a delivered prompt.
         assert task.vm_agent_url is not None
         try:
-            await self._start_agent(task, task.vm_agent_url, attempt_id=task.attempt_id, cause=cause,
-                                    token_expires_at=task.vm_agent_token_expires_at)
+            if task.turn_runs_on_lingering_session:
+                await self.starter.start_turn(
+                    task.vm_agent_url, task_id=task.task_id, attempt_id=task.attempt_id, turn=task.turn,
+                    prompt=task.turn_prompt, causation_id=cause, token_expires_at=task.vm_agent_token_expires_at)
+            else:
+                await self._start_agent(task, task.vm_agent_url, attempt_id=task.attempt_id, cause=cause,
+                                        token_expires_at=task.vm_agent_token_expires_at)
         except AgentStartRefused as error:
             log.warning("retrying the start of %s: %s", task.task_id, error)
 
