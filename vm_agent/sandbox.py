@@ -36,6 +36,7 @@ ALLOWED_ENV = frozenset({
     "PATH", "LANG", "LANGUAGE", "TERM", "COLORTERM", "NO_COLOR", "TZ", "USER", "LOGNAME", "SHELL",
     "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
     "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "PYTHONPATH",  # Where Baton's code is on a cloud VM (its `shell` agent is a module of it); no secret.
 })
 """What an agent's environment may hold besides `LC_*`, its HOME and the variables its kind declares."""
 PROCESS_MARKS = ("BATON_SUPERVISOR_PID", "BATON_DATA_DIR")

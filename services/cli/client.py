@@ -73,9 +73,12 @@ class BatonClient:
         return response.json()
 
     def submit(self, *, repo: str, prompt: str, agent: str, base_branch: str | None,
-               permission_policy: str = "auto") -> dict:
+               permission_policy: str = "auto", provider: str | None = None) -> dict:
+        """Submit a task; `provider` None: the install's default (BATON_PROVIDER)."""
         body = {"repo": repo, "prompt": prompt, "agent": agent, "base_branch": base_branch,
                 "permission_policy": permission_policy}
+        if provider is not None:
+            body["provider"] = provider
         return self._json(self._http.post("/api/tasks", json=body))
 
     def permissions(self, task_id: str) -> list[dict]:

@@ -350,6 +350,8 @@ def submit(
     permission_policy: Annotated[str, typer.Option(
         "--permissions", help="auto: the agent's permission requests are allowed once; ask: you answer "
                               "each (baton permissions)")] = "auto",
+    provider: Annotated[Optional[str], typer.Option(
+        help="where its workspace runs: local or hetzner (default: the install's BATON_PROVIDER)")] = None,
     follow: Annotated[bool, typer.Option(help="follow the task live until it ends")] = True,
     api: ApiOption = DEFAULT_API,
     token: TokenOption = None,
@@ -358,7 +360,7 @@ def submit(
     client = BatonClient(api, find_api_token(token))
     try:
         task = client.submit(repo=repo, prompt=prompt, agent=agent, base_branch=base_branch,
-                             permission_policy=permission_policy)
+                             permission_policy=permission_policy, provider=provider)
         if not follow:
             console.print(task["task_id"])
             return

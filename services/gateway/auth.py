@@ -4,8 +4,9 @@ Every request needs the API token, as `Authorization: Bearer <token>` (the CLI, 
 session cookie that the login URL `/?token=<token>` sets for the browser (HttpOnly, SameSite=Strict;
 its value is an HMAC of the token, never the token). Without either: 401 saying how to authenticate.
 The web UI's pages and assets load without it (they hold no data); `/api/health` answers only its
-status. The Host header must name this machine or one of BATON_ALLOWED_HOSTS (DNS rebinding), and a
-browser's WebSocket must come from the page's own origin (another site's page cannot read the streams).
+status; `/api/vm-agent/dist/` checks a cloud workspace's own credential instead. The Host header
+must name this machine or one of BATON_ALLOWED_HOSTS (DNS rebinding), and a browser's WebSocket
+must come from the page's own origin (another site's page cannot read the streams).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ HOW_TO_AUTHENTICATE = (
 # The web UI's pages and assets: open, since they are the same static files for everyone.
 _PUBLIC_PATH = re.compile(r"^/(|tasks/[^/]+/?|static/[^/]+|favicon\.ico)$")
 _HEALTH_PATH = "/api/health"
+# A cloud VM fetches its vm_agent here with its workspace's own expiring credential (never the API
+# token); the route checks that credential itself. The VMs reach the gateway by a name that must be
+# in BATON_ALLOWED_HOSTS (the Host check still applies).
+_VM_AGENT_DIST_PREFIX = "/api/vm-agent/dist/"
 # A Host header: a name or an IPv4 address, or a bracketed IPv6 address; then an optional port.
 _HOST_HEADER = re.compile(r"^(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::[0-9]{1,5})?$")
 
@@ -83,7 +88,8 @@ class ApiAuth:
         login = _login_token(scope)
         if login is not None:
             await self._login(scope, receive, send, login)
-        elif scope[AUTHENTICATED] or scope["path"] == _HEALTH_PATH or _PUBLIC_PATH.match(scope["path"]):
+        elif scope[AUTHENTICATED] or scope["path"] == _HEALTH_PATH or _PUBLIC_PATH.match(scope["path"]) \
+                or (scope["type"] == "http" and scope["path"].startswith(_VM_AGENT_DIST_PREFIX)):
             await self.app(scope, receive, send)
         else:
             await refuse(scope, receive, send, 401, HOW_TO_AUTHENTICATE, {"WWW-Authenticate": "Bearer"})

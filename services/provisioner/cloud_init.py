@@ -149,6 +149,7 @@ if ! python3 -c 'import nats, acp, pydantic_settings, eventsourcing, fastapi, uv
 fi
 cd /opt/baton/app
 set -a; . /opt/baton/env; set +a
+rm -f /opt/baton/env  # Its member credential is in the vm_agent's environment only (not on disk for an agent).
 PYTHONPATH=/opt/baton/app nohup "$PYTHON" -m vm_agent {args} >/var/log/baton/vm_agent.log 2>&1 &
 echo "baton vm_agent {plan.version} started"
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from eventsourcing.domain import event
 
-from events import Envelope, WorkspaceFailed, WorkspaceReady, WorkspaceReleased
+from events import BaseEvent, Envelope, WorkspaceFailed, WorkspaceReady, WorkspaceReleased
 from services.runtime.store import ServiceStore, TaskAggregate
 
 ACTOR = "service:provisioner"
@@ -53,6 +53,11 @@ class Workspace(TaskAggregate):
             workspace_id=workspace_id, provider=self.provider, vm_agent_url=vm_agent_url,
             credential_expires_at=credential_expires_at,
         )
+        self.emit(event, actor=ACTOR, causation_id=self.cause)
+
+    def record(self, event: BaseEvent) -> None:
+        """A provider's lifecycle event of this workspace (ServerRequested, ServerCreated,
+        VmAgentConnected, ServerDeleted) on the task's record."""
         self.emit(event, actor=ACTOR, causation_id=self.cause)
 
     def failed(self, reason: str) -> None:

@@ -1,23 +1,31 @@
 """What the provisioner does on each event (the map is at the bottom).
 
-Provisioning is slow (a clone, a process start), so the handler only records the request
-with its consumer position and returns; the work runs in the background and is resumed
-from the store after a restart.
+Provisioning is slow (a clone, a process start, a cloud server's boot), so the handler only
+records the request with its consumer position and returns; the work runs in the background on the
+task's provider (`local`, `hetzner`, …) and is resumed from the store after a restart. A cloud
+workspace is given back (its server deleted, ServerDeleted with its cost) when its task ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Coroutine
 
 from eventsourcing.persistence import Tracking
 
-from events import Envelope, TaskCancelled, TaskFailed, WorkspaceRequested, parse_event
+from events import (
+    BaseEvent, Envelope, TaskCancelled, TaskCompleted, TaskFailed, WorkspaceRequested, parse_event,
+)
 from services.provisioner.domain import Workspace, all_workspaces
-from services.provisioner.local import LocalProvider, ProvisionError
+from services.provisioner.local import LocalProvider
+from services.provisioner.providers import LocalWorkspaces, ProvisionError, WorkspaceOrder, WorkspaceProvider
+from services.provisioner.remote import assign_remote_vm_agent
 from services.runtime.consumer import Handler
+from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore
+from services.runtime.vm_agent_commands import task_address
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +34,51 @@ class ProvisionerHandlers:
     def __init__(
         self,
         store: ServiceStore,
-        provider: LocalProvider,
+        local: LocalProvider,
         faults: frozenset[str],
         on_ready: Callable[[str, int], None] = lambda task_id, attempt: None,
+        *,
+        settings: Settings | None = None,
     ) -> None:
         self.store = store
         self.on_ready = on_ready
-        self.provider = provider
+        self.local = local
+        self.settings = settings
         self.faults = faults
+        self.providers: dict[str, WorkspaceProvider] = {"local": LocalWorkspaces(local)}
+        """By name; the composition root sets every usable one (they record through `record`)."""
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._held: dict[str, Workspace] = {}  # The workspaces being provisioned, by task.
+        self._background: set[asyncio.Task[None]] = set()
+        self._loop_thread = threading.get_ident()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def record(self, task_id: str, event: BaseEvent) -> None:
+        """A provider's lifecycle event on the task's Workspace (providers call from worker threads:
+        it is saved on the event loop, on the very aggregate a provisioning holds)."""
+        if threading.get_ident() != self._loop_thread and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._record_now, task_id, event)
+        else:
+            self._record_now(task_id, event)
+
+    def _record_now(self, task_id: str, event: BaseEvent) -> None:
+        workspace = self._workspace(task_id)
+        if workspace is None:
+            log.warning("%s for a task with no workspace (%s)", event.type, task_id)
+            return
+        workspace.record(event)
+        self.store.save(workspace)
+
+    def _workspace(self, task_id: str) -> Workspace | None:
+        return self._held.get(task_id) or self.store.get_task_aggregate(Workspace, task_id)
 
     async def on_workspace_requested(self, envelope: Envelope, tracking: Tracking) -> None:
         requested = parse_event(envelope)
         assert isinstance(requested, WorkspaceRequested)
-        existing = self.store.get_task_aggregate(Workspace, envelope.task_id)
+        existing = self._workspace(envelope.task_id)
         if existing is not None:
             if requested.attempt > existing.attempt:  # The last one was lost: a new workspace.
+                self.release_in_background(existing, reason="its attempt was lost; a new one starts")
                 existing.new_attempt(requested.attempt, requested.base_branch, envelope.event_id)
                 self.store.save_processed(tracking, existing)
                 self.provision_in_background(existing)
@@ -54,29 +91,52 @@ class ProvisionerHandlers:
         self.provision_in_background(workspace)
 
     def provision_in_background(self, workspace: Workspace) -> None:
+        self._loop = asyncio.get_running_loop()
         if workspace.task_id not in self._running:
+            self._held[workspace.task_id] = workspace
             task = asyncio.create_task(self.provision(workspace))
             self._running[workspace.task_id] = task
-            task.add_done_callback(lambda _: self._running.pop(workspace.task_id, None))
+            task.add_done_callback(lambda _: self._done_provisioning(workspace.task_id))
+
+    def _done_provisioning(self, task_id: str) -> None:
+        self._running.pop(task_id, None)
+        self._held.pop(task_id, None)
 
     async def provision(self, workspace: Workspace) -> None:
         try:
-            url = await self.provider.provision(
-                workspace.task_id, workspace.repo, workspace.base_branch, agent=workspace.agent,
-                attempt=workspace.attempt,
-            )
+            url, expires_at = await self._place(workspace)
         except ProvisionError as error:
             workspace.failed(str(error))
         else:
             if "workspace_ready" in self.faults:
                 log.warning("fault workspace_ready: not announcing workspace %s", workspace.task_id)
                 return
-            expires_at = self.provider.credential_expires_at(workspace.task_id, attempt=workspace.attempt)
             workspace.ready(workspace_id=workspace.workspace_id, vm_agent_url=url,
                             credential_expires_at=expires_at)
         self.store.save(workspace)
-        if workspace.vm_agent_url:
+        if workspace.vm_agent_url and workspace.provider == "local":  # The watcher follows local pids.
             self.on_ready(workspace.task_id, workspace.attempt)
+
+    async def _place(self, workspace: Workspace) -> tuple[str, float | None]:
+        """The workspace on its provider: the vm_agent's bus address and its credential's expiry.
+        A cloud VM's vm_agent, once it called home, is assigned here and clones itself; if that
+        fails its server is deleted."""
+        provider = self.providers.get(workspace.provider)
+        if provider is None:
+            raise ProvisionError(f"provider {workspace.provider!r} is not configured in this provisioner")
+        order = WorkspaceOrder(workspace.task_id, workspace.repo, workspace.base_branch, workspace.agent,
+                               workspace.attempt)
+        placement = await provider.provision(order)
+        if placement.vm_agent_url is not None:
+            return placement.vm_agent_url, placement.credential_expires_at
+        try:
+            assert self.settings is not None, "a cloud provider needs the settings (its vm_agents' credentials)"
+            repo = self.local.checked_repo(workspace.task_id, workspace.repo)
+            expires_at = await assign_remote_vm_agent(self.local.pool.members, self.settings, order, placement, repo)
+        except ProvisionError as error:
+            await provider.release(workspace.task_id, attempt=workspace.attempt, reason=f"not assigned: {error}")
+            raise
+        return task_address(workspace.task_id), expires_at
 
     def resume_unsettled(self) -> None:
         """After a restart, finish every workspace that was requested but never settled."""
@@ -89,16 +149,55 @@ class ProvisionerHandlers:
 
     async def on_task_ended(self, envelope: Envelope, tracking: Tracking) -> None:
         """A failed or cancelled task takes no follow-up: its kept agent home and repo credential go
-        (the watcher deletes a home kept later, from a vm_agent that left after this)."""
-        workspace = self.store.get_task_aggregate(Workspace, envelope.task_id)
+        (the watcher deletes a home kept later, from a vm_agent that left after this), and a cloud
+        workspace's server is deleted."""
+        workspace = self._workspace(envelope.task_id)
         if workspace is not None and not workspace.task_ended:
             workspace.task_ends()
         self.store.save_processed(tracking, workspace)
-        self.provider.forget_task(envelope.task_id)
+        self.local.forget_task(envelope.task_id)
+        if workspace is not None:
+            self.release_in_background(workspace, reason=f"the task ended ({envelope.type})")
+
+    async def on_task_completed(self, envelope: Envelope, tracking: Tracking) -> None:
+        """A cloud workspace is given back once its turn completed (its server bills by the hour);
+        WorkspaceReleased says so, and a follow-up re-provisions. A local one lingers for follow-ups
+        (its vm_agent exits by itself; the watcher releases it)."""
+        workspace = self._workspace(envelope.task_id)
+        remote = workspace is not None and workspace.provider != "local"
+        if remote and workspace.vm_agent_url and not workspace.released:
+            workspace.release("its turn completed")
+            workspace.announce_release("a cloud workspace is deleted once its turn completed")
+        self.store.save_processed(tracking, workspace if remote else None)
+        if remote:
+            self.release_in_background(workspace, reason="its turn completed")
+
+    def release_in_background(self, workspace: Workspace, *, reason: str) -> None:
+        """Give the workspace's current attempt back to its provider (a cloud server is deleted,
+        ServerDeleted recorded); a failure is logged and the reaper deletes it later."""
+        provider = self.providers.get(workspace.provider)
+        if provider is None or workspace.provider == "local":
+            return
+        self._in_background(self._release(provider, workspace.task_id, workspace.attempt, reason))
+
+    async def _release(self, provider: WorkspaceProvider, task_id: str, attempt: int, reason: str) -> None:
+        running = self._running.get(task_id)
+        if running is not None:  # Ended while its server boots: stop waiting, then delete it.
+            running.cancel()
+        try:
+            await provider.release(task_id, attempt=attempt, reason=reason)
+        except ProvisionError as error:
+            log.warning("could not release %s workspace of %s (the reaper retries): %s", provider.name, task_id, error)
+
+    def _in_background(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def handlers(self) -> dict[str, Handler]:
         return {
             WorkspaceRequested.type: self.on_workspace_requested,
+            TaskCompleted.type: self.on_task_completed,
             TaskFailed.type: self.on_task_ended,
             TaskCancelled.type: self.on_task_ended,
         }

@@ -10,6 +10,7 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+from services.provisioner.providers import ProvisionError
 from services.provisioner.vm_agents import VmAgentError, VmAgentPool, VmAgentProcess, process_alive
 from services.runtime.credentials import CredentialVault
 from services.runtime.git_safety import (
@@ -20,10 +21,6 @@ from services.runtime.settings import Settings
 from services.runtime.vm_agent_commands import task_address
 
 log = logging.getLogger(__name__)
-
-
-class ProvisionError(Exception):
-    """No workspace could be made; str() is the reason users see."""
 
 
 class LocalProvider:
@@ -118,10 +115,10 @@ class LocalProvider:
         vm_agent (to push); it stays sealed while the task can take a follow-up (a re-provisioned
         workspace clones again) and is discarded when the task fails or is cancelled (`forget_task`).
         """
-        return await self._provision(task_id, self._checked_repo(task_id, repo), base_branch, agent=agent,
+        return await self._provision(task_id, self.checked_repo(task_id, repo), base_branch, agent=agent,
                                      attempt=attempt)
 
-    def _checked_repo(self, task_id: str, repo: str) -> RepoUrl:
+    def checked_repo(self, task_id: str, repo: str) -> RepoUrl:
         """`repo` checked again (an event may predate the gateway's checks), with its credential."""
         try:
             checked = parse_repo_url(repo, allowed=self._settings.repo_schemes)

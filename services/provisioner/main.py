@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from services.provisioner.handlers import ProvisionerHandlers
 from services.provisioner.local import LocalProvider
+from services.provisioner.providers import providers_for
+from services.provisioner.reaper import Reaper, live_attempts_in
 from services.provisioner.watcher import VmAgentWatcher
 from services.runtime.bus import StreamLimits, open_bus
-from services.runtime.nats_auth import service_credentials
+from services.runtime.nats_auth import service_credentials, vm_member_credentials
 from services.runtime.service import serve
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore, store_env
@@ -14,18 +16,35 @@ from services.runtime.store import ServiceStore, store_env
 NAME = "provisioner"
 
 
+def vm_agent_environment(settings: Settings):  # noqa: ANN201 - the calls_home of providers_for
+    """What a cloud VM's vm_agent is booted with: its identity (the workspace id) and its expiring
+    member credential (hello and assignment only), never the install secret or the cloud token."""
+    def calls_home(workspace_id: str) -> dict[str, str]:
+        env = {"BATON_VM_ID": workspace_id}
+        if (credentials := vm_member_credentials(settings, workspace_id)) is not None:
+            env["BATON_VM_AGENT_CREDS"] = credentials
+        return env
+    return calls_home
+
+
 async def run(settings: Settings) -> None:
     store = ServiceStore(NAME, store_env(settings, NAME))
-    provider = LocalProvider(settings)
-    provider.pool.reset()
+    local = LocalProvider(settings)
+    local.pool.reset()
     async with open_bus(settings.nats_url, name=NAME, credentials=service_credentials(settings, NAME),
                        stream_limits=StreamLimits.from_settings(settings)) as bus:
-        watcher = VmAgentWatcher(store, provider, bus)
-        handlers = ProvisionerHandlers(store, provider, settings.faults, on_ready=watcher.watch)
+        watcher = VmAgentWatcher(store, local, bus)
+        handlers = ProvisionerHandlers(store, local, settings.faults, on_ready=watcher.watch, settings=settings)
+        handlers.providers = providers_for(settings, local, handlers.record, calls_home=vm_agent_environment(settings),
+                                           expect_hello=local.pool.members.expect_hello)
+        reapers = [Reaper(provider, live_attempts_in(store, name), every_s=settings.hcloud_reap_every_s).run()
+                   for name, provider in handlers.providers.items() if name != "local"]
+        if reapers:
+            await local.pool.members.connected()  # A booting VM's hello is heard from now on.
         handlers.resume_unsettled()
-        provider.pool.refill_soon()
+        local.pool.refill_soon()
         try:
             await serve(bus, name=NAME, settings=settings, store=store, handlers=handlers.handlers(),
-                        loops=(watcher.run(),), details=provider.pool.status)
+                        loops=(watcher.run(), *reapers), details=local.pool.status)
         finally:
-            provider.pool.stop_idle()
+            local.pool.stop_idle()

@@ -92,13 +92,8 @@ class LocalWorkspaces:
         self.local = local
 
     async def provision(self, order: WorkspaceOrder) -> Placement:
-        from services.provisioner import local  # (local imports the vm_agent pool: only when used)
-
-        try:
-            url = await self.local.provision(order.task_id, order.repo, order.base_branch, agent=order.agent,
-                                             attempt=order.attempt)
-        except local.ProvisionError as error:
-            raise ProvisionError(str(error)) from error
+        url = await self.local.provision(order.task_id, order.repo, order.base_branch, agent=order.agent,
+                                         attempt=order.attempt)
         suffix = f"-a{order.attempt}" if order.attempt > 1 else ""
         return Placement(workspace_id=f"local-{order.task_id}{suffix}", vm_agent_url=url,
                          credential_expires_at=self.local.credential_expires_at(order.task_id, attempt=order.attempt))

@@ -148,18 +148,19 @@ class MemberBus:
         if msg.subject == member_subject(hello.vm_id, "hello") and waiting and not waiting.done():
             waiting.set_result(hello)
 
-    async def assign(self, vm_id: str, assignment: Assignment) -> CommandReply:
-        """Its answer; raises VmAgentError if it answers nothing (gone, or its credential expired)."""
+    async def assign(self, vm_id: str, assignment: Assignment, *, timeout_s: float | None = None) -> CommandReply:
+        """Its answer; raises VmAgentError if it answers nothing (gone, or its credential expired).
+        `timeout_s`: longer for a vm_agent that clones before it answers (a cloud VM)."""
         await self.connected()
         assert self._nc is not None
+        timeout_s = timeout_s or self._assign_timeout_s
         try:
             reply = await self._nc.request(member_subject(vm_id, "assign"), assignment.model_dump_json().encode(),
-                                           timeout=self._assign_timeout_s)
+                                           timeout=timeout_s)
         except nats.errors.NoRespondersError:
             raise VmAgentError(f"vm_agent {vm_id} is not on the bus (gone, or its credential expired)") from None
         except nats.errors.TimeoutError:
-            raise VmAgentError(f"vm_agent {vm_id} did not answer its assignment within "
-                               f"{self._assign_timeout_s:.0f}s") from None
+            raise VmAgentError(f"vm_agent {vm_id} did not answer its assignment within {timeout_s:.0f}s") from None
         except nats.errors.Error as error:
             raise VmAgentError(f"vm_agent {vm_id} could not be assigned: {error}") from None
         return CommandReply.model_validate_json(reply.data)
@@ -409,7 +410,8 @@ class VmAgentPool:
         """The ready members still running with the agents' credentials as they are now; those
         started with older ones (a secret set or unset since) are stopped."""
         current = self._credentials_version(agent_environ(self._settings))
-        usable_until = time.time() + 60  # Time to be assigned before its member credential expires.
+        # Time to be assigned before its member credential expires (it stops then).
+        usable_until = time.time() + min(60.0, self._settings.vm_agent_credential_ttl_s / 2)
         fresh = []
         for member in self._ready:
             if member.alive and member.credentials_version == current and member.member_expires_at > usable_until:

@@ -49,6 +49,16 @@ class RepoCredentialBody(BaseModel):
     password: str = Field(default="", repr=False)
 
 
+class CloneOrder(BaseModel):
+    """What a vm_agent on its own machine clones before it answers its assignment (a cloud VM; a
+    local vm_agent is handed the provisioner's clone instead): `repo` at `base_branch`, with git
+    allowing only the control plane's `schemes` (the repo credential comes in the Assignment)."""
+
+    repo: str
+    base_branch: str | None = None
+    schemes: list[str] = Field(default_factory=list)
+
+
 class Assignment(BaseModel):
     """This vm_agent now serves `task_id` in `workspace`, recording into `state_dir`. Carries
     secrets: sent only as a core NATS request to the member's own subject, never logged."""
@@ -61,6 +71,8 @@ class Assignment(BaseModel):
     """This workspace's NATS credential (`.creds` text): its task's events and commands only."""
     repo_credential: RepoCredentialBody | None = Field(default=None, repr=False)
     """The repo URL's credential, for the push (kept in memory only)."""
+    clone: CloneOrder | None = None
+    """Set for a vm_agent on a machine of its own: it clones `workspace` itself (and keeps its git dir)."""
 
 
 class Hello(BaseModel):

@@ -322,7 +322,9 @@ class NetnsBooter:
     """Boots the fake's servers as a VM would run: each server's user_data runs as root in a network
     namespace of its own (reaching the host only through a bridge, at `host_address`: no loopback
     to the host, no internet), in its own root dir (its disk; the host's /usr and /etc read-only,
-    `image_python` as the image's python3) and its own process group. `fake.state.boot = booter.boot`."""
+    `image_python` as the image's python3) and its own process group. `fake.state.boot = booter.boot`.
+    A VM outlives the thread that booted it (no --die-with-parent: the fake boots from a request's
+    short-lived thread); `halt` and leaving the booter stop it."""
 
     def __init__(self, root: Path, *, image_python: Path) -> None:
         self.root = root
@@ -378,7 +380,7 @@ class NetnsBooter:
         return ["--bind", str(disk), "/", "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc",
                 "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
                 "--symlink", "usr/sbin", "/sbin", "--ro-bind", str(venv), "/image", "--ro-bind", str(base), str(base),
-                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--chdir", "/root", "--die-with-parent"]
+                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--chdir", "/root"]
 
     def halt(self, server: dict[str, Any]) -> None:
         server_id, namespace = server["id"], f"bhz{self.tag}-{server['id']}"
