@@ -24,6 +24,12 @@ class AgentStartRefused(Exception):
     """The vm_agent could not be reached or refused to start the agent; str() says why."""
 
 
+class VmAgentSilent(AgentStartRefused):
+    """A vm_agent subscribed to the command did not answer in time (after the retries): it may
+    have taken the command, so nothing may be decided as if it had refused; ask it again later
+    (each command is idempotent by its key)."""
+
+
 class AgentStarter(Protocol):
     async def start_agent_with_prompt(
         self, vm_agent_url: str, *, task_id: str, agent: str, prompt: str, attempt_id: str,
@@ -115,6 +121,8 @@ class VmAgentClient:
 
     async def _ask(self, address: str, command: str, body: BaseModel, expires_at: float | None, *,
                    retries: int = 1) -> CommandReply:
+        """The vm_agent's reply, asked up to `retries` times; raises VmAgentSilent if any request
+        timed out (the vm_agent may have acted), else AgentStartRefused (nobody answers: it is gone)."""
         task_id = body.task_id  # type: ignore[attr-defined]
         if address != task_address(task_id):
             raise AgentStartRefused(f"the workspace's vm_agent is at {address!r}, not on the bus at "
@@ -122,15 +130,20 @@ class VmAgentClient:
         if expires_at is not None and time.time() >= expires_at:
             raise AgentStartRefused("the workspace's bus credential has expired; the task needs a new workspace")
         subject, data = task_subject(task_id, command), body.model_dump_json().encode()
-        for backoff_s in (0.5 * 2**n for n in range(1, retries)):
+        timed_out, last_error = False, None
+        for backoff_s in (*(0.5 * 2**n for n in range(1, retries)), None):
             try:
                 return await self._request(subject, data)
-            except nats.errors.Error:  # No responder (gone, or not yet reconnected), or a timeout.
+            except nats.errors.TimeoutError as error:  # Subscribed, but no answer: it may have acted.
+                timed_out, last_error = True, error
+            except nats.errors.Error as error:  # No responder: gone, or not yet reconnected.
+                last_error = error
+            if backoff_s is not None:
                 await asyncio.sleep(backoff_s)
-        try:
-            return await self._request(subject, data)
-        except nats.errors.Error as error:
-            raise AgentStartRefused(f"vm_agent of task {task_id} did not answer on the bus: {error}") from error
+        if timed_out:
+            raise VmAgentSilent(f"vm_agent of task {task_id} did not answer {command!r} on the bus in time: "
+                                f"it may have taken it") from last_error
+        raise AgentStartRefused(f"vm_agent of task {task_id} did not answer on the bus: {last_error}") from last_error
 
     async def _request(self, subject: str, data: bytes) -> CommandReply:
         reply = await self._nc.request(subject, data, timeout=self._timeout_s)
