@@ -11,7 +11,6 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import Tracking
 
 from events import (
-    FLOW_CONTRACT,
     AgentFinished,
     AgentSessionStarted,
     BranchPushed,
@@ -28,12 +27,12 @@ from events import (
     WorkspaceReleased,
     parse_event,
 )
-from events.flow import NEW_TURN, TURN_CONTRACT, TURN_NUMBERED
+from events.flow import NEW_TURN, TURN_CONTRACT, TURN_NUMBERED, contract_for_turn
 from services.runtime.consumer import Handler
 from services.runtime.store import ServiceStore
 from services.task_runner.domain import Task
 from services.task_runner.queue import QUEUE_ID, RunQueue
-from services.task_runner.vm_agent_client import AgentStarter, AgentStartRefused
+from services.task_runner.vm_agent_client import AgentStarter, AgentStartRefused, VmAgentSilent
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +210,11 @@ class TaskRunnerHandlers:
             return
         pushed = parse_event(envelope)
         assert isinstance(pushed, BranchPushed)
-        # The path is the product: a task completes only if every handoff before the push happened.
-        missing = await self._missing_handoffs(task.task_id, before=BranchPushed.type)
+        # The path is the product: a turn completes only if every handoff of its own before the push happened.
+        missing = await self._missing_handoffs(task, before=BranchPushed.type)
         if missing:
-            task.fail(f"{missing[0]} missing: the flow reached BranchPushed without it",
+            in_turn = f" in turn {task.turn}" if task.turn > 1 else ""
+            task.fail(f"{missing[0]} missing{in_turn}: the flow reached BranchPushed without it",
                       cause=envelope.event_id)
         else:
             task.complete(branch=pushed.branch, commit=pushed.commit, cause=envelope.event_id)
@@ -259,6 +259,9 @@ class TaskRunnerHandlers:
         task.reprovision_for_next_turn(base_branch=await self._branch_to_start_from(task), cause=cause)
 
     async def _handed_to_lingering_vm_agent(self, task: Task) -> bool:
+        """True once the lingering vm_agent took the oldest follow-up as the next turn; False when it
+        refused or is gone. Raises VmAgentSilent when it did not answer (it may have taken the turn):
+        the event is handled again later and asks again for the same turn, which starts nothing twice."""
         assert task.vm_agent_url is not None
         follow_up_id, prompt = task.follow_ups[0]
         turn = task.turn + 1
@@ -266,16 +269,23 @@ class TaskRunnerHandlers:
             await self.starter.start_turn(
                 task.vm_agent_url, task_id=task.task_id, attempt_id=task.attempt_id, turn=turn,
                 prompt=prompt, causation_id=follow_up_id, token_expires_at=task.vm_agent_token_expires_at)
+        except VmAgentSilent:
+            raise  # Re-provisioning now could run the turn twice.
         except AgentStartRefused as error:
             log.info("turn %s of %s re-provisions: the lingering vm_agent did not take it: %s",
                      turn, task.task_id, error)
             return False
         return True
 
-    async def _missing_handoffs(self, task_id: str, *, before: str) -> list[str]:
-        steps = FLOW_CONTRACT[: FLOW_CONTRACT.index(before)]
-        found = await asyncio.gather(*(self.lookup.last_event(task_id, step) for step in steps))
-        return [step for step, event in zip(steps, found, strict=True) if event is None]
+    async def _missing_handoffs(self, task: Task, *, before: str) -> list[str]:
+        """The running turn's own handoffs before `before` that did not happen in that turn, in
+        contract order (an earlier turn's do not count). The turn's TurnRequested is this runner's own
+        record (task.turn says it was made): the stream is not asked, as the vm_agent may push a
+        lingering session's quick turn before the relay has published it."""
+        contract = contract_for_turn(task.turn, reprovisioned=not task.turn_runs_on_lingering_session)
+        steps = [step for step in contract[: contract.index(before)] if step != NEW_TURN]
+        came = await asyncio.gather(*(self._came_in_turn(task.task_id, step, task.turn) for step in steps))
+        return [step for step, happened in zip(steps, came, strict=True) if not happened]
 
     async def on_step_overdue(self, envelope: Envelope, tracking: Tracking) -> None:
         """Retry what can be retried, wait for the late handoff, then fail naming it."""

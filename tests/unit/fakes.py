@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
 from events import Envelope
 from services.runtime.store import ServiceStore
-from services.task_runner.vm_agent_client import AgentStartRefused
+from services.task_runner.vm_agent_client import AgentStartRefused, VmAgentSilent
 
 
 def popo_store() -> ServiceStore:
@@ -79,9 +80,13 @@ class FakeStarter:
 
     refuse_turns_with: str | None = None
     """Set: `start_turn` refuses with it (the vm_agent is gone)."""
+    silent_on_turns = False
+    """True: `start_turn` gets no answer in time (VmAgentSilent: the vm_agent may have taken the turn)."""
 
     async def start_turn(self, vm_agent_url: str, **kwargs: Any) -> None:
         self.calls.append({"turn_at": vm_agent_url, **kwargs})
+        if self.silent_on_turns:
+            raise VmAgentSilent(f"vm_agent of task {kwargs.get('task_id')} did not answer 'turns' in time")
         if self.refuse_turns_with is not None:
             raise AgentStartRefused(self.refuse_turns_with)
 
@@ -148,18 +153,32 @@ def envelopes_in(store: ServiceStore) -> list[Envelope]:
 
 
 class FakeLookup:
-    """The stream as the task runner's EventLookup sees it: last event per (task, type)."""
+    """The stream as the task runner's EventLookup sees it: the last event per (task, type).
+
+    `record` puts an envelope on it as the bus would: the last of its type, later (occurred_at)
+    than everything recorded before it, so "came after" reads as on the stream."""
 
     def __init__(self) -> None:
-        self.last: dict[tuple[str, str], object] = {}
+        self.last: dict[tuple[str, str], Envelope] = {}
+        self._clock = datetime(2026, 1, 1, tzinfo=UTC)
+        self._recorded: set[str] = set()
+
+    def record(self, envelope: Envelope) -> Envelope:
+        if envelope.event_id in self._recorded:  # A redelivery: the stream holds it once.
+            return envelope
+        self._recorded.add(envelope.event_id)
+        self._clock = max(self._clock + timedelta(milliseconds=1), envelope.occurred_at)
+        recorded = envelope.model_copy(update={"occurred_at": self._clock})
+        self.last[(envelope.task_id, envelope.type)] = recorded
+        return recorded
 
     def has_whole_flow(self, task_id: str, *, but: tuple[str, ...] = ()) -> None:
-        """Every handoff of the flow contract is on the stream for the task, except `but`."""
-        from events import FLOW_CONTRACT, Envelope
+        """Every handoff of the first turn's flow contract is on the stream for the task, except `but`."""
+        from events import FLOW_CONTRACT
 
         for step in FLOW_CONTRACT:
             if step not in but:
-                self.last[(task_id, step)] = Envelope(type=step, task_id=task_id, actor="test")
+                self.record(Envelope(type=step, task_id=task_id, actor="test"))
 
     async def last_event(self, task_id: str, event_type: str):
         return self.last.get((task_id, event_type))

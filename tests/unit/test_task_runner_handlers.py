@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import itertools
+from hashlib import sha256
 
 import pytest
 from eventsourcing.persistence import Tracking
 
 from events import (
     AgentFinished,
+    AgentOutput,
     AgentSessionStarted,
     BranchPushed,
     Envelope,
+    PromptDelivered,
     SessionFailed,
     StepOverdue,
     TaskSubmitted,
@@ -27,23 +30,56 @@ TASK = "t1"
 
 
 class Runner:
-    """The handlers plus what the consumer does around them (skip if processed, then track)."""
+    """The handlers plus what the consumer does around them (skip if processed, then track). Its
+    `lookup` is the stream: every envelope delivered to the handlers and every one they emitted,
+    in that order, plus the vm_agent's handoffs a test plays (`agent_runs_turn`)."""
 
     def __init__(self, starter: FakeStarter | None = None) -> None:
         self.store = popo_store()
         self.starter = starter or FakeStarter()
         self.lookup = FakeLookup()
-        self.lookup.has_whole_flow(TASK)
         self.handlers = TaskRunnerHandlers(self.store, self.starter, self.lookup).handlers()
         self._seq = itertools.count(1)
+        self._published = 0
 
     async def deliver(self, envelope: Envelope, tracking: Tracking | None = None) -> Tracking:
         tracking = tracking or Tracking(f"task-runner-{envelope.type}", next(self._seq))
+        self.lookup.record(envelope)
         if not self.store.is_processed(tracking):
-            await self.handlers[envelope.type](envelope, tracking)
+            try:
+                await self.handlers[envelope.type](envelope, tracking)
+            finally:
+                self._publish_emitted()
             if not self.store.is_processed(tracking):
                 self.store.save_processed(tracking)
         return tracking
+
+    def _publish_emitted(self) -> None:
+        """What the handlers saved reaches the stream (the relay's job), in order."""
+        emitted = self.emitted()
+        for envelope in emitted[self._published:]:
+            self.lookup.record(envelope)
+        self._published = len(emitted)
+
+    async def agent_runs_turn(self, *, output: bool = True) -> None:
+        """The vm_agent runs the task's running turn to its end, as the task runner asked it: a new
+        ACP session's AgentSessionStarted (turn 1, a new attempt, a re-provisioned turn; not a turn
+        of the lingering session), that turn's PromptDelivered, AgentOutput (unless not `output`),
+        then AgentFinished `end_turn` (handled). Its push is the test's to deliver."""
+        task = self.task()
+        vm_agent = "vm_agent"
+        if not task.turn_runs_on_lingering_session:
+            self.lookup.record(envelope_for(AgentSessionStarted(
+                session_id=f"acp-{task.attempt}", agent=task.agent, attempt_id=task.attempt_id),
+                task_id=TASK, actor=vm_agent))
+        self.lookup.record(envelope_for(PromptDelivered(
+            session_id=f"acp-{task.attempt}", prompt_sha256=sha256(task.turn_prompt.encode()).hexdigest(),
+            turn=task.turn), task_id=TASK, actor=vm_agent))
+        if output:
+            self.lookup.record(envelope_for(AgentOutput(seq=1, stream="stdout", text=f"turn {task.turn}"),
+                                            task_id=TASK, actor=vm_agent))
+        await self.deliver(envelope_for(AgentFinished(stop_reason="end_turn", exit_code=0), task_id=TASK,
+                                        actor=vm_agent))
 
     def emitted(self) -> list[Envelope]:
         return envelopes_in(self.store)
@@ -61,10 +97,13 @@ READY = event(WorkspaceReady(workspace_id="w1", provider="local", vm_agent_url="
                              credential_expires_at=1_900_000_000))
 
 
-async def started_runner(starter: FakeStarter | None = None) -> Runner:
+async def started_runner(starter: FakeStarter | None = None, *, agent_ran: bool = True) -> Runner:
+    """A task whose agent was started on its workspace and (`agent_ran`) ran turn 1 to its end."""
     runner = Runner(starter)
     await runner.deliver(SUBMITTED)
     await runner.deliver(READY)
+    if agent_ran:
+        await runner.agent_runs_turn()
     return runner
 
 
@@ -114,7 +153,7 @@ async def test_workspace_ready_starts_the_agent_once_with_the_prompt_agent_and_a
 
 
 async def test_an_agent_start_refusal_fails_the_task_with_the_error_in_the_reason():
-    runner = await started_runner(FakeStarter(refuse_with="vm_agent refused (503): busy"))
+    runner = await started_runner(FakeStarter(refuse_with="vm_agent refused (503): busy"), agent_ran=False)
     failed = runner.emitted()[-1]
     assert failed.type == "TaskFailed"
     assert failed.data["reason"] == "could not start the agent: vm_agent refused (503): busy"
@@ -133,7 +172,7 @@ async def test_a_failed_workspace_fails_the_task_with_workspace_failed_and_the_r
 
 
 async def test_an_agent_that_ends_its_turn_normally_emits_nothing():
-    runner = await started_runner()
+    runner = await started_runner(agent_ran=False)
     before = runner.emitted()
     tracking = await runner.deliver(event(AgentFinished(stop_reason="end_turn", exit_code=0)))
     assert runner.emitted() == before
@@ -142,7 +181,7 @@ async def test_an_agent_that_ends_its_turn_normally_emits_nothing():
 
 
 async def test_an_agent_that_refused_with_exit_code_7_fails_the_task_mentioning_it():
-    runner = await started_runner()
+    runner = await started_runner(agent_ran=False)
     await runner.deliver(event(AgentFinished(stop_reason="refusal", exit_code=7)))
     failed = runner.emitted()[-1]
     assert failed.type == "TaskFailed"
@@ -151,7 +190,7 @@ async def test_an_agent_that_refused_with_exit_code_7_fails_the_task_mentioning_
 
 
 async def test_a_session_failure_fails_the_task_with_its_reason_verbatim():
-    runner = await started_runner()
+    runner = await started_runner(agent_ran=False)
     await runner.deliver(event(SessionFailed(reason="push rejected")))
     assert runner.emitted()[-1].data == {"reason": "push rejected"}
 
@@ -198,7 +237,7 @@ async def test_a_refused_restart_of_an_attempt_the_stream_shows_started_does_not
     runner = Runner(FakeStarter(refuse_with="connection refused"))
     await runner.deliver(SUBMITTED)
     started = event(AgentSessionStarted(session_id="s", agent="shell", attempt_id=f"{TASK}-a1"))
-    runner.lookup.last[(TASK, "AgentSessionStarted")] = started
+    runner.lookup.record(started)
 
     await runner.deliver(READY)
 
@@ -207,9 +246,9 @@ async def test_a_refused_restart_of_an_attempt_the_stream_shows_started_does_not
 
 
 async def test_a_push_without_agent_output_on_the_stream_fails_the_task_naming_the_gap():
-    runner = await started_runner()
-    # The stream lacks AgentOutput (what the agent_output fault produces).
-    del runner.lookup.last[(TASK, "AgentOutput")]
+    runner = await started_runner(agent_ran=False)
+    # The agent's turn shows no AgentOutput on the stream (what the agent_output fault produces).
+    await runner.agent_runs_turn(output=False)
 
     await runner.deliver(event(BranchPushed(branch="baton/t1", commit="c0ffee")))
 
@@ -219,10 +258,9 @@ async def test_a_push_without_agent_output_on_the_stream_fails_the_task_naming_t
 
 
 async def test_an_overdue_prompt_is_retried_with_the_same_attempt_then_fails_naming_the_handoff():
-    runner = await started_runner()
+    runner = await started_runner(agent_ran=False)  # The prompt is never delivered.
     runner.handlers = TaskRunnerHandlers(runner.store, runner.starter, runner.lookup,
                                          overdue_backoff_s=(0, 0)).handlers()
-    del runner.lookup.last[(TASK, "PromptDelivered")]
     calls_before = len(runner.starter.calls)
 
     overdue = StepOverdue(expected="PromptDelivered", after="WorkspaceReady", waited_s=30.0)

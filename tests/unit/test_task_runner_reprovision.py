@@ -3,7 +3,7 @@ re-provisions a workspace from the task's branch, where the agent's session is r
 
 from __future__ import annotations
 
-from events import AgentSessionStarted, SessionFailed, WorkspaceReady, WorkspaceReleased, envelope_for
+from events import SessionFailed, WorkspaceReady, WorkspaceReleased, envelope_for
 from services.task_runner.handlers import TaskRunnerHandlers
 from tests.unit.test_task_runner_handlers import READY, SUBMITTED, TASK, Runner, started_runner
 from tests.unit.test_task_runner_turns import follow_up, pushed
@@ -27,10 +27,8 @@ def of_type(runner: Runner, event_type: str):
 
 
 async def completed_and_released() -> Runner:
+    """Turn 1 ran in ACP session acp-1 and pushed; then its workspace was released."""
     runner = await started_runner()
-    runner.lookup.last[(TASK, "AgentSessionStarted")] = event(
-        AgentSessionStarted(session_id="acp-1", agent="shell", attempt_id=f"{TASK}-a1"))
-    runner.lookup.last[(TASK, "BranchPushed")] = pushed("c1")
     await runner.deliver(pushed("c1"))
     await runner.deliver(released())
     return runner
@@ -60,7 +58,8 @@ async def test_the_re_provisioned_workspace_gets_the_follow_up_as_turn_n_and_the
     start = runner.starter.calls[-1]
     assert (start["prompt"], start["turn"], start["attempt_id"]) == ("echo two", 2, f"{TASK}-a2")
     assert start["resume_session_id"] == "acp-1" and start["vm_agent_url"] == "http://vm:2"
-    # The push of turn 2 completes the task again, as turn 2.
+    # The agent runs turn 2 in the new workspace's session; its push completes the task again, as turn 2.
+    await runner.agent_runs_turn()
     await runner.deliver(pushed("c2"))
     assert [(e.data.get("turn", 1), e.data["commit"]) for e in of_type(runner, "TaskCompleted")] == [
         (1, "c1"), (2, "c2")]
@@ -89,6 +88,7 @@ async def test_re_provisions_do_not_use_up_the_attempts_lost_workspaces_get():
     runner.handlers = TaskRunnerHandlers(runner.store, runner.starter, runner.lookup, max_attempts=2).handlers()
     await runner.deliver(SUBMITTED)
     await runner.deliver(READY)
+    await runner.agent_runs_turn()
     await runner.deliver(pushed("c1"))
     await runner.deliver(released())
     await runner.deliver(follow_up("echo two"))
@@ -100,3 +100,14 @@ async def test_re_provisions_do_not_use_up_the_attempts_lost_workspaces_get():
     await runner.deliver(ready(3))
     # The new attempt delivers the running turn's prompt again, as that turn.
     assert (runner.starter.calls[-1]["prompt"], runner.starter.calls[-1]["turn"]) == ("echo two", 2)
+
+
+async def test_a_re_provisioned_turn_pushed_without_its_own_agent_session_fails_naming_it_and_the_turn():
+    runner = await completed_and_released()
+    await runner.deliver(follow_up("echo two"))
+    await runner.deliver(ready(2))
+    # Turn 1's AgentSessionStarted is on the stream; the new workspace never started a session of its own.
+    await runner.deliver(pushed("c2"))
+    [failed] = of_type(runner, "TaskFailed")
+    assert failed.data["reason"] == "AgentSessionStarted missing in turn 2: the flow reached BranchPushed without it"
+    assert len(of_type(runner, "TaskCompleted")) == 1
