@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from nats.aio.client import Client
 
 from services.runtime.bus import Bus, connect_nats
 from services.runtime.logs import setup_logging
-from services.runtime.nats_auth import raw_credentials, vm_agent_inbox, vm_member_inbox
+from services.runtime.nats_auth import credential_expiry, raw_credentials, vm_agent_inbox, vm_member_inbox
 from services.runtime.relay import pending_envelopes
 from services.runtime.settings import Settings
 from services.runtime.vm_agent_commands import ID_PATTERN
@@ -95,6 +96,20 @@ async def _debug_http(vm_agent: VmAgent, commands: VmAgentCommands, port: int) -
     await server.serve()
 
 
+async def _stop_when_credential_expires(vm_agent: VmAgent, member_expires_at: float | None,
+                                        expired: asyncio.Event) -> None:
+    """Its credential (the member's, then its task's) expired: NATS has dropped it and refuses it
+    again, so it hears no command and can publish nothing. It stops; the provisioner's watcher
+    relays what it recorded and ends a session it left running (a lost workspace: a new attempt)."""
+    while True:
+        expires_at = vm_agent.assigned.token_expires_at if vm_agent.assigned else member_expires_at
+        if expires_at is not None and time.time() >= expires_at:
+            log.warning("this vm_agent's bus credential expired at %s: stopping", int(expires_at))
+            expired.set()
+            return
+        await asyncio.sleep(1.0)
+
+
 async def _member_connection(settings: Settings, vm_id: str, credentials: str | None) -> Client:
     """The connection it is known by before its assignment: with its member credential where the
     install minted one, else as the services connect (BATON_NATS_CREDS, or the URL's own)."""
@@ -146,13 +161,15 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):  # Stopped: stop its agent, close its connections.
         asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
     watcher = asyncio.create_task(_exit_when_done(vm_agent, done, args.linger_s, follow_up_linger_s))
-    side = [asyncio.create_task(say_hello(member, args.vm_id, vm_agent))]
+    expired = asyncio.Event()
+    side = [asyncio.create_task(say_hello(member, args.vm_id, vm_agent)), asyncio.create_task(
+        _stop_when_credential_expires(vm_agent, credential_expiry(member_credentials), expired))]
     if args.debug_http_port is not None:
         side.append(asyncio.create_task(_debug_http(vm_agent, commands, args.debug_http_port)))
     log.info("vm_agent %s connected to the bus (warm agent: %s; sandbox: %s)", args.vm_id, args.warm_agent,
              sandbox.describe())
     try:
-        await _first_of(done.wait(), stopped.wait())
+        await _first_of(done.wait(), stopped.wait(), expired.wait())
         if stopped.is_set():
             await _let_runs_record_their_end(vm_agent)
     finally:

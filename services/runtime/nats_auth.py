@@ -68,6 +68,15 @@ def decode_claims(jwt: str) -> dict:
     return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
 
 
+def credential_expiry(creds: str | None) -> float | None:
+    """When the `.creds` text's user JWT expires (Unix time), None if never (or no credential)."""
+    if not creds or "-----BEGIN NATS USER JWT-----" not in creds:
+        return None
+    jwt = creds.split("-----BEGIN NATS USER JWT-----", 1)[1].split("------END", 1)[0].strip()
+    expires_at = decode_claims(jwt).get("exp")
+    return float(expires_at) if expires_at else None
+
+
 @dataclass(frozen=True)
 class Permissions:
     """Subjects a user may publish to and subscribe to (NATS wildcards), and what it may not."""
@@ -97,8 +106,10 @@ def event_subjects(types: frozenset[str], task: str = "*") -> tuple[str, ...]:
     return tuple(f"baton.task.{task}.{name}" for name in sorted(types))
 
 
-VM_COMMANDS_SENT_BY = {"task-runner": (task_subject("*", "*"),), "provisioner": (member_subject("*", "assign"),)}
-"""Who may ask a vm_agent something: the task runner its task's commands, the provisioner an assignment."""
+VM_COMMANDS_SENT_BY = {"task-runner": (task_subject("*", "*"),),
+                       "provisioner": (member_subject("*", "assign"), task_subject("*", "alive"))}
+"""Who may ask a vm_agent something: the task runner its task's commands, the provisioner an
+assignment and whether a cloud VM's vm_agent still answers (`alive`)."""
 
 VM_SUBJECTS_HEARD_BY = {"provisioner": (member_subject("*", "hello"),)}
 """What a service may hear of the vm_agents' subjects; no one else hears any (assignments carry secrets)."""

@@ -89,3 +89,18 @@ def test_no_credential_reaches_a_log(stack: BatonStack):
     for path in stack.data_dir.rglob("*.log"):
         text = path.read_text(errors="replace")
         assert "USER NKEY SEED" not in text and "NATS USER JWT" not in text, path
+
+
+def test_a_vm_agent_whose_credential_expires_stops_and_the_task_ends_naming_the_lost_workspace(tmp_path: Path):
+    # Credentials that expire within seconds, and no second attempt.
+    env = {"BATON_VM_AGENT_CREDENTIAL_TTL_S": "8", "BATON_MAX_ATTEMPTS": "1"}
+    with running_stack(tmp_path / "expiring", env=env) as expiring:
+        api = Api(expiring.api, expiring.token)
+        task_id = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="sleep 120\n", agent="shell")["task_id"]
+        # The agent outlives the credential: the bus drops the vm_agent, which stops; the task
+        # ends with the lost workspace named instead of waiting for a vm_agent that hears nothing.
+        events = api.wait_for_end(task_id, timeout_s=90)
+        [failed] = [e for e in events if e["type"] == "TaskFailed"]
+        assert "workspace was lost" in failed["data"]["reason"], failed["data"]["reason"]
+        log = (expiring.data_dir / "vm_agents" / task_id / "vm_agent.log").read_text()
+        assert "bus credential expired" in log
