@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from services.runtime.repo_url import RepoCredential
 from services.runtime.vm_agent_commands import (
-    COMMAND_BODIES, Assignment, CommandReply, Hello, PermissionAnswer, RepoCredentialBody, SessionCancel,
+    COMMAND_BODIES, AliveProbe, Assignment, CommandReply, Hello, PermissionAnswer, RepoCredentialBody, SessionCancel,
     SessionStart, TurnStart, member_subject, task_subject,
 )
 from vm_agent.backends import available_backends, refusal
@@ -153,10 +153,16 @@ class VmAgentCommands:
         return CommandReply.ok(request_id=body.request_id, option_id=body.option_id,
                                answered_now=answering == "answered")
 
+    async def say_alive(self, body: AliveProbe) -> CommandReply:
+        """Answered while this vm_agent is on the bus: its task, and whether its session ended."""
+        session = self.vm.session()
+        return CommandReply.ok(task_id=self.vm.assigned.task_id if self.vm.assigned else None,
+                               session_ended=bool(session and session.ended))
+
     def task_handlers(self) -> dict[str, Callable[[BaseModel], Awaitable[CommandReply]]]:
         """Each task command, by the last token of its subject."""
         return {"sessions": self.start_session, "turns": self.start_turn, "cancel": self.cancel_session,
-                "permissions": self.answer_permission}
+                "permissions": self.answer_permission, "alive": self.say_alive}
 
 
 async def answer(msg: Msg, body_type: type[BaseModel], command: Callable[..., Awaitable[CommandReply]]) -> None:

@@ -8,7 +8,8 @@ subject, both outside the event stream (`baton.task.>`), so nothing said here is
   (task, workspace, the task's bus credential, the repo credential: secrets, in a core NATS
   request only) from the provisioner.
 - `baton.vm.task.<task_id>.sessions|turns|cancel|permissions` — the assigned vm_agent answers its
-  task's commands, sent by the task runner. Only that task's credential may subscribe to them.
+  task's commands, sent by the task runner; `alive`, sent by the provisioner, asks whether it is
+  still on the bus. Only that task's credential may subscribe to them.
 
 Every reply is a `CommandReply` whose `status` keeps the meaning the HTTP status codes had (202
 accepted, 409 conflict, 422 unacceptable, 404 unknown, 503 cannot serve), so callers' reasons stay
@@ -25,7 +26,7 @@ from pydantic import BaseModel, Field
 MEMBER_PREFIX = "baton.vm.member"
 TASK_PREFIX = "baton.vm.task"
 ADDRESS_SCHEME = "nats:"
-TASK_COMMANDS = ("sessions", "turns", "cancel", "permissions")
+TASK_COMMANDS = ("sessions", "turns", "cancel", "permissions", "alive")
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 """Task ids and vm ids are single subject tokens: no dots, no wildcards."""
 
@@ -126,6 +127,10 @@ class PermissionAnswer(BaseModel):
     option_id: str = Field(min_length=1)
 
 
+class AliveProbe(BaseModel):
+    """Is the task's vm_agent on the bus? Any answer says yes (with its task and session state)."""
+
+
 class CommandReply(BaseModel):
     """A vm_agent's answer: `status` as an HTTP status code would say it; `reason` for people
     when refused; `result` the command's own facts (e.g. `started_now`)."""
@@ -149,5 +154,6 @@ class CommandReply(BaseModel):
 
 COMMAND_BODIES: dict[str, type[BaseModel]] = {
     "sessions": SessionStart, "turns": TurnStart, "cancel": SessionCancel, "permissions": PermissionAnswer,
+    "alive": AliveProbe,
 }
 """Each task command's request body, by the last token of its subject."""

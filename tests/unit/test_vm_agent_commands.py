@@ -92,7 +92,7 @@ def test_only_the_task_runner_and_the_provisioner_may_send_vm_agents_commands():
         return [s for s in service_permissions(service).publish if s.startswith("baton.vm.")]
 
     assert publishes("task-runner") == ["baton.vm.task.*.*"]
-    assert publishes("provisioner") == ["baton.vm.member.*.assign"]
+    assert publishes("provisioner") == ["baton.vm.member.*.assign", "baton.vm.task.*.alive"]
     assert publishes("gateway") == []
 
 
@@ -102,3 +102,10 @@ def test_a_vm_agent_s_credential_answers_its_own_task_s_commands_only():
     assert "baton.vm.task.t1.*" in claims["sub"]["allow"]
     assert claims["resp"]["max"] == 1
     assert not any(s.startswith("baton.vm.") for s in claims["pub"]["allow"])
+
+
+def test_an_alive_probe_is_answered_with_the_vm_agent_s_task():
+    msg = RecordedMsg(data=b"{}", subject=task_subject("t1", "alive"))
+    asyncio.run(answer(msg, COMMAND_BODIES["alive"], _commands().task_handlers()["alive"]))
+    reply = _reply(msg)
+    assert reply.accepted and reply.result == {"task_id": None, "session_ended": False}
