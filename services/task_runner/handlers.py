@@ -135,6 +135,12 @@ class TaskRunnerHandlers:
         try:
             await self._start_agent(task, ready.vm_agent_url, attempt_id=attempt_id, cause=envelope.event_id,
                                     token_expires_at=ready.credential_expires_at)
+        except VmAgentSilent as error:
+            # It may have started the agent: taken as started, and the PromptDelivered deadline
+            # decides (on_step_overdue asks again with the same attempt id, which starts nothing twice).
+            log.warning("vm_agent of %s did not answer the start (%s); the prompt's deadline decides",
+                        task.task_id, error)
+            task.agent_start_requested(ready.vm_agent_url, ready.credential_expires_at)
         except AgentStartRefused as error:
             # A redelivered WorkspaceReady may find the vm_agent done and gone: the stream
             # says whether this attempt already started.

@@ -59,8 +59,13 @@ class FakeStarter:
         self.calls: list[dict[str, Any]] = []
         self.refuse_with = refuse_with
 
+    silent_on_start = False
+    """True: `start_agent_with_prompt` gets no answer in time (VmAgentSilent: it may have started)."""
+
     async def start_agent_with_prompt(self, vm_agent_url: str, **kwargs: Any) -> None:
         self.calls.append({"vm_agent_url": vm_agent_url, **kwargs})
+        if self.silent_on_start:
+            raise VmAgentSilent(f"vm_agent of task {kwargs.get('task_id')} did not answer 'sessions' in time")
         if self.refuse_with is not None:
             raise AgentStartRefused(self.refuse_with)
 

@@ -279,3 +279,18 @@ async def test_an_overdue_step_that_arrives_while_waiting_does_not_fail_the_task
     await runner.deliver(event(StepOverdue(expected="AgentOutput", after="PromptDelivered", waited_s=5)))
 
     assert "TaskFailed" not in [e.type for e in runner.emitted()]
+
+
+async def test_a_vm_agent_silent_on_the_start_is_taken_as_started_and_the_prompts_deadline_decides():
+    starter = FakeStarter()
+    starter.silent_on_start = True
+    runner = await started_runner(starter, agent_ran=False)
+    # It may have started the agent: the task is not failed, and nothing is started a second way.
+    assert runner.task().state == "starting" and "TaskFailed" not in [e.type for e in runner.emitted()]
+
+    runner.handlers = TaskRunnerHandlers(runner.store, runner.starter, runner.lookup,
+                                         overdue_backoff_s=(0,)).handlers()
+    await runner.deliver(event(StepOverdue(expected="PromptDelivered", after="WorkspaceReady", waited_s=30.0)))
+    # The deadline's retry asks for the same attempt (which starts nothing twice), then fails naming the gap.
+    assert {c["attempt_id"] for c in starter.calls} == {f"{TASK}-a1"} and len(starter.calls) == 2
+    assert runner.emitted()[-1].data["reason"] == "PromptDelivered missing 30s after WorkspaceReady"
