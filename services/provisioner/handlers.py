@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from eventsourcing.persistence import Tracking
 
 from events import (
-    BaseEvent, Envelope, TaskCancelled, TaskCompleted, TaskFailed, WorkspaceRequested, parse_event,
+    BaseEvent, Envelope, SessionFailed, TaskCancelled, TaskCompleted, TaskFailed, WorkspaceRequested, parse_event,
 )
 from services.provisioner.domain import Workspace, all_workspaces
 from services.provisioner.local import LocalProvider
@@ -172,6 +172,17 @@ class ProvisionerHandlers:
         if remote:
             self.release_in_background(workspace, reason="its turn completed")
 
+    def lose_remote_workspace(self, task_id: str, attempt: int, reason: str) -> None:
+        """A cloud workspace's vm_agent is gone mid-run: its session ends as a lost workspace
+        (SessionFailed `lost_workspace`, recorded for the vm_agent that cannot) and its server goes."""
+        workspace = self._workspace(task_id)
+        if workspace is None or workspace.attempt != attempt or workspace.released or workspace.task_ended:
+            return
+        workspace.release(reason)
+        workspace.record(SessionFailed(reason=reason, lost_workspace=True))
+        self.store.save(workspace)
+        self.release_in_background(workspace, reason=reason)
+
     def release_in_background(self, workspace: Workspace, *, reason: str) -> None:
         """Give the workspace's current attempt back to its provider (a cloud server is deleted,
         ServerDeleted recorded); a failure is logged and the reaper deletes it later."""
@@ -181,9 +192,9 @@ class ProvisionerHandlers:
         self._in_background(self._release(provider, workspace.task_id, workspace.attempt, reason))
 
     async def _release(self, provider: WorkspaceProvider, task_id: str, attempt: int, reason: str) -> None:
-        running = self._running.get(task_id)
-        if running is not None:  # Ended while its server boots: stop waiting, then delete it.
-            running.cancel()
+        running, held = self._running.get(task_id), self._held.get(task_id)
+        if running is not None and held is not None and held.attempt == attempt:
+            running.cancel()  # Ended while its server boots: stop waiting, then delete it.
         try:
             await provider.release(task_id, attempt=attempt, reason=reason)
         except ProvisionError as error:

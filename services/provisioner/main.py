@@ -6,6 +6,7 @@ from services.provisioner.handlers import ProvisionerHandlers
 from services.provisioner.local import LocalProvider
 from services.provisioner.providers import providers_for
 from services.provisioner.reaper import Reaper, live_attempts_in
+from services.provisioner.remote_watcher import RemoteVmAgentWatcher
 from services.provisioner.watcher import VmAgentWatcher
 from services.runtime.bus import StreamLimits, open_bus
 from services.runtime.nats_auth import service_credentials, vm_member_credentials
@@ -37,14 +38,16 @@ async def run(settings: Settings) -> None:
         handlers = ProvisionerHandlers(store, local, settings.faults, on_ready=watcher.watch, settings=settings)
         handlers.providers = providers_for(settings, local, handlers.record, calls_home=vm_agent_environment(settings),
                                            expect_hello=local.pool.members.expect_hello)
-        reapers = [Reaper(provider, live_attempts_in(store, name), every_s=settings.hcloud_reap_every_s).run()
-                   for name, provider in handlers.providers.items() if name != "local"]
-        if reapers:
+        cloud_loops = [Reaper(provider, live_attempts_in(store, name), every_s=settings.hcloud_reap_every_s).run()
+                       for name, provider in handlers.providers.items() if name != "local"]
+        if cloud_loops:
             await local.pool.members.connected()  # A booting VM's hello is heard from now on.
+            members = local.pool.members
+            cloud_loops.append(RemoteVmAgentWatcher(store, members.answers, handlers.lose_remote_workspace).run())
         handlers.resume_unsettled()
         local.pool.refill_soon()
         try:
             await serve(bus, name=NAME, settings=settings, store=store, handlers=handlers.handlers(),
-                        loops=(watcher.run(), *reapers), details=local.pool.status)
+                        loops=(watcher.run(), *cloud_loops), details=local.pool.status)
         finally:
             local.pool.stop_idle()

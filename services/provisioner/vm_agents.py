@@ -46,7 +46,7 @@ from services.runtime.nats_auth import service_credentials, vm_agent_credentials
 from services.runtime.repo_url import RepoCredential
 from services.runtime.settings import Settings
 from services.runtime.vm_agent_commands import (
-    Assignment, CommandReply, Hello, RepoCredentialBody, member_subject, task_subject,
+    AliveProbe, Assignment, CommandReply, Hello, RepoCredentialBody, member_subject, task_subject,
 )
 from vm_agent.backends import available_backends
 from vm_agent.sandbox import Sandbox
@@ -166,12 +166,13 @@ class MemberBus:
         return CommandReply.model_validate_json(reply.data)
 
     async def answers(self, task_id: str, *, timeout_s: float = 5.0) -> bool:
-        """Whether the task's vm_agent is on the bus: any reply to `baton.vm.task.<task_id>.alive`
-        (its refusal of an unknown command included) says so; no responder or none in time, not."""
+        """Whether the task's vm_agent is on the bus: any reply to its AliveProbe on
+        `baton.vm.task.<task_id>.alive` says so; no responder, or none in time, says not."""
         await self.connected()
         assert self._nc is not None
         try:
-            await self._nc.request(task_subject(task_id, "alive"), b"{}", timeout=timeout_s)
+            await self._nc.request(task_subject(task_id, "alive"), AliveProbe().model_dump_json().encode(),
+                                   timeout=timeout_s)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             return False
         return True

@@ -470,6 +470,8 @@ async function taskPage(app, id) {
     else if (event.type === "StepRecovered") detail = `${data.expected} came ${secs(data.waited_s)}after ${data.after}`;
     else if (event.type === "PermissionAnswerGiven") detail = `permission ${data.request_id}: ${data.option_id}`;
     else if (event.type === "AttemptStarted") detail = `attempt ${data.attempt}: ${data.reason}`;
+    else if (event.type === "ServerDeleted") detail = `server ${data.server_id} ran ${secs(data.seconds)}, cost ${
+      data.cost_eur != null ? `€${data.cost_eur.toFixed(6)}` : "unknown"}: ${data.reason}`;
     else if (event.type === "FollowUpSubmitted") detail = firstLine(data.prompt);
     else if (event.type === "TurnRequested") detail = data.reprovision
       ? `turn ${data.turn}: the workspace was released, so a new one is made from the branch (attempt ${data.attempt})`
