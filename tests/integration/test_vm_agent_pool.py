@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from services.provisioner.vm_agents import VmAgentError, VmAgentPool, health, process_alive
+from services.provisioner.vm_agents import VmAgentError, VmAgentPool, process_alive
 from services.runtime.settings import Settings
 from tests.support.processes import NatsServer, free_port
 from tests.support.waiting import wait_for
@@ -57,9 +57,9 @@ def test_a_pool_member_is_forked_from_the_zygote_with_its_agent_warm(tmp_path: P
         try:
             pool.refill_soon()
             member = await asyncio.wait_for(pool.take("shell"), DEADLINE_S)
-            state = await health(member.url)
-            assert state is not None and state["warm_agent_state"] == "ready", state
-            assert state["task_id"] is None
+            # It said hello on the bus once its agent was warm (nothing listens at a vm_agent).
+            assert member.hello is not None and member.hello.warm_agent_state == "ready", member.hello
+            assert member.hello.vm_id == member.vm_id
             zygote_pid = pool.zygote._process.pid
             parent, session = _parent_and_session(member.pid)
             assert parent == zygote_pid, "forked by the zygote, not started from scratch"
@@ -69,7 +69,7 @@ def test_a_pool_member_is_forked_from_the_zygote_with_its_agent_warm(tmp_path: P
             pool.zygote.stop()
             await asyncio.to_thread(wait_for, lambda: pool.zygote._process.poll() is not None,
                                     timeout_s=DEADLINE_S, what="the zygote to exit")
-            assert member.alive and await health(member.url) is not None
+            assert member.alive
             member.kill()
             await asyncio.to_thread(wait_for, lambda: not member.alive, timeout_s=DEADLINE_S,
                                     what="the vm_agent to stop")
@@ -87,7 +87,7 @@ def test_with_the_pool_empty_a_task_waits_for_the_next_warm_vm_agent(tmp_path: P
                 asyncio.gather(pool.take("shell"), pool.take("shell")), DEADLINE_S)
             assert first.pid != second.pid, "each taker gets its own vm_agent"
             for member in (first, second):
-                assert (await health(member.url))["warm_agent_state"] == "ready"
+                assert member.hello is not None and member.hello.warm_agent_state == "ready"
         finally:
             _end_all(pool)
 
@@ -96,9 +96,8 @@ def test_with_the_pool_empty_a_task_waits_for_the_next_warm_vm_agent(tmp_path: P
 
 def test_a_vm_agent_that_cannot_start_fails_the_take_with_its_reason(tmp_path: Path) -> None:
     async def scenario() -> None:
-        # An address no interface of this machine has: the vm_agent cannot listen.
-        settings = _settings(tmp_path, f"nats://127.0.0.1:{free_port()}").model_copy(
-            update={"vm_agent_bind": "192.0.2.1"})
+        # A bus nobody answers on: the vm_agent cannot call home.
+        settings = _settings(tmp_path, f"nats://127.0.0.1:{free_port()}")
         pool = VmAgentPool(settings, mix={}, ready_timeout_s=20)
         try:
             with pytest.raises(VmAgentError) as failure:
