@@ -42,6 +42,8 @@ from events.catalog import (
     parse_event,
     ServerCreated,
     ServerDeleted,
+    NotificationDelivered,
+    NotificationFailed,
     ServerRequested,
     VmAgentConnected,
 )
@@ -108,6 +110,8 @@ __all__ = [
     "type_subjects",
     "ServerCreated",
     "ServerDeleted",
+    "NotificationDelivered",
+    "NotificationFailed",
     "ServerRequested",
     "VmAgentConnected",
 ]

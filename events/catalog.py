@@ -584,6 +584,36 @@ class ServerDeleted(BaseEvent, emitter="provisioner"):
     attempt: int = Field(default=1, ge=1)
 
 
+class NotificationDelivered(BaseEvent, emitter="notifier"):
+    """Emitted by the notifier once webhook endpoint `endpoint` (its configured name) answered 2xx
+    to the notification of event `event_id` (of type `event_type`, this task's) after `attempts`
+    attempts. `delivery_id` is the stable id the receiver saw (header X-Baton-Delivery): a
+    notifier killed between the POST and this record posts again with the same id.
+
+    Promises: at most one per (`event_id`, `endpoint`); never a secret or an endpoint's URL."""
+
+    endpoint: str
+    event_id: str
+    event_type: str
+    delivery_id: str
+    attempts: int = Field(ge=1)
+
+
+class NotificationFailed(BaseEvent, emitter="notifier"):
+    """Emitted by the notifier when it gave up on notifying `endpoint` of event `event_id` after
+    `attempts` attempts (BATON_NOTIFY_MAX_ATTEMPTS, with exponential backoff); `reason` is the
+    last attempt's (an HTTP status or a connection error, never a URL or a secret).
+
+    Promises: at most one per (`event_id`, `endpoint`), and then no NotificationDelivered."""
+
+    endpoint: str
+    event_id: str
+    event_type: str
+    delivery_id: str
+    attempts: int = Field(ge=1)
+    reason: str
+
+
 EVENT_TYPES: dict[str, type[BaseEvent]] = {
     cls.type: cls
     for cls in (
@@ -620,6 +650,8 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
         ServerCreated,
         VmAgentConnected,
         ServerDeleted,
+        NotificationDelivered,
+        NotificationFailed,
     )
 }
 

@@ -81,6 +81,7 @@ SERVICE_MODULES = {
     "provisioner": "services.provisioner.main",
     "projector": "services.projector.main",
     "monitor": "services.monitor.main",
+    "notifier": "services.notifier.main",
 }
 
 DEMO_PROMPT = 'echo "Hello from Baton" > hello.txt\necho "wrote hello.txt in $(pwd)"'
@@ -409,6 +410,32 @@ def tasks(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
         state += " (waiting for you: baton permissions)" if task.get("waiting_for") == "person" else ""
         table.add_row(task["task_id"], f"[{colour}]{state}[/]", task["agent"] or "",
                       task["repo"] or "", task["branch"] or task["reason"] or "", gaps)
+    console.print(table)
+
+
+@app.command()
+def notifications(
+    task_id: Annotated[Optional[str], typer.Option("--task", help="only this task's")] = None,
+    api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
+) -> None:
+    """Webhook notifications delivered or given up, newest first (endpoint, event, attempts, reason)."""
+    found = find_api_token(token)
+    try:
+        response = httpx.get(f"{api.rstrip('/')}/api/notifications", headers=found.headers, timeout=30,
+                             params={"task_id": task_id} if task_id else None)
+    except httpx.HTTPError as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    if response.status_code != 200:
+        detail = found.refused() if response.status_code == 401 else f"{response.status_code}: {response.text}"
+        console.print(f"[bold red]error:[/] {detail}")
+        raise typer.Exit(2)
+    table = Table("at", "task", "event", "endpoint", "outcome", "attempts", "delivery id / reason")
+    for item in response.json()["notifications"]:
+        outcome = "[green]delivered[/]" if item["outcome"] == "delivered" else "[bold red]failed[/]"
+        table.add_row(item["at"], item["task_id"], item["event_type"], item["endpoint"], outcome,
+                      str(item["attempts"]), item["reason"] or item["delivery_id"])
     console.print(table)
 
 

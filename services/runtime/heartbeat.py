@@ -13,7 +13,7 @@ from typing import Any
 from nats.aio.client import Client
 
 HEARTBEAT_SUBJECT = "baton.heartbeat"
-REQUIRED_SERVICES = ("gateway", "task-runner", "provisioner", "projector", "monitor")
+REQUIRED_SERVICES = ("gateway", "task-runner", "provisioner", "projector", "monitor", "notifier")
 
 
 async def send_heartbeats(

@@ -123,6 +123,17 @@ class Settings(BaseSettings):
     overdue_backoff_s: Annotated[tuple[float, ...], NoDecode] = (1.0, 2.0, 4.0)
     """After StepOverdue the task runner retries (or waits) at these intervals, then fails the task."""
 
+    # --- Notifications (issue 15): webhooks the notifier signs and posts (services/notifier). ---
+    notify_webhooks: str | None = Field(default=None, repr=False)
+    """The webhook endpoints as JSON (BATON_NOTIFY_WEBHOOKS): `[{"name", "url", "events", "format":
+    "json"|"slack", "secret"}]`; unset: `<data dir>/notifications.json` if it exists. Holds secrets."""
+    public_url: str | None = None
+    """Baton's web UI as people reach it (BATON_PUBLIC_URL): notifications link to the task's page."""
+    notify_max_attempts: int = Field(default=8, ge=1)
+    """Attempts at one notification before it is given up (NotificationFailed)."""
+    notify_backoff_s: float = Field(default=2.0, gt=0)
+    """The wait after a notification's first failed attempt; doubled after each (capped at 10 min)."""
+
     @field_validator("warm_agents", mode="before")
     @classmethod
     def _parse_warm_agents(cls, value: object) -> object:
