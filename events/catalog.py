@@ -44,12 +44,20 @@ class TaskSubmitted(BaseEvent, emitter="gateway"):
     provider: str = "local"
     """Where the task's workspace runs (`local`, `hetzner`): chosen at submit, else BATON_PROVIDER;
     the gateway accepted it only if it is configured there. Not written when `local`, as before."""
+    pull_request: bool = True
+    """Open a pull request once the branch is pushed (where the repo's host has a GitHub token);
+    false: `--no-pr`. Not written when true."""
+    draft: bool = False
+    """The pull request is opened as a draft. Not written when false."""
 
     @model_serializer(mode="wrap")
     def _local_provider_as_before(self, handler: Any) -> Any:
         data = handler(self)
         if isinstance(data, dict) and self.provider == "local":
             data.pop("provider", None)
+        if isinstance(data, dict) and self.pull_request and not self.draft:
+            data.pop("pull_request", None)
+            data.pop("draft", None)
         return data
 
 
@@ -479,6 +487,39 @@ class TaskCancelled(BaseEvent, emitter="task-runner"):
     commit: str | None = None
 
 
+class PullRequestOpened(BaseEvent, emitter="pull-requests"):
+    """Emitted by the pull-requests service once the task's branch has an open pull request on
+    GitHub (one it opened, or the open one it found for the branch after a retried step).
+
+    Promises: pull request `number` at `url` has head `head` (`baton/<task_id>`) and base `base`;
+    at most one per task (a follow-up's turn updates it: PullRequestUpdated)."""
+
+    url: str
+    number: int = Field(ge=1)
+    head: str
+    base: str
+    draft: bool = False
+    turn: int = Field(default=1, ge=1)
+
+
+class PullRequestUpdated(BaseEvent, emitter="pull-requests"):
+    """Emitted by the pull-requests service when turn `turn` (a follow-up's) pushed to the branch
+    of the task's pull request `number`: its description now tells that turn's work."""
+
+    url: str
+    number: int = Field(ge=1)
+    turn: int = Field(ge=2)
+
+
+class PullRequestFailed(BaseEvent, emitter="pull-requests"):
+    """Emitted by the pull-requests service when the task's pull request could not be opened or
+    updated after turn `turn`; `reason` is the GitHub API's answer (status and message, never a
+    token). The task stays completed with its branch pushed."""
+
+    reason: str
+    turn: int = Field(default=1, ge=1)
+
+
 class StepOverdue(BaseEvent, emitter="monitor"):
     """Emitted by the flow monitor when a handoff did not happen within its deadline.
 
@@ -643,6 +684,9 @@ EVENT_TYPES: dict[str, type[BaseEvent]] = {
         TurnRequested,
         WorkspaceReleased,
         TaskCancelled,
+        PullRequestOpened,
+        PullRequestUpdated,
+        PullRequestFailed,
         StepOverdue,
         StepRecovered,
         AgentStalled,

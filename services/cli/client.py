@@ -73,10 +73,11 @@ class BatonClient:
         return response.json()
 
     def submit(self, *, repo: str, prompt: str, agent: str, base_branch: str | None,
-               permission_policy: str = "auto", provider: str | None = None) -> dict:
+               permission_policy: str = "auto", provider: str | None = None,
+               pull_request: bool = True, draft: bool = False) -> dict:
         """Submit a task; `provider` None: the install's default (BATON_PROVIDER)."""
         body = {"repo": repo, "prompt": prompt, "agent": agent, "base_branch": base_branch,
-                "permission_policy": permission_policy}
+                "permission_policy": permission_policy, "pull_request": pull_request, "draft": draft}
         if provider is not None:
             body["provider"] = provider
         return self._json(self._http.post("/api/tasks", json=body))

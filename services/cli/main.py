@@ -82,6 +82,7 @@ SERVICE_MODULES = {
     "projector": "services.projector.main",
     "monitor": "services.monitor.main",
     "notifier": "services.notifier.main",
+    "pull-requests": "services.pull_requests.main",
 }
 
 DEMO_PROMPT = 'echo "Hello from Baton" > hello.txt\necho "wrote hello.txt in $(pwd)"'
@@ -353,6 +354,9 @@ def submit(
                               "each (baton permissions)")] = "auto",
     provider: Annotated[Optional[str], typer.Option(
         help="where its workspace runs: local or hetzner (default: the install's BATON_PROVIDER)")] = None,
+    pr: Annotated[bool, typer.Option(
+        "--pr/--no-pr", help="open a GitHub pull request once pushed (where a token is configured)")] = True,
+    draft: Annotated[bool, typer.Option(help="open the pull request as a draft")] = False,
     follow: Annotated[bool, typer.Option(help="follow the task live until it ends")] = True,
     api: ApiOption = DEFAULT_API,
     token: TokenOption = None,
@@ -361,7 +365,8 @@ def submit(
     client = BatonClient(api, find_api_token(token))
     try:
         task = client.submit(repo=repo, prompt=prompt, agent=agent, base_branch=base_branch,
-                             permission_policy=permission_policy, provider=provider)
+                             permission_policy=permission_policy, provider=provider,
+                             pull_request=pr, draft=draft)
         if not follow:
             console.print(task["task_id"])
             return

@@ -35,7 +35,7 @@ from typing import IO
 from services.runtime.nats_auth import InstallAuth, bus_is_open, install_auth_dir
 from services.runtime.settings import Settings, write_private
 
-SERVICE_NAMES = ("gateway", "task-runner", "provisioner", "projector", "monitor", "notifier")
+SERVICE_NAMES = ("gateway", "task-runner", "provisioner", "projector", "monitor", "notifier", "pull-requests")
 
 SUPERVISOR_PID_ENV = "BATON_SUPERVISOR_PID"
 """Set in the environment of every process `baton up` starts (and so of theirs): whose it is."""

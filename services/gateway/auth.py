@@ -42,6 +42,8 @@ _HEALTH_PATH = "/api/health"
 # token); the route checks that credential itself. The VMs reach the gateway by a name that must be
 # in BATON_ALLOWED_HOSTS (the Host check still applies).
 _VM_AGENT_DIST_PREFIX = "/api/vm-agent/dist/"
+# GitHub cannot send the API token: the hook verifies its delivery's signature itself.
+_GITHUB_HOOK_PATH = "/api/hooks/github"
 # A Host header: a name or an IPv4 address, or a bracketed IPv6 address; then an optional port.
 _HOST_HEADER = re.compile(r"^(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::[0-9]{1,5})?$")
 
@@ -89,7 +91,8 @@ class ApiAuth:
         if login is not None:
             await self._login(scope, receive, send, login)
         elif scope[AUTHENTICATED] or scope["path"] == _HEALTH_PATH or _PUBLIC_PATH.match(scope["path"]) \
-                or (scope["type"] == "http" and scope["path"].startswith(_VM_AGENT_DIST_PREFIX)):
+                or (scope["type"] == "http" and scope["path"].startswith(_VM_AGENT_DIST_PREFIX)) \
+                or (scope["type"] == "http" and scope["path"] == _GITHUB_HOOK_PATH):
             await self.app(scope, receive, send)
         else:
             await refuse(scope, receive, send, 401, HOW_TO_AUTHENTICATE, {"WWW-Authenticate": "Bearer"})

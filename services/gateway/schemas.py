@@ -25,6 +25,9 @@ class TaskCreate(BaseModel):
         default="auto", description="auto: the agent's permission requests are allowed once; ask: a person answers each")
     provider: str | None = Field(
         default=None, max_length=40, description="where the workspace runs: local or hetzner (default: BATON_PROVIDER)")
+    pull_request: bool = Field(
+        default=True, description="open a GitHub pull request once pushed (where a token is configured for the repo's host)")
+    draft: bool = Field(default=False, description="open the pull request as a draft")
 
     @field_validator("repo", "prompt", "agent", "base_branch")
     @classmethod

@@ -14,7 +14,7 @@ from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore, envelope_of, sqlite_env, store_env
 from services.runtime.streams import stream_events
 
-PRODUCERS = ("gateway", "task-runner", "provisioner", "monitor", "notifier")
+PRODUCERS = ("gateway", "task-runner", "provisioner", "monitor", "notifier", "pull-requests")
 AUDIT_CONSUMER = "projector-all"
 
 

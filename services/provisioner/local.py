@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from services.provisioner.providers import ProvisionError
+from services.pull_requests.github import token_credential
 from services.provisioner.vm_agents import VmAgentError, VmAgentPool, VmAgentProcess, process_alive
 from services.runtime.credentials import CredentialVault
 from services.runtime.git_safety import (
@@ -124,7 +125,10 @@ class LocalProvider:
             checked = parse_repo_url(repo, allowed=self._settings.repo_schemes)
         except RepoUrlError as error:
             raise ProvisionError(f"cannot clone this repo: {error}") from None
-        return replace(checked, credential=checked.credential or self.credentials.open(task_id))
+        # A repo on the configured GitHub host is pushed with its token (as `x-access-token`).
+        credential = (checked.credential or self.credentials.open(task_id)
+                      or token_credential(self._settings, checked.url))
+        return replace(checked, credential=credential)
 
     async def _provision(self, task_id: str, repo: RepoUrl, base_branch: str | None, *, agent: str,
                          attempt: int) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 from nats.aio.client import Client
 
 HEARTBEAT_SUBJECT = "baton.heartbeat"
-REQUIRED_SERVICES = ("gateway", "task-runner", "provisioner", "projector", "monitor", "notifier")
+REQUIRED_SERVICES = ("gateway", "task-runner", "provisioner", "projector", "monitor", "notifier", "pull-requests")
 
 
 async def send_heartbeats(

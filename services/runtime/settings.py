@@ -94,6 +94,18 @@ class Settings(BaseSettings):
     vm_gateway_url: str | None = None
     """The gateway as cloud VMs reach it (BATON_VM_GATEWAY_URL, https): they fetch the vm_agent there."""
 
+    # --- Pull requests (issue 15): a finished task opens a GitHub PR (README "Pull requests"). ---
+    github_token: str | None = Field(default=None, repr=False)
+    """A GitHub token for the API's host (BATON_GITHUB_TOKEN): pushes (as `x-access-token`, through
+    git's credential helper) and opens PRs; never in a URL, an event or a log."""
+    github_api_url: str = "https://api.github.com"
+    """The GitHub REST API (BATON_GITHUB_API_URL); Enterprise: `https://HOST/api/v3`. Its host is
+    the one the token is for; `http://` only for a host configured so (a local test server)."""
+    github_webhook_secret: str | None = Field(default=None, repr=False)
+    """Verifies `POST /api/hooks/github` (X-Hub-Signature-256); unset: the hook is off."""
+    public_url: str | None = None
+    """Where people open this Baton (BATON_PUBLIC_URL), for links in PRs; unset: http://host:port."""
+
     @field_validator("hcloud_locations", mode="before")
     @classmethod
     def _parse_locations(cls, value: object) -> object:

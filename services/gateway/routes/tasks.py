@@ -44,6 +44,7 @@ def submit_task(body: TaskCreate, gateway: GatewayDep) -> TaskPublic:
     submitted = TaskSubmitted(
         repo=repo.url, prompt=body.prompt, agent=body.agent, base_branch=body.base_branch,
         permission_policy=body.permission_policy, provider=provider,
+        pull_request=body.pull_request, draft=body.draft,
     )
     _refuse_what_the_bus_cannot_carry(gateway, submission.task_id, submitted)
     submission.submit(submitted, actor="user")

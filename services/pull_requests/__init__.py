@@ -1,0 +1,1 @@
+"""The pull-requests service: a finished task's branch becomes a GitHub pull request."""
