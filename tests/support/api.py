@@ -39,10 +39,13 @@ class Api:
         return response.json()
 
     def wait_for_end(self, task_id: str, *, timeout_s: float = 90) -> list[dict]:
-        """The task's events once TaskCompleted or TaskFailed is on the stream."""
+        """The task's events up to its end (TaskCompleted, TaskFailed or TaskCancelled) once it is on
+        the stream; what follows the end (its workspace's release, a late gap) is left out, so
+        `events[-1]` is the end."""
         def ended() -> list[dict] | None:
             events = self.events(task_id)
-            return events if any(e["type"] in TERMINAL_TYPES for e in events) else None
+            ends = [i for i, e in enumerate(events) if e["type"] in TERMINAL_TYPES]
+            return events[: ends[-1] + 1] if ends else None
 
         return wait_for(ended, timeout_s=timeout_s, what=f"task {task_id} to end")
 
