@@ -39,9 +39,6 @@ class Settings(BaseSettings):
     """The warm pool by agent kind, `"shell=3,claude=1"` (replaces BATON_WARM_POOL's shell agents):
     a task for a kind kept warm starts with its agent already up. Kinds not ready here (adapter not
     installed, no credentials) are skipped."""
-    vm_agent_bind: str = "127.0.0.1"
-    vm_agent_advertise: str | None = None
-    """The host name other services use to reach a local vm_agent (default: its bind address)."""
     database_url: str | None = Field(default=None, repr=False)
     """`postgresql://user:password@host:port/dbname`: every service store and read model in
     PostgreSQL (each in its own tables). Unset: SQLite files under the data dir."""
