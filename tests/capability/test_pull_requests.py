@@ -16,7 +16,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from playwright.sync_api import Page, expect
 
+from tests.capability.test_web_ui import browser, log_in, page  # noqa: F401 - the browser fixtures
 from tests.support.api import Api
 from tests.support.fake_github import FakeGitHub, fake_github
 from tests.support.flow import assert_flow_completes
@@ -159,7 +161,11 @@ def test_a_pull_requests_service_killed_at_its_step_never_opens_two(
 
 
 def test_the_github_token_is_in_no_event_log_store_or_audit_export(stack: BatonStack, api: Api, github: FakeGitHub):
-    assert any(p for p in github.pulls), "the earlier tests opened pull requests"
+    # An agent that prints its whole environment (and its vm_agent's) does not see the token.
+    nosy = api.submit(repo=github.repo_url("acme", "widgets"), agent="shell",
+                      prompt="env; cat /proc/$PPID/environ 2>/dev/null | tr '\\0' '\\n'; echo > n.txt")["task_id"]
+    assert "PATH=" in json.dumps(assert_flow_completes(api, nosy, timeout_s=90)), "the agent printed its environment"
+    wait_for(lambda: pr_events(api, nosy, "PullRequestOpened"), timeout_s=30, what="PullRequestOpened")
     for path in stack.data_dir.rglob("*"):
         if path.is_file() and not path.name.endswith(".creds"):
             assert TOKEN.encode() not in path.read_bytes(), f"the token is in {path}"
@@ -167,3 +173,19 @@ def test_the_github_token_is_in_no_event_log_store_or_audit_export(stack: BatonS
         assert TOKEN not in json.dumps(api.events(task["task_id"]))
     exported = api.http.get("/api/audit/export")
     assert exported.status_code == 200 and TOKEN not in exported.text
+
+
+def test_the_task_page_links_the_pull_request_and_says_a_turn_came_from_github(
+        stack: BatonStack, api: Api, github: FakeGitHub, page: Page):
+    task = api.submit(repo=github.repo_url("acme", "widgets"), agent="shell", prompt="echo p > p.txt")["task_id"]
+    opened = wait_for(lambda: pr_events(api, task, "PullRequestOpened"), timeout_s=90, what="PullRequestOpened")
+    sent = deliver(stack, "pull_request_review_comment", review_comment(task, "echo q > q.txt"),
+                   delivery=f"d-{secrets.token_hex(4)}")
+    assert sent.status_code == 202, sent.text
+    log_in(page, stack, f"/tasks/{task}")
+    # The pull request is a link on the flow's timeline; the follow-up's turn names the reviewer.
+    link = page.locator('#timeline [data-event="PullRequestOpened"] a.pr-link')
+    expect(link).to_have_attribute("href", opened[0]["data"]["url"], timeout=30_000)
+    expect(page.locator('#output .turn-prompt[data-turn="2"] .turn-label')).to_have_text(
+        "Turn 2 · github:octocat:", timeout=90_000)
+    expect(page.locator('#timeline [data-event="PullRequestUpdated"]')).to_be_visible(timeout=90_000)

@@ -15,6 +15,7 @@ const LABEL = {
   StepOverdue: "Step overdue", StepRecovered: "Step recovered", AgentStalled: "Agent stalled",
   PermissionAnswerGiven: "You answered", FollowUpSubmitted: "You followed up",
   TurnRequested: "Turn started", WorkspaceReleased: "Workspace released", AttemptStarted: "New attempt",
+  PullRequestOpened: "Pull request opened", PullRequestUpdated: "Pull request updated", PullRequestFailed: "Pull request failed",
 };
 const STATES = ["queued", "provisioning", "running", "completed", "failed", "cancelled"];
 // As projections/task_board.py: a task only moves forward in rank.
@@ -26,7 +27,7 @@ const STATE_OF = {
 };
 const RANK = { queued: 0, provisioning: 1, running: 2, completed: 3, failed: 3, cancelled: 3 };
 const GAPS = new Set(["StepOverdue", "AgentStalled"]); // named gaps: shown red, as markers
-const RED = new Set(["TaskFailed", "WorkspaceFailed", "SessionFailed", ...GAPS]);
+const RED = new Set(["TaskFailed", "WorkspaceFailed", "SessionFailed", "PullRequestFailed", ...GAPS]);
 const TERMINAL = new Set(["TaskCompleted", "TaskFailed", "TaskCancelled"]);
 
 // ---- small helpers -------------------------------------------------------------------------
@@ -46,6 +47,8 @@ function h(tag, attrs = {}, ...kids) {
 const $ = (selector, root = document) => root.querySelector(selector);
 const short = (sha) => (sha || "").slice(0, 10);
 const firstLine = (text) => (text || "").trim().split("\n")[0];
+// Who sent a follow-up: you, or GitHub feedback on the task's pull request (actor "github:<login>").
+const byWhom = (event) => (event && event.actor && event.actor !== "user" ? event.actor : "you");
 
 function ago(iso) {
   const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
@@ -408,7 +411,7 @@ async function taskPage(app, id) {
   let attempt = 1;
   let turn = 1;  // the turn shown: a follow-up's handoffs are rows of their own, marked with it
   const outputRowOf = new Set();  // the later turns whose output has its row
-  const followUps = [];  // the follow-ups' prompts in the order sent, shown when their turn starts
+  const followUps = [];  // the follow-ups (their events) in the order sent, shown when their turn starts
   const showHeader = () => {
     state.replaceChildren(badge(task.state));
     const fact = (label, value) => value && h("div", {}, h("dt", {}, label), h("dd", {}, value));
@@ -472,7 +475,8 @@ async function taskPage(app, id) {
     else if (event.type === "AttemptStarted") detail = `attempt ${data.attempt}: ${data.reason}`;
     else if (event.type === "ServerDeleted") detail = `server ${data.server_id} ran ${secs(data.seconds)}, cost ${
       data.cost_eur != null ? `€${data.cost_eur.toFixed(6)}` : "unknown"}: ${data.reason}`;
-    else if (event.type === "FollowUpSubmitted") detail = firstLine(data.prompt);
+    else if (event.type === "FollowUpSubmitted") detail = `${byWhom(event)}: ${firstLine(data.prompt)}`;
+    else if (event.type === "PullRequestUpdated") detail = `#${data.number} told turn ${data.turn}`;
     else if (event.type === "TurnRequested") detail = data.reprovision
       ? `turn ${data.turn}: the workspace was released, so a new one is made from the branch (attempt ${data.attempt})`
       : `turn ${data.turn}: on the agent's lingering session`;
@@ -484,6 +488,8 @@ async function taskPage(app, id) {
       "data-turn": turn > 1 ? turn : null, "data-gap": gap ? data.expected || "AgentOutput" : null },
       h("span", { class: "mark", "aria-hidden": "true" }), h("span", { class: "name" }, name),
       h("time", { class: "at" }, at(event)), h("div", { class: "detail", title: detail }, h("code", {}, event.type), h("span", { class: "info" }, detail)));
+    if (event.type.startsWith("PullRequest") && /^https?:\/\//.test(data.url || "")) row.querySelector(".info").append(
+      " ", h("a", { href: data.url, target: "_blank", rel: "noopener", class: "pr-link" }, `pull request #${data.number}`));
     if (event.type === "StepRecovered") timeline.querySelector(`[data-gap="${CSS.escape(data.expected || "")}"]:not(.closed)`)?.classList.add("closed");
     const placed = [...timeline.children].filter((r) => !(r.dataset.step && open(r))).pop();
     if (gap && open(rows[data.expected])) rows[data.expected].before(row);
@@ -503,14 +509,15 @@ async function taskPage(app, id) {
     const data = event.data || {};
     if (event.type === "TaskSubmitted" && event.occurred_at) t0 = Date.parse(event.occurred_at);
     if (event.type === "AttemptStarted") attempt = data.attempt;
-    if (event.type === "FollowUpSubmitted") followUps.push(data.prompt);
+    if (event.type === "FollowUpSubmitted") followUps.push(event);
     if (event.type === "TurnRequested" && data.reprovision) attempt = data.attempt;  // a new vm_agent: output counts from 1
     // A later turn starts with its TurnRequested, or its PromptDelivered when that is on the stream first.
     if ((event.type === "TurnRequested" || event.type === "PromptDelivered") && (data.turn || 1) > turn) {
       turn = data.turn;
       // Follow-ups run in the order they were sent, each once: turn n is the (n-1)th.
       output.append(h("div", { class: "turn-prompt", "data-turn": turn },
-        h("span", { class: "turn-label" }, `Turn ${turn} · you:`), " ", followUps[turn - 2] || ""));
+        h("span", { class: "turn-label" }, `Turn ${turn} · ${byWhom(followUps[turn - 2])}:`), " ",
+        followUps[turn - 2]?.data?.prompt || ""));
     }
     fold(task, event);
     if (CONVERSATION_TYPES.has(event.type)) {
