@@ -356,7 +356,34 @@ function answersFor(task) {
   };
 }
 
+// ---- browser notifications: the watched task ended or waits for a person ----------------------
+
+const NOTIFY = { TaskCompleted: "completed", TaskFailed: "failed", TaskCancelled: "was cancelled",
+  PermissionRequested: "waits for your permission" };
+
+/** A "Notify me" button, shown while the browser has not been asked: asking needs a user gesture. */
+function notifyButton() {
+  const button = h("button", { type: "button", class: "cancel", id: "notify", title: "A browser notification when this task ends or needs you" }, "Notify me");
+  button.hidden = !("Notification" in window) || Notification.permission !== "default";
+  button.addEventListener("click", async () => {
+    await Notification.requestPermission();
+    button.hidden = Notification.permission !== "default";
+  });
+  return button;
+}
+
+/** A browser notification of `event` if it is news (it happened after `since`) and one is wanted. */
+function notifyOf(event, id, since) {
+  const what = NOTIFY[event.type];
+  if (!what || !("Notification" in window) || Notification.permission !== "granted") return;
+  if (!(Date.parse(event.occurred_at) >= since)) return;  // the history replayed on opening the page
+  const d = event.data || {};
+  new Notification(`Baton task ${id} ${what}`, { body: d.reason || d.title || d.branch || "", tag: `${id}:${event.type}:${d.request_id || ""}` });
+}
+
 async function taskPage(app, id) {
+  const openedAt = Date.now();  // what happened before is history, not news (one machine's clock: NTP-close)
+  const notify = notifyButton();
   document.title = `Task ${id} · Baton`;
   const state = h("span", { id: "state" }, badge(""));
   const conn = h("span", { class: "conn" }, "connecting…");
@@ -384,7 +411,7 @@ async function taskPage(app, id) {
   }
   app.replaceChildren(
     h("section", { class: "task-head" },
-      h("div", { class: "title-row" }, h("h1", {}, h("a", { class: "back", href: "/", title: "Back to the board" }, "Board ›"), " Task ", h("code", {}, id)), state, cancel, conn),
+      h("div", { class: "title-row" }, h("h1", {}, h("a", { class: "back", href: "/", title: "Back to the board" }, "Board ›"), " Task ", h("code", {}, id)), state, cancel, notify, conn),
       facts, usage, prompt, followUp),
     result,
     h("div", { class: "task-body" },
@@ -507,6 +534,7 @@ async function taskPage(app, id) {
 
   const apply = (event) => {
     const data = event.data || {};
+    notifyOf(event, id, openedAt);
     if (event.type === "TaskSubmitted" && event.occurred_at) t0 = Date.parse(event.occurred_at);
     if (event.type === "AttemptStarted") attempt = data.attempt;
     if (event.type === "FollowUpSubmitted") followUps.push(event);
