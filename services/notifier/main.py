@@ -26,8 +26,8 @@ async def run(settings: Settings) -> None:
                  stream_limits=StreamLimits.from_settings(settings)) as bus,
     ):
         notifier = Notifier(store, endpoints, HttpPoster(client), StreamTaskFacts(bus.js),
-                            public_url=settings.public_url, max_attempts=settings.notify_max_attempts,
-                            backoff_first_s=settings.notify_backoff_s)
+                            public_url=settings.public_url or f"http://{settings.host}:{settings.port}",
+                            max_attempts=settings.notify_max_attempts, backoff_first_s=settings.notify_backoff_s)
         notifier.resume()
         await serve(bus, name=NAME, settings=settings, store=store, subscriptions=notifier.subscriptions(),
                     loops=(notifier.run_deliveries(),),

@@ -135,9 +135,8 @@ class Settings(BaseSettings):
     # --- Notifications (issue 15): webhooks the notifier signs and posts (services/notifier). ---
     notify_webhooks: str | None = Field(default=None, repr=False)
     """The webhook endpoints as JSON (BATON_NOTIFY_WEBHOOKS): `[{"name", "url", "events", "format":
-    "json"|"slack", "secret"}]`; unset: `<data dir>/notifications.json` if it exists. Holds secrets."""
-    public_url: str | None = None
-    """Baton's web UI as people reach it (BATON_PUBLIC_URL): notifications link to the task's page."""
+    "json"|"slack", "secret"}]`; unset: `<data dir>/notifications.json` if it exists. Holds secrets.
+    Notifications link to the task's page under BATON_PUBLIC_URL (`public_url`, above)."""
     notify_max_attempts: int = Field(default=8, ge=1)
     """Attempts at one notification before it is given up (NotificationFailed)."""
     notify_backoff_s: float = Field(default=2.0, gt=0)
