@@ -68,9 +68,9 @@ def deliver(stack: BatonStack, event: str, payload: dict, *, delivery: str, secr
         "Content-Type": "application/json"})
 
 
-def review_comment(task: str, body: str) -> dict:
+def review_comment(task: str, body: str, *, repo: str = "acme/widgets") -> dict:
     return {"action": "created", "comment": {"body": body, "path": "a.txt", "line": 1, "user": {"login": "octocat"}},
-            "pull_request": {"number": 1, "head": {"ref": f"baton/{task}"}}}
+            "pull_request": {"number": 1, "head": {"ref": f"baton/{task}"}}, "repository": {"full_name": repo}}
 
 
 def test_a_task_opens_one_pull_request_and_a_review_comment_becomes_its_next_turn(
@@ -98,6 +98,11 @@ def test_a_task_opens_one_pull_request_and_a_review_comment_becomes_its_next_tur
     forged = deliver(stack, "pull_request_review_comment", review_comment(task, "echo evil > c.txt"),
                      delivery="d-forged", secret="not-the-secret")
     assert forged.status_code == 401, forged.text
+
+    # The same branch name on another repo is not the task's.
+    elsewhere = deliver(stack, "pull_request_review_comment", review_comment(task, "echo x", repo="evil/fork"),
+                        delivery=f"d-{secrets.token_hex(4)}")
+    assert elsewhere.status_code == 202 and elsewhere.json()["state"].startswith("ignored"), elsewhere.text
 
     # A signed review comment becomes the task's next turn, by the reviewer; redelivered, once.
     comment = review_comment(task, "echo fixed > b.txt")
@@ -134,6 +139,22 @@ def test_a_pull_request_github_refuses_is_recorded_with_its_reason_and_the_task_
         "GitHub API 422: Validation Failed; No commits between main and the branch")
     assert api.task(task)["state"] == "completed"
     assert not pr_events(api, task, "PullRequestOpened")
+
+
+def test_no_pr_opens_none_and_draft_opens_a_draft(api: Api, github: FakeGitHub):
+    quiet = api.submit(repo=github.repo_url("acme", "widgets"), agent="shell", prompt="echo q > q.txt",
+                       pull_request=False)["task_id"]
+    assert_flow_completes(api, quiet, timeout_s=90)
+    draft = api.submit(repo=github.repo_url("acme", "widgets"), agent="shell", prompt="echo d > d.txt",
+                       draft=True)["task_id"]
+    assert_flow_completes(api, draft, timeout_s=90)
+    opened = wait_for(lambda: pr_events(api, draft, "PullRequestOpened"), timeout_s=30, what="the draft's PR")
+    assert opened[0]["data"]["draft"] is True
+    assert [p["draft"] for p in github.pulls if p["head"]["ref"] == f"baton/{draft}"] == [True]
+    # TaskCompleted is handled in stream order: the later task's PR recorded, the task that asked
+    # for none was decided before it: none.
+    assert not [p for p in github.pulls if p["head"]["ref"] == f"baton/{quiet}"]
+    assert not [e for e in api.events(quiet) if e["type"].startswith("PullRequest")]
 
 
 def test_a_pull_requests_service_killed_at_its_step_never_opens_two(

@@ -62,16 +62,16 @@ async def github_hook(request: Request, gateway: GatewayDep) -> dict:
     feedback = feedback_of(event_name, payload, head_ref=await _head_ref_of_comment(gateway, event_name, payload))
     if feedback is None:
         return {"delivery": delivery_id, "state": f"ignored: {event_name or 'no event'} is no feedback on a Baton PR"}
-    return _record_follow_up(gateway, delivery_id, feedback)
+    return _record_follow_up(gateway, delivery_id, feedback, payload)
 
 
-def _record_follow_up(gateway: GatewayDep, delivery_id: str, feedback: Feedback) -> dict:
+def _record_follow_up(gateway: GatewayDep, delivery_id: str, feedback: Feedback, payload: dict) -> dict:
     try:
         submission = gateway.store.get_task_aggregate(Submission, feedback.task_id)
     except ValueError:
         submission = None
-    if submission is None:
-        return {"delivery": delivery_id, "state": f"ignored: no task {feedback.task_id} here"}
+    if submission is None or not _of_the_tasks_repo(gateway, submission, payload):
+        return {"delivery": delivery_id, "state": f"ignored: no task {feedback.task_id} on this repo here"}
     _refuse_when_it_cannot_take_one(gateway, feedback.task_id, cancelling=submission.cancel_requested)
     submission.follow_up(feedback.prompt, actor=feedback.actor)
     try:
@@ -79,6 +79,14 @@ def _record_follow_up(gateway: GatewayDep, delivery_id: str, feedback: Feedback)
     except IntegrityError:  # The same delivery (or another follow-up) was recorded meanwhile.
         raise HTTPException(409, "the task changed at the same time; redeliver the webhook") from None
     return {"delivery": delivery_id, "task_id": feedback.task_id, "state": "follow-up recorded"}
+
+
+def _of_the_tasks_repo(gateway: GatewayDep, submission: Submission, payload: dict) -> bool:
+    """The delivery is about the task's own repo (a branch named `baton/<id>` elsewhere is not it)."""
+    host = GitHubHost.of(gateway.settings)
+    repo = host.repo_of(submission.submitted.repo) if host and submission.submitted else None
+    full_name = ((payload.get("repository") or {}).get("full_name") or "").lower()
+    return repo is None or not full_name or full_name == f"{repo.owner}/{repo.name}".lower()
 
 
 async def _head_ref_of_comment(gateway: GatewayDep, event_name: str, payload: dict) -> str | None:
