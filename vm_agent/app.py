@@ -2,7 +2,7 @@
 
 The control plane never calls it: it talks to a vm_agent over the bus (vm_agent/commands.py).
 `/health` says how the vm_agent is; each acting route runs the same command as the bus does
-(`VmAgentCommands`, one implementation), behind the bearer token the vm_agent was started with.
+(`VmAgentCommands`, one implementation), behind the bearer token the vm_agent was started with (BATON_VM_AGENT_TOKEN).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from vm_agent.state import VmAgent
 def authorized(request: Request, authorization: Annotated[str, Header()] = "") -> VmAgent:
     vm_agent: VmAgent = request.app.state.vm_agent
     presented = authorization.removeprefix("Bearer ").strip()
-    if not vm_agent.token or not hmac.compare_digest(presented, vm_agent.token):
+    if not vm_agent.debug_token or not hmac.compare_digest(presented, vm_agent.debug_token):
         raise HTTPException(401, "missing or wrong bearer token")
-    if vm_agent.token_expired:
-        raise HTTPException(401, "this workspace's token has expired; the task needs a new workspace")
+    if vm_agent.credential_expired:
+        raise HTTPException(401, "this workspace's bus credential has expired; the task needs a new workspace")
     return vm_agent
 
 

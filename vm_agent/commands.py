@@ -75,8 +75,8 @@ class VmAgentCommands:
             except CloneError as error:
                 return CommandReply.refused(422, str(error))
         try:
-            await vm.assign(body.task_id, body.workspace.resolve(), body.state_dir, "",
-                            token_expires_at=body.credential_expires_at, nats_credentials=body.nats_credentials,
+            await vm.assign(body.task_id, body.workspace.resolve(), body.state_dir,
+                            credential_expires_at=body.credential_expires_at, nats_credentials=body.nats_credentials,
                             repo_credential=_repo_credential(body.repo_credential))
         except ConnectionError as error:  # Unreachable, or the credential refused: say which.
             return CommandReply.refused(503, f"this vm_agent cannot publish its task's events: {error}")

@@ -89,7 +89,7 @@ async def _exit_when_done(vm_agent: VmAgent, done: asyncio.Event, linger_s: floa
 
 async def _debug_http(vm_agent: VmAgent, commands: VmAgentCommands, port: int) -> None:
     """The HTTP API on 127.0.0.1 only, for a person debugging this machine."""
-    if not vm_agent.pool_token:
+    if not vm_agent.debug_token:
         raise SystemExit("vm_agent: --debug-http-port needs BATON_VM_AGENT_TOKEN")
     server = uvicorn.Server(uvicorn.Config(create_app(vm_agent, commands), host="127.0.0.1", port=port,
                                            log_level="warning"))
@@ -102,7 +102,7 @@ async def _stop_when_credential_expires(vm_agent: VmAgent, member_expires_at: fl
     again, so it hears no command and can publish nothing. It stops; the provisioner's watcher
     relays what it recorded and ends a session it left running (a lost workspace: a new attempt)."""
     while True:
-        expires_at = vm_agent.assigned.token_expires_at if vm_agent.assigned else member_expires_at
+        expires_at = vm_agent.assigned.credential_expires_at if vm_agent.assigned else member_expires_at
         if expires_at is not None and time.time() >= expires_at:
             log.warning("this vm_agent's bus credential expired at %s: stopping", int(expires_at))
             expired.set()

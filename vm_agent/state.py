@@ -60,8 +60,7 @@ BusConnector = Callable[[str, "str | None"], Awaitable[BatchPublisher]]
 class Assigned:
     task_id: str
     workspace: Path
-    token: str
-    token_expires_at: float
+    credential_expires_at: float
     store: ServiceStore
     relay: asyncio.Task[None]
     session: Session | None = None
@@ -73,7 +72,8 @@ class VmAgent:
     """A vm_agent talks to NATS only once assigned, with the credential of its task's workspace
     (it may publish that task's vm_agent events and nothing else)."""
 
-    pool_token: str
+    debug_token: str
+    """The bearer token of the debugging HTTP API (BATON_VM_AGENT_TOKEN; empty: no such API)."""
     connect: BusConnector
     faults: frozenset[str]
     launcher: AgentLauncher
@@ -90,15 +90,12 @@ class VmAgent:
     """The session's open permission requests, when its task's policy is `ask`."""
 
     @property
-    def token(self) -> str:
-        return self.assigned.token if self.assigned else self.pool_token
+    def credential_expired(self) -> bool:
+        """Its task's bus credential expired (it can no longer hear or publish anything)."""
+        return self.assigned is not None and time.time() >= self.assigned.credential_expires_at
 
-    @property
-    def token_expired(self) -> bool:
-        return self.assigned is not None and time.time() >= self.assigned.token_expires_at
-
-    async def assign(self, task_id: str, workspace: Path, state_dir: Path, token: str, *,
-                     token_expires_at: float, nats_credentials: str | None,
+    async def assign(self, task_id: str, workspace: Path, state_dir: Path, *,
+                     credential_expires_at: float, nats_credentials: str | None,
                      repo_credential: RepoCredential | None = None) -> None:
         self.publisher = await self.connect(task_id, nats_credentials)
         store = open_vm_agent_store(state_dir)
@@ -109,7 +106,7 @@ class VmAgent:
             store, self.publisher, dead_letter_subject=vm_agent_dead_letter_subject(task_id),
             on_dead_letter=self._end_session_for_lost_event).run())
         existing = store.get_task_aggregate(Session, task_id)
-        self.assigned = Assigned(task_id, workspace, token, token_expires_at, store, relay, existing)
+        self.assigned = Assigned(task_id, workspace, credential_expires_at, store, relay, existing)
         # The provisioner copies the clone's git dir there once the clone is done.
         self.assigned.push_access = PushAccess(vm_agent_git_dir(state_dir), repo_credential)
         log.info("assigned to task %s in %s", task_id, workspace)

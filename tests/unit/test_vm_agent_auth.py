@@ -1,4 +1,4 @@
-"""Every vm_agent route that acts needs the workspace's token (the task runner's), never nothing."""
+"""Every route of the vm_agent's debugging HTTP API that acts needs its bearer token (BATON_VM_AGENT_TOKEN), never nothing."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ async def _no_bus(task_id: str, credentials: str | None):  # never reached: refu
 
 @pytest.mark.parametrize("path,body", ACTING)
 @pytest.mark.parametrize("header", [None, "Bearer wrong", f"Bearer {TOKEN[:-1]}"])
-def test_an_acting_route_without_the_workspace_token_is_a_401(path: str, body: dict, header: str | None):
+def test_an_acting_route_without_the_debug_token_is_a_401(path: str, body: dict, header: str | None):
     client = TestClient(create_app(VmAgent(TOKEN, _no_bus, frozenset(), launcher=None)))
     headers = {"Authorization": header} if header else {}
     response = client.post(path, json=body, headers=headers)
