@@ -25,20 +25,20 @@ class HttpPoster:
 
 
 class StreamTaskFacts:
-    """A task's repo, read from its TaskSubmitted on the stream (one direct lookup, then cached)."""
+    """A task's TaskSubmitted fields, read from the stream (one direct lookup, then cached)."""
 
     def __init__(self, js: JetStreamContext) -> None:
         self.js = js
-        self.repos: dict[str, str | None] = {}
+        self.known: dict[str, dict] = {}
 
-    async def repo_of(self, task_id: str) -> str | None:
-        if task_id not in self.repos:
+    async def submitted(self, task_id: str) -> dict | None:
+        if task_id not in self.known:
             try:
                 message = await self.js.get_last_msg(STREAM, subject_for(task_id, "TaskSubmitted"))
-                self.repos[task_id] = json.loads(message.data or b"{}").get("data", {}).get("repo")
+                self.known[task_id] = json.loads(message.data or b"{}").get("data", {})
             except Exception as error:  # Gone from the stream (its limits): the body says null.
                 log.info("no TaskSubmitted for task %s on the stream: %s", task_id, type(error).__name__)
                 return None
-            if len(self.repos) > 10_000:
-                self.repos.clear()
-        return self.repos.get(task_id)
+            if len(self.known) > 10_000:
+                self.known.clear()
+        return self.known.get(task_id)

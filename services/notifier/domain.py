@@ -60,6 +60,12 @@ class Outbox(TaskAggregate):
         entry = self.pending[delivery_id]
         entry.attempts, entry.last_error, entry.due_at = entry.attempts + 1, error, retry_at
 
+    @event("Skipped")
+    def skip(self, delivery_id: str, why: str) -> None:
+        """Not news for anyone (`why`): settled without a POST or an event on the bus."""
+        self.pending.pop(delivery_id, None)
+        self.settled.add(delivery_id)
+
     def delivered(self, delivery_id: str) -> None:
         """The endpoint took the notification (2xx) at this attempt: NotificationDelivered."""
         entry = self.pending[delivery_id]

@@ -35,8 +35,9 @@ class Poster(Protocol):
 
 
 class TaskFacts(Protocol):
-    async def repo_of(self, task_id: str) -> str | None:
-        """The task's repo URL as submitted (credentials removed), or None if no longer known."""
+    async def submitted(self, task_id: str) -> dict | None:
+        """The task's TaskSubmitted fields (its repo without credentials, its permission policy),
+        or None if no longer known."""
 
 
 class Notifier:
@@ -110,7 +111,13 @@ class Notifier:
     async def attempt(self, outbox: Outbox, entry: Pending) -> None:
         """POST one notification, then record how it went (delivered, to retry, or given up)."""
         try:
-            error = await self._post(entry)
+            submitted = await self.facts.submitted(entry.about["task_id"])
+            if entry.event_type == "PermissionRequested" and (submitted or {}).get("permission_policy") != "ask":
+                # Under the `auto` policy the request is answered at once: nobody is waited for.
+                outbox.skip(entry.delivery_id, "the task's policy answers its permission requests")
+                self.store.save(outbox)
+                return
+            error = await self._post(entry, submitted or {})
             if error is None:
                 outbox.delivered(entry.delivery_id)
             elif entry.attempts + 1 >= self.max_attempts:
@@ -124,13 +131,13 @@ class Notifier:
         finally:
             self.in_flight.pop(entry.delivery_id, None)
 
-    async def _post(self, entry: Pending) -> str | None:
+    async def _post(self, entry: Pending, submitted: dict) -> str | None:
         """None if the endpoint took it (2xx), else why not (an HTTP status or an error's kind)."""
         endpoint = self.endpoints.get(entry.endpoint)
         if endpoint is None:
             return "endpoint no longer configured"
         envelope = Envelope.model_validate(entry.about)
-        body = notification(envelope, repo=await self.facts.repo_of(envelope.task_id), public_url=self.public_url)
+        body = notification(envelope, repo=submitted.get("repo"), public_url=self.public_url)
         payload = encode(body, form=endpoint.format)
         headers = {"Content-Type": "application/json", DELIVERY_HEADER: entry.delivery_id,
                    EVENT_HEADER: envelope.type, SIGNATURE_HEADER: signature(endpoint.secret.get_secret_value(), payload)}

@@ -35,9 +35,12 @@ class FakeReceiver:
         return self.statuses.pop(0) if self.statuses else 200
 
 
-class KnownRepo:
-    async def repo_of(self, task_id: str) -> str | None:
-        return "https://example.com/acme/widgets.git"
+class KnownTask:
+    def __init__(self, policy: str = "auto") -> None:
+        self.policy = policy
+
+    async def submitted(self, task_id: str) -> dict | None:
+        return {"repo": "https://example.com/acme/widgets.git", "permission_policy": self.policy}
 
 
 class Clock:
@@ -48,13 +51,13 @@ class Clock:
         return self.now
 
 
-def endpoints(form: str = "json", events: tuple[str, ...] = ("TaskCompleted", "TaskFailed")):
+def endpoints(form: str = "json", events: tuple[str, ...] = ("TaskCompleted", "TaskFailed", "PermissionRequested")):
     return parse_endpoints(json.dumps([{"name": "team", "url": HOOK_URL, "events": list(events),
                                         "format": form, "secret": "shh-signing-key"}]), source="test")
 
 
-def notifier(receiver: FakeReceiver, *, store=None, clock=None, form="json", max_attempts=5) -> Notifier:
-    return Notifier(store or popo_store(), endpoints(form), receiver, KnownRepo(), public_url="https://baton.example.com",
+def notifier(receiver: FakeReceiver, *, store=None, clock=None, form="json", max_attempts=5, policy="auto") -> Notifier:
+    return Notifier(store or popo_store(), endpoints(form), receiver, KnownTask(policy), public_url="https://baton.example.com",
                     max_attempts=max_attempts, backoff_first_s=2.0, clock=clock or Clock())
 
 
@@ -79,7 +82,7 @@ async def test_a_wanted_event_is_posted_once_signed_with_its_delivery_id_and_rec
     receiver = FakeReceiver()
     n = notifier(receiver)
     completed = await record(n, "TaskCompleted", branch=f"baton/{TASK}", commit="abc")
-    await record(n, "PermissionRequested", request_id="r1", tool_call_id="c", title="t", options=[])  # Not wanted.
+    await record(n, "TaskCancelled", by="user")  # Not wanted.
 
     await work(n)
     await work(n)  # Nothing is due any more.
@@ -172,3 +175,33 @@ def test_a_bad_configuration_is_named_without_its_secrets():
         parse_endpoints(json.dumps([{"name": "a", "url": "https://h/"}, {"name": "a", "url": "https://h/"}]),
                         source="test")
     assert "s3cr3t" not in repr(endpoints())
+
+
+async def test_a_permission_request_is_news_only_when_a_person_answers_it():
+    asked = FakeReceiver()
+    n = notifier(asked, policy="ask")
+    await record(n, "PermissionRequested", request_id="r1", tool_call_id="c", title="Run rm -rf build?", options=[])
+    await work(n)
+    body = json.loads(asked.posts[0][1])
+    assert body["state"] == "waiting_for_permission" and body["reason"] == "Run rm -rf build?"
+
+    # Under the `auto` policy it was answered at once: nobody is told, and nothing is left to do.
+    answered = FakeReceiver()
+    n = notifier(answered, policy="auto")
+    await record(n, "PermissionRequested", request_id="r2", tool_call_id="c", title="t", options=[])
+    await work(n)
+    await work(n)
+    assert answered.posts == [] and outcomes(n) == [] and n.pending_count() == 0
+
+
+async def test_an_opened_pull_request_is_told_with_its_url():
+    receiver = FakeReceiver()
+    n = Notifier(popo_store(), endpoints(events=("PullRequestOpened",)), receiver, KnownTask(),
+                 public_url=None, max_attempts=3, backoff_first_s=1.0, clock=Clock())
+    await record(n, "PullRequestOpened", url="https://github.com/acme/widgets/pull/7", number=7,
+                 head=f"baton/{TASK}", base="main")
+    await work(n)
+
+    body = json.loads(receiver.posts[0][1])
+    assert body["state"] == "pull_request_opened" and body["link"] is None
+    assert body["pull_request_url"] == "https://github.com/acme/widgets/pull/7"
