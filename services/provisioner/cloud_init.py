@@ -9,10 +9,12 @@ to the bus and to the git origin; nothing on it listens on the internet.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
 import io
+import os
 import shlex
 import tarfile
 import time
@@ -50,6 +52,30 @@ def vm_agent_artifact() -> Artifact:
     # The gzip header carries the build time: the version hashes the files, not the bytes.
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in _artifact_files())).hexdigest()[:12]
     return Artifact(version=f"{_baton_version()}+{digest}", data=data)
+
+
+def pinned_artifact(data_dir: Path) -> Artifact:
+    """The vm_agent artifact of this `baton up` run, the same in every service: the first service to
+    need it builds it and keeps it in the data dir, keyed by the supervisor's pid, so a provisioner
+    restarted after the code changed on disk still announces the version the gateway serves. Outside
+    `baton up` (no BATON_SUPERVISOR_PID) each process builds its own."""
+    run = os.environ.get("BATON_SUPERVISOR_PID")
+    if not run:
+        return vm_agent_artifact()
+    pinned = data_dir / "run" / f"vm_agent-{run}.artifact"
+    if not pinned.exists():
+        artifact = vm_agent_artifact()
+        pinned.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        staged = pinned.with_name(f"{pinned.name}.{os.getpid()}")
+        staged.write_bytes(artifact.version.encode() + b"\n" + artifact.data)
+        with contextlib.suppress(FileExistsError):  # Another service pinned it first: theirs counts.
+            os.link(staged, pinned)
+        staged.unlink()
+        for earlier in pinned.parent.glob("vm_agent-*.artifact"):  # Earlier runs' pins.
+            if earlier != pinned:
+                earlier.unlink(missing_ok=True)
+    version, _, data = pinned.read_bytes().partition(b"\n")
+    return Artifact(version=version.decode(), data=data)
 
 
 def _artifact_files() -> list[Path]:

@@ -3,7 +3,8 @@
 Provisioning is slow (a clone, a process start, a cloud server's boot), so the handler only
 records the request with its consumer position and returns; the work runs in the background on the
 task's provider (`local`, `hetzner`, …) and is resumed from the store after a restart. A cloud
-workspace is given back (its server deleted, ServerDeleted with its cost) when its task ends.
+workspace is given back (its server deleted, ServerDeleted with its cost) when its task fails or is
+cancelled, or once its vm_agent left (remote_watcher.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from eventsourcing.persistence import Tracking
 
 from events import (
-    BaseEvent, Envelope, SessionFailed, TaskCancelled, TaskCompleted, TaskFailed, WorkspaceRequested, parse_event,
+    BaseEvent, Envelope, SessionFailed, TaskCancelled, TaskFailed, WorkspaceRequested, parse_event,
 )
 from services.provisioner.domain import Workspace, all_workspaces
 from services.provisioner.local import LocalProvider
@@ -159,18 +160,16 @@ class ProvisionerHandlers:
         if workspace is not None:
             self.release_in_background(workspace, reason=f"the task ended ({envelope.type})")
 
-    async def on_task_completed(self, envelope: Envelope, tracking: Tracking) -> None:
-        """A cloud workspace is given back once its turn completed (its server bills by the hour);
-        WorkspaceReleased says so, and a follow-up re-provisions. A local one lingers for follow-ups
-        (its vm_agent exits by itself; the watcher releases it)."""
-        workspace = self._workspace(envelope.task_id)
-        remote = workspace is not None and workspace.provider != "local"
-        if remote and workspace.vm_agent_url and not workspace.released:
-            workspace.release("its turn completed")
-            workspace.announce_release("a cloud workspace is deleted once its turn completed")
-        self.store.save_processed(tracking, workspace if remote else None)
-        if remote:
-            self.release_in_background(workspace, reason="its turn completed")
+    def release_remote_workspace(self, task_id: str, attempt: int, reason: str) -> None:
+        """A cloud workspace's vm_agent left after its session ended (no follow-up came while it
+        lingered): WorkspaceReleased (a follow-up re-provisions) and its server is deleted."""
+        workspace = self._workspace(task_id)
+        if workspace is None or workspace.attempt != attempt or workspace.released:
+            return
+        workspace.release(reason)
+        workspace.announce_release(reason)
+        self.store.save(workspace)
+        self.release_in_background(workspace, reason=reason)
 
     def lose_remote_workspace(self, task_id: str, attempt: int, reason: str) -> None:
         """A cloud workspace's vm_agent is gone mid-run: its session ends as a lost workspace
@@ -208,7 +207,6 @@ class ProvisionerHandlers:
     def handlers(self) -> dict[str, Handler]:
         return {
             WorkspaceRequested.type: self.on_workspace_requested,
-            TaskCompleted.type: self.on_task_completed,
             TaskFailed.type: self.on_task_ended,
             TaskCancelled.type: self.on_task_ended,
         }

@@ -25,7 +25,7 @@ from hcloud.server_types import ServerType
 from hcloud.servers import BoundServer
 
 from events import ServerCreated, ServerDeleted, ServerRequested, VmAgentConnected
-from services.provisioner.cloud_init import BootPlan, build_user_data, dist_credential, vm_agent_artifact
+from services.provisioner.cloud_init import Artifact, BootPlan, build_user_data, dist_credential, vm_agent_artifact
 from services.provisioner.providers import OwnedMachine, Placement, ProvisionError, RecordEvent, WorkspaceOrder
 from services.runtime.settings import Settings
 
@@ -80,7 +80,8 @@ class HetznerProvider:
     def __init__(self, config: HetznerConfig, *, secret: str, record: RecordEvent,
                  calls_home: Callable[[str], dict[str, str]] = lambda workspace_id: {},
                  expect_hello: Callable[[str], Awaitable[object]] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 artifact: Callable[[], Artifact] = vm_agent_artifact) -> None:
         """`calls_home(workspace_id)`: the vm_agent's environment in the user_data (its identity and
         member credential). `expect_hello(vm_id)`: resolves when that vm_agent says hello on the bus
         (MemberBus.expect_hello); None: provision returns once the server runs."""
@@ -90,6 +91,7 @@ class HetznerProvider:
         self._record = record
         self._calls_home = calls_home
         self._clock = clock
+        self._artifact = artifact  # The vm_agent a VM boots (the one the gateway serves: cloud_init.pinned_artifact).
         self._client = Client(token=config.token, api_endpoint=config.endpoint, poll_interval=config.poll_interval_s,
                               application_name="baton")
         self._prices: dict[tuple[str, str], Decimal] = {}
@@ -115,7 +117,7 @@ class HetznerProvider:
             await self.release(order.task_id, attempt=order.attempt, reason=reason)
             raise ProvisionError(f"{reason}; its server {placement.server_id} was deleted") from None
         self._record(order.task_id, VmAgentConnected(workspace_id=placement.workspace_id,
-                                                     version=vm_agent_artifact().version, attempt=order.attempt))
+                                                     version=self._artifact().version, attempt=order.attempt))
 
     async def release(self, task_id: str, *, attempt: int, reason: str) -> None:
         """Delete the attempt's server(s), recording each one's life and cost."""
@@ -154,7 +156,7 @@ class HetznerProvider:
 
     def _boot_plan(self, workspace_id: str, expires_at: float) -> BootPlan:
         return BootPlan(workspace_id=workspace_id, gateway_url=self.config.gateway_url,
-                        version=vm_agent_artifact().version,
+                        version=self._artifact().version,
                         dist_credential=dist_credential(self._secret, workspace_id, expires_at),
                         nats_url=self.config.nats_url, vm_agent_env=self._calls_home(workspace_id))
 

@@ -18,14 +18,22 @@ NAME = "provisioner"
 
 
 def vm_agent_environment(settings: Settings):  # noqa: ANN201 - the calls_home of providers_for
-    """What a cloud VM's vm_agent is booted with: its identity (the workspace id) and its expiring
-    member credential (hello and assignment only), never the install secret or the cloud token."""
+    """What a cloud VM's vm_agent is booted with: its identity (the workspace id), its expiring
+    member credential (hello and assignment only) and how long it lingers for a follow-up; never
+    the install secret or the cloud token."""
     def calls_home(workspace_id: str) -> dict[str, str]:
-        env = {"BATON_VM_ID": workspace_id}
+        # It lingers for a follow-up as long as a local one does, then exits (and its server goes).
+        env = {"BATON_VM_ID": workspace_id, "BATON_LINGER_S": str(settings.linger_s)}
         if (credentials := vm_member_credentials(settings, workspace_id)) is not None:
             env["BATON_VM_AGENT_CREDS"] = credentials
         return env
     return calls_home
+
+
+def alive_check_interval_s(linger_s: float) -> float:
+    """How often a cloud vm_agent is asked whether it is there: at most half its linger, so the
+    watcher hears it say its session ended before it leaves (a departure, not a loss)."""
+    return max(0.5, min(5.0, linger_s / 2))
 
 
 async def run(settings: Settings) -> None:
@@ -43,7 +51,9 @@ async def run(settings: Settings) -> None:
         if cloud_loops:
             await local.pool.members.connected()  # A booting VM's hello is heard from now on.
             members = local.pool.members
-            cloud_loops.append(RemoteVmAgentWatcher(store, members.answers, handlers.lose_remote_workspace).run())
+            cloud_loops.append(RemoteVmAgentWatcher(store, members.ask_alive, release=handlers.release_remote_workspace,
+                                                    lose=handlers.lose_remote_workspace,
+                                                    every_s=alive_check_interval_s(settings.linger_s)).run())
         handlers.resume_unsettled()
         local.pool.refill_soon()
         try:

@@ -117,8 +117,11 @@ def providers_for(settings: Settings, local: LocalProvider, record: RecordEvent,
     if provider_problem("hetzner", settings) is None:
         from services.provisioner.hetzner import HetznerConfig, HetznerProvider  # (it imports this module)
 
+        from services.provisioner.cloud_init import pinned_artifact
+
         providers["hetzner"] = HetznerProvider(HetznerConfig.from_settings(settings), secret=settings.install_secret(),
-                                               record=record, calls_home=calls_home, expect_hello=expect_hello)
+                                               record=record, calls_home=calls_home, expect_hello=expect_hello,
+                                               artifact=lambda: pinned_artifact(settings.data_dir))
     return providers
 
 

@@ -165,17 +165,21 @@ class MemberBus:
             raise VmAgentError(f"vm_agent {vm_id} could not be assigned: {error}") from None
         return CommandReply.model_validate_json(reply.data)
 
-    async def answers(self, task_id: str, *, timeout_s: float = 5.0) -> bool:
-        """Whether the task's vm_agent is on the bus: any reply to its AliveProbe on
-        `baton.vm.task.<task_id>.alive` says so; no responder, or none in time, says not."""
+    async def ask_alive(self, task_id: str, *, timeout_s: float = 5.0) -> dict | None:
+        """What the task's vm_agent answers to its AliveProbe on `baton.vm.task.<task_id>.alive`
+        (its task, whether its session ended); None if it is not on the bus (no responder, or no
+        answer in time)."""
         await self.connected()
         assert self._nc is not None
         try:
-            await self._nc.request(task_subject(task_id, "alive"), AliveProbe().model_dump_json().encode(),
-                                   timeout=timeout_s)
+            reply = await self._nc.request(task_subject(task_id, "alive"), AliveProbe().model_dump_json().encode(),
+                                           timeout=timeout_s)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            return False
-        return True
+            return None
+        try:
+            return CommandReply.model_validate_json(reply.data).result
+        except ValidationError:
+            return {}
 
     async def close(self) -> None:
         if self._nc is not None and not self._nc.is_closed:

@@ -88,6 +88,7 @@ def hetzner_env(fake: FakeHetzner, *, vm_host: str, nats_port: int, gateway_port
         "BATON_VM_NATS_URL": f"nats://{vm_host}:{nats_port}", "BATON_VM_GATEWAY_URL": f"http://{vm_host}:{gateway_port}",
         "BATON_HOST": "0.0.0.0", "BATON_ALLOWED_HOSTS": vm_host, "BATON_REPO_SCHEMES": "git,file",
         "BATON_VM_CALL_HOME_TIMEOUT_S": str(call_home_timeout_s), "BATON_HCLOUD_REAP_EVERY_S": "5",
+        "BATON_LINGER_S": "2",  # a VM's vm_agent waits this long for a follow-up, then leaves: its server goes
     }
 
 
@@ -146,11 +147,13 @@ def test_a_task_on_hetzner_completes_on_a_booted_server_which_is_deleted_with_it
     ready = next(e for e in events if e["type"] == "WorkspaceReady")["data"]
     assert ready["provider"] == "hetzner" and ready["vm_agent_url"] == f"nats:baton.vm.task.{task_id}"
 
-    # Once the turn completed the server is deleted, its life and cost recorded.
+    # Once the turn completed and its vm_agent left (no follow-up came), the workspace is released
+    # and the server deleted, its life and cost recorded.
     deleted = wait_for(lambda: [e for e in api.events(task_id) if e["type"] == "ServerDeleted"],
                        timeout_s=60, what="ServerDeleted")
     created = next(e for e in events if e["type"] == "ServerCreated")["data"]
     assert deleted[0]["data"]["server_id"] == created["server_id"] and deleted[0]["data"]["cost_eur"] > 0
+    assert "WorkspaceReleased" in [e["type"] for e in api.events(task_id)]  # a follow-up would re-provision
     wait_for(lambda: cloud.fake.servers() == [], timeout_s=30, what="no server left in the fake")
 
 
@@ -212,7 +215,7 @@ def test_a_vm_killed_mid_run_is_a_lost_workspace_its_server_deleted_and_a_new_at
                          provider="hetzner")["task_id"]
     wait_for(lambda: any(e["type"] == "PromptDelivered" for e in api.events(task_id)), timeout_s=CALL_HOME_TIMEOUT_S,
              what="the prompt delivered on the VM")
-    [server] = cloud.fake.servers()
+    [server] = [s for s in cloud.fake.servers() if s["labels"]["baton.task"] == task_id]
     cloud.vms.halt(server)  # kill -9 of everything on the "VM"
 
     # The vm_agent no longer answers on the bus: its run is lost, its server deleted, attempt 2 completes.

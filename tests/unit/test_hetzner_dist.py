@@ -76,3 +76,19 @@ def test_user_data_carries_the_calls_home_environment_quoted_and_fits_hetzners_l
     assert "-m vm_agent --state-dir /var/lib/baton/vm_agent >" in script  # no port option: it connects out
     with pytest.raises(ValueError, match="32768"):
         build_user_data(BootPlan(**{**plan.__dict__, "vm_agent_env": {"BIG": "x" * 40_000}}))
+
+
+def test_every_service_of_one_baton_up_run_serves_the_artifact_pinned_first(tmp_path, monkeypatch):
+    from services.provisioner.cloud_init import pinned_artifact
+
+    monkeypatch.setenv("BATON_SUPERVISOR_PID", "4242")
+    # Another service of this run pinned its build first (the code on disk changed since): that one counts.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "vm_agent-4242.artifact").write_bytes(b"0.1.0+pinnedfirst\n" + b"tarball bytes")
+    (tmp_path / "run" / "vm_agent-1.artifact").write_bytes(b"an earlier run's\n")
+    assert pinned_artifact(tmp_path).version == "0.1.0+pinnedfirst"
+    assert pinned_artifact(tmp_path).data == b"tarball bytes"
+    # With no pin yet, the first caller pins its own build and clears earlier runs' pins.
+    (tmp_path / "run" / "vm_agent-4242.artifact").unlink()
+    assert pinned_artifact(tmp_path) == vm_agent_artifact()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["vm_agent-4242.artifact"]

@@ -1,6 +1,7 @@
 """The provisioner's wiring of a cloud provider: each workspace on its task's provider, the server
-given back when the attempt is replaced or the task ends, and a VM whose vm_agent stops answering
-lost (SessionFailed lost_workspace) after several unanswered asks, not one."""
+given back when the attempt is replaced or the task ends; a VM whose vm_agent stops answering after
+several unanswered asks (not one) is released if its session had ended, else lost (SessionFailed
+lost_workspace)."""
 
 from __future__ import annotations
 
@@ -81,24 +82,48 @@ async def test_a_failed_task_gives_its_server_back():
     assert cloud.released == [(1, "the task ended (TaskFailed)")]
 
 
-async def test_a_vm_that_stops_answering_is_lost_after_three_unanswered_asks_in_a_row():
+def watcher_of(handlers: ProvisionerHandlers, answers: list[dict | None]) -> RemoteVmAgentWatcher:
+    said = iter(answers)
+
+    async def ask_alive(task_id: str) -> dict | None:
+        return next(said)
+
+    return RemoteVmAgentWatcher(handlers.store, ask_alive, release=handlers.release_remote_workspace,
+                                lose=handlers.lose_remote_workspace, every_s=5, misses=3)
+
+
+RUNNING, ENDED = {"task_id": TASK, "session_ended": False}, {"task_id": TASK, "session_ended": True}
+
+
+async def test_a_vm_that_stops_answering_mid_run_is_lost_after_three_unanswered_asks_in_a_row():
     cloud = FakeCloud()
     handlers = handlers_on(cloud)
     await handlers.on_workspace_requested(requested(1), Tracking("provisioner-WorkspaceRequested", 1))
     await settle(handlers)
-    answers = iter([False, False, True, False, False, False])
-
-    async def answered(task_id: str) -> bool:
-        return next(answers)
-
-    watcher = RemoteVmAgentWatcher(handlers.store, answered, handlers.lose_remote_workspace, every_s=5, misses=3)
-    # Two misses, then an answer (a reconnect): not lost; then three in a row: lost.
+    watcher = watcher_of(handlers, [None, None, RUNNING, None, None, None])
+    # Two misses, then an answer (a reconnect): not gone; then three in a row: lost.
     assert [await watcher.check_once() for _ in range(5)] == [[], [], [], [], []]
     assert await watcher.check_once() == [(TASK, 1)]
     await settle(handlers)
 
+    types = [e.type for e in envelopes_in(handlers.store)]
     lost = [e for e in envelopes_in(handlers.store) if e.type == "SessionFailed"]
-    assert len(lost) == 1 and lost[0].data["lost_workspace"] is True
+    assert len(lost) == 1 and lost[0].data["lost_workspace"] is True and "WorkspaceReleased" not in types
     assert "stopped answering on the bus (3 checks" in lost[0].data["reason"]
     assert [attempt for attempt, _ in cloud.released] == [1]
-    assert await watcher.check_once() == []  # released: no longer asked
+    assert await watcher.check_once() == []  # settled: no longer asked
+
+
+async def test_a_vm_whose_vm_agent_left_after_its_session_ended_is_released_and_its_server_deleted():
+    cloud = FakeCloud()
+    handlers = handlers_on(cloud)
+    await handlers.on_workspace_requested(requested(1), Tracking("provisioner-WorkspaceRequested", 1))
+    await settle(handlers)
+    watcher = watcher_of(handlers, [RUNNING, ENDED, None, None, None])
+
+    assert [await watcher.check_once() for _ in range(5)] == [[], [], [], [], [(TASK, 1)]]
+    await settle(handlers)
+
+    types = [e.type for e in envelopes_in(handlers.store)]
+    assert "WorkspaceReleased" in types and "SessionFailed" not in types
+    assert [attempt for attempt, _ in cloud.released] == [1]
