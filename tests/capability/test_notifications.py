@@ -186,3 +186,44 @@ def test_each_subscribed_event_reaches_each_endpoint_once_signed_through_failure
             for secret in (*SECRETS.values(), URL_TOKEN):
                 assert secret not in text
         assert "NotificationDelivered" in history
+        # Nor in any file the stack wrote: stores, logs, the stream's own files.
+        for path in (tmp_path / "stack").rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert not any(secret.encode() in data for secret in (*SECRETS.values(), URL_TOKEN)), path
+
+
+def test_a_task_waiting_for_a_person_and_its_cancel_are_told_but_a_request_the_policy_answers_is_not(
+        tmp_path: Path):
+    hooks = {"team": Hook()}
+    with webhook_receiver(hooks) as base, running_stack(tmp_path / "stack", env={
+            "BATON_TEST_AGENT_KINDS": "scripted", "BATON_PERMISSION_TIMEOUT_S": "120",
+            "BATON_NOTIFY_WEBHOOKS": json.dumps([{
+                "name": "team", "url": f"{base}/team/{URL_TOKEN}", "secret": SECRETS["team"],
+                "events": ["PermissionRequested", "TaskCancelled", "TaskCompleted"]}])}) as stack:
+        api = Api(stack.api, stack.token)
+        origin = make_origin(tmp_path)
+        # Under `auto` the agent's request is answered at once: only the completion is told.
+        auto = api.submit(repo=origin.as_uri(), agent="scripted", prompt="write auto.txt yes\nsay wrote it\n")["task_id"]
+        ended = api.wait_for_end(auto, timeout_s=90)[-1]
+        assert ended["type"] == "TaskCompleted", ended["data"]
+        # Under `ask` the task waits for a person: that is told, and so is its cancel.
+        asked = api.submit(repo=origin.as_uri(), agent="scripted", prompt="write asked.txt yes\nsay wrote it\n",
+                           permission_policy="ask")["task_id"]
+
+        def told(task_id: str, event_type: str) -> dict | None:
+            return next((b for b, _, _ in hooks["team"].accepted
+                         if b["task_id"] == task_id and b["event_type"] == event_type), None)
+
+        waiting = wait_for(lambda: told(asked, "PermissionRequested"), timeout_s=90, what="the wait to be told")
+        assert waiting["state"] == "waiting_for_permission" and waiting["reason"]
+        assert api.http.post(f"/api/tasks/{asked}/cancel").status_code == 202
+        cancelled = wait_for(lambda: told(asked, "TaskCancelled"), timeout_s=60, what="the cancel to be told")
+        assert cancelled["state"] == "cancelled"
+        wait_for(lambda: told(auto, "TaskCompleted"), timeout_s=60, what="the completion to be told")
+
+        # Nothing is left to deliver, and the auto task's request was never posted.
+        wait_for(lambda: api.http.get("/api/health").json()["details"]["notifier"]["pending"] == 0,
+                 timeout_s=30, what="the notifier's outbox to be empty")
+        assert [b["event_type"] for b, _, _ in hooks["team"].accepted if b["task_id"] == auto] == ["TaskCompleted"]
+        assert len(hooks["team"].accepted) == 3
