@@ -23,7 +23,6 @@ from services.pull_requests.github import GitHubClient, GitHubError, GitHubHost,
 from services.pull_requests.webhook import Feedback, feedback_of, signature_valid
 
 router = APIRouter(prefix="/api/hooks", tags=["hooks"])
-HOOK_PATH = "/api/hooks/github"
 _DELIVERY_NAMESPACE = uuid.UUID("0b7f3c52-3f0e-4d59-9d8e-2f4f0e6b1a11")
 
 
@@ -39,7 +38,7 @@ class GitHubDelivery(Aggregate):
         self.delivery_id, self.task_id = delivery_id, task_id
 
 
-@router.post(HOOK_PATH.removeprefix("/api/hooks"), status_code=202)
+@router.post("/github", status_code=202)
 async def github_hook(request: Request, gateway: GatewayDep) -> dict:
     """A signed delivery: feedback on a Baton PR becomes FollowUpSubmitted (actor `github:<login>`);
     anything else is acknowledged and ignored. 401: bad or missing signature; 404: hooks are off."""
