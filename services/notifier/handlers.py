@@ -111,25 +111,26 @@ class Notifier:
     async def attempt(self, outbox: Outbox, entry: Pending) -> None:
         """POST one notification, then record how it went (delivered, to retry, or given up)."""
         try:
-            submitted = await self.facts.submitted(entry.about["task_id"])
-            if entry.event_type == "PermissionRequested" and (submitted or {}).get("permission_policy") != "ask":
+            submitted = await self.facts.submitted(entry.about["task_id"]) or {}
+            if entry.event_type == "PermissionRequested" and submitted.get("permission_policy") != "ask":
                 # Under the `auto` policy the request is answered at once: nobody is waited for.
                 outbox.skip(entry.delivery_id, "the task's policy answers its permission requests")
-                self.store.save(outbox)
-                return
-            error = await self._post(entry, submitted or {})
-            if error is None:
-                outbox.delivered(entry.delivery_id)
-            elif entry.attempts + 1 >= self.max_attempts:
-                outbox.given_up(entry.delivery_id, error)
             else:
-                retry_at = self.clock() + timedelta(seconds=backoff_s(self.backoff_first_s, entry.attempts + 1))
-                outbox.attempt_failed(entry.delivery_id, error, retry_at.isoformat())
+                self._record(outbox, entry, await self._post(entry, submitted))
             self.store.save(outbox)
-            log.info("notification %s of %s %s to %s: %s", entry.delivery_id, entry.event_type, entry.event_id,
-                     entry.endpoint, error or "delivered")
         finally:
             self.in_flight.pop(entry.delivery_id, None)
+
+    def _record(self, outbox: Outbox, entry: Pending, error: str | None) -> None:
+        if error is None:
+            outbox.delivered(entry.delivery_id)
+        elif entry.attempts + 1 >= self.max_attempts:
+            outbox.given_up(entry.delivery_id, error)
+        else:
+            retry_at = self.clock() + timedelta(seconds=backoff_s(self.backoff_first_s, entry.attempts + 1))
+            outbox.attempt_failed(entry.delivery_id, error, retry_at.isoformat())
+        log.info("notification %s of %s %s to %s: %s", entry.delivery_id, entry.event_type, entry.event_id,
+                 entry.endpoint, error or "delivered")
 
     async def _post(self, entry: Pending, submitted: dict) -> str | None:
         """None if the endpoint took it (2xx), else why not (an HTTP status or an error's kind)."""
