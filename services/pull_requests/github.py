@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from services.runtime.agent_secrets import AgentSecrets
 from services.runtime.repo_url import RepoCredential
 from services.runtime.settings import Settings
 
@@ -43,7 +44,7 @@ class GitHubHost:
     @classmethod
     def of(cls, settings: Settings) -> GitHubHost | None:
         """The configured GitHub host, or None without a token."""
-        if not settings.github_token:
+        if not github_token(settings):
             return None
         api = urlsplit(settings.github_api_url.rstrip("/"))
         host = "github.com" if settings.github_api_url.rstrip("/") == PUBLIC_API else api.netloc.lower()
@@ -67,8 +68,14 @@ def token_credential(settings: Settings, repo_url: str) -> RepoCredential | None
     host = GitHubHost.of(settings)
     if host is None or host.repo_of(repo_url) is None:
         return None
-    assert settings.github_token is not None
-    return RepoCredential(host=host.host, username=TOKEN_USERNAME, password=settings.github_token)
+    token = github_token(settings)
+    assert token is not None
+    return RepoCredential(host=host.host, username=TOKEN_USERNAME, password=token)
+
+
+def github_token(settings: Settings) -> str | None:
+    """The install's GitHub token: BATON_GITHUB_TOKEN, else the one kept with `baton secrets set GITHUB_TOKEN`."""
+    return settings.github_token or AgentSecrets.of(settings).get("GITHUB_TOKEN")
 
 
 class GitHubError(RuntimeError):

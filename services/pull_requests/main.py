@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from events import task_subjects
-from services.pull_requests.github import GitHubClient, GitHubHost
+from services.pull_requests.github import GitHubClient, GitHubHost, github_token
 from services.pull_requests.handlers import PullRequests
 from services.runtime.bus import Bus, StreamLimits, open_bus
 from services.runtime.nats_auth import service_credentials
@@ -20,7 +20,7 @@ NAME = "pull-requests"
 async def run(settings: Settings) -> None:
     store = ServiceStore(NAME, store_env(settings, NAME))
     host = GitHubHost.of(settings)
-    api = GitHubClient(host.api_url, settings.github_token or "") if host else None
+    api = GitHubClient(host.api_url, github_token(settings) or "") if host else None
     public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
     try:
         async with open_bus(settings.nats_url, name=NAME, credentials=service_credentials(settings, NAME),

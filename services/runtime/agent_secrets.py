@@ -1,8 +1,9 @@
-"""Agents' credentials (`baton secrets set NAME`), kept encrypted under the data dir.
+"""Agents' credentials and Baton's own (`baton secrets set NAME`), kept encrypted under the data dir.
 
 Each is one 0600 file `<data dir>/agent-secrets/<NAME>`: AES-GCM with a key derived from the
 install secret, bound to its name (a file renamed to another name does not open). Only the
-variables an agent kind declares may be stored. The provisioner hands them to its vm_agents
+variables an agent kind declares, and those Baton's services use themselves (INSTALL_NAMES,
+never handed to a vm_agent or an agent), may be stored. The provisioner hands them to its vm_agents
 (which give each agent only its own kind's), and the gateway checks them at submit: both
 through `agent_environ`, where a variable set where `baton up` runs wins over a stored one.
 """
@@ -22,8 +23,13 @@ from vm_agent.backends import AGENT_KINDS
 _NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,127}$")
 
 
+INSTALL_NAMES = frozenset({"GITHUB_TOKEN"})
+"""Secrets Baton's services use themselves (the pull-requests service's GitHub token; a variable
+set where `baton up` runs, BATON_GITHUB_TOKEN, wins): kept here, never given to an agent."""
+
+
 def declared_names() -> frozenset[str]:
-    """Every variable some agent kind may receive: what `baton secrets set` accepts."""
+    """Every variable some agent kind may receive."""
     return frozenset(name for kind in AGENT_KINDS.values() for name in kind.env)
 
 
@@ -55,11 +61,17 @@ class AgentSecrets:
         opened = {name: self._files.read(name) for name in self.names()}
         return {name: plain.decode() for name, plain in opened.items() if plain is not None}
 
+    def get(self, name: str) -> str | None:
+        """The stored value of `name`, if it is set and opens with this install's key."""
+        plain = self._files.read(self._declared(name)) if name in self.names() else None
+        return plain.decode() if plain is not None else None
+
     @staticmethod
     def _declared(name: str) -> str:
-        if name not in declared_names():
+        known = declared_names() | INSTALL_NAMES
+        if name not in known:
             raise UnknownSecretName(
-                f"{name!r} is not a variable any agent declares; these are: {', '.join(sorted(declared_names()))}")
+                f"{name!r} is not a variable any agent declares nor one Baton uses; these are: {', '.join(sorted(known))}")
         return name
 
 

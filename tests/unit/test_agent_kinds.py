@@ -148,3 +148,15 @@ def test_a_warm_member_started_before_a_secret_changed_is_replaced_not_assigned(
 def test_warm_agents_says_what_it_expects():
     with pytest.raises(ValueError, match="KIND=COUNT"):
         Settings(warm_agents="shell:3")
+
+
+def test_batons_own_github_token_can_be_stored_and_is_never_an_agents(tmp_path: Path):
+    from services.pull_requests.github import github_token
+
+    settings = Settings(data_dir=tmp_path, secret="s")
+    AgentSecrets.of(settings).set("GITHUB_TOKEN", "ghp-stored")
+    # The pull-requests service and the provisioner's push credential find it…
+    assert github_token(settings) == "ghp-stored"
+    assert github_token(settings.model_copy(update={"github_token": "ghp-env"})) == "ghp-env"
+    # …but no vm_agent (so no agent) is handed it.
+    assert "GITHUB_TOKEN" not in agent_environ(settings, {"GITHUB_TOKEN": "ghp-env-too"})

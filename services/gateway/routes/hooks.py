@@ -19,7 +19,7 @@ from fastapi import APIRouter, HTTPException, Request
 from services.gateway.context import GatewayDep
 from services.gateway.domain import Submission
 from services.gateway.routes.messages import _refuse_when_it_cannot_take_one
-from services.pull_requests.github import GitHubClient, GitHubError, GitHubHost, GitHubRepo
+from services.pull_requests.github import GitHubClient, GitHubError, GitHubHost, GitHubRepo, github_token
 from services.pull_requests.webhook import Feedback, feedback_of, signature_valid
 
 router = APIRouter(prefix="/api/hooks", tags=["hooks"])
@@ -95,7 +95,7 @@ async def _head_ref_of_comment(gateway: GatewayDep, event_name: str, payload: di
     if event_name != "issue_comment" or not issue.get("pull_request") or host is None:
         return None
     owner, _, name = ((payload.get("repository") or {}).get("full_name") or "").partition("/")
-    client = GitHubClient(host.api_url, gateway.settings.github_token or "")
+    client = GitHubClient(host.api_url, github_token(gateway.settings) or "")
     try:
         return await client.head_ref(GitHubRepo(owner, name), int(issue["number"]))
     except (GitHubError, KeyError, ValueError):
