@@ -28,6 +28,14 @@ class Deadline:
     seconds: float
 
 
+PROVIDER_DEADLINES: tuple[Deadline, ...] = (
+    Deadline("ServerCreated", "ServerRequested", 300),
+    Deadline("VmAgentConnected", "ServerCreated", 600),
+)
+"""A cloud workspace's own handoffs, seen only when its provider requests a server: a server never
+created, or whose vm_agent never calls home, is a named gap (WorkspaceReady then waits on them,
+not on its own deadline: a VM's boot takes minutes)."""
+
 DEADLINES: tuple[Deadline, ...] = (
     Deadline("WorkspaceRequested", "TaskSubmitted", 30),
     Deadline("WorkspaceReady", "WorkspaceRequested", 120),
@@ -36,11 +44,12 @@ DEADLINES: tuple[Deadline, ...] = (
     Deadline("AgentOutput", "PromptDelivered", 120),
     Deadline("BranchPushed", "AgentFinished", 60),
     Deadline("TaskCompleted", "BranchPushed", 30),
+    *PROVIDER_DEADLINES,
 )
 """The flow contract's deadlines, by awaited handoff. AgentFinished has none: agents may work
 long; a silent agent is caught as AgentStalled instead."""
 
-WAITING_FOR: dict[str, str] = {"TaskQueued": "WorkspaceRequested"}
+WAITING_FOR: dict[str, str] = {"TaskQueued": "WorkspaceRequested", "ServerRequested": "WorkspaceReady"}
 """Events saying a task legitimately waits for a handoff, and which: a task queued for a place
 gets its WorkspaceRequested when it gets the place, however long that takes; so no deadline
 runs for that handoff once such an event was seen."""
@@ -94,8 +103,9 @@ def deadlines_for_turn(deadlines: tuple[Deadline, ...], turn: int, *, reprovisio
     if turn == 1:
         return deadlines
     contract = contract_for_turn(turn, reprovisioned=reprovisioned)
-    return tuple(Deadline(d.expected, d.after if d.after in contract else NEW_TURN, d.seconds)
-                 for d in deadlines if d.expected in contract)
+    provider = {d.expected for d in PROVIDER_DEADLINES} if reprovisioned else set()
+    return tuple(d if d.expected in provider else Deadline(d.expected, d.after if d.after in contract else NEW_TURN, d.seconds)
+                 for d in deadlines if d.expected in contract or d.expected in provider)
 
 
 def last_attempt(event_types: list[str], head: str = FLOW_CONTRACT[0]) -> list[str]:

@@ -195,5 +195,7 @@ class Watch(TaskAggregate):
 
 def skipped(deadline: Deadline, watch: Watch) -> bool:
     """The turn's flow moved past `deadline.expected` without it (a later handoff already happened)."""
+    if deadline.expected not in watch.contract:  # A provider's own handoff (a server's): timed only.
+        return False
     later = watch.contract[watch.contract.index(deadline.expected) + 1:]
     return any(step in watch.seen for step in later)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from eventsourcing.persistence import Tracking
 
 from events import FLOW_CONTRACT, Deadline, Envelope, TaskCancelled, TaskCancelRequested, TaskFailed
-from events.flow import NEW_TURN, TURN_NUMBERED, WAITING_FOR
+from events.flow import NEW_TURN, PROVIDER_DEADLINES, TURN_NUMBERED, WAITING_FOR
 from services.monitor.domain import Watch, skipped
 from services.runtime.consumer import Subscription
 from services.runtime.store import ServiceStore
@@ -22,7 +22,8 @@ ACTIVITY_TYPES = ("ToolCallStarted", "ToolCallUpdated", "PlanUpdated", "UsageRec
 TASK_LEVEL_TYPES = (TaskFailed.type, TaskCancelled.type, TaskCancelRequested.type, "TaskCompleted", NEW_TURN)
 """Events about the whole task, whichever attempt runs."""
 WATCHED_TYPES = (*FLOW_CONTRACT, TaskFailed.type, *ACTIVITY_TYPES, *WAITING_FOR,
-                 TaskCancelled.type, TaskCancelRequested.type, NEW_TURN)
+                 TaskCancelled.type, TaskCancelRequested.type, NEW_TURN,
+                 *(d.expected for d in PROVIDER_DEADLINES))
 REMEMBERED_TYPES = tuple(step for step in FLOW_CONTRACT if step != "AgentOutput")
 """Handoffs that happen once a turn: each occurrence is remembered, so a turn whose beginning is
 folded after its first handoffs (each type has its own consumer) still counts them as its own."""

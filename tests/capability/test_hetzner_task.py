@@ -29,6 +29,8 @@ pytestmark = pytest.mark.capability
 TOKEN = "hc-task-test-token-" + "5" * 24
 CALL_HOME_TIMEOUT_S = 240
 NEVER_BOOTS_TIMEOUT_S = 5
+CALL_HOME_DEADLINE_S = 2
+"""The flow monitor's VmAgentConnected deadline where servers never boot: the gap is named first."""
 
 
 class BridgedNats(NatsServer):
@@ -93,11 +95,12 @@ def hetzner_env(fake: FakeHetzner, *, vm_host: str, nats_port: int, gateway_port
 
 
 @contextmanager
-def baton_up_on(root: Path, fake: FakeHetzner, *, vm_host: str, call_home_timeout_s: float) -> Iterator[BatonStack]:
+def baton_up_on(root: Path, fake: FakeHetzner, *, vm_host: str, call_home_timeout_s: float,
+                extra_env: dict[str, str] | None = None) -> Iterator[BatonStack]:
     nats = BridgedNats(store_dir=root / "nats", trusting=root / "baton").start()
     port = free_port()
     env = hetzner_env(fake, vm_host=vm_host, nats_port=nats.port, gateway_port=port,
-                      call_home_timeout_s=call_home_timeout_s)
+                      call_home_timeout_s=call_home_timeout_s) | (extra_env or {})
     stack = BatonStack(nats=nats, data_dir=root / "baton", extra_env=env, port=port)
     try:
         yield stack.start()
@@ -129,7 +132,8 @@ def dead_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeH
     """`baton up` on a fake whose servers never boot, with a short call-home deadline."""
     root = tmp_path_factory.mktemp("hetzner-dead")
     with FakeHetzner(token=TOKEN) as fake, \
-            baton_up_on(root, fake, vm_host="127.0.0.1", call_home_timeout_s=NEVER_BOOTS_TIMEOUT_S) as stack:
+            baton_up_on(root, fake, vm_host="127.0.0.1", call_home_timeout_s=NEVER_BOOTS_TIMEOUT_S,
+                        extra_env={"BATON_DEADLINES": f"VmAgentConnected={CALL_HOME_DEADLINE_S}"}) as stack:
         yield fake, stack
 
 
@@ -168,6 +172,9 @@ def test_a_server_that_never_boots_fails_the_task_naming_the_missing_handoff_and
     assert f"did not call home within {NEVER_BOOTS_TIMEOUT_S} s (VmAgentConnected missing after ServerCreated)" \
         in failed
     created = next(e for e in events if e["type"] == "ServerCreated")["data"]
+    # The flow monitor named the gap too, as a handoff of the flow: VmAgentConnected after ServerCreated.
+    overdue = [e["data"] for e in events if e["type"] == "StepOverdue"]
+    assert [(o["expected"], o["after"]) for o in overdue] == [("VmAgentConnected", "ServerCreated")], overdue
     # …and its server is deleted, on the record and in the API.
     deleted = wait_for(lambda: [e["data"] for e in api.events(task_id) if e["type"] == "ServerDeleted"],
                        timeout_s=30, what="ServerDeleted")

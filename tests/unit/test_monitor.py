@@ -142,3 +142,25 @@ async def test_after_a_cancel_was_asked_nothing_left_undone_is_named_a_gap():
     assert named(m) == []
     await observe(m, "TaskCancelled", 3, by="user", reason=None, pushed=False, branch=None, commit=None)
     assert TASK not in m.watches
+
+
+async def test_a_cloud_server_whose_vm_agent_never_calls_home_is_a_named_gap_and_its_boot_no_other():
+    m = monitor("ServerCreated=300,VmAgentConnected=600")
+    await observe(m, "TaskSubmitted", 0)
+    await observe(m, "WorkspaceRequested", 0)
+    await observe(m, "ServerRequested", 1, server_name="baton-t1", server_type="cx22", location="fsn1")
+    await observe(m, "ServerCreated", 5, server_id=7, server_type="cx22", location="fsn1")
+
+    # A VM boots for minutes: WorkspaceReady's own deadline (120 s) does not run once a server is requested.
+    m.tick(at(300))
+    assert named(m) == []
+    m.tick(at(606))
+    assert named(m) == [("StepOverdue", {"expected": "VmAgentConnected", "after": "ServerCreated", "waited_s": 601.0})]
+
+
+async def test_a_local_task_has_no_server_deadlines():
+    m = monitor()
+    await observe(m, "TaskSubmitted", 0)
+    await observe(m, "WorkspaceRequested", 0)
+    m.tick(at(1000))
+    assert [d["expected"] for _, d in named(m)] == ["WorkspaceReady"]
