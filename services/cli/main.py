@@ -38,6 +38,7 @@ from services.cli.supervisor import (
     die_with_parent,
     stop_data_dir_processes,
 )
+from events.asyncapi import asyncapi_document
 from events.envelope import task_id_problem
 from services.runtime.logs import setup_logging
 from services.runtime.settings import Settings
@@ -477,14 +478,23 @@ def say(
     console.print(f"task [bold]{task_id}[/]: follow-up recorded; it runs as the agent's next turn")
 
 
+def _check_task_id_or_schema(value: str) -> str:
+    return value if value == "schema" else _check_task_id(value)
+
+
 @app.command()
 def events(
-    task_id: TaskIdArgument,
+    task_id: Annotated[str, typer.Argument(callback=_check_task_id_or_schema, metavar="TASK_ID|schema",
+                                           help="the id `baton submit` printed, or `schema`")],
     api: ApiOption = DEFAULT_API,
     json_lines: Annotated[bool, typer.Option("--json", help="one JSON envelope per line")] = False,
     token: TokenOption = None,
 ) -> None:
-    """A task's events, from the stream, in order."""
+    """A task's events, from the stream, in order; `baton events schema`: the event contract
+    (AsyncAPI 3, JSON) other services code against, as GET /api/events/asyncapi.json serves it."""
+    if task_id == "schema":
+        print(json.dumps(asyncapi_document(), indent=2))
+        return
     try:
         history = BatonClient(api, find_api_token(token)).events(task_id)
     except (ApiError, httpx.HTTPError) as error:

@@ -13,6 +13,7 @@ from services.gateway.body_limit import BodyLimit
 from services.gateway.context import Gateway
 from services.gateway.errors import install_error_handlers
 from services.gateway.routes import audit as audit_routes
+from services.gateway.routes import events_contract
 from services.gateway.routes import hooks as hook_routes
 from services.gateway.routes import notifications as notification_routes
 from services.gateway.routes import cancel, messages, permissions, streams, system, tasks, ui, vm_agent_dist
@@ -64,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(system.router)
     app.include_router(streams.router)
     app.include_router(audit_routes.router)
+    app.include_router(events_contract.router)
     app.include_router(notification_routes.router)
     app.include_router(hook_routes.router)  # GitHub's webhook (its own signature, not the token)
     app.include_router(vm_agent_dist.router)  # a cloud VM fetches its vm_agent (its own credential)
