@@ -13,6 +13,7 @@ from services.gateway.body_limit import BodyLimit
 from services.gateway.context import Gateway
 from services.gateway.errors import install_error_handlers
 from services.gateway.routes import audit as audit_routes
+from services.gateway.routes import metrics as metrics_routes
 from services.gateway.routes import events_contract
 from services.gateway.routes import hooks as hook_routes
 from services.gateway.routes import notifications as notification_routes
@@ -22,6 +23,7 @@ from services.runtime.bus import StreamLimits, open_bus
 from services.runtime.nats_auth import bus_is_open, service_credentials
 from services.runtime.consumer import run_all
 from services.runtime.heartbeat import HeartbeatBoard, send_heartbeats
+from services.runtime.metrics import StreamMetrics
 from services.runtime.relay import Relay
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore, store_env
@@ -55,6 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
                 audit.close()
 
     app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan)
+    app.state.stream_metrics = StreamMetrics()  # folded from the audit log at each scrape
     install_error_handlers(app)
     app.add_middleware(ApiAuth, settings=settings)  # every route, /docs and the WebSockets
     app.add_middleware(BodyLimit)  # outermost: nothing reads a body bigger than a task can be
@@ -63,6 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(cancel.router)
     app.include_router(messages.router)
     app.include_router(system.router)
+    app.include_router(metrics_routes.router)  # /metrics, where Prometheus looks for it
     app.include_router(streams.router)
     app.include_router(audit_routes.router)
     app.include_router(events_contract.router)
