@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from events import STREAM, Envelope, type_subjects
 from events.envelope import STREAM_SUBJECTS
 from services.runtime.bus import DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, Bus, has_writer_api, send_commands
+from services.runtime.logs import log_context
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +320,8 @@ async def _process(
 
 async def _handle_keeping_alive(message: Msg, handle: Handler, envelope: Envelope, tracking: Tracking) -> None:
     """Run the handler; while it runs, tell JetStream every few seconds not to redeliver yet."""
-    handling = asyncio.ensure_future(handle(envelope, tracking))
+    with log_context(task_id=envelope.task_id, event_id=envelope.event_id):  # the handler's lines say which
+        handling = asyncio.ensure_future(handle(envelope, tracking))
     try:
         while not (await asyncio.wait({handling}, timeout=KEEPALIVE_S))[0]:
             await message.in_progress()

@@ -1,16 +1,86 @@
-"""Structured, one-line logs: `time level process message key=value …`."""
+"""Logs, one line each: human-readable by default, one JSON object per line with BATON_LOG_FORMAT=json.
+
+A JSON line has `time`, `level`, `service`, `logger`, `message`, and `task_id`/`event_id` while a
+consumer handles an event (`log_context`), and `error` for an exception. Every line, in either
+format, has a URL's credential (`scheme://user:password@`) masked.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+LOG_FORMAT_VARIABLE = "BATON_LOG_FORMAT"
+_EVENT: ContextVar[tuple[str, str] | None] = ContextVar("baton_log_event", default=None)
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s'\"]+@")
+
+
+@contextmanager
+def log_context(*, task_id: str, event_id: str) -> Iterator[None]:
+    """Lines logged inside (and in tasks started inside) carry this task's and event's ids."""
+    token = _EVENT.set((task_id, event_id))
+    try:
+        yield
+    finally:
+        _EVENT.reset(token)
+
+
+def mask_credentials(text: str) -> str:
+    """`text` with every URL's user part (where a credential goes) replaced by `***`."""
+    return _URL_USERINFO.sub("***@", text)
+
+
+class HumanFormatter(logging.Formatter):
+    """`time level service logger: message [task=… event=…]`."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        ids = _EVENT.get()
+        if ids is not None:
+            line += f" task={ids[0]} event={ids[1]}"
+        return mask_credentials(line)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(), "service": self.service, "logger": record.name,
+            "message": record.getMessage(),
+        }
+        ids = _EVENT.get()
+        if ids is not None:
+            line["task_id"], line["event_id"] = ids
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return mask_credentials(json.dumps(line, ensure_ascii=False))
+
+
+def formatter_for(service: str, log_format: str | None = None) -> logging.Formatter:
+    """JSON when `log_format` (default: BATON_LOG_FORMAT) is `json`, else human-readable."""
+    chosen = (log_format if log_format is not None else os.environ.get(LOG_FORMAT_VARIABLE, "")).lower()
+    return JsonFormatter(service) if chosen == "json" else HumanFormatter(service)
 
 
 def setup_logging(process: str, level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s {process} %(name)s: %(message)s")
-    )
+    handler.setFormatter(formatter_for(process))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
