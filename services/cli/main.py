@@ -24,6 +24,7 @@ from rich.table import Table
 
 from services.cli.agents import agents_app, secrets_app
 from services.cli.audit import audit_app
+from services.cli.doctor import doctor
 from services.cli.client import ApiError, ApiToken, BatonClient, TokenOption, find_api_token
 from services.cli.follow import follow_task, render_event
 from services.cli.nats_config import nats_config
@@ -53,6 +54,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(agents_app, name="agents")
 app.add_typer(secrets_app, name="secrets")
 app.command("nats-config")(nats_config)
+app.command("doctor")(doctor)
 app.command("permissions")(permissions)
 
 

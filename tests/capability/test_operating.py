@@ -7,7 +7,11 @@ whose URL carries a credential.
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_http import GitHttpServer, git_http_server
 from tests.support.git_remote import make_origin
-from tests.support.processes import BatonStack, running_stack
+from tests.support.processes import REPO_ROOT, BatonStack, running_stack
 
 pytestmark = pytest.mark.capability
 PASSWORD = f"PASS{secrets.token_hex(8)}"
@@ -103,3 +107,21 @@ def test_json_logs_parse_line_by_line_and_carry_the_task_id_and_never_the_creden
     # The repo URL's password is in no log the stack wrote.
     for path in json_stack.data_dir.rglob("*.log"):
         assert PASSWORD not in path.read_text(errors="replace"), path
+
+
+def test_doctor_names_a_missing_tool_and_exits_non_zero(tmp_path: Path):
+    # A PATH with nats-server and node, but no git.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("nats-server", "node"):
+        if found := shutil.which(tool) or shutil.which(tool, path="/usr/sbin"):
+            (tools / tool).symlink_to(found)
+    done = subprocess.run([sys.executable, "-m", "services.cli.main", "doctor", "--data-dir", str(tmp_path / "baton")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+                          env={**os.environ, "PATH": str(tools), "COLUMNS": "200"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "MISSING  git: not on PATH" in done.stdout
+    assert "apt-get install git" in done.stdout
+    assert "cannot run here until this is fixed: git" in done.stdout
+    # Doctor only looks: it made no data dir.
+    assert not (tmp_path / "baton").exists()
