@@ -29,7 +29,8 @@ STATE_OF = {
 }
 GAP_TYPES = ("StepOverdue", "StepRecovered", "AgentStalled")
 PERMISSION_TYPES = ("PermissionRequested", "PermissionAnswered")
-PROJECTED_TYPES = (*STATE_OF, *GAP_TYPES, *PERMISSION_TYPES)
+COST_TYPES = ("ServerDeleted",)
+PROJECTED_TYPES = (*STATE_OF, *GAP_TYPES, *PERMISSION_TYPES, *COST_TYPES)
 """Every event type the board folds in (AgentOutput is not one: the board has no use for it)."""
 
 STATE_RANK = {"queued": 0, "provisioning": 1, "running": 2, "completed": 3, "failed": 4, "cancelled": 4}
@@ -53,6 +54,10 @@ CREATE TABLE IF NOT EXISTS task_permissions (
 CREATE TABLE IF NOT EXISTS task_asking (task_id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS task_turns (
     task_id TEXT PRIMARY KEY, delivered INTEGER NOT NULL, completed INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS task_servers (
+    task_id TEXT NOT NULL, server_id BIGINT NOT NULL, seconds DOUBLE PRECISION NOT NULL,
+    cost_eur DOUBLE PRECISION, PRIMARY KEY (task_id, server_id)
 )
 """
 # task_turns: the last turn whose prompt was delivered and the last that completed. A follow-up
@@ -60,6 +65,8 @@ CREATE TABLE IF NOT EXISTS task_turns (
 # task_permissions: each permission request and whether it was answered yet (its answer may be
 # folded first: each event type has its own consumer). A task with an open one waits for a person.
 # task_asking: the tasks submitted with the `ask` permission policy (the rest are `auto`).
+# task_servers: each cloud server a task ran on (its ServerDeleted): life and cost; the task's
+# cost is their sum.
 # task_queue: the stream position of each task's TaskQueued. The tasks still `queued` with one,
 # in that order, are the line the task runner serves (it queues and starts in that order).
 
@@ -124,6 +131,9 @@ class TaskBoard(TrackedProjection):
         rows: dict[str, dict[str, Any]] = {}
         with self._db.transaction() as db:
             for envelope, tracking in items:
+                if envelope.type in COST_TYPES:  # A server's life and cost, beside the task's row.
+                    _note_server(db, envelope)
+                    continue
                 if envelope.task_id not in rows:
                     found = db.execute("SELECT * FROM tasks WHERE task_id = ?", (envelope.task_id,))
                     rows[envelope.task_id] = found[0] if found else {"task_id": envelope.task_id}
@@ -146,13 +156,26 @@ class TaskBoard(TrackedProjection):
         rows = self._db.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
         if not rows:
             return None
-        return _public(rows[0], self.queue_positions()) | self._permissions_of([task_id])[task_id]
+        return (_public(rows[0], self.queue_positions()) | self._permissions_of([task_id])[task_id]
+                | self._costs_of([task_id])[task_id])
 
     def list(self, *, limit: int = 500) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,))
         positions = self.queue_positions()
-        permissions = self._permissions_of([row["task_id"] for row in rows])
-        return [_public(row, positions) | permissions[row["task_id"]] for row in rows]
+        task_ids = [row["task_id"] for row in rows]
+        permissions, costs = self._permissions_of(task_ids), self._costs_of(task_ids)
+        return [_public(row, positions) | permissions[row["task_id"]] | costs[row["task_id"]] for row in rows]
+
+    def _costs_of(self, task_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Each task's `cost_eur`: what its cloud servers cost (None for a task that ran on none)."""
+        costs: dict[str, Any] = dict.fromkeys(task_ids)
+        if task_ids:
+            marks = ", ".join("?" for _ in task_ids)
+            for row in self._db.execute(
+                    f"SELECT task_id, SUM(cost_eur) AS cost FROM task_servers WHERE task_id IN ({marks}) "
+                    "GROUP BY task_id", task_ids):
+                costs[row["task_id"]] = row["cost"]
+        return {task_id: {"cost_eur": cost} for task_id, cost in costs.items()}
 
     def _permissions_of(self, task_ids: list[str]) -> dict[str, dict[str, Any]]:
         """Each task's `permission_policy` and `waiting_for` ("person" while it asks one)."""
@@ -191,6 +214,12 @@ def _fold(row: dict[str, Any], envelope: Envelope) -> None:
     row["last_event"] = envelope.type
     if not row.get("created_at"):
         row["created_at"] = row["updated_at"]
+
+
+def _note_server(db: Any, envelope: Envelope) -> None:
+    db.execute("INSERT INTO task_servers (task_id, server_id, seconds, cost_eur) VALUES (?, ?, ?, ?) "
+               "ON CONFLICT (task_id, server_id) DO NOTHING",
+               (envelope.task_id, envelope.data["server_id"], envelope.data["seconds"], envelope.data.get("cost_eur")))
 
 
 def _note_turn(db: Any, envelope: Envelope, row: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from rich.table import Table
 from services.cli.agents import agents_app, secrets_app
 from services.cli.audit import audit_app
 from services.cli.doctor import doctor
+from services.cli.credentials import credentials_app
 from services.cli.client import ApiError, ApiToken, BatonClient, TokenOption, find_api_token
 from services.cli.follow import follow_task, render_event
 from services.cli.nats_config import nats_config
@@ -51,6 +52,7 @@ app = typer.Typer(
 console = Console(highlight=False, soft_wrap=True)
 
 app.add_typer(audit_app, name="audit")
+app.add_typer(credentials_app, name="credentials")
 app.add_typer(agents_app, name="agents")
 app.add_typer(secrets_app, name="secrets")
 app.command("nats-config")(nats_config)
@@ -399,7 +401,7 @@ def watch(
 @app.command()
 def tasks(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
     """The task board (a task waiting for a place shows its place in line: `queued #2`)."""
-    table = Table("task", "state", "agent", "repo", "branch / reason", "gaps")
+    table = Table("task", "state", "agent", "repo", "branch / reason", "gaps", "cost")
     colours = {"completed": "green", "failed": "red", "running": "cyan", "provisioning": "blue",
                "cancelled": "yellow"}
     try:
@@ -416,8 +418,9 @@ def tasks(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
         )
         state = task["state"] + (f" #{task['queue_position']}" if task.get("queue_position") else "")
         state += " (waiting for you: baton permissions)" if task.get("waiting_for") == "person" else ""
+        cost = f"€{task['cost_eur']:.4f}" if task.get("cost_eur") is not None else ""
         table.add_row(task["task_id"], f"[{colour}]{state}[/]", task["agent"] or "",
-                      task["repo"] or "", task["branch"] or task["reason"] or "", gaps)
+                      task["repo"] or "", task["branch"] or task["reason"] or "", gaps, cost)
     console.print(table)
 
 

@@ -98,6 +98,9 @@ class TaskPublic(BaseModel):
     permission_policy: str | None = None
     waiting_for: str | None = None
     """`"person"` while a permission request waits for an answer, else null."""
+    cost_eur: float | None = None
+    """What the task's cloud servers cost (each server's hourly price times its life), null for a
+    task that ran on none."""
 
 
 class TaskEvents(BaseModel):

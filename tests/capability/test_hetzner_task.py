@@ -157,6 +157,9 @@ def test_a_task_on_hetzner_completes_on_a_booted_server_which_is_deleted_with_it
                        timeout_s=60, what="ServerDeleted")
     created = next(e for e in events if e["type"] == "ServerCreated")["data"]
     assert deleted[0]["data"]["server_id"] == created["server_id"] and deleted[0]["data"]["cost_eur"] > 0
+    # The board (API, `baton tasks`) says what the task cost.
+    cost = wait_for(lambda: api.task(task_id).get("cost_eur"), timeout_s=30, what="the task's cost on the board")
+    assert cost == pytest.approx(deleted[0]["data"]["cost_eur"])
     assert "WorkspaceReleased" in [e["type"] for e in api.events(task_id)]  # a follow-up would re-provision
     wait_for(lambda: cloud.fake.servers() == [], timeout_s=30, what="no server left in the fake")
 

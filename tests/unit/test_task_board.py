@@ -163,3 +163,17 @@ def test_a_start_projected_before_its_queueing_never_puts_the_task_back_in_line(
     feed("TaskQueued", "a", position=1, max_running=1)
     assert board.get("a")["state"] == "provisioning"
     assert board.get("a")["queue_position"] is None
+
+
+def test_a_task_costs_what_its_cloud_servers_cost_and_a_redelivered_deletion_counts_once(board, feed):
+    feed("TaskSubmitted", **SUBMITTED_DATA)
+    feed("TaskCompleted", branch="baton/t1", commit="abc")
+    assert board.get("t1")["cost_eur"] is None  # it ran on no server
+    for server_id, cost in ((7, 0.0021), (7, 0.0021), (9, 0.0005)):  # attempt 2 ran on server 9
+        feed("ServerDeleted", provider="hetzner", server_id=server_id, reason="released", seconds=60.0,
+             cost_eur=cost)
+    row = board.get("t1")
+    assert row["cost_eur"] == pytest.approx(0.0026)
+    # The deletion is beside the row: it neither moves the task's state nor its last activity.
+    assert (row["state"], row["last_event"]) == ("completed", "TaskCompleted")
+    assert [t["cost_eur"] for t in board.list()] == [pytest.approx(0.0026)]
