@@ -44,7 +44,7 @@ from services.runtime.agent_secrets import agent_environ
 from services.runtime.bus import connect_nats
 from services.runtime.nats_auth import service_credentials, vm_agent_credentials, vm_member_credentials
 from services.runtime.repo_url import RepoCredential
-from services.runtime.settings import Settings
+from services.runtime.settings import Settings, secret_setting_names
 from services.runtime.vm_agent_commands import (
     AliveProbe, Assignment, CommandReply, Hello, RepoCredentialBody, member_subject, task_subject,
 )
@@ -209,7 +209,7 @@ class Zygote:
 
     async def _start(self) -> bool:
         ours, theirs = socket.socketpair()
-        env = {key: value for key, value in os.environ.items() if key != "BATON_SECRET"}
+        env = {key: value for key, value in os.environ.items() if key not in secret_setting_names()}
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         with theirs, self._log_path.open("ab") as log_handle:
             self._process = subprocess.Popen(
@@ -389,8 +389,10 @@ class VmAgentPool:
         member_credentials = vm_member_credentials(settings, vm_id)
         if member_credentials is not None:
             env["BATON_VM_AGENT_CREDS"] = member_credentials
-        env.pop("BATON_SECRET", None)  # A vm_agent gets its own credentials, never the install secret.
-        env.pop("BATON_VM_AGENT_TOKEN", None)
+        # A vm_agent gets its own credentials, never the install's secrets (the install secret, the
+        # database's password, the cloud and GitHub tokens, …).
+        for name in secret_setting_names() | {"BATON_VM_AGENT_TOKEN"}:
+            env.pop(name, None)
         argv = ["--state-dir", str(state_dir), "--follow-up-linger-s", str(settings.linger_s)]
         workspace = self.pool_workspaces / state_dir.name
         workspace.mkdir(mode=0o700, parents=True, exist_ok=True)

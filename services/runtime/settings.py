@@ -223,6 +223,13 @@ class Settings(BaseSettings):
         return self.api_token or read_or_create_secret(self.path("api-token"))
 
 
+def secret_setting_names() -> frozenset[str]:
+    """The variables of the settings that are secrets (never shown: `repr=False`), e.g.
+    BATON_DATABASE_URL, BATON_HCLOUD_TOKEN: what no vm_agent's environment may carry."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    return frozenset(f"{prefix}{name}".upper() for name, field in Settings.model_fields.items() if not field.repr)
+
+
 def default_max_running_tasks() -> int:
     """max(2, min(4 per CPU, 1 per GiB of free memory)) on this machine."""
     cpus = os.cpu_count() or 1

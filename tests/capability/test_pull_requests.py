@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import signal
+from pathlib import Path
 from collections.abc import Iterator
 
 import httpx
@@ -187,6 +188,10 @@ def test_the_github_token_is_in_no_event_log_store_or_audit_export(stack: BatonS
                       prompt="env; cat /proc/$PPID/environ 2>/dev/null | tr '\\0' '\\n'; echo > n.txt")["task_id"]
     assert "PATH=" in json.dumps(assert_flow_completes(api, nosy, timeout_s=90)), "the agent printed its environment"
     wait_for(lambda: pr_events(api, nosy, "PullRequestOpened"), timeout_s=30, what="PullRequestOpened")
+    # Nor does its vm_agent hold it (a vm_agent gets none of the install's secrets).
+    vm_agent_environ = Path(f"/proc/{stack.vm_agent_pid(nosy)}/environ")
+    if vm_agent_environ.exists():  # It may have left already (the workspace released).
+        assert TOKEN.encode() not in vm_agent_environ.read_bytes()
     for path in stack.data_dir.rglob("*"):
         if path.is_file() and not path.name.endswith(".creds"):
             assert TOKEN.encode() not in path.read_bytes(), f"the token is in {path}"

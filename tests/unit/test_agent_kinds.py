@@ -160,3 +160,12 @@ def test_batons_own_github_token_can_be_stored_and_is_never_an_agents(tmp_path: 
     assert github_token(settings.model_copy(update={"github_token": "ghp-env"})) == "ghp-env"
     # …but no vm_agent (so no agent) is handed it.
     assert "GITHUB_TOKEN" not in agent_environ(settings, {"GITHUB_TOKEN": "ghp-env-too"})
+
+
+def test_no_vm_agent_gets_the_installs_secrets(tmp_path: Path, monkeypatch):
+    from services.runtime.settings import secret_setting_names
+
+    # Every setting that is never shown is a secret no vm_agent's environment carries.
+    assert {"BATON_SECRET", "BATON_DATABASE_URL", "BATON_HCLOUD_TOKEN", "BATON_GITHUB_TOKEN",
+            "BATON_GITHUB_WEBHOOK_SECRET", "BATON_NOTIFY_WEBHOOKS", "BATON_API_TOKEN"} <= secret_setting_names()
+    assert "BATON_NATS_URL" not in secret_setting_names()
