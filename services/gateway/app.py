@@ -26,6 +26,7 @@ from services.runtime.heartbeat import HeartbeatBoard, send_heartbeats
 from services.runtime.metrics import StreamMetrics
 from services.runtime.relay import Relay
 from services.runtime.settings import Settings
+from services.runtime.tracing import handoff_trace_loops
 from services.runtime.store import ServiceStore, store_env
 
 NAME = "gateway"
@@ -46,7 +47,8 @@ def create_app(settings: Settings) -> FastAPI:
             await heartbeats.follow(bus.nc)
             app.state.gateway = Gateway(settings, store, relay, bus, board, audit, heartbeats)
             loops = asyncio.create_task(
-                run_all(relay.run(), send_heartbeats(bus.nc, NAME, faults=settings.faults))
+                run_all(relay.run(), send_heartbeats(bus.nc, NAME, faults=settings.faults),
+                        *handoff_trace_loops(audit))  # spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set
             )
             try:
                 yield

@@ -20,7 +20,7 @@ REMEMBERED_EVENTS = 50_000
 REMEMBERED_TASKS = 50_000
 
 
-class _Bounded(OrderedDict):
+class BoundedDict(OrderedDict):
     """A dict that forgets its oldest entries past `limit`."""
 
     def __init__(self, limit: int) -> None:
@@ -40,9 +40,9 @@ class StreamMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.position = 0
         """The stream sequence of the last event folded in."""
-        self._times: _Bounded = _Bounded(REMEMBERED_EVENTS)  # event_id -> (type, occurred_at)
-        self._submitted: _Bounded = _Bounded(REMEMBERED_TASKS)  # task_id -> (agent, occurred_at)
-        self._session_cost: _Bounded = _Bounded(REMEMBERED_TASKS)  # task_id -> cumulative cost
+        self._times: BoundedDict = BoundedDict(REMEMBERED_EVENTS)  # event_id -> (type, occurred_at)
+        self._submitted: BoundedDict = BoundedDict(REMEMBERED_TASKS)  # task_id -> (agent, occurred_at)
+        self._session_cost: BoundedDict = BoundedDict(REMEMBERED_TASKS)  # task_id -> cumulative cost
         r = self.registry
         self.handoff = Histogram(
             "baton_handoff_seconds", "Time from an event to the event it caused (one handoff).",

@@ -1,22 +1,27 @@
-"""Operable like the services it runs beside: scraped by Prometheus, grepped as JSON, checked by `baton doctor`.
+"""Operable like the services it runs beside: scraped by Prometheus, grepped as JSON, traced over
+OTLP, checked by `baton doctor`.
 
-One stack for the module, started with BATON_LOG_FORMAT=json; one task through it, from a repo
-whose URL carries a credential.
+One stack for the module, started with BATON_LOG_FORMAT=json and an OTLP endpoint (a receiver in
+this test); one task through it, from a repo whose URL carries a credential.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.api import Api
@@ -24,15 +29,60 @@ from tests.support.flow import assert_flow_completes
 from tests.support.git_http import GitHttpServer, git_http_server
 from tests.support.git_remote import make_origin
 from tests.support.processes import REPO_ROOT, BatonStack, running_stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
 PASSWORD = f"PASS{secrets.token_hex(8)}"
 
 
+class OtlpReceiver:
+    """An OTLP/HTTP traces endpoint on 127.0.0.1: keeps every span it is sent (protobuf, as decoded)."""
+
+    def __init__(self) -> None:
+        self.spans: list = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest.FromString(body)
+                receiver.spans.extend(span for resource in request.resource_spans
+                                      for scope in resource.scope_spans for span in scope.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def spans_of(self, task_id: str) -> list:
+        return [span for span in self.spans
+                if any(a.key == "baton.task_id" and a.value.string_value == task_id for a in span.attributes)]
+
+
 @pytest.fixture(scope="module")
-def json_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]:
-    with running_stack(tmp_path_factory.mktemp("operating"),
-                       env={"BATON_LOG_FORMAT": "json", "BATON_REPO_SCHEMES": "https,ssh,file,http"}) as stack:
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    thread = threading.Thread(target=receiver.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield receiver
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def json_stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[BatonStack]:
+    env = {"BATON_LOG_FORMAT": "json", "BATON_REPO_SCHEMES": "https,ssh,file,http",
+           "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    with running_stack(tmp_path_factory.mktemp("operating"), env=env) as stack:
         yield stack
 
 
@@ -125,3 +175,31 @@ def test_doctor_names_a_missing_tool_and_exits_non_zero(tmp_path: Path):
     assert "cannot run here until this is fixed: git" in done.stdout
     # Doctor only looks: it made no data dir.
     assert not (tmp_path / "baton").exists()
+
+
+def test_a_tasks_spans_form_one_trace_from_the_post_to_the_push(otlp: OtlpReceiver, completed_task: dict):
+    task_id = completed_task["task_id"]
+
+    def spans_through_the_push() -> dict | None:
+        spans = {span.span_id: span for span in otlp.spans_of(task_id)}
+        return spans if {"TaskSubmitted", "BranchPushed", "TaskCompleted"} <= {s.name for s in spans.values()} else None
+
+    spans = wait_for(spans_through_the_push, timeout_s=30, what="the task's spans at the OTLP receiver")
+    # One trace: every span of the task carries the same trace id.
+    assert len({span.trace_id for span in spans.values()}) == 1
+    # The POST's TaskSubmitted is the root; every other span (the push among them) hangs from it
+    # through the events that caused it, each span one handoff.
+    root = next(span for span in spans.values() if span.name == "TaskSubmitted")
+    assert not root.parent_span_id
+
+    def path_to_root(span) -> list[str]:
+        path = []
+        while span.parent_span_id:
+            path.append(span.name)
+            span = spans[span.parent_span_id]
+        assert span is root, path
+        return path
+
+    paths = {span.name: path_to_root(span) for span in spans.values()}
+    assert paths["BranchPushed"][-1] == "WorkspaceRequested", paths["BranchPushed"]
+    assert "PromptDelivered" in paths
