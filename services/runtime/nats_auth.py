@@ -29,6 +29,8 @@ import nkeys
 from nats.aio.client import Credentials, RawCredentials
 
 from events.catalog import EVENT_TYPES, types_emitted_by
+from events.client import reader_inbox
+from events.envelope import STREAM
 from services.runtime.settings import Settings, ensure_private_dir, write_private
 from services.runtime.vm_agent_commands import MEMBER_PREFIX, TASK_PREFIX, member_subject, task_subject
 
@@ -178,6 +180,28 @@ def auditor_permissions() -> Permissions:
                        deny_publish=JS_API_DENIED, deny_subscribe=_vm_subjects_unheard(()))
 
 
+def reader_durable(name: str) -> str:
+    """The durable consumer a reader credential named `name` reads the stream through (prefixed, so
+    a reader can never take over a service's own consumer)."""
+    return f"reader-{name}"
+
+
+def reader_permissions(durable: str) -> Permissions:
+    """A service outside Baton (`baton credentials create --read-only`): create, inspect and pull
+    from its own durable consumer `durable` on the event stream and ack what it read; nothing else
+    (no publishing events, no deleting, no other consumer, no subject but its own inbox)."""
+    consumer = f"{STREAM}.{durable}"
+    inbox = reader_inbox(durable)
+    return Permissions(
+        publish=("$JS.API.INFO", f"$JS.API.STREAM.INFO.{STREAM}", f"$JS.API.CONSUMER.INFO.{consumer}",
+                 f"$JS.API.CONSUMER.CREATE.{consumer}", f"$JS.API.CONSUMER.CREATE.{consumer}.>",
+                 f"$JS.API.CONSUMER.DURABLE.CREATE.{consumer}", f"$JS.API.CONSUMER.MSG.NEXT.{consumer}",
+                 f"$JS.ACK.{consumer}.>"),
+        subscribe=(f"{inbox}.>",),
+        inbox_prefix=inbox,
+    )
+
+
 def creds_text(jwt: str, seed: bytes) -> str:
     """The `.creds` file format nats-server's tools and every NATS client read."""
     return (f"-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n"
@@ -233,9 +257,7 @@ class InstallAuth:
                                   {"type": "operator", "system_account": system_pub})
         system_jwt = encode_jwt(self.operator, system_pub, "SYS", {"type": "account", "limits": {
             **_UNLIMITED, "imports": -1, "exports": -1, "wildcards": True, "conn": -1, "leaf": -1}})
-        account_jwt = encode_jwt(self.operator, account_pub, "baton", {"type": "account", "limits": {
-            **_UNLIMITED, "imports": -1, "exports": -1, "wildcards": True, "conn": -1, "leaf": -1,
-            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}})
+        account_jwt = self.account_jwt()
         jetstream = f"jetstream {{ store_dir: {json.dumps(str(store_dir))} }}\n" if store_dir else ""
         return (f"# Written by Baton: trusts this install's NATS operator ({operator_pub}).\n"
                 f"operator: {json.dumps(operator_jwt)}\n"
@@ -244,6 +266,36 @@ class InstallAuth:
                 f"resolver_preload: {{\n  {system_pub}: {json.dumps(system_jwt)}\n"
                 f"  {account_pub}: {json.dumps(account_jwt)}\n}}\n"
                 f"{jetstream}")
+
+    def account_jwt(self) -> str:
+        """Baton's account, signed by the operator, with every revoked user (`revoke`) in it."""
+        claims: dict = {"type": "account", "limits": {
+            **_UNLIMITED, "imports": -1, "exports": -1, "wildcards": True, "conn": -1, "leaf": -1,
+            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}}
+        if revocations := self.revocations():
+            claims["revocations"] = revocations
+        return encode_jwt(self.operator, self.account.public_key.decode(), "baton", claims)
+
+    def revocations(self) -> dict[str, int]:
+        """Revoked user public keys and when (Unix time): their JWTs issued until then are refused."""
+        try:
+            return json.loads((self.directory / "revocations.json").read_text())
+        except FileNotFoundError:
+            return {}
+
+    def revoke(self, user_public_key: str) -> str:
+        """Record the user's revocation (kept in every later `server_config`); the new account JWT,
+        for a running server to be told (`$SYS.REQ.ACCOUNT.<account>.CLAIMS.UPDATE`)."""
+        revoked = {**self.revocations(), user_public_key: int(time.time())}
+        write_private(self.directory / "revocations.json", json.dumps(revoked, indent=1))
+        return self.account_jwt()
+
+    def system_creds(self) -> str:
+        """A short-lived user of the system account: what tells a running server of a new account JWT."""
+        user = new_keypair("user")
+        jwt = encode_jwt(self.system, user.public_key.decode(), "baton-system",
+                         {"type": "user", "pub": {}, "sub": {}, **_UNLIMITED}, expires_at=time.time() + 60)
+        return creds_text(jwt, user.seed)
 
     def user_creds(self, name: str, permissions: Permissions, *, ttl_s: float | None = None) -> str:
         """A new user's `.creds` text: its JWT (signed by the account) and its seed."""
