@@ -45,9 +45,10 @@ only the outer bwrap process carries them (the agent dies with it); unsandboxed,
 PERSONAL_SECRETS = (
     "~/.ssh", "~/.gnupg", "~/.aws", "~/.azure", "~/.config/gcloud", "~/.config/gh", "~/.docker",
     "~/.kube", "~/.netrc", "~/.git-credentials", "~/.pgpass", "~/.npmrc", "~/.pypirc", "~/.claude",
-    "~/.codex", "~/.gemini", "/run/docker.sock", "/var/run/docker.sock",
+    "~/.codex", "~/.gemini", "/run/docker.sock", "/var/run/docker.sock", "/var/lib/cloud",
 )
-"""The user's own keys and tokens (and the Docker socket, which is root on the host): the agent
+"""The user's own keys and tokens (and the Docker socket, which is root on the host; on a cloud VM,
+cloud-init's copy of the user_data, which holds the vm_agent's member credential): the agent
 reads the system, but these are hidden like the data dir. The agent's own credentials come from
 the variables its kind declares, never from the user's files."""
 _HIDDEN_TOP_LEVEL = frozenset({"proc", "dev", "tmp"})

@@ -139,8 +139,9 @@ def dead_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeH
 
 def test_a_task_on_hetzner_completes_on_a_booted_server_which_is_deleted_with_its_cost(cloud: Cloud):
     api = cloud.api
-    task_id = api.submit(repo=cloud.repo_url, prompt='echo "from the cloud" > cloud.txt\n', agent="shell",
-                         provider="hetzner")["task_id"]
+    prompt = ('echo "from the cloud" > cloud.txt\n'
+              'echo "user_data seen: $(ls /var/lib/cloud/instance 2>/dev/null | wc -l)"\n')
+    task_id = api.submit(repo=cloud.repo_url, prompt=prompt, agent="shell", provider="hetzner")["task_id"]
 
     # The flow contract holds, in order, for a workspace on a server the fake API booted.
     events = assert_flow_completes(api, task_id, timeout_s=CALL_HOME_TIMEOUT_S + 120)
@@ -150,6 +151,9 @@ def test_a_task_on_hetzner_completes_on_a_booted_server_which_is_deleted_with_it
         < types.index("WorkspaceReady")
     ready = next(e for e in events if e["type"] == "WorkspaceReady")["data"]
     assert ready["provider"] == "hetzner" and ready["vm_agent_url"] == f"nats:baton.vm.task.{task_id}"
+    # The agent cannot read cloud-init's copy of the user_data (the vm_agent's member credential).
+    said = [e["data"]["text"].strip() for e in events if e["type"] == "AgentOutput"]
+    assert "user_data seen: 0" in said, said
 
     # Once the turn completed and its vm_agent left (no follow-up came), the workspace is released
     # and the server deleted, its life and cost recorded.
