@@ -8,7 +8,8 @@ never a task id, so their number stays bounded.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -43,6 +44,7 @@ class StreamMetrics:
         self._times: BoundedDict = BoundedDict(REMEMBERED_EVENTS)  # event_id -> (type, occurred_at)
         self._submitted: BoundedDict = BoundedDict(REMEMBERED_TASKS)  # task_id -> (agent, occurred_at)
         self._session_cost: BoundedDict = BoundedDict(REMEMBERED_TASKS)  # task_id -> cumulative cost
+        self._catching_up = threading.Lock()
         r = self.registry
         self.handoff = Histogram(
             "baton_handoff_seconds", "Time from an event to the event it caused (one handoff).",
@@ -60,6 +62,13 @@ class StreamMetrics:
                             ["agent", "currency"], registry=r)
         self.notifications = Counter("baton_notifications_total", "Webhook notifications by outcome.",
                                      ["outcome"], registry=r)
+
+    def catch_up(self, read_after: Callable[[int], list[dict[str, Any]]]) -> None:
+        """Fold in every record `read_after(stream_seq)` gives past `position`, page by page (one
+        caller at a time: two scrapes at once never fold an event twice)."""
+        with self._catching_up:
+            while records := read_after(self.position):
+                self.observe_all(records)
 
     def observe_all(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Fold in audit-log records (envelopes with their `stream_seq`), in stream order."""

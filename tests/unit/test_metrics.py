@@ -61,3 +61,16 @@ def test_gaps_usage_and_notifications_are_counted_by_their_bounded_labels():
     assert got[("baton_agent_cost_total", (("agent", "codex"), ("currency", "USD")))] == 0.75
     assert got[("baton_notifications_total", (("outcome", "delivered"),))] == 1
     assert got[("baton_notifications_total", (("outcome", "failed"),))] == 1
+
+
+def test_catching_up_reads_page_by_page_from_its_position_and_folds_each_event_once():
+    log = [event(seq, "TaskQueued", seq) for seq in range(1, 6)]
+    metrics = StreamMetrics()
+
+    def read_after(after: int) -> list[dict]:
+        return [record for record in log if record["stream_seq"] > after][:2]
+
+    metrics.catch_up(read_after)
+    metrics.catch_up(read_after)  # nothing new: nothing folded again
+    assert samples(metrics)[("baton_events_total", (("type", "TaskQueued"),))] == 5
+    assert metrics.position == 5

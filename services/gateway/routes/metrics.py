@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from events import STREAM
-from projections.audit_log import MAX_PAGE, AuditLog
+from projections.audit_log import MAX_PAGE
 from projections.task_board import STATES
 from services.gateway.context import Gateway, GatewayDep
 from services.runtime.bus import dead_letter_count
@@ -31,17 +31,11 @@ NATS_TIMEOUT_S = 2.0
 async def metrics(gateway: GatewayDep, request: Request) -> Response:
     """Every Baton metric, in the Prometheus text exposition format."""
     stream: StreamMetrics = request.app.state.stream_metrics
-    await asyncio.to_thread(catch_up, stream, gateway.audit)
+    await asyncio.to_thread(stream.catch_up, lambda after: gateway.audit.query(after_seq=after, limit=MAX_PAGE))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(stream.registry)
     registry.register(NowCollector(await now_readings(gateway)))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-
-def catch_up(stream: StreamMetrics, audit: AuditLog) -> None:
-    """Fold the audit log's records past `stream.position` into `stream`."""
-    while records := audit.query(after_seq=stream.position, limit=MAX_PAGE):
-        stream.observe_all(records)
 
 
 async def now_readings(gateway: Gateway) -> dict[str, Any]:
