@@ -166,6 +166,11 @@ class TaskBoard(TrackedProjection):
         permissions, costs = self._permissions_of(task_ids), self._costs_of(task_ids)
         return [_public(row, positions) | permissions[row["task_id"]] | costs[row["task_id"]] for row in rows]
 
+    def count_by_state(self) -> dict[str, int]:
+        """How many tasks are in each state (those with none are left out)."""
+        rows = self._db.execute("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
+        return {row["state"]: row["n"] for row in rows}
+
     def _costs_of(self, task_ids: list[str]) -> dict[str, dict[str, Any]]:
         """Each task's `cost_eur`: what its cloud servers cost (None for a task that ran on none)."""
         costs: dict[str, Any] = dict.fromkeys(task_ids)

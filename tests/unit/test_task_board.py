@@ -177,3 +177,10 @@ def test_a_task_costs_what_its_cloud_servers_cost_and_a_redelivered_deletion_cou
     # The deletion is beside the row: it neither moves the task's state nor its last activity.
     assert (row["state"], row["last_event"]) == ("completed", "TaskCompleted")
     assert [t["cost_eur"] for t in board.list()] == [pytest.approx(0.0026)]
+
+
+def test_count_by_state_counts_each_tasks_current_state(board, feed):
+    feed("TaskSubmitted", task_id="a", **SUBMITTED_DATA)
+    feed("TaskSubmitted", task_id="b", **SUBMITTED_DATA)
+    feed("TaskCompleted", task_id="b", branch="baton/b", commit="c")
+    assert board.count_by_state() == {"queued": 1, "completed": 1}

@@ -57,9 +57,7 @@ async def now_readings(gateway: Gateway) -> dict[str, Any]:
 
 
 def tasks_by_state(gateway: Gateway) -> dict[str, int]:
-    # The board's own table, counted (its rows are what `baton tasks` lists).
-    rows = gateway.board._db.execute("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
-    return dict.fromkeys(STATES, 0) | {row["state"]: row["n"] for row in rows}
+    return dict.fromkeys(STATES, 0) | gateway.board.count_by_state()
 
 
 def relay_backlog(gateway: Gateway) -> int:
