@@ -1,8 +1,9 @@
 """Baton's event contract as an AsyncAPI 3 document, generated from `events/` (nothing written by hand).
 
 One channel per event type (`baton.task.{task_id}.<Type>`), one message per event: the envelope
-whose `data` is the event's JSON Schema (from its pydantic model), who emits it (`x-emitter`) and
-what it promises (its docstring). The flow contract and the stream's name ride along as `x-` fields.
+whose `data` is the event's JSON Schema (from its pydantic model), who emits it (`x-emitter`), its
+schema version (`x-schema-version`; in `data.schema_version` past 1) and what it promises (its
+docstring). The flow contract and the stream's name ride along as `x-` fields.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from events.catalog import EVENT_TYPES, BaseEvent
 from events.envelope import STREAM, SUBJECT_PREFIX, Envelope
 from events.flow import DEADLINES, FLOW_CONTRACT
+from events.versions import SCHEMA_VERSION_KEY
 
 ASYNCAPI_VERSION = "3.0.0"
 SCHEMA_REF = "#/components/schemas/{model}"
@@ -57,6 +59,9 @@ def _schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = {"Envelope": _hoisted(Envelope.model_json_schema(ref_template=SCHEMA_REF), {})}
     for name, cls in EVENT_TYPES.items():
         schemas[name] = _hoisted(cls.model_json_schema(ref_template=SCHEMA_REF), schemas)
+        if cls.schema_version != 1:  # Written beside the fields past version 1 (events/versions.py).
+            schemas[name]["properties"][SCHEMA_VERSION_KEY] = {"const": cls.schema_version}
+            schemas[name].setdefault("required", []).append(SCHEMA_VERSION_KEY)
         schemas[f"{name}Envelope"] = {
             "allOf": [{"$ref": SCHEMA_REF.format(model="Envelope")}],
             "properties": {"type": {"const": name}, "data": {"$ref": SCHEMA_REF.format(model=name)}},
@@ -93,4 +98,5 @@ def _message(cls: type[BaseEvent]) -> dict[str, Any]:
         "contentType": "application/json",
         "payload": {"$ref": envelope_schema_ref(cls.type)},
         "x-emitter": cls.emitter,
+        "x-schema-version": cls.schema_version,
     }

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from events.envelope import Envelope
+from events.versions import SCHEMA_VERSION_KEY, UPCASTERS
 
 
 class BaseEvent(BaseModel):
@@ -21,11 +22,23 @@ class BaseEvent(BaseModel):
     emitter: ClassVar[str]
     """Who may publish it: a service name or `vm_agent`. The bus enforces it (each credential may
     publish only its emitter's types: `services/runtime/nats_auth.py`)."""
+    schema_version: ClassVar[int]
+    """The shape's version (1 unless the class says `version=`); raising it needs an upcaster from
+    the one before (events/versions.py), so every event ever recorded still reads as this shape."""
 
-    def __init_subclass__(cls, *, emitter: str = "", **kwargs: Any) -> None:
+    def __init_subclass__(cls, *, emitter: str = "", version: int = 1, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.type = cls.__name__
         cls.emitter = emitter
+        cls.schema_version = version
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """The event's fields, and `schema_version` beside them once the type is past version 1
+        (what every envelope's `data` is built from: `envelope_for`, the stores)."""
+        data = super().model_dump(**kwargs)
+        if self.schema_version != 1:
+            data[SCHEMA_VERSION_KEY] = self.schema_version
+        return data
 
 
 class TaskSubmitted(BaseEvent, emitter="gateway"):
@@ -723,5 +736,9 @@ def envelope_for(
 
 
 def parse_event(envelope: Envelope) -> BaseEvent:
-    """The typed event inside an envelope; raises KeyError for an unknown type."""
-    return EVENT_TYPES[envelope.type].model_validate(envelope.data)
+    """The typed event inside an envelope, in its type's current shape (upcast from the version it
+    was written in); raises KeyError for an unknown type."""
+    cls = EVENT_TYPES[envelope.type]
+    data = dict(envelope.data)
+    version = data.pop(SCHEMA_VERSION_KEY, 1)
+    return cls.model_validate(UPCASTERS.upcast(envelope.type, data, version=version, current=cls.schema_version))

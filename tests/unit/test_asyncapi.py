@@ -26,6 +26,7 @@ def test_the_document_names_every_event_with_its_subject_emitter_and_promise():
         assert DOCUMENT["channels"][name]["address"] == f"baton.task.{{task_id}}.{name}"
         message = DOCUMENT["components"]["messages"][name]
         assert message["x-emitter"] == cls.emitter
+        assert message["x-schema-version"] == cls.schema_version
         assert message["description"].split("\n", 1)[0] == cls.__doc__.strip().split("\n", 1)[0]
         assert DOCUMENT["operations"][f"receive{name}"]["action"] == "receive"
     assert DOCUMENT["x-flow-contract"]["handoffs"] == list(FLOW_CONTRACT)
