@@ -22,6 +22,7 @@ import pytest
 
 from events import STREAM, Envelope, TaskCompleted
 from events.client import reader_inbox, subscribe
+from services.runtime.nats_auth import InstallAuth, decode_claims
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.processes import BatonStack
@@ -124,6 +125,10 @@ def test_a_revoked_credential_is_refused_at_once(stack: BatonStack, tmp_path: Pa
             await connected()
 
     asyncio.run(scenario())
+    # The revocation outlives the server: the configuration every later start writes carries it.
+    revoked_key = decode_claims(creds.read_text().split("\n")[1])["sub"]
+    account_jwt = InstallAuth(stack.data_dir / "nats-auth").account_jwt()
+    assert revoked_key in decode_claims(account_jwt)["nats"]["revocations"]
     listed = baton(stack, "credentials", "list").stdout
     line = next(row for row in listed.splitlines() if reader_name in row)
     assert line.rstrip(" │").split("│")[-1].strip() not in ("", "-"), listed
