@@ -1,4 +1,5 @@
-"""Metrics computed from the event stream: handoff latencies, flow gaps, usage, notifications.
+"""Metrics computed from the event stream: handoff latencies, flow gaps, usage, notifications,
+cloud VMs by state.
 
 `StreamMetrics` folds envelopes (as the audit log holds them, in stream order) into Prometheus
 counters and histograms of its own registry. Labels are event types, agent kinds, outcomes:
@@ -13,12 +14,14 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 REMEMBERED_EVENTS = 50_000
 """How many recent events' times are kept to time the handoffs they cause (bounds the memory)."""
 REMEMBERED_TASKS = 50_000
+VM_STATES = ("requested", "created", "connected")
+"""A cloud VM's states, in order: its server asked for, created (booting), its vm_agent connected."""
 
 
 class BoundedDict(OrderedDict):
@@ -44,6 +47,7 @@ class StreamMetrics:
         self._times: BoundedDict = BoundedDict(REMEMBERED_EVENTS)  # event_id -> (type, occurred_at)
         self._submitted: BoundedDict = BoundedDict(REMEMBERED_TASKS)  # task_id -> (agent, occurred_at)
         self._session_cost: BoundedDict = BoundedDict(REMEMBERED_TASKS)  # task_id -> cumulative cost
+        self._servers: BoundedDict = BoundedDict(REMEMBERED_TASKS)  # (task_id, attempt) -> (provider, state)
         self._catching_up = threading.Lock()
         r = self.registry
         self.handoff = Histogram(
@@ -62,6 +66,8 @@ class StreamMetrics:
                             ["agent", "currency"], registry=r)
         self.notifications = Counter("baton_notifications_total", "Webhook notifications by outcome.",
                                      ["outcome"], registry=r)
+        self.vms = Gauge("baton_vms", "Cloud VMs (servers) not yet deleted, by provider and state.",
+                         ["provider", "state"], registry=r)
 
     def catch_up(self, read_after: Callable[[int], list[dict[str, Any]]]) -> None:
         """Fold in every record `read_after(stream_seq)` gives past `position`, page by page (one
@@ -121,6 +127,29 @@ class StreamMetrics:
     def _on_notification(self, envelope: Mapping[str, Any], at: datetime) -> None:
         self.notifications.labels("delivered" if envelope["type"] == "NotificationDelivered" else "failed").inc()
 
+    def _on_server(self, envelope: Mapping[str, Any], at: datetime) -> None:
+        """A cloud server's lifecycle moves it between `VM_STATES`; deleted, it is counted no more.
+        A server asked for but never created (the workspace failed) is no more either."""
+        data, kind = envelope["data"], envelope["type"]
+        key = (envelope["task_id"], data.get("attempt", 1))
+        known = self._servers.pop(key, None)
+        if known is not None:
+            self.vms.labels(*known).dec()
+        provider = data.get("provider") or (known[0] if known else None)
+        state = _SERVER_STATES.get(kind)
+        if state is not None and provider is not None:
+            for each in VM_STATES:  # Every state of a provider seen is a series, 0 when none.
+                self.vms.labels(provider, each)
+            self._servers[key] = (provider, state)
+            self.vms.labels(provider, state).inc()
+
+    def _on_workspace_failed(self, envelope: Mapping[str, Any], at: datetime) -> None:
+        for key in [key for key, (_, state) in self._servers.items()
+                    if key[0] == envelope["task_id"] and state == "requested"]:
+            self.vms.labels(*self._servers.pop(key)).dec()
+
+
+_SERVER_STATES = {"ServerRequested": "requested", "ServerCreated": "created", "VmAgentConnected": "connected"}
 
 _FOLDERS = {
     "TaskSubmitted": StreamMetrics._on_submitted,
@@ -130,6 +159,11 @@ _FOLDERS = {
     "UsageRecorded": StreamMetrics._on_usage,
     "NotificationDelivered": StreamMetrics._on_notification,
     "NotificationFailed": StreamMetrics._on_notification,
+    "ServerRequested": StreamMetrics._on_server,
+    "ServerCreated": StreamMetrics._on_server,
+    "VmAgentConnected": StreamMetrics._on_server,
+    "ServerDeleted": StreamMetrics._on_server,
+    "WorkspaceFailed": StreamMetrics._on_workspace_failed,
 }
 
 

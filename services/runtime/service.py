@@ -31,11 +31,18 @@ async def serve(
     details: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
     """Relay the store to the bus and handle the subscriptions (or `handlers`' event types),
-    until cancelled; `details` goes out with each heartbeat (shown in `/api/health`)."""
+    until cancelled; `details` goes out with each heartbeat (shown in `/api/health`), with the
+    relay's backlog (`relay_backlog`: events recorded, not yet published)."""
     subscriptions = [*(subscriptions or ()), *subscriptions_for(handlers or {})]
+    relay = Relay(store, bus)
     await run_all(
-        Relay(store, bus).run(),
-        send_heartbeats(bus.nc, name, faults=settings.faults, details=details),
+        relay.run(),
+        send_heartbeats(bus.nc, name, faults=settings.faults, details=with_relay_backlog(relay, details)),
         *loops,
         *(consume(bus, service=name, subscription=sub, store=store) for sub in subscriptions),
     )
+
+
+def with_relay_backlog(relay: Relay, details: Callable[[], dict[str, Any]] | None) -> Callable[[], dict[str, Any]]:
+    """`details` (if any) and the relay's backlog, as one heartbeat's details."""
+    return lambda: {**(details() if details is not None else {}), "relay_backlog": relay.backlog()}

@@ -74,3 +74,35 @@ def test_catching_up_reads_page_by_page_from_its_position_and_folds_each_event_o
     metrics.catch_up(read_after)  # nothing new: nothing folded again
     assert samples(metrics)[("baton_events_total", (("type", "TaskQueued"),))] == 5
     assert metrics.position == 5
+
+
+def test_cloud_vms_are_counted_by_provider_and_state_through_their_lifecycle():
+    metrics = StreamMetrics()
+
+    def vms() -> dict[str, float]:
+        return {dict(labels)["state"]: value for (name, labels), value in samples(metrics).items()
+                if name == "baton_vms" and dict(labels)["provider"] == "hetzner"}
+
+    metrics.observe_all([
+        event(1, "ServerRequested", 0, task="t1", provider="hetzner", name="baton-t1", server_type="cx22",
+              locations=["fsn1"], attempt=1),
+        event(2, "ServerRequested", 1, task="t2", provider="hetzner", name="baton-t2", server_type="cx22",
+              locations=["fsn1"], attempt=1),
+    ])
+    assert vms() == {"requested": 2, "created": 0, "connected": 0}
+    metrics.observe_all([
+        event(3, "ServerCreated", 30, task="t1", provider="hetzner", server_id=7, server_type="cx22",
+              location="fsn1", attempt=1),
+        event(4, "VmAgentConnected", 40, task="t1", workspace_id="t1-1", version="1", attempt=1),
+        event(5, "WorkspaceFailed", 41, task="t2", reason="no room"),  # asked for, never created
+    ])
+    assert vms() == {"requested": 0, "created": 0, "connected": 1}
+    # A new attempt's server is another VM; the first one's deletion leaves only it.
+    metrics.observe_all([
+        event(6, "ServerRequested", 50, task="t1", provider="hetzner", name="baton-t1-2", server_type="cx22",
+              locations=["fsn1"], attempt=2),
+        event(7, "ServerDeleted", 60, task="t1", provider="hetzner", server_id=7, reason="lost", seconds=30,
+              attempt=1),
+    ])
+    assert vms() == {"requested": 1, "created": 0, "connected": 0}
+    assert not any("t1" in str(labels) for name, labels in samples(metrics) if name == "baton_vms")

@@ -2,7 +2,8 @@
 
 What the stream says (handoff latencies, gaps, usage, notifications) is folded in from the audit
 log, up to its end, at each scrape; what is true now (tasks by state, consumer lag, backlog, dead
-letters, viewers, the vm_agent pool) is read at each scrape from where it lives.
+letters, viewers, the vm_agent pool) is read at each scrape from where it lives: each relaying
+service's backlog from its last heartbeat, the gateway's own from its store.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ async def now_readings(gateway: Gateway) -> dict[str, Any]:
     readings: dict[str, Any] = {
         "tasks": await asyncio.to_thread(tasks_by_state, gateway),
         "viewers": gateway.viewers.in_use,
-        "relay_backlog": {"gateway": relay_backlog(gateway)},
+        "relay_backlog": relay_backlogs(gateway),
         "vm_agents": {"warm": pool.get("warm_vm_agents", 0), "starting": pool.get("vm_agents_starting", 0)},
         "waiting_for_vm_agent": pool.get("tasks_waiting_for_a_vm_agent", 0),
     }
@@ -60,9 +61,13 @@ def tasks_by_state(gateway: Gateway) -> dict[str, int]:
     return dict.fromkeys(STATES, 0) | gateway.board.count_by_state()
 
 
-def relay_backlog(gateway: Gateway) -> int:
-    recorder = gateway.store.process_recorder
-    return max(0, (recorder.max_notification_id() or 0) - gateway.relay.position())
+def relay_backlogs(gateway: Gateway) -> dict[str, int]:
+    """Events recorded and not yet published, per service: the gateway's own outbox read now, every
+    other relaying service's as its last heartbeat reported it (none for a service not heard from lately)."""
+    alive = gateway.heartbeats.status()
+    reported = {service: details["relay_backlog"] for service, details in gateway.heartbeats.details.items()
+                if alive.get(service) and isinstance(details.get("relay_backlog"), int)}
+    return reported | {"gateway": gateway.relay.backlog()}
 
 
 async def consumer_lag(gateway: Gateway) -> dict[str, int]:
