@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from events.envelope import Envelope
-from events.versions import SCHEMA_VERSION_KEY, UPCASTERS
+from events.versions import SCHEMA_VERSION_KEY, current_shape
 
 
 class BaseEvent(BaseModel):
@@ -737,8 +737,9 @@ def envelope_for(
 
 def parse_event(envelope: Envelope) -> BaseEvent:
     """The typed event inside an envelope, in its type's current shape (upcast from the version it
-    was written in); raises KeyError for an unknown type."""
+    was written in, unless a consumer did already: `current_shape`); raises KeyError for an unknown
+    type."""
     cls = EVENT_TYPES[envelope.type]
-    data = dict(envelope.data)
-    version = data.pop(SCHEMA_VERSION_KEY, 1)
-    return cls.model_validate(UPCASTERS.upcast(envelope.type, data, version=version, current=cls.schema_version))
+    data = dict(current_shape(envelope).data)
+    data.pop(SCHEMA_VERSION_KEY, None)
+    return cls.model_validate(data)

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from events.catalog import EVENT_TYPES, BaseEvent, parse_event
 from events.envelope import STREAM, STREAM_SUBJECTS, Envelope
-from events.versions import MissingUpcaster
+from events.versions import MissingUpcaster, current_shape
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,9 @@ def reader_inbox(durable: str) -> str:
 
 @dataclass(frozen=True)
 class Received:
-    """One event off the stream: its position, its envelope, and the typed event in today's shape
-    (None for a type or a version this release of Baton cannot read: a newer Baton wrote it)."""
+    """One event off the stream: its position, its envelope and the typed event, both in today's
+    shape (`event` None, and the envelope as written, for a type or a version this release of Baton
+    cannot read: a newer Baton wrote it)."""
 
     stream_seq: int
     envelope: Envelope
@@ -79,17 +80,22 @@ def _received(data: bytes, stream_seq: int) -> Received | None:
         # Not an envelope at all (the stream refuses no shape): skipped, and said so.
         log.warning("skipped stream_seq %s: not a Baton envelope (%s)", stream_seq, error.errors()[0]["msg"])
         return None
+    try:
+        envelope = current_shape(envelope)
+    except MissingUpcaster as error:
+        log.warning("stream_seq %s: %s", stream_seq, error)
+        return Received(stream_seq, envelope, None)
     return Received(stream_seq, envelope, _typed(envelope, stream_seq))
 
 
 def _typed(envelope: Envelope, stream_seq: int) -> BaseEvent | None:
-    """The event in today's shape, or None where this release cannot read it (a type or a version
-    a newer Baton wrote): the caller still has the envelope."""
+    """The event of an envelope already in today's shape, or None where this release cannot read
+    it (a type or a version a newer Baton wrote): the caller still has the envelope."""
     if envelope.type not in EVENT_TYPES:
         return None
     try:
         return parse_event(envelope)
-    except (ValidationError, MissingUpcaster) as error:
+    except ValidationError as error:
         log.warning("stream_seq %s: %s not readable as today's shape (%s)", stream_seq, envelope.type,
                     type(error).__name__)
         return None

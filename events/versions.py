@@ -8,16 +8,21 @@ registers one upcaster from the version before:
     def _commit_becomes_commit_sha(data: dict) -> dict:
         return {**{k: v for k, v in data.items() if k != "commit"}, "commit_sha": data["commit"]}
 
-`parse_event` runs the chain from the version an envelope says it was written in
-(`data.schema_version`, 1 when absent) up to the current one, so every reader of typed events
-(stores, the stream's consumers, read models, the audit views, `events.client`) sees the current
-shape, while the stream and the audit log keep every envelope exactly as it was written.
+`current_shape` runs the chain from the version an envelope says it was written in
+(`data.schema_version`, 1 when absent) up to the current one. It runs once, where an envelope is
+decoded off the bus (every service's consumer, `Bus.last_event`, `events.client`), and in
+`parse_event`, where it finds the envelope already current: so every handler and read model sees
+`envelope.data` in the current shape, while the stream and the audit log keep every envelope exactly
+as it was written (the audit log's hash chain needs those bytes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from events.envelope import Envelope
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -68,3 +73,27 @@ class Upcasters:
 
 UPCASTERS = Upcasters()
 """Baton's own upcasters; none yet: every event type is at version 1."""
+
+
+def current_shape(envelope: Envelope) -> Envelope:
+    """`envelope` with its `data` in its type's current shape (with the current `schema_version`
+    beside the fields, as a current event writes it). The same envelope when it is current
+    already, or of a type or a version this release does not know (a newer Baton wrote it): a
+    dictionary lookup, so the flood of AgentOutput costs nothing. Raises MissingUpcaster when an
+    older version has no way to the current one."""
+    event_type = _event_types().get(envelope.type)
+    if event_type is None:
+        return envelope
+    version, current = envelope.data.get(SCHEMA_VERSION_KEY, 1), event_type.schema_version
+    if version >= current:
+        return envelope
+    written = {key: value for key, value in envelope.data.items() if key != SCHEMA_VERSION_KEY}
+    data = UPCASTERS.upcast(envelope.type, written, version=version, current=current)
+    return envelope.model_copy(update={"data": {**data, SCHEMA_VERSION_KEY: current}})
+
+
+def _event_types() -> dict[str, Any]:
+    """The catalog's event classes (imported here, not at the top: the catalog imports this module)."""
+    from events.catalog import EVENT_TYPES
+
+    return EVENT_TYPES

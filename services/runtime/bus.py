@@ -21,6 +21,7 @@ from nats.js.errors import NotFoundError
 
 from events import STREAM, Envelope, subject_for
 from events.envelope import STREAM_SUBJECTS
+from events.versions import current_shape
 
 if TYPE_CHECKING:
     from services.runtime.settings import Settings
@@ -73,12 +74,13 @@ class Bus:
         return ack.seq
 
     async def last_event(self, task_id: str, event_type: str) -> Envelope | None:
-        """The task's most recent event of `event_type` on the stream, if any."""
+        """The task's most recent event of `event_type` on the stream, if any, in its type's
+        current shape (`current_shape`)."""
         try:
             message = await self.js.get_last_msg(STREAM, subject_for(task_id, event_type))
         except NotFoundError:
             return None
-        return Envelope.from_json(message.data)
+        return current_shape(Envelope.from_json(message.data))
 
     async def publish_batch(self, messages: Sequence[Outgoing | Envelope]) -> None:
         """Publish in order, then wait for every ack (one round trip for the batch).

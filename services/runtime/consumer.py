@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from events import STREAM, Envelope, type_subjects
 from events.envelope import STREAM_SUBJECTS
+from events.versions import MissingUpcaster, current_shape
 from services.runtime.bus import DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, Bus, has_writer_api, send_commands
 from services.runtime.logs import log_context
 
@@ -194,13 +195,14 @@ class MisroutedEnvelope(ValueError):
 def envelope_on_its_subject(message: Msg) -> Envelope:
     """The message's envelope, only if it says what its subject says: the bus lets a credential
     publish only on its own subjects (a vm_agent: its own task's), so an envelope claiming
-    another task or type than its subject is forged and is never acted on."""
+    another task or type than its subject is forged and is never acted on. Its `data` is in its
+    type's current shape (`current_shape`), so no handler reads an old version's fields."""
     envelope = Envelope.from_json(message.data)
     if message.subject != envelope.subject:
         raise MisroutedEnvelope(
             f"misrouted envelope: it says {envelope.type} of task {envelope.task_id} but was "
             f"published on {message.subject}; not acted on")
-    return envelope
+    return current_shape(envelope)
 
 
 async def _process_batch(
@@ -214,8 +216,8 @@ async def _process_batch(
         tracking = Tracking(durable, stream_seq(message))
         try:
             items.append((envelope_on_its_subject(message), tracking))
-        except (ValidationError, ValueError):
-            break  # Undecodable or misrouted: leave it and what follows to the one-at-a-time path.
+        except (ValidationError, ValueError, MissingUpcaster):
+            break  # Undecodable, unreadable or misrouted: leave it and what follows to the one-at-a-time path.
     fresh = _unprocessed(store, items)
     try:
         if fresh:
@@ -301,6 +303,9 @@ async def _process(
         return
     except (ValidationError, ValueError) as error:
         await _give_up(bus, durable, message, store, tracking, f"undecodable envelope: {error}")
+        return
+    except MissingUpcaster as error:
+        await _give_up(bus, durable, message, store, tracking, str(error))
         return
     for delay_s in (*(RETRY_DELAYS_S if retry_delays_s is None else retry_delays_s), None):
         try:

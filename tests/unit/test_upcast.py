@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from events import Envelope, TaskCompleted, envelope_for, parse_event
-from events import catalog
+from events import versions
 from events.asyncapi import asyncapi_document, envelope_schema
 from events.versions import MissingUpcaster, Upcasters
 
@@ -47,7 +47,7 @@ def test_parse_event_reads_an_old_envelope_as_the_current_shape(monkeypatch: pyt
     upcasters = Upcasters()
     upcasters.register("TaskCompleted", from_version=1)(
         lambda data: {"branch": data["branch"], "commit": data["sha"]})
-    monkeypatch.setattr(catalog, "UPCASTERS", upcasters)
+    monkeypatch.setattr(versions, "UPCASTERS", upcasters)
     monkeypatch.setattr(TaskCompleted, "schema_version", 2)
     old = Envelope(type="TaskCompleted", task_id="t1", actor="service:task-runner",
                    data={"branch": "baton/t1", "sha": "abc"})
