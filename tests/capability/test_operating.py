@@ -146,6 +146,21 @@ def test_metrics_parse_and_move_after_a_completed_task(json_stack: BatonStack, g
     assert not any(task["task_id"] in str(labels) for _, labels in after)
 
 
+RELAYING_SERVICES = ("gateway", "task-runner", "provisioner", "monitor", "notifier", "pull-requests")
+
+
+def test_every_relaying_services_backlog_is_scraped_and_drains_to_zero_after_a_task(
+        json_stack: BatonStack, completed_task: dict):
+    def backlogs_once_relayed() -> dict[str, float] | None:
+        backlog = {dict(labels)["service"]: value for (name, labels), value in scrape(json_stack).items()
+                   if name == "baton_relay_backlog_events"}
+        return backlog if set(RELAYING_SERVICES) <= backlog.keys() and not any(backlog.values()) else None
+
+    backlog = wait_for(backlogs_once_relayed, timeout_s=60, every_s=0.5,
+                       what="every relaying service's baton_relay_backlog_events, at 0")
+    assert set(backlog) == set(RELAYING_SERVICES), backlog
+
+
 def test_json_logs_parse_line_by_line_and_carry_the_task_id_and_never_the_credential(
         json_stack: BatonStack, completed_task: dict):
     logs = sorted((json_stack.data_dir / "logs").glob("*.log"))
