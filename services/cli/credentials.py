@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.supervisor import running_nats_url
 from services.runtime.nats_auth import (
     InstallAuth,
     decode_claims,
@@ -38,7 +39,8 @@ credentials_app = typer.Typer(help="NATS credentials for services that react to 
 console = Console(highlight=False, soft_wrap=True)
 
 DataDirOption = Annotated[Optional[Path], typer.Option(help="Baton's data dir (or BATON_DATA_DIR)")]
-NatsOption = Annotated[Optional[str], typer.Option(help="NATS URL (or BATON_NATS_URL)")]
+NatsOption = Annotated[Optional[str], typer.Option(
+    help="NATS URL (or BATON_NATS_URL; else the one the data dir's running `baton up` runs)")]
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
 PUSH_TIMEOUT_S = 5.0
 
@@ -50,6 +52,14 @@ def _auth(data_dir: Path | None) -> tuple[Settings, InstallAuth]:
                       "(run `baton up` or `baton nats-config` first)")
         raise typer.Exit(2)
     return settings, InstallAuth(install_auth_dir(settings))
+
+
+def _running_nats_url(settings: Settings) -> str:
+    """BATON_NATS_URL when given, else the NATS the data dir's running `baton up` wrote it runs,
+    else the default URL."""
+    if "nats_url" in settings.model_fields_set:
+        return settings.nats_url
+    return running_nats_url(settings) or settings.nats_url
 
 
 def _readers_path(auth: InstallAuth) -> Path:
@@ -110,7 +120,7 @@ def revoke(
     account_jwt = auth.revoke(readers[name]["public_key"])
     readers[name]["revoked_at"] = int(time.time())
     _save_readers(auth, readers)
-    url = nats_url or settings.nats_url
+    url = nats_url or _running_nats_url(settings)
     try:
         asyncio.run(push_account_jwt(url, auth, account_jwt))
     except Exception as error:  # noqa: BLE001 - unreachable, refused: the user is told what holds.

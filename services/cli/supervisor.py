@@ -55,6 +55,20 @@ class SupervisorError(RuntimeError):
     """Something `baton up` needs is missing; str() says what to do."""
 
 
+def running_nats_url_path(settings: Settings) -> Path:
+    """Where a running `baton up` keeps the URL of the NATS it runs (or was given): 0600, written
+    once NATS is up, removed when it stops (a `baton up` killed with -9 leaves it behind)."""
+    return settings.path("run", "nats.url")
+
+
+def running_nats_url(settings: Settings) -> str | None:
+    """The URL of the NATS a `baton up` on this data dir runs, if one wrote it."""
+    try:
+        return running_nats_url_path(settings).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -244,6 +258,7 @@ class Supervisor:
         if self.nats_url is None:
             self.nats_url = self._start_nats()
         self._check_bus_auth()
+        write_private(running_nats_url_path(self.settings), self.nats_url)  # For `baton credentials revoke`.
         env = {
             **os.environ,
             **self._marks,
@@ -371,6 +386,7 @@ class Supervisor:
                 self._stop_vm_agents()
             finally:
                 marks.append(("vm_agents", time.monotonic()))
+                running_nats_url_path(self.settings).unlink(missing_ok=True)
                 self._stop_nats()
                 marks.append(("nats", time.monotonic()))
                 if self.children:

@@ -33,9 +33,11 @@ pytestmark = pytest.mark.capability
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def baton(stack: BatonStack, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "BATON_DATA_DIR": str(stack.data_dir), "BATON_NATS_URL": stack.nats_url,
-           "COLUMNS": "200"}
+def baton(stack: BatonStack, *args: str, nats_url_given: bool = True) -> subprocess.CompletedProcess:
+    """`baton ARGS` on the stack's data dir, told its NATS URL (BATON_NATS_URL) unless not `nats_url_given`."""
+    env = {**{k: v for k, v in os.environ.items() if k != "BATON_NATS_URL"},
+           "BATON_DATA_DIR": str(stack.data_dir), "COLUMNS": "200",
+           **({"BATON_NATS_URL": stack.nats_url} if nats_url_given else {})}
     return subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
 
@@ -117,8 +119,10 @@ def test_a_revoked_credential_is_refused_at_once(stack: BatonStack, tmp_path: Pa
 
     async def scenario() -> None:
         open_connection = await connected()
-        done = baton(stack, "credentials", "revoke", reader_name)
+        # No --nats-url, no BATON_NATS_URL: revoke finds the NATS the running `baton up` was given.
+        done = baton(stack, "credentials", "revoke", reader_name, nats_url_given=False)
         assert done.returncode == 0, done.stdout + done.stderr
+        assert f"NATS at {stack.nats_url} refuses it" in done.stdout
         # The server closes the connection it held, and refuses a new one.
         await asyncio.wait_for(_closed(open_connection), timeout=10)
         with pytest.raises(nats.errors.Error, match="Authorization Violation|[Rr]evoked"):
@@ -132,6 +136,17 @@ def test_a_revoked_credential_is_refused_at_once(stack: BatonStack, tmp_path: Pa
     listed = baton(stack, "credentials", "list").stdout
     line = next(row for row in listed.splitlines() if reader_name in row)
     assert line.rstrip(" │").split("│")[-1].strip() not in ("", "-"), listed
+
+
+def test_baton_up_keeps_the_url_of_the_nats_it_runs_private_while_it_runs(tmp_path: Path):
+    stack = BatonStack(nats=None, data_dir=tmp_path / "baton").start()
+    kept = tmp_path / "baton" / "run" / "nats.url"
+    try:
+        assert kept.read_text() == stack.nats_url
+        assert kept.stat().st_mode & 0o777 == 0o600
+    finally:
+        stack.stop()
+    assert not kept.exists()
 
 
 async def _closed(nc: nats.NATS) -> None:
