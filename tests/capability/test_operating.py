@@ -2,7 +2,8 @@
 OTLP, checked by `baton doctor`.
 
 One stack for the module, started with BATON_LOG_FORMAT=json and an OTLP endpoint (a receiver in
-this test); one task through it, from a repo whose URL carries a credential.
+this test); one task through it, from a repo whose URL carries a credential. A second stack, with the
+Hetzner provider on the fake API (servers that never boot), for the cloud VMs by state.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.api import Api
+from tests.support.fake_hetzner import FakeHetzner
 from tests.support.flow import assert_flow_completes
 from tests.support.git_http import GitHttpServer, git_http_server
 from tests.support.git_remote import make_origin
@@ -218,3 +220,39 @@ def test_a_tasks_spans_form_one_trace_from_the_post_to_the_push(otlp: OtlpReceiv
     paths = {span.name: path_to_root(span) for span in spans.values()}
     assert paths["BranchPushed"][-1] == "WorkspaceRequested", paths["BranchPushed"]
     assert "PromptDelivered" in paths
+
+
+HCLOUD_TOKEN = "hc-operating-test-token-" + "7" * 24
+CALL_HOME_TIMEOUT_S = 20
+
+
+@pytest.fixture(scope="module")
+def cloud_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeHetzner, BatonStack]]:
+    """A stack with the Hetzner provider on the fake API, whose servers never boot (never call home)."""
+    with FakeHetzner(token=HCLOUD_TOKEN) as fake:
+        env = {"BATON_HCLOUD_TOKEN": HCLOUD_TOKEN, "BATON_HCLOUD_ENDPOINT": fake.endpoint,
+               "BATON_HCLOUD_LOCATIONS": "fsn1", "BATON_VM_NATS_URL": "nats://127.0.0.1:4222",
+               "BATON_VM_GATEWAY_URL": "http://127.0.0.1:8420", "BATON_REPO_SCHEMES": "file",
+               "BATON_VM_CALL_HOME_TIMEOUT_S": str(CALL_HOME_TIMEOUT_S),
+               "BATON_DEADLINES": f"VmAgentConnected={CALL_HOME_TIMEOUT_S * 3}"}
+        with running_stack(tmp_path_factory.mktemp("operating-cloud"), env=env) as stack:
+            yield fake, stack
+
+
+def test_cloud_vms_are_scraped_by_provider_and_state_while_they_live(cloud_stack):
+    fake, stack = cloud_stack
+
+    def hetzner_vms() -> dict[str, float]:
+        return {dict(labels)["state"]: value for (name, labels), value in scrape(stack).items()
+                if name == "baton_vms" and dict(labels)["provider"] == "hetzner"}
+
+    api = Api(stack.api, stack.token)
+    task_id = api.submit(repo="file:///nowhere.git", prompt="echo hi\n", agent="shell", provider="hetzner")["task_id"]
+    # Its server is created and boots (it never calls home here): one VM, created.
+    wait_for(lambda: hetzner_vms() == {"requested": 0, "created": 1, "connected": 0}, timeout_s=60,
+             every_s=0.5, what="baton_vms{provider=hetzner,state=created} at 1")
+    # Its vm_agent never called home: the server is deleted, and no VM is counted any more.
+    api.wait_for_end(task_id, timeout_s=CALL_HOME_TIMEOUT_S + 60)
+    wait_for(lambda: hetzner_vms() == {"requested": 0, "created": 0, "connected": 0}, timeout_s=30, every_s=0.5,
+             what="baton_vms at 0 for hetzner once its server is deleted")
+    assert fake.servers() == []
