@@ -24,6 +24,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import ProcessRecorder, Recording, Tracking
 
 from events import BaseEvent, Envelope, envelope_for
+from events.versions import current_shape
 from services.runtime.settings import Settings
 
 _ID_NAMESPACE = uuid.UUID("6f1c1d1e-8a56-4a59-9a8e-6b0a7f3b9a10")
@@ -85,8 +86,8 @@ class TaskAggregate(Aggregate):
 
     def _take_recorded(self, payload: dict[str, Any]) -> None:
         parsed = self.__dict__.pop("_emitting", None)
-        if parsed is None:  # Rebuilt from the store.
-            parsed = Envelope.model_validate(payload)
+        if parsed is None:  # Rebuilt from the store: an event of an older version in the current shape.
+            parsed = current_shape(Envelope.model_validate(payload))
         self.seen_types.append(parsed.type)
         self.apply(parsed)
 
