@@ -66,7 +66,10 @@ def recording_context(browser: Browser, stack: BatonStack, *, granted: bool) -> 
 
 def test_the_watched_task_notifies_when_it_completes_or_fails_and_permission_is_asked_on_a_click(
         tmp_path: Path, browser: Browser):
-    with running_stack(tmp_path / "stack") as stack:
+    # A follow-up's push never comes (fault follow_up_push): the task fails in its second turn,
+    # while its page is open, seconds after the follow-up (a deadline of 2 s for the push).
+    faulty_turn_two = {"BATON_DEADLINES": "BranchPushed=2", "BATON_OVERDUE_BACKOFF_S": "0.5"}
+    with running_stack(tmp_path / "stack", faults="follow_up_push", env=faulty_turn_two) as stack:
         api = Api(stack.api, stack.token)
         origin = make_origin(tmp_path)
         earlier = api.submit(repo=origin.as_uri(), agent="shell", prompt="echo done before\n")["task_id"]
@@ -89,12 +92,13 @@ def test_the_watched_task_notifies_when_it_completes_or_fails_and_permission_is_
                                 what="a browser notification of the completion")
             assert notified == [{"title": f"Baton task {running} completed", "body": f"baton/{running}"}]
 
-            # A failing task watched: its failure is one, with the reason.
-            failing = api.submit(repo=(tmp_path / "missing.git").as_uri(), agent="shell", prompt="echo\n")["task_id"]
-            page.goto(f"/tasks/{failing}")
-            notified = wait_for(lambda: page.evaluate("window.__notified"), timeout_s=90,
+            # The same task, still watched, fails in a follow-up's turn: its failure is one, with the reason.
+            api.http.post(f"/api/tasks/{running}/messages", json={"prompt": "echo again\n"}).raise_for_status()
+            notified = wait_for(lambda: (seen := page.evaluate("window.__notified"))[1:] and seen, timeout_s=90,
                                 what="a browser notification of the failure")
-            assert [n["title"] for n in notified] == [f"Baton task {failing} failed"] and notified[0]["body"]
+            assert [n["title"] for n in notified] == [f"Baton task {running} completed", f"Baton task {running} failed"]
+            assert "BranchPushed missing" in notified[1]["body"]
+            expect(page.locator("#state .badge")).to_have_text("failed")
         finally:
             context.close()
 

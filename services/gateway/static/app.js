@@ -25,7 +25,9 @@ const STATE_OF = {
   AgentFinished: "running", SessionFailed: "running", BranchPushed: "running",
   TaskCompleted: "completed", TaskFailed: "failed", TaskCancelled: "cancelled",
 };
-const RANK = { queued: 0, provisioning: 1, running: 2, completed: 3, failed: 3, cancelled: 3 };
+// As projections/task_board.py STATE_RANK: a task that completed a turn may fail or be cancelled in a later one.
+const RANK = { queued: 0, provisioning: 1, running: 2, completed: 3, failed: 4, cancelled: 4 };
+const ended = (state) => RANK[state] >= 3;
 const GAPS = new Set(["StepOverdue", "AgentStalled"]); // named gaps: shown red, as markers
 const RED = new Set(["TaskFailed", "WorkspaceFailed", "SessionFailed", "PullRequestFailed", ...GAPS]);
 const TERMINAL = new Set(["TaskCompleted", "TaskFailed", "TaskCancelled"]);
@@ -247,8 +249,8 @@ function card(task) {
     task.state === "queued" && task.queue_position && h("p", { class: "card-queue", "data-queue-position": task.queue_position },
       `waiting for a place: #${task.queue_position} in line`),
     task.state === "failed" && task.reason && h("p", { class: "card-reason", title: task.reason }, task.reason),
-    RANK[task.state] < 3 && task.waiting_for === "person" && h("p", { class: "card-waiting" }, "✋ waiting for you: a permission request"),
-    RANK[task.state] < 3 && task.open_gaps?.size > 0 && h("p", { class: "card-gap" }, `⚠ overdue: ${[...task.open_gaps].join(", ")}`),
+    !ended(task.state) && task.waiting_for === "person" && h("p", { class: "card-waiting" }, "✋ waiting for you: a permission request"),
+    !ended(task.state) && task.open_gaps?.size > 0 && h("p", { class: "card-gap" }, `⚠ overdue: ${[...task.open_gaps].join(", ")}`),
     task.state === "completed" && task.branch && h("p", { class: "card-branch" }, "⎇ ", h("code", {}, task.branch)),
     h("div", { class: "card-meta" }, h("span", { title: task.repo || "" }, repo || ""),
       task.updated_at && h("time", { "data-since": task.updated_at, title: task.updated_at }, ago(task.updated_at))));
@@ -463,7 +465,7 @@ async function taskPage(app, id) {
       result.append(h("div", { class: "result result-cancelled", id: "cancelled" },
         h("div", {}, h("strong", {}, "■ Task cancelled: "), h("span", { class: "reason" }, task.reason || ""))));
     }
-    cancel.hidden = RANK[task.state] === 3;
+    cancel.hidden = ended(task.state);
     followUp.hidden = task.state === "failed" || task.state === "cancelled";
   };
   followUp.addEventListener("submit", async (submitted) => {
