@@ -122,8 +122,10 @@ def test_a_vm_agent_s_credential_cannot_hear_another_task_s_commands_nor_publish
             await vm.publish(task_subject(victim, "sessions"), b"{}")
             await vm.publish(f"baton.task.{mine}.AgentOutput", b"{}")  # its own: delivered, last
             await vm.flush()
-            await until(lambda: sum("permissions violation for publish" in r for r in vm.refusals) >= 2,
-                        "both publishes refused")
+            # The server says so (how many of its -ERRs the client reports under load is the client's
+            # business); what it let through is what the reader hears, below.
+            await until(lambda: any("permissions violation for publish" in r for r in vm.refusals),
+                        "the publishes refused")
             # One connection's messages arrive in order: once its own is seen, nothing else came.
             await until(lambda: f"baton.task.{mine}.AgentOutput" in seen, "its own event delivered")
             assert seen == [f"baton.task.{mine}.AgentOutput"]
