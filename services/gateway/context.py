@@ -18,6 +18,7 @@ from services.runtime.heartbeat import HeartbeatBoard
 from services.runtime.relay import Relay
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore
+from services.gateway.domain import Submission
 
 
 @dataclass
@@ -57,3 +58,14 @@ def valid_task_id(task_id: str) -> str:
 
 
 TaskIdDep = Annotated[str, Depends(valid_task_id)]
+
+
+def submission_or_404(gateway: Gateway, task_id: str) -> Submission:
+    """The task's Submission (the gateway's record of it); 404 for a task nobody submitted."""
+    try:
+        submission = gateway.store.get_task_aggregate(Submission, task_id)
+    except ValueError:
+        submission = None
+    if submission is None:
+        raise HTTPException(404, f"no task {task_id!r}")
+    return submission

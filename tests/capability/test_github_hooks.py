@@ -8,44 +8,19 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from tests.capability.test_pull_requests import HOOK_SECRET, TOKEN, api, github, stack  # noqa: F401 - the same fake GitHub and stack
 from tests.support.api import Api
-from tests.support.fake_github import FakeGitHub, fake_github
+from tests.support.fake_github import FakeGitHub
 from tests.support.flow import assert_flow_completes
-from tests.support.git_remote import branch_file, make_origin
-from tests.support.processes import BatonStack, running_stack
+from tests.support.git_remote import branch_file
+from tests.support.processes import BatonStack
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
-
-TOKEN = f"ghs_{secrets.token_hex(16)}"
-HOOK_SECRET = secrets.token_hex(16)
-
-
-@pytest.fixture(scope="module")
-def github(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGitHub]:
-    root = tmp_path_factory.mktemp("github")
-    (root / "acme").mkdir()
-    make_origin(root / "acme", "widgets.git")
-    with fake_github(root, token=TOKEN) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, github: FakeGitHub) -> Iterator[BatonStack]:
-    env = {"BATON_REPO_SCHEMES": "http,https,file", "BATON_GITHUB_TOKEN": TOKEN,
-           "BATON_GITHUB_API_URL": github.api_url, "BATON_GITHUB_WEBHOOK_SECRET": HOOK_SECRET}
-    with running_stack(tmp_path_factory.mktemp("stack"), env=env) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def api(stack: BatonStack) -> Api:
-    return Api(stack.api, stack.token)
 
 
 def deliver(stack: BatonStack, event: str, payload: dict, *, signed: bool = True) -> httpx.Response:

@@ -4,13 +4,12 @@ only from a click."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, expect
 
+from tests.capability.test_web_ui import browser  # noqa: F401 - Debian's chromium, as every browser test
 from tests.support.api import Api
 from tests.support.git_remote import make_origin
 from tests.support.processes import BatonStack, running_stack
@@ -18,9 +17,6 @@ from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 RECORD_NOTIFICATIONS = """
 window.__notified = [];
 window.__asked = 0;
@@ -43,19 +39,6 @@ window.Notification = class {
 """
 """A browser that has not asked the user yet (headless chromium says `denied` to everything): the
 user grants permission when asked."""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        missing = f"the web UI tests drive Debian's chromium at {CHROMIUM} (apt-get install chromium)"
-        pytest.fail(missing) if os.environ.get("CI") else pytest.skip(missing)
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 def recording_context(browser: Browser, stack: BatonStack, *, granted: bool) -> BrowserContext:

@@ -6,8 +6,7 @@ from eventsourcing.persistence import IntegrityError
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.gateway.context import GatewayDep, TaskIdDep
-from services.gateway.domain import Submission
+from services.gateway.context import GatewayDep, TaskIdDep, submission_or_404
 
 router = APIRouter(prefix="/api/tasks", tags=["tasks"])
 
@@ -25,12 +24,7 @@ class TaskCancel(BaseModel):
 def cancel_task(task_id: TaskIdDep, gateway: GatewayDep, body: TaskCancel | None = None) -> dict:
     """Record TaskCancelRequested (by the user); the task runner ends the task `cancelled`: at once
     if it waits in the queue, once its agent stopped if it runs. 404: no such task; 409: it ended."""
-    try:
-        submission = gateway.store.get_task_aggregate(Submission, task_id)
-    except ValueError:
-        submission = None
-    if submission is None:
-        raise HTTPException(404, f"no task {task_id!r}")
+    submission = submission_or_404(gateway, task_id)
     row = gateway.board.get(task_id)
     if row is not None and row["state"] in ENDED:
         raise HTTPException(409, f"task {task_id} already ended ({row['state']}): there is nothing to cancel")

@@ -6,8 +6,7 @@ from eventsourcing.persistence import IntegrityError
 from fastapi import APIRouter, HTTPException
 
 from events import FollowUpSubmitted
-from services.gateway.context import GatewayDep, TaskIdDep
-from services.gateway.domain import Submission
+from services.gateway.context import GatewayDep, TaskIdDep, submission_or_404
 from services.gateway.routes.tasks import _refuse_what_the_bus_cannot_carry
 from services.gateway.schemas import FollowUpCreate
 
@@ -19,12 +18,7 @@ def send_follow_up(task_id: TaskIdDep, body: FollowUpCreate, gateway: GatewayDep
     session (queued until the running turn is pushed; on a re-provisioned workspace, the session
     restored, once the task's was released). 404: no such task; 409: the task cannot take one (it
     failed or was cancelled)."""
-    try:
-        submission = gateway.store.get_task_aggregate(Submission, task_id)
-    except ValueError:
-        submission = None
-    if submission is None:
-        raise HTTPException(404, f"no task {task_id!r}")
+    submission = submission_or_404(gateway, task_id)
     _refuse_when_it_cannot_take_one(gateway, task_id, cancelling=submission.cancel_requested)
     submitted = FollowUpSubmitted(prompt=body.prompt)
     _refuse_what_the_bus_cannot_carry(gateway, task_id, submitted)  # type: ignore[arg-type]

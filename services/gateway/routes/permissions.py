@@ -6,8 +6,7 @@ from eventsourcing.persistence import IntegrityError
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.gateway.context import GatewayDep, TaskIdDep
-from services.gateway.domain import Submission
+from services.gateway.context import GatewayDep, TaskIdDep, submission_or_404
 from services.gateway.permissions import AnswerRefused, check_answer, permission_requests
 
 router = APIRouter(prefix="/api/tasks", tags=["permissions"])
@@ -20,20 +19,10 @@ class PermissionAnswerCreate(BaseModel):
     option_id: str = Field(min_length=1, max_length=500)
 
 
-def _submission(gateway: GatewayDep, task_id: str) -> Submission:
-    try:
-        submission = gateway.store.get_task_aggregate(Submission, task_id)
-    except ValueError:
-        submission = None
-    if submission is None:
-        raise HTTPException(404, f"no task {task_id!r}")
-    return submission
-
-
 @router.get("/{task_id}/permissions")
 async def list_permissions(task_id: TaskIdDep, gateway: GatewayDep) -> dict:
     """Every permission request of the task in order, each with its answer (null while open)."""
-    _submission(gateway, task_id)
+    submission_or_404(gateway, task_id)
     requests = await permission_requests(gateway.bus.js, task_id)
     return {"task_id": task_id, "permissions": requests}
 
@@ -43,7 +32,7 @@ async def answer_permission(task_id: TaskIdDep, request_id: str, body: Permissio
                             gateway: GatewayDep) -> dict:
     """Record the person's answer (PermissionAnswerGiven); the agent gets it through the task
     runner and its vm_agent, which records PermissionAnswered."""
-    submission = _submission(gateway, task_id)
+    submission = submission_or_404(gateway, task_id)
     requests = await permission_requests(gateway.bus.js, task_id)
     try:
         new = check_answer(requests, submission.permission_answers, request_id, body.option_id)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from events import TaskSubmitted, envelope_for
 from events.envelope import new_task_id
-from services.gateway.context import GatewayDep, TaskIdDep
+from services.gateway.context import GatewayDep, TaskIdDep, submission_or_404
 from services.gateway.domain import Submission
 from services.gateway.history import read_task_events
 from services.gateway.limits import BUS_HEADER_HEADROOM, MAX_STREAM_SEQ
@@ -63,7 +63,7 @@ def get_task(task_id: TaskIdDep, gateway: GatewayDep) -> TaskPublic:
     if row is not None:
         return TaskPublic(**row)
     # The projector may not have seen the submission yet; the gateway's own store has.
-    submission = _submission(gateway, task_id)
+    submission = submission_or_404(gateway, task_id)
     return _from_submission(submission)
 
 
@@ -73,7 +73,7 @@ async def get_task_events(
 ) -> TaskEvents:
     events = await read_task_events(gateway.bus.js, task_id, from_seq=from_seq)
     if not events and gateway.board.get(task_id) is None:
-        _submission(gateway, task_id)  # 404 for a task nobody submitted.
+        submission_or_404(gateway, task_id)  # 404 for a task nobody submitted.
     return TaskEvents(task_id=task_id, events=events)
 
 
@@ -108,16 +108,6 @@ def _save_with_credential(gateway: GatewayDep, submission: Submission, credentia
     except BaseException:
         gateway.credentials.discard(submission.task_id)
         raise
-
-
-def _submission(gateway: GatewayDep, task_id: str) -> Submission:
-    try:
-        submission = gateway.store.get_task_aggregate(Submission, task_id)
-    except ValueError:
-        submission = None
-    if submission is None:
-        raise HTTPException(404, f"no task {task_id!r}")
-    return submission
 
 
 def _from_submission(submission: Submission) -> TaskPublic:
