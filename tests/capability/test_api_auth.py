@@ -24,7 +24,8 @@ PROTECTED = [("POST", "/api/tasks"), ("GET", "/api/tasks"), ("GET", "/api/tasks/
              ("GET", "/api/audit/events"), ("GET", "/docs"), ("GET", "/openapi.json"),
              ("POST", "/api/tasks/0123456789abcdef/cancel"), ("POST", "/api/tasks/0123456789abcdef/messages"),
              ("GET", "/api/tasks/0123456789abcdef/permissions"),
-             ("POST", "/api/tasks/0123456789abcdef/permissions/r1")]
+             ("POST", "/api/tasks/0123456789abcdef/permissions/r1"),
+             ("GET", "/metrics"), ("GET", "/api/notifications"), ("GET", "/api/events/asyncapi.json")]
 STREAMS = ["/api/stream", "/api/tasks/0123456789abcdef/stream"]
 A_TASK = {"repo": "file:///nowhere.git", "prompt": "echo hi", "agent": "shell"}
 
