@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from services import registry
 from services.runtime.nats_auth import InstallAuth, bus_is_open, install_auth_dir
 from services.runtime.settings import Settings, write_private
 
-SERVICE_NAMES = ("gateway", "task-runner", "provisioner", "projector", "monitor", "notifier", "pull-requests")
+SERVICE_NAMES = registry.SERVICE_NAMES
 
 SUPERVISOR_PID_ENV = "BATON_SUPERVISOR_PID"
 """Set in the environment of every process `baton up` starts (and so of theirs): whose it is."""
