@@ -3,7 +3,9 @@
 Each node has its own client, cluster and monitoring ports (free ones), its own store dir and a
 server name (`n0`, `n1`, …); `cluster { routes }` names every other node. `running_nats_cluster`
 starts it and returns once JetStream has a meta leader every node agrees on; `kill` (-9) and
-`restart` take a node away and bring it back with the same name, ports and store.
+`restart` take a node away and bring it back with the same name, ports and store. With
+`trusting` (a Baton data dir) every node is configured as `baton nats-config` configures one:
+only credentials that install minted get in.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
+from services.runtime.nats_auth import InstallAuth
 from services.runtime.nats_server import nats_server_binary
 from tests.support.processes import free_port
 from tests.support.waiting import wait_for
@@ -43,12 +46,15 @@ class ClusterNode:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def config(self, routes: list[str]) -> str:
+    def config(self, routes: list[str], trusting: Path | None = None) -> str:
+        store = self.directory / "jetstream"
+        install = (InstallAuth(trusting / "nats-auth").server_config(store_dir=store) if trusting is not None
+                   else f"jetstream {{ store_dir: {json.dumps(str(store))} }}")
         return "\n".join([
+            install.rstrip("\n"),
             f"server_name: {self.name}",
             f"listen: 127.0.0.1:{self.client_port}",
             f"http: 127.0.0.1:{self.http_port}",
-            f"jetstream {{ store_dir: {json.dumps(str(self.directory / 'jetstream'))} }}",
             "cluster {",
             f"  name: {CLUSTER_NAME}",
             f"  listen: 127.0.0.1:{self.cluster_port}",
@@ -88,8 +94,9 @@ class NatsCluster:
     nodes: list[ClusterNode]
 
     @property
-    def urls(self) -> str:
-        """Every node's URL, comma-separated: what `--nats-url` / BATON_NATS_URL take."""
+    def url(self) -> str:
+        """Every node's URL, comma-separated: what `--nats-url` / BATON_NATS_URL take (so a
+        cluster stands where a `NatsServer` does, e.g. `BatonStack(nats=cluster)`)."""
         return ",".join(node.url for node in self.nodes)
 
     @property
@@ -130,13 +137,14 @@ async def stream_leader(js: JetStreamContext, stream: str) -> str | None:
 
 
 @contextmanager
-def running_nats_cluster(directory: Path, *, size: int = 3) -> Iterator[NatsCluster]:
-    """A `size`-node cluster with JetStream, up with a meta leader; every node stopped on exit."""
+def running_nats_cluster(directory: Path, *, size: int = 3, trusting: Path | None = None) -> Iterator[NatsCluster]:
+    """A `size`-node cluster with JetStream, up with a meta leader; every node stopped on exit.
+    `trusting`: a Baton data dir whose install's credentials alone get in."""
     nodes = [ClusterNode(f"n{i}", directory / f"n{i}", free_port(), free_port(), free_port()) for i in range(size)]
     for node in nodes:
         node.directory.mkdir(parents=True, exist_ok=True)
         routes = [f"nats-route://127.0.0.1:{other.cluster_port}" for other in nodes if other is not node]
-        (node.directory / "nats.conf").write_text(node.config(routes))
+        (node.directory / "nats.conf").write_text(node.config(routes, trusting))
     cluster = NatsCluster(nodes)
     try:
         for node in nodes:

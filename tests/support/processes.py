@@ -79,6 +79,8 @@ class BatonStack:
     extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    replicas: int = 1
+    """`baton up --replicas`: processes of each service (gateway i on `port` + i)."""
 
     @property
     def api(self) -> str:
@@ -121,7 +123,8 @@ class BatonStack:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "services.cli.main", "up", "--port", str(self.port),
-                 "--data-dir", str(self.data_dir), *(["--nats-url", self.nats.url] if self.nats else [])],
+                 "--data-dir", str(self.data_dir), *(["--nats-url", self.nats.url] if self.nats else []),
+                 *(["--replicas", str(self.replicas)] if self.replicas > 1 else [])],
                 stdout=log, stderr=log, env=env, cwd=REPO_ROOT, start_new_session=True,
             )
         wait_for(self.healthy, timeout_s=90, what="GET /api/health = 200")
