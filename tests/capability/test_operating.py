@@ -30,7 +30,7 @@ from tests.support.fake_hetzner import FakeHetzner
 from tests.support.flow import assert_flow_completes
 from tests.support.git_http import GitHttpServer, git_http_server
 from tests.support.git_remote import make_origin
-from tests.support.processes import REPO_ROOT, BatonStack, running_stack
+from tests.support.processes import REPO_ROOT, BatonStack, nats_server_binary, running_stack
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
@@ -180,9 +180,9 @@ def test_doctor_names_a_missing_tool_and_exits_non_zero(tmp_path: Path):
     # A PATH with nats-server and node, but no git.
     tools = tmp_path / "bin"
     tools.mkdir()
-    for tool in ("nats-server", "node"):
-        if found := shutil.which(tool) or shutil.which(tool, path="/usr/sbin"):
-            (tools / tool).symlink_to(found)
+    (tools / "nats-server").symlink_to(nats_server_binary())
+    if node := shutil.which("node"):
+        (tools / "node").symlink_to(node)
     done = subprocess.run([sys.executable, "-m", "services.cli.main", "doctor", "--data-dir", str(tmp_path / "baton")],
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
                           env={**os.environ, "PATH": str(tools), "COLUMNS": "200"})
