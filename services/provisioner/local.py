@@ -12,7 +12,7 @@ from pathlib import Path
 
 from services.provisioner.providers import ProvisionError
 from services.pull_requests.github import token_credential
-from services.provisioner.vm_agents import VmAgentError, VmAgentPool, VmAgentProcess, process_alive
+from services.provisioner.vm_agents import VmAgentError, VmAgentPool, VmAgentProcess, process_alive, this_machine
 from services.runtime.credentials import CredentialVault
 from services.runtime.git_safety import (
     credential_config, git_environment, hardened_config, redact, save_clone_git_dir,
@@ -173,6 +173,7 @@ class LocalProvider:
             log.warning("could not restore the agent home of %s: %s", task_id, error)
         (state_dir / "agent_home").write_text(str(member.state_dir / "home"))
         (state_dir / "pid").write_text(str(member.pid))
+        (state_dir / "machine").write_text(this_machine())  # Whose pid it is (watcher.py).
         # From now on it is the task's: a restarted provisioner's pool reset must not stop it.
         (member.state_dir / "pid").unlink(missing_ok=True)
         url_file.write_text(task_address(task_id))

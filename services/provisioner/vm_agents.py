@@ -58,6 +58,17 @@ class VmAgentError(Exception):
     """No vm_agent could be had; str() is the reason users see."""
 
 
+def this_machine() -> str:
+    """Where a pid means something: this boot of this machine, in this pid namespace (each
+    container has its own). Provisioner replicas elsewhere must not judge this one's vm_agents."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # No procfs (not Linux): the host's name is the best there is.
+        return socket.gethostname()
+    return f"{boot}/{namespace}"
+
+
 def process_alive(pid: int) -> bool:
     """True while `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
     try:

@@ -6,16 +6,24 @@ ends a session it left unfinished with `SessionFailed` (`lost_workspace`, the re
 vm_agent: the task runner starts a new attempt), relays everything it had not yet published, and
 releases the workspace (WorkspaceReleased, unless the session was lost: a later follow-up then
 re-provisions). Each attempt of a task has its own vm_agent; the watcher follows the latest.
+
+Replicas: a provisioner judges only the vm_agents started on its own machine (in its own pid
+namespace: `vm_agents.this_machine`, recorded beside the pid); another machine's are that
+machine's to watch. Two replicas on one machine take turns settling one (a file lock).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 
 from services.provisioner.domain import Workspace, all_workspaces
 from services.provisioner.local import LocalProvider
-from services.provisioner.vm_agents import process_alive
+from services.provisioner.vm_agents import process_alive, this_machine
 from services.runtime.bus import vm_agent_dead_letter_subject
 from services.runtime.relay import BatchPublisher, Relay
 from services.runtime.store import ServiceStore
@@ -40,9 +48,25 @@ class VmAgentWatcher:
                 self.watch(workspace.task_id, workspace.attempt)
         while True:
             for task_id, attempt in sorted(self._watched.items()):
-                if not self._vm_agent_alive(task_id, attempt):
-                    await self.settle_lost_vm_agent(task_id, attempt)
+                if not self._lost_here(task_id, attempt):
+                    continue
+                with _alone_in(self.provider.vm_agent_dir(task_id, attempt=attempt)) as alone:
+                    if alone:  # Else another replica on this machine is settling it.
+                        await self.settle_lost_vm_agent(task_id, attempt)
             await asyncio.sleep(interval_s)
+
+    def _lost_here(self, task_id: str, attempt: int) -> bool:
+        """The vm_agent was started on this machine and is gone. One started elsewhere (its state
+        dir is on another machine, or records another machine) is not judged here."""
+        state_dir = self.provider.vm_agent_dir(task_id, attempt=attempt)
+        if not state_dir.is_dir():
+            return False
+        try:
+            if (state_dir / "machine").read_text().strip() != this_machine():
+                return False
+        except FileNotFoundError:
+            pass  # Started before machines were recorded: by this one.
+        return not self._vm_agent_alive(task_id, attempt)
 
     def _vm_agent_alive(self, task_id: str, attempt: int) -> bool:
         pid_file = self.provider.vm_agent_dir(task_id, attempt=attempt) / "pid"
@@ -84,3 +108,15 @@ class VmAgentWatcher:
             self.provider.forget_task(task_id)
         if self._watched.get(task_id) == attempt:
             del self._watched[task_id]
+
+
+@contextlib.contextmanager
+def _alone_in(state_dir: Path) -> Iterator[bool]:
+    """True while this process holds `state_dir`'s settle lock (False: another holds it)."""
+    with (state_dir / "settle.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
