@@ -11,6 +11,7 @@ from services.runtime.bus import StreamLimits, open_bus
 from services.runtime.nats_auth import service_credentials
 from services.runtime.consumer import ALL_EVENTS, Subscription, consume, run_all
 from services.runtime.heartbeat import send_heartbeats
+from services.runtime.service import replica_of
 from services.runtime.settings import Settings
 
 NAME = "projector"
@@ -34,14 +35,13 @@ async def run(settings: Settings) -> None:
 
     async with open_bus(settings.nats_url, name=NAME, credentials=service_credentials(settings, NAME),
                        stream_limits=StreamLimits.from_settings(settings)) as bus:
+        replica = replica_of(settings)
         await run_all(
             send_heartbeats(bus.nc, NAME, faults=settings.faults),
             # The audit log follows every event in stream order, through one consumer.
-            consume(bus, service=NAME, store=audit, subscription=Subscription(
+            consume(bus, service=NAME, store=audit, replica=replica, subscription=Subscription(
                 ALL_EVENTS, append_to_audit_log, append_batch_to_audit_log)),
-            *(
-                consume(bus, service=NAME, store=board,
-                        subscription=Subscription(event_type, project, project_batch))
-                for event_type in PROJECTED_TYPES
-            ),
+            # The board takes each task's events in order, a partition at a time.
+            consume(bus, service=NAME, store=board, replica=replica, subscription=[
+                Subscription(event_type, project, project_batch) for event_type in PROJECTED_TYPES]),
         )
