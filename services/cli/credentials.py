@@ -32,7 +32,7 @@ from services.runtime.nats_auth import (
     reader_durable,
     reader_permissions,
 )
-from services.runtime.settings import Settings, write_private
+from services.runtime.settings import Settings, nats_server_urls, write_private
 
 credentials_app = typer.Typer(help="NATS credentials for services that react to Baton's events.",
                               no_args_is_help=True)
@@ -133,7 +133,8 @@ def revoke(
 async def push_account_jwt(nats_url: str, auth: InstallAuth, account_jwt: str) -> None:
     """Tell the running server of the account's new JWT (as a system-account user); raises unless
     the server says it took it."""
-    nc = await nats.connect(nats_url, user_credentials=raw_credentials(auth.system_creds()),
+    # Every server of a cluster hears the request: the system account spans the cluster.
+    nc = await nats.connect(nats_server_urls(nats_url), user_credentials=raw_credentials(auth.system_creds()),
                             allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=PUSH_TIMEOUT_S)
     try:
         subject = f"$SYS.REQ.ACCOUNT.{auth.account.public_key.decode()}.CLAIMS.UPDATE"

@@ -19,9 +19,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from services.runtime.nats_server import (HOW_TO_GET_IT, MIN_VERSION, NatsServerError, locate_nats_server,
+                                          nats_server_version)
 from services.runtime.settings import Settings
 
-MIN_NATS_SERVER = (2, 9)
 MIN_NODE = 20
 MIN_FREE_BYTES = 1 << 30
 """Below 1 GiB free in the data dir a task's clone, its stores and the stream soon fail."""
@@ -61,17 +62,20 @@ def check_git(which: Which = shutil.which) -> Finding:
     return Finding("git", True, path)
 
 
-def check_nats_server(which: Which = shutil.which) -> Finding:
-    path = which("nats-server")
-    want = ".".join(map(str, MIN_NATS_SERVER))
-    fix = (f"install nats-server ≥ {want} (Debian/Ubuntu: `sudo apt-get install nats-server`), or run "
-           "`baton up --nats-url` against a NATS with JetStream you already run")
+def check_nats_server(locate: Callable[[], Optional[str]] = locate_nats_server) -> Finding:
+    """The nats-server `baton up` would run (the venv's, else PATH's), with its version."""
+    path = locate()
+    fix = f"{HOW_TO_GET_IT}; or run `baton up --nats-url` against a NATS with JetStream you already run"
     if path is None:
-        return Finding("nats-server", False, "not on PATH", fix)
-    version = version_of([path, "--version"])
-    if version is None or version < MIN_NATS_SERVER:
-        return Finding("nats-server", False, f"{path}: version {version or 'unknown'}", fix)
-    return Finding("nats-server", True, f"{path} {version[0]}.{version[1]}")
+        return Finding("nats-server", False, "not in Baton's venv nor on PATH", fix)
+    try:
+        version = nats_server_version(path)
+    except NatsServerError:
+        return Finding("nats-server", False, f"{path}: version unknown", fix)
+    found = f"{path} {'.'.join(map(str, version))}"
+    if version < MIN_VERSION:
+        return Finding("nats-server", False, f"{found}, older than {'.'.join(map(str, MIN_VERSION))}", fix)
+    return Finding("nats-server", True, found)
 
 
 def check_node(which: Which = shutil.which, *, agents_installed: bool = False) -> Finding:

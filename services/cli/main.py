@@ -24,7 +24,9 @@ from rich.table import Table
 
 from services.cli.agents import agents_app, secrets_app
 from services.cli.audit import audit_app
+from services import registry
 from services.cli.doctor import doctor
+from services.cli.handlers import handlers
 from services.cli.credentials import credentials_app
 from services.cli.client import ApiError, ApiToken, BatonClient, TokenOption, find_api_token
 from services.cli.follow import follow_task, render_event
@@ -58,6 +60,7 @@ app.add_typer(secrets_app, name="secrets")
 app.command("nats-config")(nats_config)
 app.command("doctor")(doctor)
 app.command("permissions")(permissions)
+app.command("handlers")(handlers)
 
 
 @app.callback()
@@ -80,15 +83,7 @@ def _check_task_id(value: str) -> str:
 TaskIdArgument = Annotated[str, typer.Argument(callback=_check_task_id, metavar="TASK_ID",
                                                 help="the id `baton submit` printed")]
 
-SERVICE_MODULES = {
-    "gateway": "services.gateway.main",
-    "task-runner": "services.task_runner.main",
-    "provisioner": "services.provisioner.main",
-    "projector": "services.projector.main",
-    "monitor": "services.monitor.main",
-    "notifier": "services.notifier.main",
-    "pull-requests": "services.pull_requests.main",
-}
+SERVICE_MODULES = {entry.name: entry.module for entry in registry.SERVICES}
 
 DEMO_PROMPT = 'echo "Hello from Baton" > hello.txt\necho "wrote hello.txt in $(pwd)"'
 

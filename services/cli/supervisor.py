@@ -22,7 +22,6 @@ import asyncio
 import ctypes
 import fcntl
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,10 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from services import registry
 from services.runtime.nats_auth import InstallAuth, bus_is_open, install_auth_dir
+from services.runtime.nats_server import NatsServerError, nats_server_binary
 from services.runtime.settings import Settings, write_private
 
-SERVICE_NAMES = ("gateway", "task-runner", "provisioner", "projector", "monitor", "notifier", "pull-requests")
+SERVICE_NAMES = registry.SERVICE_NAMES
 
 SUPERVISOR_PID_ENV = "BATON_SUPERVISOR_PID"
 """Set in the environment of every process `baton up` starts (and so of theirs): whose it is."""
@@ -76,16 +77,11 @@ def free_port() -> int:
 
 
 def find_nats_server() -> str:
-    found = shutil.which("nats-server") or next(
-        (p for p in ("/usr/sbin/nats-server", "/usr/local/bin/nats-server") if Path(p).exists()), None
-    )
-    if found is None:
-        raise SupervisorError(
-            "nats-server is not installed. Install it (Debian/Ubuntu: `sudo apt-get install "
-            "nats-server`; elsewhere see https://docs.nats.io/running-a-nats-service/introduction/"
-            "installation), or pass --nats-url to use a NATS server with JetStream you already run."
-        )
-    return found
+    try:
+        return nats_server_binary()
+    except NatsServerError as error:
+        raise SupervisorError(f"{error}; or pass --nats-url to use a NATS server with JetStream you "
+                              "already run.") from error
 
 
 def _host_port(url: str) -> tuple[str, int]:

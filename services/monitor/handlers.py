@@ -11,7 +11,8 @@ from eventsourcing.persistence import Tracking
 from events import FLOW_CONTRACT, Deadline, Envelope, TaskCancelled, TaskCancelRequested, TaskFailed
 from events.flow import NEW_TURN, PROVIDER_DEADLINES, TURN_NUMBERED, WAITING_FOR
 from services.monitor.domain import Watch, skipped
-from services.runtime.consumer import Subscription
+from services.runtime.consumer import Handler, Subscription
+from services.runtime.handlers import declared_handlers, handles
 from services.runtime.store import ServiceStore
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Monitor:
                     self.watches[watch.task_id] = watch
             start = batch[-1].id
 
+    @handles(*WATCHED_TYPES)
     async def on_event(self, envelope: Envelope, tracking: Tracking) -> None:
         await self.on_batch([(envelope, tracking)])
 
@@ -194,8 +196,12 @@ class Monitor:
         watch = self.watches.get(task_id)
         return watch is not None and watch.waiting_for_person
 
+    def handlers(self) -> dict[str, Handler]:
+        """Event type -> handler, as declared (`@handles`); a run of them goes to `on_batch`."""
+        return declared_handlers(self)
+
     def subscriptions(self) -> list[Subscription]:
-        return [Subscription(event_type, self.on_event, self.on_batch) for event_type in WATCHED_TYPES]
+        return [Subscription(event_type, handle, self.on_batch) for event_type, handle in self.handlers().items()]
 
 
 def _waits_for(watch: Watch, expected: str) -> bool:

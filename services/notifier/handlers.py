@@ -23,7 +23,8 @@ from services.notifier.messages import (
     notification,
     signature,
 )
-from services.runtime.consumer import Subscription
+from services.runtime.consumer import Handler, Subscription
+from services.runtime.handlers import declared_handlers, handles
 from services.runtime.store import ServiceStore
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Notifier:
             self.outboxes[task_id] = self.store.get_task_aggregate(Outbox, task_id) or Outbox(task_id)
         return self.outboxes[task_id]
 
+    @handles(*NOTIFIABLE_TYPES)
     async def on_event(self, envelope: Envelope, tracking: Tracking) -> None:
         """Queue one notification per endpoint that wants `envelope`'s type, with its position."""
         wanting = [name for name, endpoint in self.endpoints.items() if endpoint.wants(envelope.type)]
@@ -85,8 +87,12 @@ class Notifier:
     def pending_count(self) -> int:
         return sum(len(outbox.pending) for outbox in self.outboxes.values())
 
+    def handlers(self) -> dict[str, Handler]:
+        """Event type -> handler, as declared (`@handles`)."""
+        return declared_handlers(self)
+
     def subscriptions(self) -> list[Subscription]:
-        return [Subscription(event_type, self.on_event) for event_type in NOTIFIABLE_TYPES]
+        return [Subscription(event_type, handle) for event_type, handle in self.handlers().items()]
 
     async def run_deliveries(self, interval_s: float = 0.2) -> None:
         """Start each due notification's attempt (one at a time per notification, never in a

@@ -9,12 +9,13 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from events.envelope import STREAM_SUBJECTS
+from services.registry import EVENT_PRODUCERS
 from services.runtime.relay import RELAY_TRACKING
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore, envelope_of, sqlite_env, store_env
 from services.runtime.streams import stream_events
 
-PRODUCERS = ("gateway", "task-runner", "provisioner", "monitor", "notifier", "pull-requests")
+PRODUCERS = EVENT_PRODUCERS
 AUDIT_CONSUMER = "projector-all"
 
 

@@ -1,4 +1,4 @@
-"""What the provisioner does on each event (the map is at the bottom).
+"""What the provisioner does on each event (each handler says which: `@handles`).
 
 Provisioning is slow (a clone, a process start, a cloud server's boot), so the handler only
 records the request with its consumer position and returns; the work runs in the background on the
@@ -24,6 +24,7 @@ from services.provisioner.local import LocalProvider
 from services.provisioner.providers import LocalWorkspaces, ProvisionError, WorkspaceOrder, WorkspaceProvider
 from services.provisioner.remote import assign_remote_vm_agent
 from services.runtime.consumer import Handler
+from services.runtime.handlers import declared_handlers, handles
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore
 from services.runtime.vm_agent_commands import task_address
@@ -73,6 +74,7 @@ class ProvisionerHandlers:
     def _workspace(self, task_id: str) -> Workspace | None:
         return self._held.get(task_id) or self.store.get_task_aggregate(Workspace, task_id)
 
+    @handles(WorkspaceRequested)
     async def on_workspace_requested(self, envelope: Envelope, tracking: Tracking) -> None:
         requested = parse_event(envelope)
         assert isinstance(requested, WorkspaceRequested)
@@ -148,6 +150,7 @@ class ProvisionerHandlers:
     def unsettled(self) -> list[Workspace]:
         return [w for w in all_workspaces(self.store) if not w.is_settled]
 
+    @handles(TaskFailed, TaskCancelled)
     async def on_task_ended(self, envelope: Envelope, tracking: Tracking) -> None:
         """A failed or cancelled task takes no follow-up: its kept agent home and repo credential go
         (the watcher deletes a home kept later, from a vm_agent that left after this), and a cloud
@@ -205,8 +208,5 @@ class ProvisionerHandlers:
         task.add_done_callback(self._background.discard)
 
     def handlers(self) -> dict[str, Handler]:
-        return {
-            WorkspaceRequested.type: self.on_workspace_requested,
-            TaskFailed.type: self.on_task_ended,
-            TaskCancelled.type: self.on_task_ended,
-        }
+        """Event type -> handler, as declared next to each (`@handles`)."""
+        return declared_handlers(self)

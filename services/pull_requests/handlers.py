@@ -14,7 +14,8 @@ from events import Envelope, TaskCompleted
 from services.pull_requests.description import PullRequestText, pull_request_text
 from services.pull_requests.domain import PullRequest
 from services.pull_requests.github import GitHubError, GitHubHost, GitHubRepo
-from services.runtime.consumer import Subscription
+from services.runtime.consumer import Handler, Subscription
+from services.runtime.handlers import declared_handlers, handles
 from services.runtime.store import ServiceStore
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class PullRequests:
         self.task_events = task_events
         self.public_url = public_url.rstrip("/")
 
+    @handles(TaskCompleted)
     async def on_task_completed(self, envelope: Envelope, tracking: Tracking) -> None:
         """Open (or update) the task's pull request for this turn, unless it was decided before,
         the task asked for none, or its repo is not on the configured GitHub host."""
@@ -98,5 +100,9 @@ class PullRequests:
             files = []
         return pull_request_text(task_id, events, files=files, task_url=f"{self.public_url}/tasks/{task_id}")
 
+    def handlers(self) -> dict[str, Handler]:
+        """Event type -> handler, as declared (`@handles`)."""
+        return declared_handlers(self)
+
     def subscriptions(self) -> list[Subscription]:
-        return [Subscription(TaskCompleted.type, self.on_task_completed)]
+        return [Subscription(event_type, handle) for event_type, handle in self.handlers().items()]

@@ -12,8 +12,10 @@ from typing import Any
 
 from nats.aio.client import Client
 
+from services.registry import REQUIRED_FOR_HEALTH
+
 HEARTBEAT_SUBJECT = "baton.heartbeat"
-REQUIRED_SERVICES = ("gateway", "task-runner", "provisioner", "projector", "monitor", "notifier", "pull-requests")
+REQUIRED_SERVICES = REQUIRED_FOR_HEALTH
 
 
 async def send_heartbeats(

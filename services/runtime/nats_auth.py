@@ -31,7 +31,7 @@ from nats.aio.client import Credentials, RawCredentials
 from events.catalog import EVENT_TYPES, types_emitted_by
 from events.client import reader_inbox
 from events.envelope import STREAM
-from services.runtime.settings import Settings, ensure_private_dir, write_private
+from services.runtime.settings import Settings, ensure_private_dir, nats_server_urls, write_private
 from services.runtime.vm_agent_commands import MEMBER_PREFIX, TASK_PREFIX, member_subject, task_subject
 
 JS_API_DENIED = ("$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>")
@@ -351,7 +351,8 @@ async def bus_is_open(url: str) -> bool:
     """True if NATS at `url` lets an anonymous client in (anyone on the network can then forge
     events or delete the stream); False if it refuses it, or cannot be reached."""
     try:
-        nc = await nats.connect(_without_userinfo(url), allow_reconnect=False, connect_timeout=2,
+        nc = await nats.connect([_without_userinfo(one) for one in nats_server_urls(url)],
+                                allow_reconnect=False, connect_timeout=2,
                                 max_reconnect_attempts=0, error_cb=_expected_refusal)
     except Exception:  # noqa: BLE001 - refused, unreachable: not open to us.
         return False

