@@ -23,6 +23,8 @@ from events import STREAM, Envelope, stored_subject
 from events.envelope import STREAM_SUBJECTS, SUBJECT_TRANSFORM
 from events.versions import current_shape
 
+from services.runtime.settings import nats_server_urls
+
 if TYPE_CHECKING:
     from services.runtime.settings import Settings
 
@@ -455,7 +457,7 @@ async def connect_nats(url: str, *, name: str, credentials: Credentials | None =
         options["inbox_prefix"] = inbox_prefix
     # nats-py retries a first connection forever when reconnects are unlimited: bounded here.
     connecting = asyncio.ensure_future(nats.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2, **options))
+        servers=nats_server_urls(url), name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2, **options))
     waiting_refusal = asyncio.ensure_future(refused.wait())
     try:
         await asyncio.wait({connecting, waiting_refusal}, timeout=timeout_s,

@@ -49,6 +49,7 @@ class PinnedPull:
         self.buffered: list[Msg] = []
         self._arrived = asyncio.Event()
         self._requesting = False
+        self._owed = 0  # Messages the open request may still bring.
         self._inbox = ""
         self._sub: Any = None
 
@@ -89,7 +90,7 @@ class PinnedPull:
         body: dict[str, Any] = {"batch": batch, "expires": int(expires_s * 1e9), "no_wait": True, "group": GROUP}
         if self.pin_id:
             body["id"] = self.pin_id
-        self._requesting = True
+        self._requesting, self._owed = True, batch
         await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}",
                               json.dumps(body).encode(), reply=self._inbox)
 
@@ -112,6 +113,9 @@ class PinnedPull:
             if pin and pin != self.pin_id:
                 self.pin_id, self.pin_changed = pin, True
             self.buffered.append(message)
+            self._owed -= 1
+            if self._owed <= 0:  # A request that got its whole batch ends without a status.
+                self._requesting = False
         elif status == _PIN_MISMATCH:
             log.info("consumer %s: no longer pinned here", self.durable)
             self.pin_id = ""
