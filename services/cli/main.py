@@ -223,13 +223,18 @@ class _ServiceStopper:
 def up(
     port: Annotated[int, typer.Option(help="the gateway's HTTP port")] = 8420,
     data_dir: Annotated[Optional[Path], typer.Option(help="where Baton keeps its data")] = None,
-    nats_url: Annotated[Optional[str], typer.Option(help="use this NATS (JetStream on) instead of starting one")] = None,
+    nats_url: Annotated[Optional[str], typer.Option(help=(
+        "use this NATS (JetStream on) instead of starting one; a cluster: its servers' URLs, comma-separated"))] = None,
     demo: Annotated[bool, typer.Option(help="submit a demo task once the stack is up")] = False,
+    replicas: Annotated[int, typer.Option(min=1, max=16, help=(
+        "processes of each service (BATON_REPLICA=i/N; gateways on consecutive ports from --port); "
+        "they share each service's store: SQLite here, PostgreSQL with BATON_DATABASE_URL"))] = 1,
 ) -> None:
     """Start NATS (unless --nats-url) and every service; restart any that dies; Ctrl-C stops all."""
     overrides = {"port": port} | ({"data_dir": data_dir} if data_dir else {})
     settings = Settings(**overrides)
-    supervisor = Supervisor(settings, nats_url=nats_url, say=lambda m: console.print(f"[yellow]{m}[/]"))
+    supervisor = Supervisor(settings, nats_url=nats_url, say=lambda m: console.print(f"[yellow]{m}[/]"),
+                            replicas=replicas)
 
     def interrupt(_signum: int, _frame: object) -> None:
         # The first Ctrl-C (or SIGTERM) stops Baton; further ones must not cut the stop short.
@@ -251,6 +256,9 @@ def up(
         _say_sandbox(settings)
         _wait_healthy(supervisor, api)
         console.print(f"[bold green]Baton is up:[/] {api}   (Ctrl-C stops it)")
+        if replicas > 1:
+            gateways = [_local_api(settings.model_copy(update={"port": port + i})) for i in range(replicas)]
+            console.print(f"{replicas} replicas of each service; gateways: {'  '.join(gateways)}")
         _print_login(api, settings, token)
         if demo:
             _run_demo(BatonClient(api, token), settings)

@@ -188,11 +188,13 @@ class Child:
     process: subprocess.Popen | None = None
     restarts: int = 0
     restart_at: float | None = None
+    own_env: dict[str, str] = field(default_factory=dict)
+    """What this one process gets besides the shared environment (a replica: BATON_REPLICA, its port)."""
 
     def start(self, env: dict[str, str]) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
+                self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**env, **self.own_env},
                 # Ctrl-C reaches `baton up` only, which stops the children in order. A child
                 # dies with `baton up` all the same: it sets PR_SET_PDEATHSIG itself (`service`).
                 start_new_session=True,
@@ -241,6 +243,8 @@ class Supervisor:
     _lock: IO[str] | None = None
     bus_open: bool | None = None
     """Whether NATS let an anonymous client in (checked at start); None if it was not reached."""
+    replicas: int = 1
+    """Processes of each service (`baton up --replicas N`)."""
 
     def start(self) -> None:
         """Start NATS (if needed) and every service; returns once all are spawned."""
@@ -267,14 +271,26 @@ class Supervisor:
             env["BATON_DATABASE_URL"] = self.settings.database_url
         self._env = env
         for name in SERVICE_NAMES:
-            child = Child(
-                name,
-                [sys.executable, "-m", "services.cli.main", "service", name],
-                self.settings.path("logs", f"{name}.log"),
-                self.settings.path("run", f"{name}.pid"),
-            )
-            self.children[name] = child
-            child.start(env)
+            for child in self._replicas_of(name):
+                self.children[child.name] = child
+                child.start(env)
+
+    def _replicas_of(self, service: str) -> list[Child]:
+        """The service's processes: one named after it, or with --replicas N, `<service>-<i>`
+        (i from 0) with BATON_REPLICA=i/N, each gateway on the next port."""
+        argv = [sys.executable, "-m", "services.cli.main", "service", service]
+        if self.replicas == 1:
+            return [Child(service, argv, self.settings.path("logs", f"{service}.log"),
+                          self.settings.path("run", f"{service}.pid"))]
+        children = []
+        for index in range(self.replicas):
+            name = f"{service}-{index}"
+            own_env = {"BATON_REPLICA": f"{index}/{self.replicas}"}
+            if service == "gateway":
+                own_env["BATON_PORT"] = str(self.settings.port + index)
+            children.append(Child(name, argv, self.settings.path("logs", f"{name}.log"),
+                                  self.settings.path("run", f"{name}.pid"), own_env=own_env))
+        return children
 
     def _take_lock(self) -> None:
         """One `baton up` per data dir: two would share stores and vm_agents, and stop each other's."""
@@ -393,7 +409,7 @@ class Supervisor:
         # The provisioner first: once it is gone, nothing starts or watches vm_agents, and they
         # can be told to stop while the other services finish.
         running = sorted((child for child in self.children.values() if child.running),
-                         key=lambda child: child.name != "provisioner")
+                         key=lambda child: not child.name.startswith("provisioner"))
         for child in running:
             child.terminate()
         deadline = time.monotonic() + self.stop_deadline_s
@@ -402,8 +418,9 @@ class Supervisor:
                 self.say(f"service {child.name} did not stop within {self.stop_deadline_s:.0f}s "
                          f"of SIGTERM; killed (log: {child.log_path})")
                 child.kill()
-            if child.name == "provisioner":
-                self._signal_vm_agents()
+            if child.name.startswith("provisioner") and not any(
+                    other.running for other in running if other.name.startswith("provisioner")):
+                self._signal_vm_agents()  # The last provisioner is gone.
 
     def _spared(self) -> frozenset[int]:
         """Ours but not vm_agents: NATS, and services not stopped yet."""

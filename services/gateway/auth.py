@@ -58,6 +58,15 @@ def session_value(token: str) -> str:
     return hmac.new(token.encode(), b"baton web session", hashlib.sha256).hexdigest()
 
 
+def session_cookie_name(settings: Settings) -> str:
+    """Cookies are per host, not per port: each install on this machine gets its own name, after
+    the port people open it on: BATON_PUBLIC_URL's when set (a load balancer in front of gateway
+    replicas on other ports: each takes the same session), else this gateway's."""
+    public = urlsplit(settings.public_url) if settings.public_url else None
+    port = (public.port or (443 if public.scheme == "https" else 80)) if public else settings.port
+    return f"baton_session_{port}"
+
+
 class ApiAuth:
     """Pure ASGI middleware: checks Host, Origin (WebSocket) and the token before any route runs."""
 
@@ -65,8 +74,7 @@ class ApiAuth:
         self.app = app
         self.token = settings.api_token_value().encode()
         self.session = session_value(settings.api_token_value()).encode()
-        # Cookies are per host, not per port: each install on this machine gets its own name.
-        self.cookie = f"baton_session_{settings.port}"
+        self.cookie = session_cookie_name(settings)
         self.hosts = LOCAL_HOSTS | {_bare_host(host) for host in settings.allowed_hosts}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

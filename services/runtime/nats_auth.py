@@ -36,6 +36,9 @@ from services.runtime.vm_agent_commands import MEMBER_PREFIX, TASK_PREFIX, membe
 
 JS_API_DENIED = ("$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>")
 """No Baton process deletes or purges the record; a leaked service credential cannot either."""
+SYNC_ALWAYS = "always"
+"""JetStream fsyncs each message before its ack: an acked event survives a power loss, which the
+relays rely on (they never republish what was acked). The cost is in docs/durability.md."""
 
 _PREFIXES = {"operator": nkeys.PREFIX_BYTE_OPERATOR, "account": nkeys.PREFIX_BYTE_ACCOUNT,
              "user": nkeys.PREFIX_BYTE_USER}
@@ -248,8 +251,9 @@ class InstallAuth:
             seed = path.read_bytes().strip()
         return nkeys.from_seed(bytearray(seed))
 
-    def server_config(self, *, store_dir: Path | None = None) -> str:
-        """nats-server configuration trusting this install's operator (JetStream on)."""
+    def server_config(self, *, store_dir: Path | None = None, sync_interval: str = SYNC_ALWAYS) -> str:
+        """nats-server configuration trusting this install's operator, with JetStream on and
+        syncing to disk as `sync_interval` says (`always`: before each ack; docs/durability.md)."""
         operator_pub = self.operator.public_key.decode()
         system_pub = self.system.public_key.decode()
         account_pub = self.account.public_key.decode()
@@ -258,7 +262,8 @@ class InstallAuth:
         system_jwt = encode_jwt(self.operator, system_pub, "SYS", {"type": "account", "limits": {
             **_UNLIMITED, "imports": -1, "exports": -1, "wildcards": True, "conn": -1, "leaf": -1}})
         account_jwt = self.account_jwt()
-        jetstream = f"jetstream {{ store_dir: {json.dumps(str(store_dir))} }}\n" if store_dir else ""
+        store = f"store_dir: {json.dumps(str(store_dir))}, " if store_dir else ""
+        jetstream = f"jetstream {{ {store}sync_interval: {json.dumps(sync_interval)} }}\n"
         return (f"# Written by Baton: trusts this install's NATS operator ({operator_pub}).\n"
                 f"operator: {json.dumps(operator_jwt)}\n"
                 f"system_account: {system_pub}\n"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from eventsourcing.application import (
     ProcessingEvent,
 )
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import ProcessRecorder, Recording, Tracking
+from eventsourcing.persistence import IntegrityError, ProcessRecorder, Recording, Tracking
 
 from events import BaseEvent, Envelope, envelope_for
 from events.versions import current_shape
@@ -211,14 +212,20 @@ def postgres_env(database_url: str, *, schema: str) -> dict[str, str]:
     }
 
 
-def _ensure_postgres_schema(env: dict[str, str]) -> None:
+@contextmanager
+def _postgres_schema_made_alone(env: dict[str, str]) -> Iterator[None]:
+    """The store's schema exists; inside, no other process is making its tables: replicas
+    starting together on a new store take turns (concurrent DDL collides in PostgreSQL)."""
     import psycopg
 
     with psycopg.connect(
         dbname=env["POSTGRES_DBNAME"], host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"],
         user=env["POSTGRES_USER"], password=env["POSTGRES_PASSWORD"] or None, autocommit=True,
     ) as connection:
+        # Held by this session until it closes (whatever happens inside).
+        connection.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"baton store setup {env['POSTGRES_SCHEMA']}",))
         connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{env["POSTGRES_SCHEMA"]}"')
+        yield
 
 
 class ServiceStore(Application):
@@ -228,8 +235,15 @@ class ServiceStore(Application):
         # The name keeps each service's tables apart when they share one PostgreSQL database.
         self.name = name.replace("-", "_")
         if env and env.get("PERSISTENCE_MODULE") == "eventsourcing.postgres":
-            _ensure_postgres_schema(env)
-        super().__init__(env)
+            with _postgres_schema_made_alone(env):
+                super().__init__(env)
+        else:
+            try:
+                super().__init__(env)
+            except IntegrityError:
+                # SQLite replicas starting together on a new store race to create its tables: the
+                # loser's first tracking record collides with the winner's. The tables exist now.
+                super().__init__(env)
         self._listeners: list[Callable[[list[Recording]], None]] = []
 
     @property

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+
+import pytest
 
 from services.registry import SERVICE_NAMES
 from tests.support.processes import REPO_ROOT
@@ -15,3 +19,42 @@ def test_docker_compose_runs_every_registered_service_and_nothing_else():
     assert set(containers.values()) == set(SERVICE_NAMES)
     for container, service in containers.items():
         assert container.startswith(service), f"container {container} runs {service}: name it after the service"
+
+
+def _service_blocks(compose: str) -> dict[str, str]:
+    """Each top-level entry of `services:` and its indented text."""
+    services = compose.split("\nservices:\n", 1)[1].split("\nvolumes:\n", 1)[0]
+    return dict(re.findall(r"^  ([\w-]+):\n((?:    .*\n|\s*\n)*)", services + "\n", re.M))
+
+
+def test_docker_compose_runs_two_replicas_of_each_service_on_a_three_node_nats_cluster():
+    compose = (REPO_ROOT / "docker-compose.yml").read_text()
+    blocks = _service_blocks(compose)
+    for name in SERVICE_NAMES:
+        for index in range(2):
+            block = blocks[f"{name}-{index}"]
+            assert f'BATON_REPLICA: "{index}/2"' in block, f"{name}-{index} is not replica {index}/2"
+            assert "<<: *baton-env" in block, f"{name}-{index} does not get the shared environment"
+    # Three nodes, each named, routed to the other two; every service is given all three.
+    nodes = [f"nats-{i}" for i in (1, 2, 3)]
+    for node in nodes:
+        others = ",".join(f"nats://{other}:6222" for other in nodes if other != node)
+        assert f'"--name", "{node}"' in blocks[node] and f'"--routes", "{others}"' in blocks[node]
+    assert "BATON_NATS_URL: " + ",".join(f"nats://{node}:4222" for node in nodes) in compose
+
+
+def _compose_command() -> list[str] | None:
+    """`docker compose` (the plugin), else `docker-compose`, else None."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True,
+                                                 timeout=30).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+def test_docker_compose_file_is_valid_where_compose_is_installed():
+    command = _compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor docker-compose is installed")
+    done = subprocess.run([*command, "-f", str(REPO_ROOT / "docker-compose.yml"), "config", "-q"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr

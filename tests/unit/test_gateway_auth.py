@@ -12,7 +12,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocket
 
-from services.gateway.auth import ApiAuth, is_authenticated, session_value
+from services.gateway.auth import ApiAuth, is_authenticated, session_cookie_name, session_value
 from services.runtime.settings import Settings
 
 TOKEN = "0123456789abcdef" * 4
@@ -98,3 +98,12 @@ def test_a_websocket_needs_the_token_and_the_pages_own_origin(tmp_path):
     with pytest.raises(WebSocketDenialResponse) as anonymous, client.websocket_connect(STREAM):
         pass
     assert anonymous.value.status_code == 401
+
+
+def test_gateway_replicas_behind_a_load_balancer_take_one_session_cookie_named_after_its_port():
+    # Alone, a gateway names its cookie after its own port (installs on one machine stay apart).
+    assert session_cookie_name(Settings(port=8421)) == "baton_session_8421"
+    # Behind a balancer (BATON_PUBLIC_URL), every replica, whatever its port, uses the balancer's.
+    for port in (8420, 8421):
+        assert session_cookie_name(Settings(port=port, public_url="http://baton.example:8000")) == "baton_session_8000"
+    assert session_cookie_name(Settings(port=8421, public_url="https://baton.example")) == "baton_session_443"

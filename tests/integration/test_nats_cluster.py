@@ -1,0 +1,82 @@
+"""A replicated stream on a real 3-node nats-server cluster keeps taking events when its leader
+is killed -9: a new leader is elected and publishing goes on, nothing acknowledged is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.errors import NoRespondersError, TimeoutError as NatsTimeoutError
+from nats.js.api import StreamConfig
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+from nats.js.client import JetStreamContext
+
+from tests.support.nats_cluster import NatsCluster, running_nats_cluster, stream_leader
+
+STREAM = "CLUSTER_TEST"
+NOT_NOW = (NatsTimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError)
+"""What a publish meets while the stream elects a new leader: try again."""
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    with running_nats_cluster(tmp_path / "cluster") as running:
+        yield running
+
+
+@pytest.fixture
+async def js(cluster: NatsCluster) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(cluster.server_urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        yield nc.jetstream(timeout=2)
+    finally:
+        await nc.close()
+
+
+async def publish_until_acked(js: JetStreamContext, number: int, *, timeout_s: float = 30) -> None:
+    """Publish message `number` (deduplicated by its id) until the stream acknowledges it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await js.publish(f"ct.{number}", str(number).encode(), stream=STREAM,
+                             headers={"Nats-Msg-Id": f"m{number}"})
+            return
+        except NOT_NOW:
+            assert time.monotonic() < deadline, f"message {number} not acknowledged within {timeout_s:.0f}s"
+            await asyncio.sleep(0.1)
+
+
+async def every_replica_current(js: JetStreamContext, *, expected: int) -> bool:
+    """The stream's leader sees `expected` followers, each online and caught up."""
+    replicas = (await js.stream_info(STREAM)).cluster.replicas or []
+    return len(replicas) == expected and all(peer.current and not peer.offline for peer in replicas)
+
+
+async def test_a_replicated_stream_goes_on_taking_messages_when_its_leader_is_killed(cluster: NatsCluster,
+                                                                                    js: JetStreamContext):
+    # A stream kept on all three nodes, and read back as such.
+    await js.add_stream(StreamConfig(name=STREAM, subjects=["ct.>"], num_replicas=3))
+    assert (await js.stream_info(STREAM)).config.num_replicas == 3
+    for number in range(20):
+        await publish_until_acked(js, number)
+    leader = await stream_leader(js, STREAM)
+    assert leader in {node.name for node in cluster.nodes}
+    # The leader dies without a word; the next messages are taken once a new leader is elected.
+    cluster.kill(leader)
+    for number in range(20, 40):
+        await publish_until_acked(js, number)
+    new_leader = await stream_leader(js, STREAM)
+    assert new_leader not in (None, leader)
+    info = await js.stream_info(STREAM)
+    assert (info.state.messages, info.state.last_seq) == (40, 40)
+    # The killed node comes back, catches up, and the stream is whole on every node.
+    cluster.restart(leader)
+    deadline = time.monotonic() + 30
+    while not await every_replica_current(js, expected=len(cluster.nodes) - 1):
+        assert time.monotonic() < deadline, "the restarted node did not catch up within 30s"
+        await asyncio.sleep(0.2)
+    assert [int((await js.get_msg(STREAM, seq)).data) for seq in range(1, 41)] == list(range(40))
