@@ -50,6 +50,7 @@ class PinnedPull:
         self._arrived = asyncio.Event()
         self._requesting = False
         self._owed = 0  # Messages the open request may still bring.
+        self._open_until = 0.0  # When the open request ends at the latest (a lost one: a NATS restart).
         self._inbox = ""
         self._sub: Any = None
 
@@ -85,12 +86,14 @@ class PinnedPull:
     async def request(self, batch: int, *, expires_s: float) -> None:
         """Ask for up to `batch` messages: what the consumer has now, else the first one within
         `expires_s`. Does nothing while an earlier request is still open."""
-        if self._requesting:
+        loop = asyncio.get_running_loop()
+        if self._requesting and loop.time() < self._open_until:
             return
         body: dict[str, Any] = {"batch": batch, "expires": int(expires_s * 1e9), "no_wait": True, "group": GROUP}
         if self.pin_id:
             body["id"] = self.pin_id
         self._requesting, self._owed = True, batch
+        self._open_until = loop.time() + expires_s + 1.0
         await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}",
                               json.dumps(body).encode(), reply=self._inbox)
 
