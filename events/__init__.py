@@ -50,7 +50,16 @@ from events.catalog import (
     ServerRequested,
     VmAgentConnected,
 )
-from events.envelope import STREAM, Envelope, subject_for, task_subjects, type_subjects
+from events.envelope import (
+    PARTITIONS,
+    STREAM,
+    Envelope,
+    partition_of,
+    stored_subject,
+    subject_for,
+    task_subjects,
+    type_subjects,
+)
 from events.flow import (
     DEADLINES,
     FLOW_CONTRACT,
@@ -112,6 +121,9 @@ __all__ = [
     "envelope_for",
     "parse_event",
     "subject_for",
+    "stored_subject",
+    "partition_of",
+    "PARTITIONS",
     "task_subjects",
     "type_subjects",
     "ServerCreated",

@@ -6,6 +6,7 @@ import re
 import secrets
 import uuid
 from datetime import UTC, datetime
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -40,9 +41,37 @@ def task_id_problem(value: str) -> str | None:
     return f"{value[:80]!r} is not a task id: a task id is {TASK_ID_FORM}"
 
 
+PARTITIONS = 8
+"""Each task's events are stored in one of this many partitions (see `partition_of`): a service
+consumes each partition through its own durable consumer, so a task's events reach it in order,
+one replica at a time, while tasks spread over replicas. Fixed for a stream's lifetime."""
+
+SUBJECT_TRANSFORM = (
+    f"{SUBJECT_PREFIX}.*.*",
+    f"{SUBJECT_PREFIX}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({PARTITIONS},1)}}}}",
+)
+"""(source, destination) of the stream's subject transform: an event published on
+`baton.task.<task>.<type>` is stored on `baton.task.<task>.<type>.<partition>`, the partition
+computed by the server from the task id (nats-server's `partition()`, FNV-1a; `partition_of`)."""
+
+
 def subject_for(task_id: str, event_type: str) -> str:
-    """`baton.task.<task_id>.<type>`: what a consumer filters on."""
+    """`baton.task.<task_id>.<type>`: where an event is published (and what a credential may publish)."""
     return f"{SUBJECT_PREFIX}.{task_id}.{event_type}"
+
+
+def partition_of(task_id: str) -> int:
+    """The partition the stream stores a task's events in: FNV-1a (32 bit) of the task id modulo
+    PARTITIONS, as nats-server's `{{partition(n,1)}}` computes it (a contract test holds the two equal)."""
+    digest = 0x811C9DC5
+    for byte in task_id.encode():
+        digest = ((digest ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return digest % PARTITIONS
+
+
+def stored_subject(task_id: str, event_type: str) -> str:
+    """`baton.task.<task_id>.<type>.<partition>`: the subject the stream keeps the event under."""
+    return f"{subject_for(task_id, event_type)}.{partition_of(task_id)}"
 
 
 def task_subjects(task_id: str) -> str:
@@ -51,8 +80,18 @@ def task_subjects(task_id: str) -> str:
 
 
 def type_subjects(event_type: str) -> str:
-    """One event type, across all tasks."""
-    return f"{SUBJECT_PREFIX}.*.{event_type}"
+    """One event type, across all tasks (as stored)."""
+    return f"{SUBJECT_PREFIX}.*.{event_type}.*"
+
+
+def partition_subjects(partition: int, event_types: Iterable[str]) -> list[str]:
+    """The stored subjects of `event_types` in one partition: one consumer's filter."""
+    return [f"{SUBJECT_PREFIX}.*.{event_type}.{partition}" for event_type in event_types]
+
+
+def type_of_subject(subject: str) -> str:
+    """The event type a stored (or published) subject names."""
+    return subject.split(".", 4)[3]
 
 
 def new_event_id() -> str:

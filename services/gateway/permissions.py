@@ -8,7 +8,7 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from events import PermissionAnswered, PermissionRequested
-from events.envelope import subject_for
+from events.envelope import stored_subject
 from services.runtime.streams import stream_events
 
 
@@ -22,7 +22,7 @@ class AnswerRefused(Exception):
 
 async def _events_of(js: JetStreamContext, task_id: str, event_type: str) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
-    async for batch in stream_events(js, subject_for(task_id, event_type), follow=False):
+    async for batch in stream_events(js, stored_subject(task_id, event_type), follow=False):
         found.extend(batch)
     return found
 

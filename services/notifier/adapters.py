@@ -8,7 +8,7 @@ import logging
 import httpx
 from nats.js import JetStreamContext
 
-from events import STREAM, subject_for
+from events import STREAM, stored_subject
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class StreamTaskFacts:
     async def submitted(self, task_id: str) -> dict | None:
         if task_id not in self.known:
             try:
-                message = await self.js.get_last_msg(STREAM, subject_for(task_id, "TaskSubmitted"))
+                message = await self.js.get_last_msg(STREAM, stored_subject(task_id, "TaskSubmitted"))
                 self.known[task_id] = json.loads(message.data or b"{}").get("data", {})
             except Exception as error:  # Gone from the stream (its limits): the body says null.
                 log.info("no TaskSubmitted for task %s on the stream: %s", task_id, type(error).__name__)

@@ -16,12 +16,14 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client, Credentials
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig, SubjectTransform
 from nats.js.errors import NotFoundError
 
-from events import STREAM, Envelope, subject_for
-from events.envelope import STREAM_SUBJECTS
+from events import STREAM, Envelope, stored_subject
+from events.envelope import STREAM_SUBJECTS, SUBJECT_TRANSFORM
 from events.versions import current_shape
+
+from services.runtime.settings import nats_server_urls
 
 if TYPE_CHECKING:
     from services.runtime.settings import Settings
@@ -77,7 +79,7 @@ class Bus:
         """The task's most recent event of `event_type` on the stream, if any, in its type's
         current shape (`current_shape`)."""
         try:
-            message = await self.js.get_last_msg(STREAM, subject_for(task_id, event_type))
+            message = await self.js.get_last_msg(STREAM, stored_subject(task_id, event_type))
         except NotFoundError:
             return None
         return current_shape(Envelope.from_json(message.data))
@@ -291,22 +293,27 @@ def dead_letter_stream_config() -> StreamConfig:
 class StreamLimits:
     """How much of the event stream NATS keeps, oldest dropped first (the stores stay the record).
 
-    `max_bytes` -1 and `max_age_s` 0 mean no limit; `max_msg_size` -1 means the server's own."""
+    `max_bytes` -1 and `max_age_s` 0 mean no limit; `max_msg_size` -1 means the server's own.
+    `replicas`: copies of the stream in a cluster; 0 means 3 on a cluster and 1 on a single server
+    (decided when the stream is created, kept after)."""
 
     max_bytes: int = -1
     max_age_s: float = 0.0
     max_msg_size: int = -1
+    replicas: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StreamLimits:
-        return cls(max_bytes=settings.stream_max_bytes, max_age_s=settings.stream_max_age_s)
+        return cls(max_bytes=settings.stream_max_bytes, max_age_s=settings.stream_max_age_s,
+                   replicas=getattr(settings, "stream_replicas", 0))
 
     @classmethod
     def of(cls, config: StreamConfig) -> StreamLimits:
         """The limits a stream's (read-back) configuration holds."""
         return cls(max_bytes=config.max_bytes if config.max_bytes is not None else -1,
                    max_age_s=float(config.max_age or 0),
-                   max_msg_size=config.max_msg_size if config.max_msg_size is not None else -1)
+                   max_msg_size=config.max_msg_size if config.max_msg_size is not None else -1,
+                   replicas=config.num_replicas or 1)
 
 
 def stream_config(limits: StreamLimits = StreamLimits()) -> StreamConfig:
@@ -320,7 +327,16 @@ def stream_config(limits: StreamLimits = StreamLimits()) -> StreamConfig:
         max_bytes=limits.max_bytes,
         max_age=limits.max_age_s,
         max_msg_size=limits.max_msg_size,
+        num_replicas=limits.replicas or CLUSTER_REPLICAS,
+        # Stored as baton.task.<task>.<type>.<partition>: consumers take a partition each.
+        subject_transform=SubjectTransform(src=SUBJECT_TRANSFORM[0], dest=SUBJECT_TRANSFORM[1]),
     )
+
+
+CLUSTER_REPLICAS = 3
+"""Copies of the event stream on a cluster: a quorum (2 of 3) holds every acknowledged event."""
+_NOT_CLUSTERED = 10074
+"""JetStream's error code for 'replicas > 1 not supported in non-clustered mode'."""
 
 
 async def ensure_stream(
@@ -336,17 +352,37 @@ async def ensure_stream(
     limits = limits or (StreamLimits.of(current) if current else StreamLimits())
     if max_msg_size is not None:
         limits = replace(limits, max_msg_size=max_msg_size)
+    if limits.replicas == 0 and current is not None:
+        limits = replace(limits, replicas=current.num_replicas or 1)  # Auto: as it was created.
     wanted = stream_config(limits)
     if current is not None and not _mismatches(wanted, current):
         return
     try:
-        got = await _create_or_update(js, wanted)
+        try:
+            got = await _create_or_update(js, wanted)
+        except nats.js.errors.APIError as error:
+            if error.err_code != _NOT_CLUSTERED or limits.replicas:
+                raise
+            wanted = stream_config(replace(limits, replicas=1))  # A single server: one copy.
+            got = await _create_or_update(js, wanted)
     except nats.js.errors.APIError as error:
         raise StreamSetupError({"setup": (limits, error.description)}, hint=(
             "; lower BATON_STREAM_MAX_BYTES or give NATS more JetStream storage"
             if error.err_code == 10047 else "")) from error
     if mismatches := _mismatches(wanted, got):
-        raise StreamSetupError(mismatches)
+        raise StreamSetupError(mismatches, hint=(
+            "; Baton needs nats-server 2.11 or newer" if "subject_transform" in mismatches else ""))
+    if wanted.num_replicas and wanted.num_replicas > 1:
+        await _verify_peers(js, wanted.num_replicas)
+
+
+async def _verify_peers(js: JetStreamContext, replicas: int) -> None:
+    """The cluster really placed `replicas` copies (a leader and replicas - 1 peers)."""
+    cluster = (await js.stream_info(STREAM)).cluster
+    peers = len(cluster.replicas or []) if cluster is not None else 0
+    if cluster is None or cluster.leader is None or peers != replicas - 1:
+        raise StreamSetupError({"replicas": (replicas, 1 + peers if cluster and cluster.leader else 0)},
+                               hint="; the cluster has too few JetStream servers up")
 
 
 def _mismatches(wanted: StreamConfig, got: StreamConfig) -> dict[str, tuple[object, object]]:
@@ -362,9 +398,16 @@ def _mismatches(wanted: StreamConfig, got: StreamConfig) -> dict[str, tuple[obje
             ("max_bytes", want.max_bytes, have.max_bytes),
             ("max_age_s", want.max_age_s, have.max_age_s),
             ("max_msg_size", want.max_msg_size, have.max_msg_size),
+            ("replicas", wanted.num_replicas or 1, got.num_replicas or 1),
+            ("subject_transform", _transform(wanted), _transform(got)),
         )
         if w != h
     }
+
+
+def _transform(config: StreamConfig) -> tuple[str, str] | None:
+    transform = config.subject_transform
+    return (transform.src, transform.dest) if transform is not None else None
 
 
 async def _stream_config(js: JetStreamContext) -> StreamConfig | None:
@@ -414,7 +457,7 @@ async def connect_nats(url: str, *, name: str, credentials: Credentials | None =
         options["inbox_prefix"] = inbox_prefix
     # nats-py retries a first connection forever when reconnects are unlimited: bounded here.
     connecting = asyncio.ensure_future(nats.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2, **options))
+        servers=nats_server_urls(url), name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2, **options))
     waiting_refusal = asyncio.ensure_future(refused.wait())
     try:
         await asyncio.wait({connecting, waiting_refusal}, timeout=timeout_s,

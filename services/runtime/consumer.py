@@ -1,8 +1,12 @@
-"""Durable JetStream consumers whose effects happen once.
+"""Durable JetStream consumers whose effects happen once, in each task's order.
 
-Each subscription is one durable pull consumer for one event type. A handler records its
-new events together with the message's tracking position (`Tracking(consumer, stream_seq)`)
-in one transaction, so a redelivered message is recognised and changes nothing.
+A service reads the stream through one durable pull consumer per partition (`<service>-p<k>`:
+the stored subjects of every event type it handles in partition k, see `events.partition_of`),
+or one over every event (`<service>-all`). Its replicas share each consumer as members of a
+pinned priority group (`pinned_pull`): one replica at a time handles a partition, in stream
+order. A handler records its new events together with the message's tracking position
+(`Tracking(consumer, stream_seq)`) in one transaction, so a redelivered message is recognised
+and changes nothing.
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ import nats.errors
 import nats.js.errors
 from eventsourcing.persistence import Tracking
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header, StatusCode
 from pydantic import ValidationError
 
-from events import STREAM, Envelope, type_subjects
-from events.envelope import STREAM_SUBJECTS
+from events import PARTITIONS, STREAM, Envelope, stored_subject
+from events.envelope import STREAM_SUBJECTS, partition_subjects
 from events.versions import MissingUpcaster, current_shape
 from services.runtime.bus import DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, Bus, has_writer_api, send_commands
 from services.runtime.logs import log_context
+from services.runtime.pinned_pull import ConsumerSetupError, PinnedPull
+
+__all__ = ["ConsumerSetupError", "OrderedReader", "Subscription", "consume", "readers_for", "run_all"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,9 @@ MAX_DELIVER = 5
 ACK_WAIT_S = 10.0
 """Short, so a message a killed process was handling is redelivered soon after its restart;
 a handler that runs longer keeps its message alive with `in_progress` (KEEPALIVE_S)."""
-KEEPALIVE_S = 3.0
+KEEPALIVE_S = 2.0
+STANDBY_S = 2.0
+"""How long a replica waits before pulling a partition another replica prefers."""
 RETRY_DELAYS_S = (0.2, 1.0, 3.0)
 """In-place retries of a failing handler before its message is dead-lettered."""
 
@@ -59,133 +66,165 @@ ALL_EVENTS = "*"
 
 @dataclass(frozen=True)
 class Subscription:
-    """`handle` runs for every event of `event_type` (or of every type: ALL_EVENTS), across all tasks."""
+    """`handle` runs for every event of `event_type` (or of every type: ALL_EVENTS), across all
+    tasks; `handle_batch`, when a service's subscriptions share one, takes runs of them."""
 
     event_type: str
     handle: Handler
     handle_batch: BatchHandler | None = None
 
-    def durable_for(self, service: str) -> str:
-        return f"{service}-{'all' if self.event_type == ALL_EVENTS else self.event_type}"
+
+class OrderedReader:
+    """Reads one durable consumer (a partition of the stream, or all of it) for one service, and
+    hands its events over in stream order, exactly once, while this replica holds its pin.
+
+    Order holds across replicas: the first deliveries of a consumer come in stream order, so a run
+    whose consumer sequences follow on from the last one this replica got needs no check. After a
+    gap (this replica just started or was just pinned, a redelivery) earlier deliveries may still
+    be in another replica's hands or waiting to be redelivered: what arrives is held, in stream
+    order and kept alive, until every delivered message not yet acknowledged is here (JetStream's
+    `num_ack_pending`), and only then handled.
+    """
+
+    def __init__(self, bus: Bus, *, durable: str, filters: list[str], dispatch: Handler,
+                 handle_batch: BatchHandler | None, store: TrackingStore, standby_s: float = 0.0,
+                 ack_wait_s: float = ACK_WAIT_S, batch: int = FETCH_BATCH) -> None:
+        self.bus, self.durable, self.filters = bus, durable, filters
+        self.dispatch, self.handle_batch, self.store = dispatch, handle_batch, store
+        self.standby_s, self.ack_wait_s, self.batch = standby_s, ack_wait_s, batch
+        self.pull = PinnedPull(bus.nc, STREAM, durable)
+        self.held: dict[int, Msg] = {}  # stream seq -> latest delivery, not yet handled
+        self.last_cseq: int | None = None
+        self.in_order = False  # Every unacknowledged delivery is in `held`.
+
+    async def run(self) -> None:
+        await self.pull.bind(self.filters, ack_wait_s=self.ack_wait_s)
+        try:
+            if self.standby_s:
+                await asyncio.sleep(self.standby_s)  # Another replica prefers this partition: let it pull first.
+            while True:
+                await self._step()
+        finally:
+            await self.pull.close()
+
+    async def _step(self) -> None:
+        try:
+            messages = await self.pull.fetch(max(self.batch - len(self.held), 1), timeout_s=1.0)
+        except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as error:
+            log.warning("consumer %s: %s; retrying", self.durable, error)
+            await asyncio.sleep(0.5)
+            return
+        self._hold(messages)
+        if not self.held:
+            return
+        if not self.in_order:
+            await self.bus.nc.flush()  # Our own acks reach the server before it is asked.
+            self.in_order = await self.pull.pending_acks() <= len(self.held)
+            if not self.in_order:
+                await asyncio.gather(*(message.in_progress() for message in self.held.values()))
+                return
+        run = [self.held[seq] for seq in sorted(self.held)]
+        self.held.clear()
+        await self._handle(run)
+
+    def _hold(self, messages: list[Msg]) -> None:
+        if self.pull.pin_changed:
+            self.pull.pin_changed, self.in_order = False, False
+        for message in messages:
+            sseq, cseq, delivered = _delivery(message)
+            if delivered != 1 or self.last_cseq is None or cseq != self.last_cseq + 1:
+                self.in_order = False
+            self.last_cseq = cseq
+            self.held[sseq] = message
+
+    async def _handle(self, run: list[Msg]) -> None:
+        left = list(run)
+
+        async def pulse() -> None:
+            """While a handler runs long: keep this replica's pin and the run's messages."""
+            await asyncio.gather(*(message.in_progress() for message in (*left, *self.pull.buffered)))
+            await self.pull.request(1, expires_s=KEEPALIVE_S * 0.9)
+
+        if self.handle_batch is not None and len(run) > 1:
+            await _process_batch(self.bus, self.durable, run, self.dispatch, self.handle_batch,
+                                 self.store, pulse)
+            return
+        while left:
+            await _process(self.bus, self.durable, left.pop(0), self.dispatch, self.store, pulse=pulse)
 
 
-class ConsumerSetupError(RuntimeError):
-    pass
+def _delivery(message: Msg) -> tuple[int, int, int]:
+    """(stream seq, consumer seq, times delivered) from the ack subject
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>` (or the longer form)."""
+    tokens = (message.reply or "").split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[6]), int(tokens[4])
+    metadata = message.metadata
+    return metadata.sequence.stream, metadata.sequence.consumer, metadata.num_delivered
 
 
-def consumer_config(durable: str, event_type: str, *, ack_wait_s: float) -> ConsumerConfig:
-    return ConsumerConfig(
-        durable_name=durable,
-        filter_subject=STREAM_SUBJECTS[0] if event_type == ALL_EVENTS else type_subjects(event_type),
-        ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
-        max_deliver=-1,  # Baton counts deliveries itself and dead-letters; the server never drops.
-        ack_wait=ack_wait_s,
-    )
+def readers_for(bus: Bus, *, service: str, subscriptions: Sequence[Subscription], store: TrackingStore,
+                replica: tuple[int, int] = (0, 1), **options: Any) -> list[OrderedReader]:
+    """The readers that serve `subscriptions`: one over every event (ALL_EVENTS), and one per
+    partition for the typed ones, each preferring replica `partition % replicas`."""
+    index, count = replica
+    readers = []
+    for chosen, durables in ((_every(subscriptions), lambda: [(f"{service}-all", [STREAM_SUBJECTS[0]], 0)]),
+                             (_typed(subscriptions), lambda: [
+                                 (f"{service}-p{k}", partition_subjects(k, sorted(_typed_types(subscriptions))), k)
+                                 for k in range(PARTITIONS)])):
+        if not chosen:
+            continue
+        dispatch, handle_batch = _dispatcher(chosen)
+        for durable, filters, partition in durables():
+            readers.append(OrderedReader(
+                bus, durable=durable, filters=filters, dispatch=dispatch, handle_batch=handle_batch,
+                store=store, standby_s=0.0 if partition % count == index else STANDBY_S, **options))
+    return readers
 
 
-async def _bind(js: JetStreamContext, durable: str, event_type: str, ack_wait_s: float):
-    config = consumer_config(durable, event_type, ack_wait_s=ack_wait_s)
-    subscription = await js.pull_subscribe(
-        config.filter_subject, durable=durable, stream=STREAM, config=config
-    )
-    got = (await subscription.consumer_info()).config
-    # nats-server 2.9 ignores settings it does not know: check what it kept.
-    if got.filter_subject != config.filter_subject or got.ack_policy != AckPolicy.EXPLICIT:
-        raise ConsumerSetupError(f"consumer {durable} has config {got}")
-    return subscription
+def _every(subscriptions: Sequence[Subscription]) -> list[Subscription]:
+    return [s for s in subscriptions if s.event_type == ALL_EVENTS]
+
+
+def _typed(subscriptions: Sequence[Subscription]) -> list[Subscription]:
+    return [s for s in subscriptions if s.event_type != ALL_EVENTS]
+
+
+def _typed_types(subscriptions: Sequence[Subscription]) -> set[str]:
+    return {s.event_type for s in _typed(subscriptions)}
+
+
+def _dispatcher(subscriptions: list[Subscription]) -> tuple[Handler, BatchHandler | None]:
+    """One handler that calls each event's own, and the batch handler they share (if they do)."""
+    by_type = {s.event_type: s.handle for s in subscriptions}
+    every = by_type.get(ALL_EVENTS)
+    batches = {s.handle_batch for s in subscriptions}
+
+    async def dispatch(envelope: Envelope, tracking: Tracking) -> None:
+        handle = every or by_type.get(envelope.type)
+        if handle is None:
+            raise MisroutedEnvelope(f"no handler for {envelope.type}")
+        await handle(envelope, tracking)
+
+    return dispatch, (batches.pop() if len(batches) == 1 else None)
 
 
 async def consume(
     bus: Bus,
     *,
     service: str,
-    subscription: Subscription,
+    subscription: Subscription | Sequence[Subscription],
     store: TrackingStore,
+    replica: tuple[int, int] = (0, 1),
     ack_wait_s: float = ACK_WAIT_S,
     batch: int = FETCH_BATCH,
 ) -> None:
-    """Run one subscription until cancelled."""
-    durable = subscription.durable_for(service)
-    pull = await _bind(bus.js, durable, subscription.event_type, ack_wait_s)
-    while True:
-        try:
-            messages = await fetch(pull, batch, timeout_s=1.0)
-        except (nats.errors.TimeoutError, TimeoutError):
-            continue  # Nothing new within the poll window.
-        except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as error:
-            log.warning("consumer %s: %s; retrying", durable, error)
-            await asyncio.sleep(0.5)
-            continue
-        if subscription.handle_batch is not None and len(messages) > 1:
-            await _process_batch(bus, durable, messages, subscription, store)
-            continue
-        for message in messages:
-            await _process(bus, durable, message, subscription.handle, store)
-
-
-_ENDS_REQUEST = frozenset({StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT, StatusCode.CONFLICT})
-
-
-async def fetch(pull: Any, batch: int, *, timeout_s: float) -> list[Msg]:
-    """`pull.fetch(batch, timeout=timeout_s)`, in one pull request and without a task per message.
-
-    Asks for up to `batch` messages with `no_wait` and `expires`: the server sends what it has
-    at once (or waits for the first one until `expires`) and ends the request with a status.
-    nats-py's own `fetch` awaits each message through `next_msg` (a task, a `wait_for` and a
-    uuid4 per message); here the messages the reader has queued are taken as they are, and the
-    loop waits only when the queue is empty. Raises nats.errors.TimeoutError when none came.
-    """
-    sub, nms, inbox = getattr(pull, "_sub", None), getattr(pull, "_nms", None), getattr(pull, "_deliver", None)
-    queue = getattr(sub, "_pending_queue", None)
-    if queue is None or not nms or not inbox:
-        return await pull.fetch(batch, timeout=timeout_s)
-    messages: list[Msg] = []
-
-    def take(message: Msg) -> bool:
-        """Keep a message; False once the request has ended."""
-        sub._pending_size -= len(message.data)
-        status = message.headers.get(Header.STATUS) if message.headers else None
-        if not status:
-            messages.append(message)
-            return True
-        if status == StatusCode.CONTROL_MESSAGE:
-            return True
-        if status in _ENDS_REQUEST or messages:
-            return False
-        raise nats.js.errors.APIError.from_msg(message)
-
-    # Delivered after an earlier request returned: take those first (old statuses are stale).
-    while not queue.empty() and len(messages) < batch:
-        message = queue.get_nowait()
-        sub._pending_size -= len(message.data)
-        if not (message.headers and message.headers.get(Header.STATUS)):
-            messages.append(message)
-    if messages:
-        return messages
-    # The server ends the request a little before this side gives up, so its closing status
-    # is read here and not left for the next fetch to take for the end of its own request.
-    expires_s = max(timeout_s - 0.05, timeout_s / 2)
-    request = {"batch": batch, "expires": int(expires_s * 1e9), "no_wait": True}
-    await pull._nc.publish(nms, json.dumps(request).encode(), inbox)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while len(messages) < batch:
-        if queue.empty():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                message = await asyncio.wait_for(queue.get(), remaining)
-            except TimeoutError:
-                break
-        else:
-            message = queue.get_nowait()
-        if not take(message):
-            break
-    if not messages:
-        raise nats.errors.TimeoutError
-    return messages
+    """Run a service's subscriptions until cancelled (see `OrderedReader`, `readers_for`)."""
+    subscriptions = [subscription] if isinstance(subscription, Subscription) else list(subscription)
+    readers = readers_for(bus, service=service, subscriptions=subscriptions, store=store,
+                          replica=replica, ack_wait_s=ack_wait_s, batch=batch)
+    await run_all(*(reader.run() for reader in readers))
 
 
 class MisroutedEnvelope(ValueError):
@@ -198,19 +237,23 @@ def envelope_on_its_subject(message: Msg) -> Envelope:
     another task or type than its subject is forged and is never acted on. Its `data` is in its
     type's current shape (`current_shape`), so no handler reads an old version's fields."""
     envelope = Envelope.from_json(message.data)
-    if message.subject != envelope.subject:
+    if message.subject != stored_subject(envelope.task_id, envelope.type):
         raise MisroutedEnvelope(
             f"misrouted envelope: it says {envelope.type} of task {envelope.task_id} but was "
             f"published on {message.subject}; not acted on")
     return current_shape(envelope)
 
 
+Pulse = Callable[[], Awaitable[None]]
+"""Called every KEEPALIVE_S while a handler runs: keeps the messages (and the reader's pin) alive."""
+
+
 async def _process_batch(
-    bus: Bus, durable: str, messages: list[Msg], subscription: Subscription, store: TrackingStore
+    bus: Bus, durable: str, messages: list[Msg], handle: Handler, handle_batch: BatchHandler,
+    store: TrackingStore, pulse: Pulse | None = None,
 ) -> None:
     """Apply a fetched batch in one transaction; if that fails, fall back to one at a time
     (which retries, and dead-letters only the message that cannot be handled)."""
-    assert subscription.handle_batch is not None
     items = []
     for message in messages:
         tracking = Tracking(durable, stream_seq(message))
@@ -221,13 +264,13 @@ async def _process_batch(
     fresh = _unprocessed(store, items)
     try:
         if fresh:
-            await subscription.handle_batch(fresh)
+            await handle_batch(fresh)
     except Exception:
         log.warning("consumer %s: batch of %d failed; handling one at a time", durable, len(fresh))
         items = []
     await ack_all(messages[: len(items)])
     for message in messages[len(items):]:
-        await _process(bus, durable, message, subscription.handle, store)
+        await _process(bus, durable, message, handle, store, pulse=pulse)
 
 
 def stream_seq(message: Msg) -> int:
@@ -280,7 +323,7 @@ async def ack_all(messages: Sequence[Msg]) -> None:
 
 async def _process(
     bus: Bus, durable: str, message: Msg, handle: Handler, store: TrackingStore,
-    *, retry_delays_s: Sequence[float] | None = None,
+    *, retry_delays_s: Sequence[float] | None = None, pulse: Pulse | None = None,
 ) -> None:
     """Handle one message exactly once, or dead-letter it; either way the consumer moves on.
 
@@ -309,7 +352,7 @@ async def _process(
         return
     for delay_s in (*(RETRY_DELAYS_S if retry_delays_s is None else retry_delays_s), None):
         try:
-            await _handle_keeping_alive(message, handle, envelope, tracking)
+            await _handle_keeping_alive(message, handle, envelope, tracking, pulse)
             break
         except Exception as error:
             log.exception("consumer %s failed on %s", durable, envelope.event_id)
@@ -317,19 +360,25 @@ async def _process(
                 await _give_up(bus, durable, message, store, tracking, repr(error))
                 return
             await message.in_progress()
+            if pulse is not None:
+                await pulse()
             await asyncio.sleep(delay_s)
     if not store.is_processed(tracking):
         store.save_processed(tracking)
     await message.ack()
 
 
-async def _handle_keeping_alive(message: Msg, handle: Handler, envelope: Envelope, tracking: Tracking) -> None:
-    """Run the handler; while it runs, tell JetStream every few seconds not to redeliver yet."""
+async def _handle_keeping_alive(message: Msg, handle: Handler, envelope: Envelope, tracking: Tracking,
+                                pulse: Pulse | None = None) -> None:
+    """Run the handler; while it runs, tell JetStream every few seconds not to redeliver yet
+    (and `pulse`, so the reader keeps its pin and the messages it holds)."""
     with log_context(task_id=envelope.task_id, event_id=envelope.event_id):  # the handler's lines say which
         handling = asyncio.ensure_future(handle(envelope, tracking))
     try:
         while not (await asyncio.wait({handling}, timeout=KEEPALIVE_S))[0]:
             await message.in_progress()
+            if pulse is not None:
+                await pulse()
     finally:
         handling.cancel()
     handling.result()

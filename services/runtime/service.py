@@ -39,8 +39,14 @@ async def serve(
         relay.run(),
         send_heartbeats(bus.nc, name, faults=settings.faults, details=with_relay_backlog(relay, details)),
         *loops,
-        *(consume(bus, service=name, subscription=sub, store=store) for sub in subscriptions),
+        consume(bus, service=name, subscription=subscriptions, store=store, replica=replica_of(settings)),
     )
+
+
+def replica_of(settings: Settings) -> tuple[int, int]:
+    """(index, count) of this process among its service's replicas (`BATON_REPLICA=i/N`)."""
+    replica = getattr(settings, "replica", None)
+    return tuple(replica) if replica else (0, 1)  # type: ignore[return-value]
 
 
 def with_relay_backlog(relay: Relay, details: Callable[[], dict[str, Any]] | None) -> Callable[[], dict[str, Any]]:

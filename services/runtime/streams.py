@@ -178,8 +178,7 @@ class _Reader:
         self.last_cseq, self.last_reply, self.drained = cseq, reply, drained
         if sseq > self.last_sseq:  # else a redelivery of what we already have
             self.last_sseq = sseq
-            subject = message.subject
-            kind = subject[subject.rfind(".") + 1:]
+            kind = message.subject.split(".", 4)[3]  # baton.task.<task>.<type>.<partition>
             if kind not in self.exclude:
                 data = message.data
                 # Relays publish pydantic's JSON, event_id first; anything else is not an event.

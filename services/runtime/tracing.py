@@ -123,7 +123,7 @@ async def export_task_traces(read_after: Callable[[int], list[dict[str, Any]]], 
 
 
 AUDIT_CONSUMER = "projector-all"
-"""The projector's audit-log consumer (Subscription(ALL_EVENTS).durable_for("projector")): where
+"""The projector's audit-log consumer (its reader over every event): where
 the log ended when the gateway started, so a restart does not export the history again."""
 
 

@@ -82,7 +82,7 @@ async def test_the_stream_limits_are_applied_read_back_and_kept_by_a_process_wit
     # A process that has no settings (limits None) leaves them as they are.
     await ensure_stream(bus.js, max_msg_size=bus.nc.max_payload)
     assert StreamLimits.of((await bus.js.stream_info(STREAM)).config) == StreamLimits(
-        64 * 1024**2, 3600.0, bus.nc.max_payload)
+        64 * 1024**2, 3600.0, bus.nc.max_payload, replicas=1)
 
 
 # --- A NATS with permissions: a refused subject is known at once, not after the ack timeout. ---

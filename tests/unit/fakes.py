@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from events import Envelope
+from events import Envelope, stored_subject
 from services.runtime.store import ServiceStore
 from services.task_runner.vm_agent_client import AgentStartRefused, VmAgentSilent
 
@@ -104,14 +104,15 @@ class FakeMsg:
     stream_seq: int
     num_delivered: int = 1
     subject: str | None = None
-    """Where it was published; by default the subject its envelope names (as the bus routes it)."""
+    """Where the stream stored it; by default the stored subject its envelope names (as the bus routes it)."""
     acks: list[str] = field(default_factory=list)
     nak_delays: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.subject is None:
             try:
-                self.subject = Envelope.from_json(self.data).subject
+                envelope = Envelope.from_json(self.data)
+                self.subject = stored_subject(envelope.task_id, envelope.type)
             except ValueError:
                 self.subject = "baton.task.t.X"
 

@@ -11,7 +11,6 @@ from services.runtime.bus import DEAD_LETTER_PREFIX
 from services.runtime.consumer import (
     MAX_DELIVER,
     _process,
-    consumer_config,
 )
 from tests.unit.fakes import FakeBus, FakeMsg, popo_store
 
@@ -139,14 +138,8 @@ async def test_a_message_delivered_too_often_is_dead_lettered_without_running_th
     assert "delivered 6 times" in json.loads(bus.js.published[0][1])["error"]
 
 
-def test_each_consumer_filters_one_event_type_with_explicit_acks():
-    config = consumer_config("svc-TaskFailed", "TaskFailed", ack_wait_s=30)
-    assert config.filter_subject == "baton.task.*.TaskFailed"
-    assert (config.durable_name, config.max_deliver, config.ack_wait) == ("svc-TaskFailed", -1, 30)
-
-
 async def test_a_batch_is_applied_once_in_order_and_acked():
-    from services.runtime.consumer import Subscription, _process_batch
+    from services.runtime.consumer import _process_batch
 
     store, seen = popo_store(), []
 
@@ -155,14 +148,14 @@ async def test_a_batch_is_applied_once_in_order_and_acked():
         store.save_processed(items[-1][1])
 
     msgs = [message(seq, f"r{seq}") for seq in (1, 2, 3)]
-    await _process_batch(FakeBus(), DURABLE, msgs, Subscription("TaskFailed", Recorder(), apply_batch), store)
+    await _process_batch(FakeBus(), DURABLE, msgs, Recorder(), apply_batch, store)
 
     assert seen == [[1, 2, 3]]
     assert all(m.acks == ["ack"] for m in msgs)
 
 
 async def test_a_failing_batch_falls_back_to_one_at_a_time_and_dead_letters_only_the_bad_one(monkeypatch):
-    from services.runtime.consumer import Subscription, _process_batch
+    from services.runtime.consumer import _process_batch
 
     store, bus, handler = popo_store(), FakeBus(), Recorder()
 
@@ -177,10 +170,10 @@ async def test_a_failing_batch_falls_back_to_one_at_a_time_and_dead_letters_only
 
     handler = FailsOnBad()
     msgs = [message(1, "ok1"), message(2, "bad"), message(3, "ok3")]
-    batch = Subscription("TaskFailed", handler, broken_batch)
+    batch = handler, broken_batch
     monkeypatch.setattr("services.runtime.consumer.RETRY_DELAYS_S", (0,))
 
-    await _process_batch(bus, DURABLE, msgs, batch, store)
+    await _process_batch(bus, DURABLE, msgs, handler, broken_batch, store)
 
     assert handler.seen == [("ok1", 1), ("ok3", 3)]
     assert len(bus.js.published) == 1 and "bad" in bus.js.published[0][1].decode()
@@ -202,7 +195,7 @@ class CountingStore:
 
 
 async def test_a_batch_in_stream_order_costs_one_position_query_not_one_per_message():
-    from services.runtime.consumer import Subscription, _process_batch
+    from services.runtime.consumer import _process_batch
 
     store, seen = CountingStore(), []
 
@@ -211,16 +204,16 @@ async def test_a_batch_in_stream_order_costs_one_position_query_not_one_per_mess
         store.save_processed(items[-1][1])
 
     msgs = [message(seq, f"r{seq}") for seq in range(1, 201)]
-    await _process_batch(FakeBus(), DURABLE, msgs, Subscription("TaskFailed", Recorder(), apply_batch), store)
+    await _process_batch(FakeBus(), DURABLE, msgs, Recorder(), apply_batch, store)
     assert seen == [list(range(1, 201))] and store.queries == 1
     again = [message(seq, f"r{seq}") for seq in range(1, 201)]  # All redelivered: all known.
-    await _process_batch(FakeBus(), DURABLE, again, Subscription("TaskFailed", Recorder(), apply_batch), store)
+    await _process_batch(FakeBus(), DURABLE, again, Recorder(), apply_batch, store)
     assert len(seen) == 1 and store.queries == 3
     assert all(m.acks == ["ack"] for m in [*msgs, *again])
 
 
 async def test_a_batch_partly_processed_or_out_of_order_is_checked_message_by_message():
-    from services.runtime.consumer import Subscription, _process_batch
+    from services.runtime.consumer import _process_batch
 
     store, seen = CountingStore(), []
 
@@ -229,9 +222,9 @@ async def test_a_batch_partly_processed_or_out_of_order_is_checked_message_by_me
         store.save_processed(items[-1][1])
 
     store.save_processed(Tracking(DURABLE, 5))
-    subscription = Subscription("TaskFailed", Recorder(), apply_batch)
-    await _process_batch(FakeBus(), DURABLE, [message(s) for s in (4, 5, 6, 7)], subscription, store)
-    await _process_batch(FakeBus(), DURABLE, [message(s) for s in (9, 3, 8)], subscription, store)
+    subscription = Recorder(), apply_batch
+    await _process_batch(FakeBus(), DURABLE, [message(s) for s in (4, 5, 6, 7)], *subscription, store)
+    await _process_batch(FakeBus(), DURABLE, [message(s) for s in (9, 3, 8)], *subscription, store)
     assert seen == [[6, 7], [9]]  # 8 after 9: the position already covers it.
 
 

@@ -63,7 +63,7 @@ def test_the_subject_is_baton_task_then_task_id_then_type():
     assert an_envelope().subject == "baton.task.task-1.TaskSubmitted"
     assert subject_for("abc", "TaskFailed") == "baton.task.abc.TaskFailed"
     assert task_subjects("abc") == "baton.task.abc.>"
-    assert type_subjects("TaskFailed") == "baton.task.*.TaskFailed"
+    assert type_subjects("TaskFailed") == "baton.task.*.TaskFailed.*"
 
 
 @pytest.mark.parametrize("bad_id", ["a.b", "a b", "*", ">", "a*", "", "x" * 65, "tâche"])

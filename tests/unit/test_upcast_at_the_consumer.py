@@ -21,7 +21,7 @@ from events.versions import Upcasters, current_shape
 from projections.sql import SQLiteDatabase
 from projections.task_board import TaskBoard
 from services.runtime.bus import Bus
-from services.runtime.consumer import Subscription, _process, _process_batch
+from services.runtime.consumer import _process, _process_batch
 from tests.unit.fakes import FakeBus, FakeMsg, popo_store
 
 TASK = "a0a0a0a0a0a0a0a0"
@@ -71,7 +71,7 @@ async def test_the_board_folds_old_envelopes_through_the_consumer_as_the_current
     try:
         messages = [on_the_bus(submitted, 1), on_the_bus(completed_as_v1_wrote_it(), 2)]
         await _process_batch(FakeBus(), "projector-board", messages,
-                             Subscription("TaskCompleted", project, project_batch), board)
+                             project, project_batch, board)
         row = board.get(TASK)
     finally:
         board.close()

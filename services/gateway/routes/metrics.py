@@ -74,7 +74,7 @@ async def consumer_lag(gateway: Gateway) -> dict[str, int]:
     """Messages not yet delivered to each service's consumers (num_pending), summed per service."""
     lag: dict[str, int] = {}
     for info in await gateway.bus.js.consumers_info(STREAM):
-        service = (info.config.durable_name or info.name).split("-", 1)[0]
+        service = (info.config.durable_name or info.name).rsplit("-", 1)[0]  # <service>-p<k>, <service>-all
         lag[service] = lag.get(service, 0) + (info.num_pending or 0)
     return lag
 
