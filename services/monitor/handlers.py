@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 
 from eventsourcing.persistence import Tracking
 
-from events import FLOW_CONTRACT, Deadline, Envelope, TaskCancelled, TaskCancelRequested, TaskFailed
+from events import FLOW_CONTRACT, Deadline, Envelope, TaskCancelled, TaskCancelRequested, TaskFailed, partition_of
 from events.flow import NEW_TURN, PROVIDER_DEADLINES, TURN_NUMBERED, WAITING_FOR
 from services.monitor.domain import Watch, skipped
-from services.runtime.consumer import Handler, Subscription
+from services.runtime.consumer import Handler, HeldPartitions, Subscription
 from services.runtime.handlers import declared_handlers, handles
 from services.runtime.store import ServiceStore
 
@@ -33,8 +33,11 @@ folded after its first handoffs (each type has its own consumer) still counts th
 class Monitor:
     """Keeps one live Watch per running task (the only copy that is saved)."""
 
-    def __init__(self, store: ServiceStore, deadlines: tuple[Deadline, ...], *, stall_after_s: float) -> None:
+    def __init__(self, store: ServiceStore, deadlines: tuple[Deadline, ...], *, stall_after_s: float,
+                 held: HeldPartitions | None = None) -> None:
         self.store = store
+        self.held = held or HeldPartitions()
+        self.held.listeners.append(self._partition_changed)
         self.deadlines = deadlines
         self.stall_after_s = stall_after_s
         self.watches: dict[str, Watch] = {}
@@ -47,8 +50,20 @@ class Monitor:
             self.watches[task_id] = existing or Watch(task_id)
         return self.watches[task_id]
 
+    def _partition_changed(self, partition: int, held: bool) -> None:
+        """A partition taken over: its tasks' timers continue from the stored times. One given up:
+        its tasks are another replica's now (and what is cached here goes stale)."""
+        if held:
+            self.resume()
+            return
+        for task_id in [t for t in self.watches if partition_of(t) == partition]:
+            self.watches.pop(task_id, None)
+            self.last_output_at.pop(task_id, None)
+            self.last_agent_output.pop(task_id, None)
+
     def resume(self) -> None:
-        """After a restart, every unfinished task's timers continue from the stored times."""
+        """After a restart, every unfinished task's timers (of the partitions held) continue from
+        the stored times."""
         topic = f"{Watch.__module__}:{Watch.__qualname__}.Opened"
         start = 0
         while batch := self.store.process_recorder.select_notifications(
@@ -56,7 +71,7 @@ class Monitor:
         ):
             for notification in batch:
                 watch = self.store.repository.get(notification.originator_id)
-                if not watch.ended:
+                if not watch.ended and self.held.holds_task(watch.task_id) and watch.task_id not in self.watches:
                     self.watches[watch.task_id] = watch
             start = batch[-1].id
 
@@ -159,6 +174,8 @@ class Monitor:
     def tick(self, now: datetime) -> None:
         """Name every deadline that passed and every agent that went silent."""
         for watch in list(self.watches.values()):
+            if not self.held.holds_task(watch.task_id):
+                continue  # Another replica's (it may have been cached before the partition moved).
             changed = False
             for deadline in watch.deadlines(self.deadlines):
                 started = watch.deadline_start(deadline.after)

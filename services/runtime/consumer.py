@@ -24,14 +24,14 @@ from eventsourcing.persistence import Tracking
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from events import PARTITIONS, STREAM, Envelope, stored_subject
+from events import PARTITIONS, STREAM, Envelope, partition_of, stored_subject
 from events.envelope import STREAM_SUBJECTS, partition_subjects
 from events.versions import MissingUpcaster, current_shape
 from services.runtime.bus import DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, Bus, has_writer_api, send_commands
 from services.runtime.logs import log_context
 from services.runtime.pinned_pull import ConsumerSetupError, PinnedPull
 
-__all__ = ["ConsumerSetupError", "OrderedReader", "Subscription", "consume", "readers_for", "run_all"]
+__all__ = ["ConsumerSetupError", "HeldPartitions", "OrderedReader", "Subscription", "consume", "readers_for", "run_all"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,34 @@ class Subscription:
     handle_batch: BatchHandler | None = None
 
 
+class HeldPartitions:
+    """The partitions this replica handles now, as far as it knows: at first the ones it prefers
+    (`partition % replicas == index`: they are pulled first), then each one it is pinned to when
+    its messages arrive, less each one the server says it is no longer pinned to. A service's own
+    loops (the monitor's deadlines) act on the tasks of these partitions only, so two replicas
+    never both act on one task; `listeners(partition, held)` hear each change."""
+
+    def __init__(self, replica: tuple[int, int] = (0, 1)) -> None:
+        index, count = replica
+        self.sole = count == 1  # The only replica holds every partition, whatever happens.
+        self.partitions = {k for k in range(PARTITIONS) if k % count == index}
+        self.listeners: list[Callable[[int, bool], None]] = []
+
+    def __contains__(self, partition: int) -> bool:
+        return partition in self.partitions
+
+    def holds_task(self, task_id: str) -> bool:
+        return partition_of(task_id) in self.partitions
+
+    def change(self, partition: int, held: bool) -> None:
+        if self.sole or (partition in self.partitions) == held:
+            return
+        (self.partitions.add if held else self.partitions.discard)(partition)
+        log.info("partition %d %s", partition, "taken" if held else "given up")
+        for listener in self.listeners:
+            listener(partition, held)
+
+
 class OrderedReader:
     """Reads one durable consumer (a partition of the stream, or all of it) for one service, and
     hands its events over in stream order, exactly once, while this replica holds its pin.
@@ -88,8 +116,10 @@ class OrderedReader:
 
     def __init__(self, bus: Bus, *, durable: str, filters: list[str], dispatch: Handler,
                  handle_batch: BatchHandler | None, store: TrackingStore, standby_s: float = 0.0,
-                 ack_wait_s: float = ACK_WAIT_S, batch: int = FETCH_BATCH) -> None:
+                 ack_wait_s: float = ACK_WAIT_S, batch: int = FETCH_BATCH,
+                 partition: int | None = None, held_partitions: HeldPartitions | None = None) -> None:
         self.bus, self.durable, self.filters = bus, durable, filters
+        self.partition, self.held_partitions = partition, held_partitions
         self.dispatch, self.handle_batch, self.store = dispatch, handle_batch, store
         self.standby_s, self.ack_wait_s, self.batch = standby_s, ack_wait_s, batch
         self.pull = PinnedPull(bus.nc, STREAM, durable)
@@ -115,6 +145,7 @@ class OrderedReader:
             await asyncio.sleep(0.5)
             return
         self._hold(messages)
+        self._note_pin()
         if not self.held:
             return
         if not self.in_order:
@@ -126,6 +157,14 @@ class OrderedReader:
         run = [self.held[seq] for seq in sorted(self.held)]
         self.held.clear()
         await self._handle(run)
+
+    def _note_pin(self) -> None:
+        if self.held_partitions is not None and self.partition is not None:
+            if self.pull.pin_id:
+                self.held_partitions.change(self.partition, True)
+            elif self.pull.pin_lost:
+                self.pull.pin_lost = False
+                self.held_partitions.change(self.partition, False)
 
     def _hold(self, messages: list[Msg]) -> None:
         if self.pull.pin_changed:
@@ -164,7 +203,8 @@ def _delivery(message: Msg) -> tuple[int, int, int]:
 
 
 def readers_for(bus: Bus, *, service: str, subscriptions: Sequence[Subscription], store: TrackingStore,
-                replica: tuple[int, int] = (0, 1), **options: Any) -> list[OrderedReader]:
+                replica: tuple[int, int] = (0, 1), held_partitions: HeldPartitions | None = None,
+                **options: Any) -> list[OrderedReader]:
     """The readers that serve `subscriptions`: one over every event (ALL_EVENTS), and one per
     partition for the typed ones, each preferring replica `partition % replicas`."""
     index, count = replica
@@ -179,7 +219,9 @@ def readers_for(bus: Bus, *, service: str, subscriptions: Sequence[Subscription]
         for durable, filters, partition in durables():
             readers.append(OrderedReader(
                 bus, durable=durable, filters=filters, dispatch=dispatch, handle_batch=handle_batch,
-                store=store, standby_s=0.0 if partition % count == index else STANDBY_S, **options))
+                store=store, standby_s=0.0 if partition % count == index else STANDBY_S,
+                partition=partition if durable != f"{service}-all" else None,
+                held_partitions=held_partitions, **options))
     return readers
 
 
@@ -217,13 +259,15 @@ async def consume(
     subscription: Subscription | Sequence[Subscription],
     store: TrackingStore,
     replica: tuple[int, int] = (0, 1),
+    held_partitions: HeldPartitions | None = None,
     ack_wait_s: float = ACK_WAIT_S,
     batch: int = FETCH_BATCH,
 ) -> None:
-    """Run a service's subscriptions until cancelled (see `OrderedReader`, `readers_for`)."""
+    """Run a service's subscriptions until cancelled (see `OrderedReader`, `readers_for`);
+    `held_partitions`, if given, follows which partitions this replica holds."""
     subscriptions = [subscription] if isinstance(subscription, Subscription) else list(subscription)
     readers = readers_for(bus, service=service, subscriptions=subscriptions, store=store,
-                          replica=replica, ack_wait_s=ack_wait_s, batch=batch)
+                          replica=replica, held_partitions=held_partitions, ack_wait_s=ack_wait_s, batch=batch)
     await run_all(*(reader.run() for reader in readers))
 
 

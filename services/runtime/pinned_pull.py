@@ -46,6 +46,7 @@ class PinnedPull:
         self.durable = durable
         self.pin_id = ""
         self.pin_changed = False  # Set when this client was (re)pinned; the reader clears it.
+        self.pin_lost = False  # Set when the server said another client is pinned; the reader clears it.
         self.buffered: list[Msg] = []
         self._arrived = asyncio.Event()
         self._requesting = False
@@ -121,7 +122,7 @@ class PinnedPull:
                 self._requesting = False
         elif status == _PIN_MISMATCH:
             log.info("consumer %s: no longer pinned here", self.durable)
-            self.pin_id = ""
+            self.pin_id, self.pin_lost = "", True
             self._requesting = False
         elif status in _ENDS_REQUEST:
             self._requesting = False

@@ -8,6 +8,7 @@ from typing import Any
 from services.runtime.bus import Bus
 from services.runtime.consumer import (
     Handler,
+    HeldPartitions,
     Subscription,
     consume,
     run_all,
@@ -29,6 +30,7 @@ async def serve(
     subscriptions: list[Subscription] | None = None,
     loops: tuple[Awaitable[None], ...] = (),
     details: Callable[[], dict[str, Any]] | None = None,
+    held_partitions: HeldPartitions | None = None,
 ) -> None:
     """Relay the store to the bus and handle the subscriptions (or `handlers`' event types),
     until cancelled; `details` goes out with each heartbeat (shown in `/api/health`), with the
@@ -39,7 +41,8 @@ async def serve(
         relay.run(),
         send_heartbeats(bus.nc, name, faults=settings.faults, details=with_relay_backlog(relay, details)),
         *loops,
-        consume(bus, service=name, subscription=subscriptions, store=store, replica=replica_of(settings)),
+        consume(bus, service=name, subscription=subscriptions, store=store, replica=replica_of(settings),
+                held_partitions=held_partitions),
     )
 
 

@@ -1,0 +1,72 @@
+"""Two monitor replicas share one store: each names the gaps of the tasks in the partitions it
+holds, never the other's, and a partition taken over brings its tasks' timers along."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+from eventsourcing.persistence import Tracking
+
+from events import DEADLINES, Envelope, parse_deadlines, partition_of
+from services.monitor.handlers import Monitor
+from services.runtime.consumer import HeldPartitions
+from tests.unit.fakes import envelopes_in, popo_store
+
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+_seq = itertools.count(1)
+
+
+def task_in(partition: int) -> str:
+    return next(t for t in (f"task{n}" for n in itertools.count()) if partition_of(t) == partition)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+async def ready(m: Monitor, task_id: str) -> None:
+    envelope = Envelope(type="WorkspaceReady", task_id=task_id, actor="test", occurred_at=at(0))
+    await m.on_event(envelope, Tracking(f"monitor-p{partition_of(task_id)}", next(_seq)))
+
+
+def overdue_tasks(m: Monitor) -> set[str]:
+    return {e.task_id for e in envelopes_in(m.store) if e.type == "StepOverdue"}
+
+
+async def test_each_replica_names_the_gaps_of_its_own_partitions_only():
+    store, deadlines = popo_store(), parse_deadlines("PromptDelivered=30", DEADLINES)
+    first = Monitor(store, deadlines, stall_after_s=300, held=HeldPartitions((0, 2)))
+    second = Monitor(store, deadlines, stall_after_s=300, held=HeldPartitions((1, 2)))
+    even, odd = task_in(0), task_in(1)
+    await ready(first, even)
+    await ready(second, odd)
+    second.resume()  # A restart of the second: it loads only its own partitions' timers.
+    assert set(second.watches) == {odd}
+
+    first.tick(at(31))
+    second.tick(at(31))
+    assert overdue_tasks(first) == {even, odd}  # One store: each named exactly one task.
+    assert [e.task_id for e in envelopes_in(store) if e.type == "StepOverdue"].count(odd) == 1
+
+
+async def test_a_partition_taken_over_brings_its_timers_and_a_given_up_one_is_dropped():
+    store, deadlines = popo_store(), parse_deadlines("PromptDelivered=30", DEADLINES)
+    first = Monitor(store, deadlines, stall_after_s=300, held=HeldPartitions((0, 2)))
+    second = Monitor(store, deadlines, stall_after_s=300, held=HeldPartitions((1, 2)))
+    even = task_in(2)
+    await ready(first, even)
+    # The first replica dies; the second is pinned to partition 2 and takes its tasks over.
+    second.held.change(2, True)
+    assert even in second.watches
+    second.tick(at(31))
+    assert overdue_tasks(second) == {even}
+    # The first comes back paused-and-stale: told it lost the partition, it forgets the task.
+    first.held.change(2, False)
+    assert even not in first.watches
+
+
+async def test_a_sole_replica_holds_every_partition_whatever_it_hears():
+    held = HeldPartitions((0, 1))
+    held.change(3, False)
+    assert all(k in held for k in range(8))
