@@ -128,9 +128,11 @@ class MemberBus:
     """The provisioner's side of its members' subjects: hears their hellos, sends assignments.
     Connected (and listening for hellos) before any member starts, so no hello is missed."""
 
-    def __init__(self, settings: Settings, *, assign_timeout_s: float = 30.0) -> None:
+    def __init__(self, settings: Settings, *, assign_timeout_s: float = 30.0,
+                 connect_timeout_s: float = 30.0) -> None:
         self._settings = settings
         self._assign_timeout_s = assign_timeout_s
+        self._connect_timeout_s = connect_timeout_s
         self._nc: Client | None = None
         self._connecting = asyncio.Lock()
         self._hellos: dict[str, asyncio.Future[Hello]] = {}
@@ -139,7 +141,8 @@ class MemberBus:
         async with self._connecting:
             if self._nc is None:
                 nc = await connect_nats(self._settings.nats_url, name="provisioner-vm_agents",
-                                        credentials=service_credentials(self._settings, "provisioner"))
+                                        credentials=service_credentials(self._settings, "provisioner"),
+                                        timeout_s=self._connect_timeout_s)
                 await nc.subscribe(member_subject("*", "hello"), cb=self._on_hello)
                 await nc.flush()
                 self._nc = nc
@@ -282,7 +285,8 @@ class VmAgentPool:
         self.pool_workspaces = settings.data_dir / "workspaces" / ".pool"
         self.sandbox = Sandbox.from_setting(settings.sandbox, hidden=(settings.data_dir,))
         self.zygote = Zygote(settings.path("logs", "vm_agent-zygote.log"), ready_timeout_s=ready_timeout_s)
-        self.members = MemberBus(settings)
+        # Reaching the bus counts within a member's readiness deadline (never longer than 30 s).
+        self.members = MemberBus(settings, connect_timeout_s=min(30.0, ready_timeout_s))
 
     def reset(self) -> None:
         """Stop idle vm_agents a previous provisioner left behind; they are not ours to assign."""
