@@ -20,7 +20,7 @@ import pytest
 from tests.support.api import Api
 from tests.support.fake_hetzner import FakeHetzner, NetnsBooter, netns_available
 from tests.support.flow import assert_flow_completes
-from tests.support.git_remote import branch_file, make_origin
+from tests.support.git_remote import branch_file, make_origin, push_file
 from tests.support.processes import BatonStack, NatsServer, free_port, nats_server_binary
 from tests.support.waiting import wait_for
 
@@ -225,12 +225,15 @@ def test_a_provisioner_killed_between_create_and_created_leaves_no_server_and_th
 
 def test_a_vm_killed_mid_run_is_a_lost_workspace_its_server_deleted_and_a_new_attempt_completes(cloud: Cloud):
     api = cloud.api
-    task_id = api.submit(repo=cloud.repo_url, prompt='sleep 15\necho "survived" > lost.txt\n', agent="shell",
-                         provider="hetzner")["task_id"]
+    # Attempt 1's agent waits until it is killed; attempt 2 clones `main` after the kill, which
+    # then has halted.txt, so it writes its file at once (no fixed sleep to wait out).
+    prompt = 'until [ -e halted.txt ]; do sleep 0.5; done\necho "survived" > lost.txt\n'
+    task_id = api.submit(repo=cloud.repo_url, prompt=prompt, agent="shell", provider="hetzner")["task_id"]
     wait_for(lambda: any(e["type"] == "PromptDelivered" for e in api.events(task_id)), timeout_s=CALL_HOME_TIMEOUT_S,
              what="the prompt delivered on the VM")
     [server] = [s for s in cloud.fake.servers() if s["labels"]["baton.task"] == task_id]
     cloud.vms.halt(server)  # kill -9 of everything on the "VM"
+    push_file(cloud.origin, "main", "halted.txt", "the first attempt's VM was halted\n")
 
     # The vm_agent no longer answers on the bus: its run is lost, its server deleted, attempt 2 completes.
     events = wait_for(lambda: (lambda es: es if any(e["type"] == "TaskCompleted" for e in es) else None)(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,16 @@ def make_origin(root: Path, name: str = "origin.git") -> Path:
     _git("-c", "user.name=Test", "-c", "user.email=test@localhost", "commit", "-qm", "seed", cwd=work)
     _git("push", "--quiet", "origin", "HEAD:refs/heads/main", cwd=work)
     return origin
+
+
+def push_file(origin: Path, branch: str, path: str, text: str) -> None:
+    """Commit `path` with `text` on top of `branch` in the origin (as another person's push would)."""
+    work = origin.parent / f"{origin.name}-push-{secrets.token_hex(4)}"
+    _git("clone", "--quiet", "--branch", branch, str(origin), str(work))
+    (work / path).write_text(text)
+    _git("add", path, cwd=work)
+    _git("-c", "user.name=Test", "-c", "user.email=test@localhost", "commit", "-qm", f"add {path}", cwd=work)
+    _git("push", "--quiet", "origin", f"HEAD:refs/heads/{branch}", cwd=work)
 
 
 def branch_file(origin: Path, branch: str, path: str) -> str | None:
