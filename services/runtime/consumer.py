@@ -313,8 +313,19 @@ async def _process_batch(
         log.warning("consumer %s: batch of %d failed; handling one at a time", durable, len(fresh))
         items = []
     await ack_all(messages[: len(items)])
+    _log_handled(durable, fresh if items else [])
     for message in messages[len(items):]:
         await _process(bus, durable, message, handle, store, pulse=pulse)
+
+
+def _log_handled(durable: str, items: list[tuple[Envelope, Tracking]]) -> None:
+    """At debug level, one line per event handled: which consumer, task, type and stream seq
+    (what a test reads to see each service took each task's events in stream order)."""
+    if log.isEnabledFor(logging.DEBUG):
+        for envelope, tracking in items:
+            log.debug("handled %s of %s", envelope.type, envelope.task_id, extra={"fields": {
+                "consumer": durable, "handled_task": envelope.task_id, "handled_type": envelope.type,
+                "stream_seq": tracking.notification_id}})
 
 
 def stream_seq(message: Msg) -> int:
@@ -410,6 +421,7 @@ async def _process(
     if not store.is_processed(tracking):
         store.save_processed(tracking)
     await message.ack()
+    _log_handled(durable, [(envelope, tracking)])
 
 
 async def _handle_keeping_alive(message: Msg, handle: Handler, envelope: Envelope, tracking: Tracking,

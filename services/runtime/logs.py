@@ -1,7 +1,9 @@
 """Logs, one line each: human-readable by default, one JSON object per line with BATON_LOG_FORMAT=json.
 
 A JSON line has `time`, `level`, `service`, `logger`, `message`, and `task_id`/`event_id` while a
-consumer handles an event (`log_context`), and `error` for an exception. Every line, in either
+consumer handles an event (`log_context`), `error` for an exception, and the fields a line was
+given as `extra={"fields": {...}}` (e.g. the consumer's `handled` lines at debug level, with
+BATON_LOG_LEVEL=debug: which consumer handled which event at which stream sequence). Every line, in either
 format, has a URL's credential (`scheme://user:password@`) masked.
 """
 
@@ -18,6 +20,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 LOG_FORMAT_VARIABLE = "BATON_LOG_FORMAT"
+LOG_LEVEL_VARIABLE = "BATON_LOG_LEVEL"
 _EVENT: ContextVar[tuple[str, str] | None] = ContextVar("baton_log_event", default=None)
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s'\"]+@")
 
@@ -69,6 +72,9 @@ class JsonFormatter(logging.Formatter):
             line["task_id"], line["event_id"] = ids
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update({k: v for k, v in fields.items() if k not in line})
         return mask_credentials(json.dumps(line, ensure_ascii=False))
 
 
@@ -78,7 +84,11 @@ def formatter_for(service: str, log_format: str | None = None) -> logging.Format
     return JsonFormatter(service) if chosen == "json" else HumanFormatter(service)
 
 
-def setup_logging(process: str, level: int = logging.INFO) -> None:
+def setup_logging(process: str, level: int | None = None) -> None:
+    """Log to stderr at `level` (default: BATON_LOG_LEVEL, else info)."""
+    if level is None:
+        level = logging.getLevelName(os.environ.get(LOG_LEVEL_VARIABLE, "INFO").upper())
+        level = level if isinstance(level, int) else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter_for(process))
     root = logging.getLogger()

@@ -62,7 +62,8 @@ class TaskRunnerHandlers:
         self._queue: RunQueue | None = None
 
     def queue(self) -> RunQueue:
-        """The fair queue, replayed from the store once and kept (this process is its only writer)."""
+        """The fair queue, replayed from the store once and kept. Replicas share it: a copy gone stale
+        (another replica decided since) fails its save on its version, is dropped and read again."""
         if self._queue is None:
             try:
                 self._queue = self.store.repository.get(QUEUE_ID)

@@ -47,3 +47,20 @@ def test_the_format_is_human_unless_json_is_asked_for(monkeypatch: pytest.Monkey
     assert isinstance(formatter_for("gateway"), HumanFormatter)
     monkeypatch.setenv("BATON_LOG_FORMAT", "JSON")
     assert isinstance(formatter_for("gateway"), JsonFormatter)
+
+
+async def test_a_handled_event_is_one_debug_line_naming_its_consumer_and_stream_seq(caplog: pytest.LogCaptureFixture):
+    from services.runtime.consumer import _process
+    from tests.unit.fakes import FakeBus, FakeMsg, popo_store
+    from events import TaskFailed, envelope_for
+
+    envelope = envelope_for(TaskFailed(reason="r"), task_id="0123456789abcdef", actor="a")
+
+    async def handle(envelope, tracking) -> None: ...
+
+    with caplog.at_level(logging.DEBUG, logger="services.runtime.consumer"):
+        await _process(FakeBus(), "svc-p3", FakeMsg(data=envelope.to_json(), stream_seq=42), handle, popo_store())
+    [record] = [r for r in caplog.records if r.getMessage().startswith("handled")]
+    line = json.loads(JsonFormatter("svc").format(record))
+    assert (line["consumer"], line["handled_task"], line["handled_type"], line["stream_seq"]) == (
+        "svc-p3", "0123456789abcdef", "TaskFailed", 42)
