@@ -11,7 +11,7 @@ from typing import Protocol
 
 from eventsourcing.persistence import Tracking
 
-from events import Envelope
+from events import Envelope, partition_of
 from services.notifier.domain import Outbox, Pending, backoff_s
 from services.notifier.endpoints import NOTIFIABLE_TYPES, Endpoint
 from services.notifier.messages import (
@@ -23,7 +23,7 @@ from services.notifier.messages import (
     notification,
     signature,
 )
-from services.runtime.consumer import Handler, Subscription
+from services.runtime.consumer import Handler, HeldPartitions, Subscription
 from services.runtime.handlers import declared_handlers, handles
 from services.runtime.store import ServiceStore
 
@@ -46,23 +46,36 @@ class Notifier:
 
     def __init__(self, store: ServiceStore, endpoints: tuple[Endpoint, ...], poster: Poster, facts: TaskFacts,
                  *, public_url: str | None, max_attempts: int, backoff_first_s: float,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 held: HeldPartitions | None = None) -> None:
         self.store, self.poster, self.facts = store, poster, facts
+        self.held = held or HeldPartitions()
+        self.held.listeners.append(self._partition_changed)
         self.endpoints = {endpoint.name: endpoint for endpoint in endpoints}
         self.public_url, self.max_attempts, self.backoff_first_s = public_url, max_attempts, backoff_first_s
         self.clock = clock
         self.outboxes: dict[str, Outbox] = {}
         self.in_flight: dict[str, asyncio.Task[None]] = {}
 
+    def _partition_changed(self, partition: int, held: bool) -> None:
+        """A partition taken over: its pending notifications are worked here now; one given up:
+        another replica works them (what is cached here goes stale)."""
+        if held:
+            self.resume()
+            return
+        for task_id in [t for t in self.outboxes if partition_of(t) == partition]:
+            del self.outboxes[task_id]
+
     def resume(self) -> None:
-        """After a restart, every outbox with pending notifications is worked again."""
+        """After a restart, every outbox with pending notifications (of the partitions this
+        replica holds) is worked again."""
         topic = f"{Outbox.__module__}:{Outbox.__qualname__}.Opened"
         start = 0
         while batch := self.store.process_recorder.select_notifications(
                 start, 500, topics=[topic], inclusive_of_start=False):
             for stored in batch:
                 outbox = self.store.repository.get(stored.originator_id)
-                if outbox.pending:
+                if outbox.pending and self.held.holds_task(outbox.task_id) and outbox.task_id not in self.outboxes:
                     self.outboxes[outbox.task_id] = outbox
             start = batch[-1].id
 
@@ -108,6 +121,8 @@ class Notifier:
     def start_due_attempts(self) -> None:
         now = self.clock()
         for outbox in list(self.outboxes.values()):
+            if not self.held.holds_task(outbox.task_id):
+                continue
             for entry in outbox.due(now):
                 if entry.delivery_id not in self.in_flight:
                     self.in_flight[entry.delivery_id] = asyncio.create_task(self.attempt(outbox, entry))

@@ -205,3 +205,23 @@ async def test_an_opened_pull_request_is_told_with_its_url():
     body = json.loads(receiver.posts[0][1])
     assert body["state"] == "pull_request_opened" and body["link"] is None
     assert body["pull_request_url"] == "https://github.com/acme/widgets/pull/7"
+
+
+async def test_two_replicas_sharing_a_store_each_post_the_notifications_of_their_own_partitions_once():
+    from events import partition_of
+    from services.runtime.consumer import HeldPartitions
+
+    store, receivers = popo_store(), (FakeReceiver(), FakeReceiver())
+    replicas = [Notifier(store, endpoints(), receivers[i], KnownTask(), public_url="https://baton.example.com",
+                         max_attempts=5, backoff_first_s=2.0, clock=Clock(), held=HeldPartitions((i, 2)))
+                for i in (0, 1)]
+    tasks = [next(f"{n:016x}" for n in itertools.count(7) if partition_of(f"{n:016x}") == k) for k in (0, 1)]
+    for replica, task_id in zip(replicas, tasks):  # Each handles its partition's event.
+        await replica.on_event(Envelope(type="TaskFailed", task_id=task_id, actor="test", data={"reason": "r"}),
+                               Tracking(f"notifier-p{partition_of(task_id)}", next(_seq)))
+    for replica in replicas:  # Both restart: each resumes its own partitions' outboxes only.
+        replica.outboxes.clear()
+        replica.resume()
+        await work(replica)
+    assert [json.loads(r.posts[0][1])["task_id"] for r in receivers] == tasks
+    assert [len(r.posts) for r in receivers] == [1, 1]
