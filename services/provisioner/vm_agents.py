@@ -280,11 +280,13 @@ class VmAgentPool:
         # Agent start-ups compete for the CPUs: a few at a time finish sooner than all at once.
         self._start_slots = asyncio.Semaphore(max(2, os.cpu_count() or 2))
         self._credentials_key = secrets.token_bytes(32)
-        self.pool_dir = settings.data_dir / "vm_agents" / "pool"
+        # Each replica's pool apart (a data dir shared by replicas): `reset` stops only its own.
+        own = "" if settings.replica[1] == 1 else f"-{settings.replica[0]}"
+        self.pool_dir = settings.data_dir / "vm_agents" / f"pool{own}"
         # Beside the workspaces (one file system): a clone moves into one by renames.
-        self.pool_workspaces = settings.data_dir / "workspaces" / ".pool"
+        self.pool_workspaces = settings.data_dir / "workspaces" / f".pool{own}"
         self.sandbox = Sandbox.from_setting(settings.sandbox, hidden=(settings.data_dir,))
-        self.zygote = Zygote(settings.path("logs", "vm_agent-zygote.log"), ready_timeout_s=ready_timeout_s)
+        self.zygote = Zygote(settings.path("logs", f"vm_agent-zygote{own}.log"), ready_timeout_s=ready_timeout_s)
         # Reaching the bus counts within a member's readiness deadline (never longer than 30 s).
         self.members = MemberBus(settings, connect_timeout_s=min(30.0, ready_timeout_s))
 

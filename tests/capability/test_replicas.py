@@ -14,6 +14,7 @@ from services.cli.supervisor import SERVICE_NAMES, _environ
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.processes import BatonStack, NatsServer
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
 
@@ -27,11 +28,24 @@ def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]
     try:
         stack = BatonStack(nats=nats, data_dir=root / "baton", replicas=REPLICAS).start()
         try:
+            for index in range(1, REPLICAS):  # `start` waited for the first.
+                wait_for(lambda: gateway_healthy(stack, index), timeout_s=60, what=f"gateway-{index} healthy")
             yield stack
         finally:
             stack.stop()
     finally:
         nats.stop()
+
+
+def warm_pool_members(stack: BatonStack, replica: int, *, started: bool = True) -> list[str]:
+    """The state dirs of provisioner `replica`'s warm pool (`started`: only members with a pid)."""
+    pool = stack.data_dir / "vm_agents" / f"pool-{replica}"
+    return [path.name for path in pool.glob("*") if not started or (path / "pid").exists()]
+
+
+def gateway_healthy(stack: BatonStack, index: int) -> bool:
+    health = httpx.get(f"http://127.0.0.1:{stack.port + index}/api/health", timeout=10)
+    return health.status_code == 200 and health.json()["status"] == "ok"
 
 
 def gateway(stack: BatonStack, index: int) -> Api:
@@ -42,24 +56,31 @@ def test_each_service_runs_as_replicas_that_know_their_place_and_every_gateway_a
     for name in SERVICE_NAMES:
         places = [_environ(replicated.service_pid(f"{name}-{i}")).get("BATON_REPLICA") for i in range(REPLICAS)]
         assert places == [f"{i}/{REPLICAS}" for i in range(REPLICAS)], name
-    for index in range(REPLICAS):
-        health = httpx.get(f"http://127.0.0.1:{replicated.port + index}/api/health", timeout=10)
-        assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert all(gateway_healthy(replicated, index) for index in range(REPLICAS))
 
 
 @pytest.mark.parametrize("killed", range(REPLICAS))
 def test_a_task_completes_through_the_other_gateway_when_one_replica_of_every_service_is_killed(
         replicated: BatonStack, origin: Path, killed: int):
+    other = (killed + 1) % REPLICAS
+    others_members = wait_for(lambda: set(warm_pool_members(replicated, other)), timeout_s=60,
+                              what=f"provisioner-{other}'s warm pool")
     # kill -9 replica `killed` of every service at once: whichever held a store's relay lease,
     # the other replica of that service takes over.
     for name in SERVICE_NAMES:
         replicated.kill_service(f"{name}-{killed}")
-    api = gateway(replicated, (killed + 1) % REPLICAS)
+    api = gateway(replicated, other)
     task = api.submit(repo=origin.as_uri(), prompt="echo replicated > out.txt\necho done", agent="shell")
     events = assert_flow_completes(api, task["task_id"], timeout_s=120)
     # Every event once; the prompt delivered once.
     assert not [id_ for id_, n in Counter(e["event_id"] for e in events).items() if n > 1]
     assert [e["type"] for e in events].count("PromptDelivered") == 1
-    # The other gateway tells the same story.
+    # The restarted provisioner cleared its own warm pool (what its killed self left) and made a
+    # new one; the other's it left alone.
+    wait_for(lambda: warm_pool_members(replicated, killed), timeout_s=60,
+             what=f"the restarted provisioner-{killed}'s warm pool")
+    assert others_members <= set(warm_pool_members(replicated, other, started=False))
+    # The restarted gateway tells the same story.
+    wait_for(lambda: gateway_healthy(replicated, killed), timeout_s=60, what=f"gateway-{killed} back")
     assert [e["event_id"] for e in gateway(replicated, killed).events(task["task_id"])] == \
         [e["event_id"] for e in events]

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.cli.supervisor import SERVICE_NAMES, Supervisor
+from services.provisioner.vm_agents import VmAgentPool
 from services.runtime.settings import Settings, nats_server_urls
 
 
@@ -41,3 +42,11 @@ def test_replicas_are_each_service_n_times_with_their_index_and_gateways_on_cons
 def test_without_replicas_each_service_is_one_process_named_as_before(tmp_path: Path):
     children = Supervisor(Settings(data_dir=tmp_path))._replicas_of("task-runner")
     assert [(c.name, c.own_env, c.pid_path.name) for c in children] == [("task-runner", {}, "task-runner.pid")]
+
+
+def test_provisioner_replicas_sharing_a_data_dir_keep_their_warm_pools_apart(tmp_path: Path):
+    pools = [VmAgentPool(Settings(data_dir=tmp_path, replica=f"{i}/2"), mix={}) for i in range(2)]
+    assert [pool.pool_dir.name for pool in pools] == ["pool-0", "pool-1"]
+    assert [pool.pool_workspaces.name for pool in pools] == [".pool-0", ".pool-1"]
+    # Alone, as before.
+    assert VmAgentPool(Settings(data_dir=tmp_path), mix={}).pool_dir.name == "pool"
