@@ -102,9 +102,10 @@ class VmAgent:
         end_unfinished_session(
             store, task_id, reason="the vm_agent restarted while the agent was running; the run was lost"
         )
+        # No lease: only this process records in its store while it runs (no replicas).
         relay = asyncio.get_running_loop().create_task(Relay(
             store, self.publisher, dead_letter_subject=vm_agent_dead_letter_subject(task_id),
-            on_dead_letter=self._end_session_for_lost_event).run())
+            on_dead_letter=self._end_session_for_lost_event, lease=None).run())
         existing = store.get_task_aggregate(Session, task_id)
         self.assigned = Assigned(task_id, workspace, credential_expires_at, store, relay, existing)
         # The provisioner copies the clone's git dir there once the clone is done.

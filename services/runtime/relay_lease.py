@@ -81,9 +81,7 @@ class PostgresLease:
                 self._connection = psycopg.connect(**self._connect_kwargs, autocommit=True, connect_timeout=5,
                                                    keepalives=1, keepalives_idle=5, keepalives_interval=2,
                                                    keepalives_count=3)
-                # The server notices a vanished holder (its machine gone) within ~11 s too.
-                for name, value in (("idle", 5), ("interval", 2), ("count", 3)):
-                    self._connection.execute(f"SET tcp_keepalives_{name} = {value}")
+                _server_keepalives(self._connection)
             if self._held:
                 self._connection.execute("SELECT 1")  # Still connected, so still holding.
                 return True
@@ -102,6 +100,18 @@ class PostgresLease:
                 self._connection.close()  # The session ends: so does its advisory lock.
             finally:
                 self._connection = None
+
+
+def _server_keepalives(connection: Any) -> None:
+    """Ask the server to notice a vanished holder (its machine gone) within ~11 s too; a server
+    that refuses keeps its own keepalive settings (minutes), which only delays a takeover."""
+    import psycopg
+
+    try:
+        for name, value in (("idle", 5), ("interval", 2), ("count", 3)):
+            connection.execute(f"SET tcp_keepalives_{name} = {value}")
+    except psycopg.Error as error:
+        log.info("relay lease: PostgreSQL keeps its own TCP keepalives (%s)", error)
 
 
 def lease_key(name: str) -> int:
