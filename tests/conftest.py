@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.agents import install_agents
-from tests.support.api import Api
+from tests.support.api import Api, end_every_task
 from tests.support.git_remote import make_origin
 from tests.support.postgres import fresh_postgres_database
 from tests.support.processes import BatonStack, running_stack
@@ -19,6 +19,38 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]:
     """A whole, healthy Baton (its own NATS, data dir and port) shared by the tests that only submit."""
     with running_stack(tmp_path_factory.mktemp("stack")) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def faulty_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]:
+    """A stack whose vm_agents silently never deliver a prompt (fault `prompt_delivery`, the
+    default deadlines), shared by the tests that only look at how that shows."""
+    with running_stack(tmp_path_factory.mktemp("faulty"), faults="prompt_delivery") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def stalling_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]:
+    """A stack that calls an agent silent for 2 s stalled (BATON_STALL_AFTER_S=2), shared by the
+    stall tests of the flow and turn monitors (each judges only its own task)."""
+    with running_stack(tmp_path_factory.mktemp("stalling"), env={"BATON_STALL_AFTER_S": "2"}) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def one_place_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]:
+    """A stack that runs one task at a time (BATON_MAX_RUNNING_TASKS=1); tests take it through
+    `one_place`, which frees the place between them."""
+    with running_stack(tmp_path_factory.mktemp("one-place"), env={"BATON_MAX_RUNNING_TASKS": "1"}) as running:
+        yield running
+
+
+@pytest.fixture
+def one_place(one_place_stack: BatonStack) -> Iterator[BatonStack]:
+    """The one-place stack with its place free when the test starts: whatever task the test leaves
+    unended is cancelled after it (and seen to end), so the next test's first task runs at once."""
+    yield one_place_stack
+    end_every_task(Api(one_place_stack.api, one_place_stack.token))
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +84,6 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if report.failed and call.when == "call":
-        for name in ("stack", "faulty_stack"):
-            running = item.funcargs.get(name)
+        for name, running in item.funcargs.items():
             if isinstance(running, BatonStack):
                 report.sections.append((f"{name} logs", running.logs()))

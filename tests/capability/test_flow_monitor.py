@@ -11,7 +11,7 @@ from events.flow import DEADLINES
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import make_origin
-from tests.support.processes import running_stack
+from tests.support.processes import BatonStack, running_stack
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
@@ -104,23 +104,24 @@ def test_the_monitor_restarted_mid_wait_still_fires_on_time(tmp_path: Path):
         assert "PromptDelivered missing" in events[-1]["data"]["reason"]
 
 
-def test_a_silent_agent_is_reported_stalled_and_recovers_when_it_speaks_again(tmp_path: Path):
-    env = {"BATON_STALL_AFTER_S": "2"}
-    with running_stack(tmp_path / "stack", env=env) as stack:
-        api = Api(stack.api, stack.token)
-        task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="echo start\nsleep 6\necho end",
-                          agent="shell")
+def test_a_silent_agent_is_reported_stalled_and_recovers_when_it_speaks_again(
+        tmp_path: Path, stalling_stack: BatonStack):
+    # The stack calls an agent silent for 2 s stalled (BATON_STALL_AFTER_S=2).
+    stack = stalling_stack
+    api = Api(stack.api, stack.token)
+    task = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="echo start\nsleep 6\necho end",
+                      agent="shell")
 
-        events = assert_flow_completes(api, task["task_id"], timeout_s=90)
+    events = assert_flow_completes(api, task["task_id"], timeout_s=90)
 
-        types = [e["type"] for e in events]
-        assert types.index("AgentStalled") < types.index("StepRecovered")
-        # The recovery is named for the output the agent wrote before its turn ended (the monitor's
-        # StepRecovered may reach the stream after the vm_agent's AgentFinished: they race).
-        recovered = next(e for e in events if e["type"] == "StepRecovered")
-        [cause] = [e for e in events if e["event_id"] == recovered["causation_id"]]
-        assert cause["type"] == "AgentOutput" and events.index(cause) < types.index("AgentFinished")
-        stalled = next(e for e in events if e["type"] == "AgentStalled")["data"]
-        assert stalled["silent_s"] >= 2 and stalled["last_seq"] == 1
-        board = api.wait_for_state(task["task_id"], "completed")
-        assert [(g.get("stalled"), g["recovered"]) for g in board["gaps"]] == [(True, True)]
+    types = [e["type"] for e in events]
+    assert types.index("AgentStalled") < types.index("StepRecovered")
+    # The recovery is named for the output the agent wrote before its turn ended (the monitor's
+    # StepRecovered may reach the stream after the vm_agent's AgentFinished: they race).
+    recovered = next(e for e in events if e["type"] == "StepRecovered")
+    [cause] = [e for e in events if e["event_id"] == recovered["causation_id"]]
+    assert cause["type"] == "AgentOutput" and events.index(cause) < types.index("AgentFinished")
+    stalled = next(e for e in events if e["type"] == "AgentStalled")["data"]
+    assert stalled["silent_s"] >= 2 and stalled["last_seq"] == 1
+    board = api.wait_for_state(task["task_id"], "completed")
+    assert [(g.get("stalled"), g["recovered"]) for g in board["gaps"]] == [(True, True)]

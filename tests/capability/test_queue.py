@@ -12,7 +12,7 @@ from events import TERMINAL_TYPES
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import make_origin
-from tests.support.processes import running_stack
+from tests.support.processes import BatonStack, running_stack
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
@@ -97,24 +97,24 @@ class PositionWatcher:
         return self.positions
 
 
-def test_a_task_runner_killed_while_tasks_wait_starts_each_once_in_order(tmp_path: Path):
-    with running_stack(tmp_path / "stack", env={"BATON_MAX_RUNNING_TASKS": "1"}) as stack:
-        api = Api(stack.api, stack.token)
-        origin = make_origin(tmp_path)
-        prompt = "echo start\nsleep 2\necho done\n"
-        ids = [api.submit(repo=origin.as_uri(), prompt=prompt, agent="shell")["task_id"] for _ in range(3)]
-        wait_for(lambda: api.task(ids[-1])["queue_position"] == 2, timeout_s=30, what="two tasks to wait")
+def test_a_task_runner_killed_while_tasks_wait_starts_each_once_in_order(tmp_path: Path, one_place: BatonStack):
+    stack = one_place
+    api = Api(stack.api, stack.token)
+    origin = make_origin(tmp_path)
+    prompt = "echo start\nsleep 2\necho done\n"
+    ids = [api.submit(repo=origin.as_uri(), prompt=prompt, agent="shell")["task_id"] for _ in range(3)]
+    wait_for(lambda: api.task(ids[-1])["queue_position"] == 2, timeout_s=30, what="two tasks to wait")
 
-        # kill -9 while two wait, and again once the first place is handed on.
-        stack.kill_service("task-runner")
-        wait_for(lambda: any(e["type"] == "WorkspaceRequested" for e in api.events(ids[1])), timeout_s=60,
-                 what="the second task to get the place")
-        stack.kill_service("task-runner")
+    # kill -9 while two wait, and again once the first place is handed on.
+    stack.kill_service("task-runner")
+    wait_for(lambda: any(e["type"] == "WorkspaceRequested" for e in api.events(ids[1])), timeout_s=60,
+             what="the second task to get the place")
+    stack.kill_service("task-runner")
 
-        for task_id in ids:
-            assert_flow_completes(api, task_id, timeout_s=120)
-        events = sorted((e for task_id in ids for e in api.events(task_id)), key=lambda e: e["stream_seq"])
-        # Each task got its place exactly once, in the order they came, one at a time.
-        assert [e["task_id"] for e in events if e["type"] == "WorkspaceRequested"] == ids
-        assert [e["task_id"] for e in events if e["type"] == "TaskQueued"] == ids[1:]
-        assert max_running(events) == 1
+    for task_id in ids:
+        assert_flow_completes(api, task_id, timeout_s=120)
+    events = sorted((e for task_id in ids for e in api.events(task_id)), key=lambda e: e["stream_seq"])
+    # Each task got its place exactly once, in the order they came, one at a time.
+    assert [e["task_id"] for e in events if e["type"] == "WorkspaceRequested"] == ids
+    assert [e["task_id"] for e in events if e["type"] == "TaskQueued"] == ids[1:]
+    assert max_running(events) == 1

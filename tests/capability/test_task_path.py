@@ -14,7 +14,7 @@ from events import FLOW_CONTRACT
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import branch_commit, branch_file, make_origin
-from tests.support.processes import running_stack
+from tests.support.processes import BatonStack, running_stack
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
@@ -82,17 +82,17 @@ def assert_task_travels_the_whole_path(api: Api, origin: Path) -> None:
     assert all(e["causation_id"] for e in events[1:])
 
 
-def test_the_flow_check_names_the_missing_prompt_delivered_when_delivery_is_broken(tmp_path: Path):
+def test_the_flow_check_names_the_missing_prompt_delivered_when_delivery_is_broken(
+        tmp_path: Path, faulty_stack: BatonStack):
     # Rehearse the original incident: the agent starts but the prompt silently never arrives.
-    with running_stack(tmp_path / "faulty", faults="prompt_delivery") as faulty_stack:
-        api = Api(faulty_stack.api, faulty_stack.token)
-        origin = make_origin(tmp_path)
-        task = api.submit(repo=origin.as_uri(), prompt=nonce_prompt("x"), agent="shell")
-        # The agent session does start, so what is missing is exactly the delivery.
-        wait_for(lambda: any(e["type"] == "AgentSessionStarted" for e in api.events(task["task_id"])),
-                 timeout_s=60, what="AgentSessionStarted")
-        with pytest.raises(AssertionError, match=r"missing handoff PromptDelivered \(after AgentSessionStarted\)"):
-            assert_flow_completes(api, task["task_id"], timeout_s=5)
+    api = Api(faulty_stack.api, faulty_stack.token)
+    origin = make_origin(tmp_path)
+    task = api.submit(repo=origin.as_uri(), prompt=nonce_prompt("x"), agent="shell")
+    # The agent session does start, so what is missing is exactly the delivery.
+    wait_for(lambda: any(e["type"] == "AgentSessionStarted" for e in api.events(task["task_id"])),
+             timeout_s=60, what="AgentSessionStarted")
+    with pytest.raises(AssertionError, match=r"missing handoff PromptDelivered \(after AgentSessionStarted\)"):
+        assert_flow_completes(api, task["task_id"], timeout_s=5)
 
 
 def test_ten_tasks_submitted_at_once_all_complete(api: Api, tmp_path: Path):

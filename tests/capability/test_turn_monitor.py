@@ -13,7 +13,7 @@ from events.flow import DEADLINES, REPROVISIONED_TURN_CONTRACT, TURN_CONTRACT
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import make_origin
-from tests.support.processes import running_stack
+from tests.support.processes import BatonStack, running_stack
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
@@ -114,30 +114,31 @@ def test_a_conversations_every_turn_follows_its_contract_with_no_gap_named(tmp_p
         assert task_id not in [t["task_id"] for t in flagged]
 
 
-def test_an_agent_silent_in_a_follow_ups_turn_is_stalled_with_its_turn_and_recovers(tmp_path: Path):
-    with running_stack(tmp_path / "stack", env={"BATON_STALL_AFTER_S": "2"}) as stack:
-        api = Api(stack.api, stack.token)
-        task_id = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="echo one > a.txt\n", agent="shell")["task_id"]
-        assert_flow_completes(api, task_id, timeout_s=90)
+def test_an_agent_silent_in_a_follow_ups_turn_is_stalled_with_its_turn_and_recovers(
+        tmp_path: Path, stalling_stack: BatonStack):
+    stack = stalling_stack  # It calls an agent silent for 2 s stalled (BATON_STALL_AFTER_S=2).
+    api = Api(stack.api, stack.token)
+    task_id = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="echo one > a.txt\n", agent="shell")["task_id"]
+    assert_flow_completes(api, task_id, timeout_s=90)
 
-        # The follow-up's agent speaks, falls silent longer than the stall limit, then speaks again.
-        sent = api.http.post(f"/api/tasks/{task_id}/messages", json={"prompt": "echo start\nsleep 6\necho end\n"})
-        assert sent.status_code == 202, sent.text
-        assert_flow_completes(api, task_id, timeout_s=90, turns=2)
+    # The follow-up's agent speaks, falls silent longer than the stall limit, then speaks again.
+    sent = api.http.post(f"/api/tasks/{task_id}/messages", json={"prompt": "echo start\nsleep 6\necho end\n"})
+    assert sent.status_code == 202, sent.text
+    assert_flow_completes(api, task_id, timeout_s=90, turns=2)
 
-        # The monitor's recovery may reach the stream after the turn's end (they race): wait for it.
-        def recovered_events() -> list[dict] | None:
-            events = api.events(task_id)
-            return events if any(e["type"] == "StepRecovered" for e in events) else None
+    # The monitor's recovery may reach the stream after the turn's end (they race): wait for it.
+    def recovered_events() -> list[dict] | None:
+        events = api.events(task_id)
+        return events if any(e["type"] == "StepRecovered" for e in events) else None
 
-        events = wait_for(recovered_events, timeout_s=30, what="the stall's recovery")
-        stalled = [e for e in events if e["type"] == "AgentStalled"]
-        assert [e["data"]["turn"] for e in stalled] == [2] and stalled[0]["data"]["silent_s"] >= 2
-        recovered = next(e for e in events if e["type"] == "StepRecovered")
-        assert recovered["data"]["turn"] == 2 and recovered["data"]["expected"] == "AgentOutput"
-        gaps = wait_for(lambda: (g := api.wait_for_state(task_id, "completed")["gaps"]) and g[0]["recovered"] and g,
-                        timeout_s=30, what="the board to show the stall recovered")
-        assert [(g.get("stalled"), g["turn"], g["recovered"]) for g in gaps] == [(True, 2, True)]
+    events = wait_for(recovered_events, timeout_s=30, what="the stall's recovery")
+    stalled = [e for e in events if e["type"] == "AgentStalled"]
+    assert [e["data"]["turn"] for e in stalled] == [2] and stalled[0]["data"]["silent_s"] >= 2
+    recovered = next(e for e in events if e["type"] == "StepRecovered")
+    assert recovered["data"]["turn"] == 2 and recovered["data"]["expected"] == "AgentOutput"
+    gaps = wait_for(lambda: (g := api.wait_for_state(task_id, "completed")["gaps"]) and g[0]["recovered"] and g,
+                    timeout_s=30, what="the board to show the stall recovered")
+    assert [(g.get("stalled"), g["turn"], g["recovered"]) for g in gaps] == [(True, 2, True)]
 
 
 def test_a_re_provisioned_turns_prompt_never_delivered_is_named_after_its_new_workspace(tmp_path: Path):

@@ -187,16 +187,15 @@ def test_the_form_shows_the_gateways_422_readably(stack: BatonStack, page: Page)
     assert page.url.rstrip("/") == stack.api
 
 
-def test_every_page_warns_loudly_when_faults_are_injected(tmp_path: Path, page: Page):
-    with running_stack(tmp_path / "faulty", faults="prompt_delivery") as faulty_stack:
-        task = Api(faulty_stack.api, faulty_stack.token).submit(repo="file:///nowhere.git", prompt="echo hi", agent="shell")
-        log_in(page, faulty_stack)
-        for path in ("/", f"/tasks/{task['task_id']}"):
-            page.goto(faulty_stack.api + path)
-            banner = page.locator("#fault-banner")
-            expect(banner).to_be_visible(timeout=10_000)
-            expect(banner).to_contain_text("Fault injection on: prompt_delivery")
-            expect(banner).to_have_css("background-color", "rgb(192, 38, 45)")
+def test_every_page_warns_loudly_when_faults_are_injected(faulty_stack: BatonStack, page: Page):
+    task = Api(faulty_stack.api, faulty_stack.token).submit(repo="file:///nowhere.git", prompt="echo hi", agent="shell")
+    log_in(page, faulty_stack)
+    for path in ("/", f"/tasks/{task['task_id']}"):
+        page.goto(faulty_stack.api + path)
+        banner = page.locator("#fault-banner")
+        expect(banner).to_be_visible(timeout=10_000)
+        expect(banner).to_contain_text("Fault injection on: prompt_delivery")
+        expect(banner).to_have_css("background-color", "rgb(192, 38, 45)")
 
 
 def test_no_fault_banner_on_a_healthy_install(stack: BatonStack, page: Page):

@@ -12,7 +12,7 @@ from playwright.sync_api import Page, expect
 
 from tests.capability.test_web_ui import browser, log_in, page  # noqa: F401 - the browser fixtures
 from tests.support.api import Api
-from tests.support.processes import BatonStack, running_stack
+from tests.support.processes import BatonStack
 
 pytestmark = pytest.mark.capability
 
@@ -43,32 +43,32 @@ def test_a_follow_up_sent_from_the_task_page_runs_as_turn_two_and_shows_as_one(
 
 
 def test_cancel_in_the_browser_stops_the_agent_and_the_task_in_line_starts_with_the_place(
-    tmp_path: Path, origin: Path, page: Page
+    origin: Path, page: Page, one_place: BatonStack
 ):
     nonce = secrets.token_hex(6)
-    with running_stack(tmp_path / "stack", env={"BATON_MAX_RUNNING_TASKS": "1"}) as stack:
-        api = Api(stack.api, stack.token)
-        long = api.submit(repo=origin.as_uri(), agent="shell",
-                          prompt=f'for i in $(seq 1 600); do echo "tick $i {nonce}"; sleep 0.5; done\n')
-        waiting = api.submit(repo=origin.as_uri(), agent="shell", prompt=f"echo after {nonce}\n")
+    stack = one_place
+    api = Api(stack.api, stack.token)
+    long = api.submit(repo=origin.as_uri(), agent="shell",
+                      prompt=f'for i in $(seq 1 600); do echo "tick $i {nonce}"; sleep 0.5; done\n')
+    waiting = api.submit(repo=origin.as_uri(), agent="shell", prompt=f"echo after {nonce}\n")
 
-        # The board and the waiting task's page say where it stands in line.
-        log_in(page, stack)
-        card = page.locator(f'[data-task="{waiting["task_id"]}"]')
-        expect(card.locator(".card-queue")).to_have_text("waiting for a place: #1 in line", timeout=60_000)
-        page.goto(f"{stack.api}/tasks/{waiting['task_id']}")
-        expect(page.locator(".facts")).to_contain_text("#1 (waiting for a place)", timeout=30_000)
+    # The board and the waiting task's page say where it stands in line.
+    log_in(page, stack)
+    card = page.locator(f'[data-task="{waiting["task_id"]}"]')
+    expect(card.locator(".card-queue")).to_have_text("waiting for a place: #1 in line", timeout=60_000)
+    page.goto(f"{stack.api}/tasks/{waiting['task_id']}")
+    expect(page.locator(".facts")).to_contain_text("#1 (waiting for a place)", timeout=30_000)
 
-        # The running task's Cancel button stops its agent: the task ends cancelled, saying by whom.
-        page.goto(f"{stack.api}/tasks/{long['task_id']}")
-        expect(page.locator("#output")).to_contain_text(f"tick 2 {nonce}", timeout=90_000)
-        page.click("#cancel")
-        expect(page.locator("#state .badge")).to_have_text("cancelled", timeout=30_000)
-        expect(page.locator("#cancelled .reason")).to_contain_text("cancelled by")
-        expect(page.locator("#cancel")).to_be_hidden()
-        expect(page.locator("#follow-up")).to_be_hidden()
+    # The running task's Cancel button stops its agent: the task ends cancelled, saying by whom.
+    page.goto(f"{stack.api}/tasks/{long['task_id']}")
+    expect(page.locator("#output")).to_contain_text(f"tick 2 {nonce}", timeout=90_000)
+    page.click("#cancel")
+    expect(page.locator("#state .badge")).to_have_text("cancelled", timeout=30_000)
+    expect(page.locator("#cancelled .reason")).to_contain_text("cancelled by")
+    expect(page.locator("#cancel")).to_be_hidden()
+    expect(page.locator("#follow-up")).to_be_hidden()
 
-        # The place is free: the task in line runs and completes.
-        page.goto(f"{stack.api}/tasks/{waiting['task_id']}")
-        expect(page.locator("#state .badge")).to_have_text("completed", timeout=90_000)
-        expect(page.locator("#output")).to_contain_text(f"after {nonce}")
+    # The place is free: the task in line runs and completes.
+    page.goto(f"{stack.api}/tasks/{waiting['task_id']}")
+    expect(page.locator("#state .badge")).to_have_text("completed", timeout=90_000)
+    expect(page.locator("#output")).to_contain_text(f"after {nonce}")

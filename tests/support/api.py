@@ -52,3 +52,16 @@ class Api:
     def wait_for_state(self, task_id: str, state: str, *, timeout_s: float = 30) -> dict:
         return wait_for(lambda: (t := self.task(task_id))["state"] == state and t,
                         timeout_s=timeout_s, what=f"task {task_id} to be {state} on the board")
+
+
+ENDED_STATES = ("completed", "failed", "cancelled")
+
+
+def end_every_task(api: Api, *, timeout_s: float = 60) -> None:
+    """Cancel every task on the board that has not ended, and wait until the board shows each ended."""
+    def unended() -> list[str]:
+        return [t["task_id"] for t in api.http.get("/api/tasks").json()["tasks"] if t["state"] not in ENDED_STATES]
+
+    for task_id in unended():
+        api.http.post(f"/api/tasks/{task_id}/cancel", json={"reason": "the test that started it is over"})
+    wait_for(lambda: not unended(), timeout_s=timeout_s, what="every task on the board to have ended")
