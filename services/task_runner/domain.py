@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from eventsourcing.domain import event
 
 from events import (
@@ -17,6 +19,36 @@ from events import (
 from services.runtime.store import TaskAggregate
 
 ACTOR = "service:task-runner"
+
+
+@dataclass(frozen=True)
+class LateStep:
+    """A handoff the monitor named overdue (its StepOverdue: `cause`) that the task runner still
+    waits for: checked at each of `due_at` (epoch seconds), its start retried between checks where
+    it can be; still missing at the last, the task fails naming it."""
+
+    expected: str
+    after: str
+    turn: int
+    waited_s: float
+    """How long the monitor had waited for it when it named it overdue."""
+    cause: str
+    awaited_at: float
+    due_at: tuple[float, ...]
+
+    @property
+    def next_due(self) -> float:
+        return self.due_at[0]
+
+    @property
+    def at_last_check(self) -> bool:
+        return len(self.due_at) == 1
+
+    def missing_reason(self) -> str:
+        """Why the task fails when it never came (the same words since the handler slept for it)."""
+        waited_s = self.waited_s + (self.due_at[-1] - self.awaited_at)
+        in_turn = f" in turn {self.turn}" if self.turn > 1 else ""
+        return f"{self.expected} missing {waited_s:.0f}s after {self.after}{in_turn}"
 
 
 class Task(TaskAggregate):
@@ -49,6 +81,8 @@ class Task(TaskAggregate):
         """(FollowUpSubmitted id, prompt) not yet handed to the vm_agent, in the order people sent them."""
         self.follow_up_ids: set[str] = set()
         self.lost: list[str] = []  # why each earlier attempt was lost
+        self.late_steps: dict[str, LateStep] = {}
+        """Overdue handoffs still awaited, by type (LateStepAwaited); an ended task or a new workspace awaits none."""
 
     @property
     def is_over(self) -> bool:
@@ -195,6 +229,33 @@ class Task(TaskAggregate):
         """The session can take no more turns (its workspace is gone): the waiting ones are dropped."""
         self.follow_ups.clear()
 
+    @event("LateStepAwaited")
+    def await_late_step(self, expected: str, after: str, turn: int, waited_s: float, cause: str,
+                        awaited_at: float, due_at: list[float]) -> None:
+        """`expected` was named overdue (StepOverdue `cause`): it is checked for at each of `due_at`."""
+        late = LateStep(expected, after, turn, waited_s, cause, awaited_at, tuple(due_at))
+        self.late_steps = {**self.late_steps, expected: late}
+
+    @event("LateStepChecked")
+    def late_step_checked(self, expected: str) -> None:
+        """Checked at its next due time and still missing (its start retried where it can be)."""
+        if (late := self.late_steps.get(expected)) is not None:
+            self.late_steps = {**self.late_steps, expected: replace(late, due_at=late.due_at[1:])}
+
+    @event("LateStepArrived")
+    def late_step_arrived(self, expected: str) -> None:
+        """The awaited handoff came after all (the monitor names that StepRecovered)."""
+        self.late_steps = {step: late for step, late in self.late_steps.items() if step != expected}
+
+    def awaits_late_step(self, expected: str, turn: int) -> bool:
+        late = self.late_steps.get(expected)
+        return late is not None and late.turn == turn
+
+    @property
+    def next_late_check(self) -> float | None:
+        """When the earliest awaited handoff is next checked for (epoch seconds), if any is awaited."""
+        return min((late.next_due for late in self.late_steps.values()), default=None)
+
     def fail(self, reason: str, *, cause: str | None) -> None:
         """End the task `failed`; once a person asked to cancel it, whatever stopped it (the
         agent's cancelled turn included) ends it `cancelled`."""
@@ -204,6 +265,9 @@ class Task(TaskAggregate):
             self.emit(TaskFailed(reason=reason), actor=ACTOR, causation_id=cause)
 
     def apply(self, envelope: Envelope) -> None:
+        if envelope.type in (WorkspaceRequested.type, TaskCompleted.type, TaskFailed.type, TaskCancelled.type):
+            # Ended, or the flow starts again on a new workspace (the monitor's deadlines with it).
+            self.late_steps = {}
         if envelope.type == WorkspaceRequested.type:
             self.state = "provisioning"
             self.vm_agent_url = None

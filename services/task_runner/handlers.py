@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from eventsourcing.application import AggregateNotFoundError
@@ -28,10 +29,11 @@ from events import (
     parse_event,
 )
 from events.flow import NEW_TURN, TURN_CONTRACT, TURN_NUMBERED, contract_for_turn
-from services.runtime.consumer import Handler
+from services.runtime.consumer import Handler, HeldPartitions
 from services.runtime.handlers import declared_handlers, handles
 from services.runtime.store import ServiceStore
 from services.task_runner.domain import Task
+from services.task_runner.late_steps import LateStepChecks
 from services.task_runner.queue import QUEUE_ID, RunQueue
 from services.task_runner.vm_agent_client import AgentStarter, AgentStartRefused, VmAgentSilent
 
@@ -52,6 +54,8 @@ class TaskRunnerHandlers:
         overdue_backoff_s: Sequence[float] = (1.0, 2.0, 4.0),
         max_running: int = 8,
         max_attempts: int = 3,
+        held: HeldPartitions | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.starter = starter
@@ -59,7 +63,10 @@ class TaskRunnerHandlers:
         self.overdue_backoff_s = tuple(overdue_backoff_s)
         self.max_running = max_running
         self.max_attempts = max_attempts
+        self.clock = clock
         self._queue: RunQueue | None = None
+        self.late_steps = LateStepChecks(store, self, held=held, clock=clock)
+        """The loop that works the checks `on_step_overdue` records (serve it with the handlers)."""
 
     def queue(self) -> RunQueue:
         """The fair queue, replayed from the store once and kept. Replicas share it: a copy gone stale
@@ -71,18 +78,27 @@ class TaskRunnerHandlers:
                 self._queue = RunQueue()
         return self._queue
 
-    def _save(self, tracking: Tracking, task: Task, *, cause: str) -> None:
-        """Save the task with the consumer position; a task that just ended frees its place,
-        and the next waiting task gets it (its WorkspaceRequested) in the same transaction."""
+    def _save(self, tracking: Tracking | None, task: Task, *, cause: str) -> None:
+        """Save the task with the consumer position (none: a late step's check); a task that just
+        ended frees its place, and the next waiting task gets it (its WorkspaceRequested) in the
+        same transaction."""
         queue, placed = self.queue(), []
         try:
             if task.is_over and queue.holds(task.task_id):
                 queue.release(task.task_id)
                 placed = self._fill_places(queue, cause=cause)
-            self.store.save_processed(tracking, task, queue, *placed)
+            if tracking is None:
+                self.store.save(task, queue, *placed)
+            else:
+                self.store.save_processed(tracking, task, queue, *placed)
         except BaseException:
             self._queue = None  # Not committed: the store, not this copy, says what was decided.
             raise
+        self.late_steps.note(task)
+
+    def save_checked(self, task: Task, *, cause: str) -> None:
+        """Save what a check of a late step decided (LateStepChecks), with no consumer position."""
+        self._save(None, task, cause=cause)
 
     def _fill_places(self, queue: RunQueue, *, cause: str) -> list[Task]:
         placed = []
@@ -300,30 +316,30 @@ class TaskRunnerHandlers:
         lingering session's quick turn before the relay has published it."""
         contract = contract_for_turn(task.turn, reprovisioned=not task.turn_runs_on_lingering_session)
         steps = [step for step in contract[: contract.index(before)] if step != NEW_TURN]
-        came = await asyncio.gather(*(self._came_in_turn(task.task_id, step, task.turn) for step in steps))
+        came = await asyncio.gather(*(self.came_in_turn(task.task_id, step, task.turn) for step in steps))
         return [step for step, happened in zip(steps, came, strict=True) if not happened]
 
     @handles(StepOverdue)
     async def on_step_overdue(self, envelope: Envelope, tracking: Tracking) -> None:
-        """Retry what can be retried, wait for the late handoff, then fail naming it."""
+        """Retry what can be retried, then record the late handoff as awaited, checked for after each
+        of `overdue_backoff_s` by `late_steps` (never here: a handler that waits holds up its partition)."""
         task = self._task(envelope)
         overdue = parse_event(envelope)
         assert isinstance(overdue, StepOverdue)
-        if task is None or task.is_over or overdue.expected == overdue.after or overdue.turn < task.turn:
-            return
+        if (task is None or task.is_over or overdue.expected == overdue.after or overdue.turn < task.turn
+                or task.awaits_late_step(overdue.expected, overdue.turn)):
+            return  # Nothing to wait for, or its checks already run (it was named again).
+        if overdue.expected == PromptDelivered.type and task.vm_agent_url and self.overdue_backoff_s:
+            await self.retry_start(task, cause=envelope.event_id)
+        now, due_at = self.clock(), []
         for delay_s in self.overdue_backoff_s:
-            if overdue.expected == PromptDelivered.type and task.vm_agent_url:
-                await self._retry_start(task, cause=envelope.event_id)
-            await asyncio.sleep(delay_s)
-            if await self._came_in_turn(task.task_id, overdue.expected, overdue.turn):
-                return  # It came after all (the monitor names that StepRecovered).
-        waited_s = overdue.waited_s + sum(self.overdue_backoff_s)
-        in_turn = f" in turn {overdue.turn}" if overdue.turn > 1 else ""
-        task.fail(f"{overdue.expected} missing {waited_s:.0f}s after {overdue.after}{in_turn}",
-                  cause=envelope.event_id)
+            due_at.append((due_at[-1] if due_at else now) + delay_s)
+        # No backoff at all: checked once, at once (the loop's next tick), then failed.
+        task.await_late_step(overdue.expected, overdue.after, overdue.turn, overdue.waited_s, envelope.event_id,
+                             awaited_at=now, due_at=due_at or [now])
         self._save(tracking, task, cause=envelope.event_id)
 
-    async def _came_in_turn(self, task_id: str, step: str, turn: int) -> bool:
+    async def came_in_turn(self, task_id: str, step: str, turn: int) -> bool:
         """`step` happened in turn `turn`: its `turn` says so, or it followed that turn's PromptDelivered
         (the agent's steps) or TurnRequested (a re-provisioned workspace's)."""
         found = await self.lookup.last_event(task_id, step)
@@ -337,7 +353,7 @@ class TaskRunnerHandlers:
         return (began is not None and began.data.get("turn", 1) >= turn
                 and found.occurred_at >= began.occurred_at)
 
-    async def _retry_start(self, task: Task, *, cause: str) -> None:
+    async def retry_start(self, task: Task, *, cause: str) -> None:
         # Same attempt id and turn: the vm_agent starts nothing twice and never re-sends a delivered prompt.
         assert task.vm_agent_url is not None
         try:

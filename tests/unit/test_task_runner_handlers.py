@@ -32,15 +32,38 @@ TASK = "t1"
 class Runner:
     """The handlers plus what the consumer does around them (skip if processed, then track). Its
     `lookup` is the stream: every envelope delivered to the handlers and every one they emitted,
-    in that order, plus the vm_agent's handoffs a test plays (`agent_runs_turn`)."""
+    in that order, plus the vm_agent's handoffs a test plays (`agent_runs_turn`). Its clock
+    (`now`, epoch seconds) moves only when a test lets time pass (`pass_time`)."""
 
     def __init__(self, starter: FakeStarter | None = None) -> None:
         self.store = popo_store()
         self.starter = starter or FakeStarter()
         self.lookup = FakeLookup()
-        self.handlers = TaskRunnerHandlers(self.store, self.starter, self.lookup).handlers()
+        self.now = 1_900_000_000.0
+        self.use()
         self._seq = itertools.count(1)
         self._published = 0
+
+    def use(self, **options) -> TaskRunnerHandlers:
+        """The task runner (re)built with `options` (`overdue_backoff_s`, …) over the same store,
+        stream and clock, as a restarted process would be."""
+        self.task_runner = TaskRunnerHandlers(self.store, self.starter, self.lookup, clock=lambda: self.now,
+                                              **options)
+        self.handlers = self.task_runner.handlers()
+        return self.task_runner
+
+    async def pass_time(self, seconds: float = 0.0) -> None:
+        """`seconds` pass; the task runner's loop works each check of a late handoff as it falls due."""
+        until = self.now + seconds
+        checks = self.task_runner.late_steps
+        for _ in range(100):
+            next_due = min((due for due in checks.due.values()), default=None)
+            if next_due is None or next_due > until:
+                break
+            self.now = max(self.now, next_due)
+            await checks.work_due_checks(self.now)
+            self._publish_emitted()
+        self.now = until
 
     async def deliver(self, envelope: Envelope, tracking: Tracking | None = None) -> Tracking:
         tracking = tracking or Tracking(f"task-runner-{envelope.type}", next(self._seq))
@@ -259,12 +282,12 @@ async def test_a_push_without_agent_output_on_the_stream_fails_the_task_naming_t
 
 async def test_an_overdue_prompt_is_retried_with_the_same_attempt_then_fails_naming_the_handoff():
     runner = await started_runner(agent_ran=False)  # The prompt is never delivered.
-    runner.handlers = TaskRunnerHandlers(runner.store, runner.starter, runner.lookup,
-                                         overdue_backoff_s=(0, 0)).handlers()
+    runner.use(overdue_backoff_s=(0, 0))
     calls_before = len(runner.starter.calls)
 
     overdue = StepOverdue(expected="PromptDelivered", after="WorkspaceReady", waited_s=30.0)
     await runner.deliver(event(overdue))
+    await runner.pass_time()  # The loop's checks, both due at once.
 
     retries = runner.starter.calls[calls_before:]
     assert len(retries) == 2 and {c["attempt_id"] for c in retries} == {f"{TASK}-a1"}
@@ -273,12 +296,13 @@ async def test_an_overdue_prompt_is_retried_with_the_same_attempt_then_fails_nam
 
 async def test_an_overdue_step_that_arrives_while_waiting_does_not_fail_the_task():
     runner = await started_runner()
-    runner.handlers = TaskRunnerHandlers(runner.store, runner.starter, runner.lookup,
-                                         overdue_backoff_s=(0,)).handlers()
+    runner.use(overdue_backoff_s=(0,))
 
     await runner.deliver(event(StepOverdue(expected="AgentOutput", after="PromptDelivered", waited_s=5)))
+    await runner.pass_time()
 
     assert "TaskFailed" not in [e.type for e in runner.emitted()]
+    assert runner.task().late_steps == {} and runner.task_runner.late_steps.due == {}
 
 
 async def test_a_vm_agent_silent_on_the_start_is_taken_as_started_and_the_prompts_deadline_decides():
@@ -288,9 +312,9 @@ async def test_a_vm_agent_silent_on_the_start_is_taken_as_started_and_the_prompt
     # It may have started the agent: the task is not failed, and nothing is started a second way.
     assert runner.task().state == "starting" and "TaskFailed" not in [e.type for e in runner.emitted()]
 
-    runner.handlers = TaskRunnerHandlers(runner.store, runner.starter, runner.lookup,
-                                         overdue_backoff_s=(0,)).handlers()
+    runner.use(overdue_backoff_s=(0,))
     await runner.deliver(event(StepOverdue(expected="PromptDelivered", after="WorkspaceReady", waited_s=30.0)))
+    await runner.pass_time()
     # The deadline's retry asks for the same attempt (which starts nothing twice), then fails naming the gap.
     assert {c["attempt_id"] for c in starter.calls} == {f"{TASK}-a1"} and len(starter.calls) == 2
     assert runner.emitted()[-1].data["reason"] == "PromptDelivered missing 30s after WorkspaceReady"

@@ -97,17 +97,16 @@ async def test_a_follow_up_before_its_task_is_known_is_retried_not_lost():
 
 async def test_an_overdue_prompt_of_a_turn_on_the_lingering_session_is_retried_as_that_turn():
     from events import StepOverdue
-    from services.task_runner.handlers import TaskRunnerHandlers
 
     runner = await started_runner()
-    runner.handlers = TaskRunnerHandlers(runner.store, runner.starter, runner.lookup,
-                                         overdue_backoff_s=(0, 0)).handlers()
+    runner.use(overdue_backoff_s=(0, 0))
     await runner.deliver(pushed("c1"))
     await runner.deliver(follow_up("echo two"))
     calls_before = len(runner.starter.calls)
 
     overdue = StepOverdue(expected="PromptDelivered", after="TurnRequested", waited_s=30.0, turn=2)
     await runner.deliver(envelope_for(overdue, task_id=TASK, actor="service:monitor"))
+    await runner.pass_time()  # The loop's checks, both due at once.
 
     # The vm_agent is asked again for turn 2 of its session (idempotent by turn), never to start a session.
     retries = runner.starter.calls[calls_before:]
