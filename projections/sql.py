@@ -18,6 +18,8 @@ class Database(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
     def transaction(self) -> Any: ...
+    def schema_change(self) -> Any:
+        """A transaction no other process changes the schema during (replicas start together)."""
     def close(self) -> None: ...
 
 
@@ -57,6 +59,9 @@ class SQLiteDatabase:
                 raise
             self._db.execute("COMMIT")
 
+    def schema_change(self) -> Any:
+        return self.transaction()  # BEGIN IMMEDIATE: one writer at a time already.
+
     def close(self) -> None:
         self._db.close()
 
@@ -69,9 +74,11 @@ class PostgresDatabase:
         from psycopg.rows import dict_row
 
         self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
-        self._db.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-        self._db.execute(f'SET search_path TO "{schema}"')
+        self._schema = schema
         self._lock = threading.RLock()
+        with self.schema_change():
+            self._db.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        self._db.execute(f'SET search_path TO "{schema}"')
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._lock:
@@ -85,6 +92,14 @@ class PostgresDatabase:
     @contextmanager
     def transaction(self) -> Iterator[PostgresDatabase]:
         with self._lock, self._db.transaction():
+            yield self
+
+    @contextmanager
+    def schema_change(self) -> Iterator[PostgresDatabase]:
+        """Concurrent `CREATE … IF NOT EXISTS` of one object collide in PostgreSQL (a unique
+        violation in its catalog): processes take turns, by a lock held until the commit."""
+        with self.transaction():
+            self._db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"baton schema {self._schema}",))
             yield self
 
     def close(self) -> None:
@@ -113,9 +128,10 @@ class TrackedProjection:
             f";CREATE TABLE IF NOT EXISTS {self.TRACKING_TABLE} "
             "(consumer TEXT PRIMARY KEY, position BIGINT NOT NULL)"
         )
-        for statement in schema.split(";"):
-            if statement.strip():
-                self._db.execute(statement)
+        with self._db.schema_change() as db:
+            for statement in schema.split(";"):
+                if statement.strip():
+                    db.execute(statement)
 
     def position(self, consumer: str, db: Database | None = None) -> int:
         rows = (db or self._db).execute(
