@@ -11,7 +11,15 @@ from tests.support.agents import install_agents
 from tests.support.api import Api, end_every_task
 from tests.support.git_remote import make_origin
 from tests.support.postgres import fresh_postgres_database
-from tests.support.processes import BatonStack, running_stack
+from tests.support.processes import BatonStack, running_stack, stops_off_the_tests_path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stacks_stop_off_the_tests_path() -> Iterator[None]:
+    """A test's stack stops while the next test runs; the run ends once every stop did (this
+    fixture is set up first, so it is torn down last, after the shared stacks')."""
+    with stops_off_the_tests_path():
+        yield
 
 
 @pytest.fixture(scope="session")

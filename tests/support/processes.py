@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from tests.support.waiting import wait_for
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AGENT_VARIABLES = declared_names() | {"BATON_AGENTS_DIR", "BATON_WARM_AGENTS"}
 """What a stack takes from the test's environment only when the test says so."""
+
+_stopping: list[threading.Thread] | None = None
+"""The stops `running_stack` left running, while `stops_off_the_tests_path` is open."""
 
 
 def free_port() -> int:
@@ -180,12 +184,39 @@ def running_stack(
         env = {**(env or {}), "BATON_AGENTS_DIR": str(agents_dir)}
     # The bus is authenticated as `baton up`'s own is: this NATS trusts the stack's data dir.
     nats = NatsServer(store_dir=root / "nats", trusting=root / "baton").start()
+    stack = BatonStack(nats=nats, data_dir=root / "baton", faults=faults,
+                       database_url=database_url, extra_env=env or {})
     try:
-        stack = BatonStack(nats=nats, data_dir=root / "baton", faults=faults,
-                           database_url=database_url, extra_env=env or {}).start()
-        try:
-            yield stack
-        finally:
-            stack.stop()
+        yield stack.start()
     finally:
-        nats.stop()
+        stop_soon(stack, nats)
+
+
+def stop_soon(stack: BatonStack, nats: NatsServer) -> None:
+    """`baton up`, then its NATS, stopped in order: in a thread of its own while
+    `stops_off_the_tests_path` is open (the next test starts meanwhile), else here and now."""
+    def stop() -> None:
+        try:
+            stack.stop()
+        finally:
+            nats.stop()
+
+    if _stopping is None:
+        stop()
+        return
+    _stopping.append(threading.Thread(target=stop, name=f"stopping {stack.data_dir}"))
+    _stopping[-1].start()
+
+
+@contextmanager
+def stops_off_the_tests_path() -> Iterator[None]:
+    """While open, a `running_stack` that ends is stopped beside the next test rather than before it
+    (a stop is seconds of waiting for processes to exit); on close, waits for every such stop."""
+    global _stopping
+    _stopping = []
+    try:
+        yield
+    finally:
+        stopping, _stopping = _stopping, None
+        for thread in stopping:
+            thread.join()
