@@ -207,6 +207,9 @@ def postgres_env(database_url: str, *, schema: str) -> dict[str, str]:
         "POSTGRES_USER": unquote(url.username or "postgres"),
         "POSTGRES_PASSWORD": unquote(url.password or ""),
         "POSTGRES_LOCK_TIMEOUT": "10",
+        # Connections kept open at rest (more, up to 10 besides, open under load): each replica
+        # of each service has its own pool, and PostgreSQL allows 100 clients by default.
+        "POSTGRES_POOL_SIZE": "2",
         # One schema per store: services starting together never race on shared types.
         "POSTGRES_SCHEMA": schema,
     }
