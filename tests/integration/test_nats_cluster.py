@@ -15,6 +15,7 @@ from nats.js.api import StreamConfig
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from nats.js.client import JetStreamContext
 
+from services.runtime.nats_auth import bus_is_open
 from tests.support.nats_cluster import NatsCluster, running_nats_cluster, stream_leader
 
 STREAM = "CLUSTER_TEST"
@@ -80,3 +81,11 @@ async def test_a_replicated_stream_goes_on_taking_messages_when_its_leader_is_ki
         assert time.monotonic() < deadline, "the restarted node did not catch up within 30s"
         await asyncio.sleep(0.2)
     assert [int((await js.get_msg(STREAM, seq)).data) for seq in range(1, 41)] == list(range(40))
+
+
+def test_an_open_or_trusted_cluster_is_told_apart_through_any_live_node(tmp_path: Path):
+    with running_nats_cluster(tmp_path / "open") as cluster:
+        cluster.kill("n0")  # The first URL of the list answers nothing.
+        assert asyncio.run(bus_is_open(cluster.url))
+    with running_nats_cluster(tmp_path / "trusted", trusting=tmp_path / "baton") as cluster:
+        assert not asyncio.run(bus_is_open(cluster.url))
