@@ -3,10 +3,11 @@
 Realistic envelopes are generated with `events.catalog` (`envelope_for`): tasks that go through
 the whole flow with a few dozen lines of output each, some with a gap that recovers, some that
 fail, interleaved the way concurrent tasks interleave on the stream. Each read model is then
-fed the stream the way the projector feeds it (the board only its projected types, each through
-its own consumer name; the audit log every event) into a fresh SQLite database in a temp dir:
-in batches of `FETCH_BATCH` (one transaction each) when the read models have batch methods,
-as the projector then does, else one transaction per event. Generation is not timed.
+fed the stream the way the projector feeds it (the board only its projected types, each
+partition through its own consumer name; the audit log every event) into a fresh SQLite
+database in a temp dir: in batches of `FETCH_BATCH` (one transaction each) when the read models
+have batch methods, as the projector then does, else one transaction per event. Generation is
+not timed.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from events import (
     WorkspaceReady,
     WorkspaceRequested,
     envelope_for,
+    partition_of,
 )
 from projections.audit_log import AuditLog
 from projections.sql import SQLiteDatabase
@@ -112,13 +114,14 @@ def _feed(items: list[tuple[Envelope, Tracking]], batch: Callable[[list[tuple[En
 
 
 def _board_rate(envelopes: list[Envelope], path: Path, *, batched: bool) -> tuple[int, float, int]:
-    """(events applied, seconds, tasks on the board): each per-type consumer's events in order."""
+    """(events applied, seconds, tasks on the board): each partition's consumer's events in
+    order (`projector-p<k>`, as the projector reads them since issue 16; one per type before)."""
     board = TaskBoard(SQLiteDatabase(path))
     projected = set(PROJECTED_TYPES)
     by_consumer: dict[str, list[tuple[Envelope, Tracking]]] = {}
     for seq, envelope in enumerate(envelopes, 1):
         if envelope.type in projected:
-            name = f"projector-{envelope.type}"
+            name = f"projector-p{partition_of(envelope.task_id)}"
             by_consumer.setdefault(name, []).append((envelope, Tracking(name, seq)))
     applied = sum(len(items) for items in by_consumer.values())
     started = time.perf_counter()

@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench import pipeline, projection, raw_nats
+from bench import partitions, pipeline, projection, raw_nats, replicas
 from bench.stack import RssSampler, Stack, log, wait_until_consumers_idle, wait_until_pool_warm
 
 SIZES = {
@@ -38,12 +38,20 @@ SIZES = {
     "concurrent_tasks":      (40,     200),
     "projection_events":     (20_000, 100_000),
     "tail_sleep_s":          (5,      5),       # 0 shows the shell agent's lost output tail
+    "move_killed_rounds":    (3,      4),       # partition moves, all at once (8 rounds at most)
+    "move_frozen_rounds":    (1,      2),
+    "move_busy_rounds":      (1,      2),
+    "replicas":              (2,      2),       # `baton up --replicas N` for concurrent_tasks again
 }
 
-RUN_BUDGET_S = (140, 840)
-"""Quick and full: benchmarks stop by then; stopping the stack (up to ~30 s) and printing follow."""
+RUN_BUDGET_S = (240, 1080)
+"""Quick and full: benchmarks stop by then; stopping the stack (up to ~30 s) and printing follow.
+(140 and 840 s before the second stack, `baton up --replicas 2`, was measured too.)"""
 
-BENCHMARKS = ("projection", "output", "replay", "submit", "concurrent")
+REPLICAS_SHARE_S = (100, 330)
+"""Of RUN_BUDGET_S, what the replicas' stack gets (its start, a warm pool, the concurrent run, its stop)."""
+
+BENCHMARKS = ("projection", "partitions", "output", "replay", "submit", "concurrent", "replicas")
 
 GOALS = {
     "output_ratio": (">=", 0.5),
@@ -52,6 +60,7 @@ GOALS = {
     "submit_to_prompt_p99_ms": ("<=", 500),
     "projection_rebuild_eps": (">=", 20_000),
     "gateway_peak_rss_mb": ("<", 300),
+    "partition_move_s": ("<=", 10),  # issue 16: "a dead replica's partitions move to a live one within seconds"
 }
 
 
@@ -72,8 +81,12 @@ class Bench:
         self.details: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
         self.load_at_start = os.getloadavg()[0]
-        # Everything must end in time (quick: 3 min, full: 15 min), stopping the stack included.
+        # Everything must end in time (quick: 4.5 min, full: 19 min), stopping the stacks included.
         self.deadline = time.monotonic() + (RUN_BUDGET_S[0 if quick else 1] if profile_dir is None else 3600)
+        # The replicas' stack runs last: its share is kept back, so a slow run shortens each part
+        # rather than leaving it none.
+        self.reserved_s = REPLICAS_SHARE_S[0 if quick else 1] if self.wants("replicas") else 0
+        self.deadline -= self.reserved_s
 
     def budget(self, wanted_s: float) -> float:
         """A benchmark's timeout: what it wants, but never past the run's deadline."""
@@ -158,6 +171,14 @@ class Bench:
             await self.step("concurrent", lambda: self._profiled("concurrent", stack, lambda: (
                 pipeline.concurrent_tasks(stack, self.size["concurrent_tasks"], sampler,
                                           timeout_s=self.budget(100 if self.quick else 420))), services=everything))
+
+    async def run_replicas(self, root: Path) -> None:
+        """The concurrent run again on `baton up --replicas N`, on a stack of its own."""
+        self.deadline, self.reserved_s = self.deadline + self.reserved_s, 0
+        if self.wants("replicas"):
+            await self.step("concurrent_replicas", lambda: replicas.concurrent_on_replicas(
+                root / "replicas", replicas=self.size["replicas"], tasks=self.size["concurrent_tasks"],
+                settle=self.settle, timeout_s=lambda: self.budget(100 if self.quick else 420)))
 
     async def _output(self, stack: Stack, lines: int) -> dict[str, Any]:
         timeout_s = 900 if self.profile_dir else self.budget(120 if self.quick else 600)
@@ -260,6 +281,7 @@ class Bench:
             "concurrent_outcomes": con and con["outcomes"],
             "concurrent_submit_s": con and con["submit_s"],
             "concurrent_feed_drops": con and con["feed_drops"],
+            **replica_figures(d.get("partition_move"), d.get("concurrent_replicas")),
             "gateway_restarts": sampler.gateway_restarts if sampler else None,
             "gateway_peak_rss_mb": con and con["gateway_peak_rss_mb"],
             "gateway_peak_rss_mb_any_phase": sampler.overall_peak if sampler else None,
@@ -271,6 +293,24 @@ class Bench:
         }
         result["goals_met"] = {k: met(k, result.get(k)) for k in GOALS}
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}
+
+
+def replica_figures(move: dict[str, Any] | None, rep: dict[str, Any] | None) -> dict[str, Any]:
+    """Issue 16's figures: how long a dead replica's partition takes to move (median of the rounds
+    of each death, bench/partitions.py), and the concurrent run on N replicas of every service."""
+    return {
+        "partition_move_s": move and move["killed_median_s"],
+        "partition_move_frozen_s": move and move["frozen_median_s"],
+        "partition_move_busy_s": move and move["busy_median_s"],
+        "partition_move_rounds_s": move and {d: move[f"{d}_s"] for d in partitions.DEATHS},
+        "concurrent_replicas": rep and rep["replicas"],
+        "concurrent_replicas_tasks_s": rep and rep["seconds"],
+        "concurrent_replicas_all_completed": rep and rep["outcomes"] == {"TaskCompleted": rep["tasks"]},
+        "concurrent_replicas_outcomes": rep and rep["outcomes"],
+        "concurrent_replicas_prompt_p50_s": rep and rep["prompt_p50_s"],
+        "concurrent_replicas_gateway_peak_rss_mb": rep and rep["gateway_peak_rss_mb"],
+        "concurrent_replicas_stack_start_s": rep and rep["stack_start_s"],
+    }
 
 
 def source_state() -> str:
@@ -375,6 +415,7 @@ def print_table(result: dict[str, Any], bench: Bench) -> None:
                       f"VmRSS every 100 ms during the concurrent run ({con['rss_samples']} samples); "
                       f"peak over every phase {fmt(result['gateway_peak_rss_mb_any_phase'])} MB; machine's "
                       f"lowest MemAvailable {fmt(con['min_mem_available_mb'])} MB")
+    add_replica_rows(table, result, d, fmt, verdict, goal)
     console.print(table)
     busy = max(result["load_avg_1m"])
     if busy > (os.cpu_count() or 1):
@@ -384,13 +425,37 @@ def print_table(result: dict[str, Any], bench: Bench) -> None:
         console.print(f"[red]{name} failed:[/] {error}")
 
 
+def add_replica_rows(table: Any, result: dict[str, Any], d: dict[str, Any], fmt: Callable[..., str],
+                     verdict: Callable[[str], str], goal: Callable[[str], str]) -> None:
+    move, rep = d.get("partition_move"), d.get("concurrent_replicas")
+    if move:
+        table.add_row("partition_move_s", fmt(result["partition_move_s"], " s"), goal("partition_move_s"),
+                      verdict("partition_move_s"),
+                      f"two replicas on one partition's consumer, the pinned one killed idle: median of "
+                      f"{move['killed_s']}; frozen (connection left open) {fmt(result['partition_move_frozen_s'])} s; "
+                      f"killed while handling an event {fmt(result['partition_move_busy_s'])} s "
+                      f"(pin timeout {move['pin_timeout_s']} s, ack wait {move['ack_wait_s']} s)")
+    if rep:
+        table.add_row(f"concurrent_tasks_s, {rep['replicas']} replicas", fmt(rep["seconds"], " s"), "—",
+                      "" if result["concurrent_replicas_all_completed"] else "[red]not all completed[/]",
+                      f"{rep['tasks']} at once on `baton up --replicas {rep['replicas']}` (healthy in "
+                      f"{fmt(rep['stack_start_s'])} s); outcomes {rep['outcomes']}"
+                      + (f"; failures {rep['failure_reasons']}" if rep["failure_reasons"] else "")
+                      + (f"; last end after {fmt(rep['last_end_s'])} s" if rep["seconds"] is None else "")
+                      + f"; gateway 0 peak {fmt(rep['gateway_peak_rss_mb'])} MB")
+
+
 async def main_async(bench: Bench, root: Path, sampler_box: list[RssSampler]) -> None:
     if bench.wants("projection"):
         # In-process, before the stack starts, so nothing else competes for the CPU or the disk.
         await bench.step("projection", lambda: asyncio.to_thread(
             projection.run, bench.size["projection_events"], workdir=root,
             per_event_max=5_000 if bench.quick else 20_000))
-    if not set(bench.only) - {"projection"}:
+    if bench.wants("partitions"):
+        await bench.step("partition_move", lambda: partitions.run({
+            death: bench.size[f"move_{death}_rounds"] for death in partitions.DEATHS}, workdir=root))
+    if not set(bench.only) - {"projection", "partitions", "replicas"}:
+        await bench.run_replicas(root)
         return
     stack = Stack(root)
     sampler: RssSampler | None = None
@@ -415,11 +480,12 @@ async def main_async(bench: Bench, root: Path, sampler_box: list[RssSampler]) ->
         log(f"stopped in {time.monotonic() - stopping:.1f}s"
             + (f"; ended {stack.swept} leftover process(es) of this run" if stack.swept else "")
             + (f"; {stack.still_running} STILL RUNNING" if stack.still_running else ""))
+    await bench.run_replicas(root)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes; finishes in under 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes; finishes in under 5 minutes")
     parser.add_argument("--only", default=",".join(BENCHMARKS),
                         help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--size", action="append", default=[], metavar="NAME=N",

@@ -46,11 +46,13 @@ class Stack:
     origin: Path | None = None
     swept: int = 0
     still_running: int = 0
+    replicas: int = 1
+    """`baton up --replicas`: processes of each service."""
 
     def start(self) -> Stack:
         self.origin = make_origin(self.root)
         self.nats = NatsServer(store_dir=self.root / "nats").start()
-        self.baton = BatonStack(nats=self.nats, data_dir=self.root / "baton")
+        self.baton = BatonStack(nats=self.nats, data_dir=self.root / "baton", replicas=self.replicas)
         self.baton.start()
         return self
 
@@ -74,8 +76,10 @@ class Stack:
         return self.root / "baton"
 
     def pid(self, service: str) -> int | None:
+        """The service's process (with replicas: replica 0's)."""
+        name = service if self.replicas == 1 else f"{service}-0"
         try:
-            return int((self.data_dir / "run" / f"{service}.pid").read_text())
+            return int((self.data_dir / "run" / f"{name}.pid").read_text())
         except (OSError, ValueError):
             return None
 
