@@ -11,7 +11,7 @@ from tests.support.agents import install_agents
 from tests.support.api import Api, end_every_task
 from tests.support.git_remote import make_origin
 from tests.support.postgres import fresh_postgres_database
-from tests.support.processes import BatonStack, running_stack, stops_off_the_tests_path
+from tests.support.processes import BatonStack, finish_stopping, running_stack, stops_off_the_tests_path
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,6 +73,7 @@ def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test session, dropped afterwards."""
     with fresh_postgres_database() as url:
         yield url
+        finish_stopping()  # The stacks on it have stopped before it is dropped.
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from services.runtime.nats_auth import InstallAuth, raw_credentials, vm_agent_in
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import make_origin
-from tests.support.processes import BatonStack
+from tests.support.processes import BatonStack, stop_soon
 
 pytestmark = pytest.mark.capability
 
@@ -30,11 +30,11 @@ pytestmark = pytest.mark.capability
 @pytest.fixture(scope="module")
 def own_bus_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatonStack]:
     """`baton up` with the NATS it starts itself (no --nats-url)."""
-    stack = BatonStack(nats=None, data_dir=tmp_path_factory.mktemp("own-bus") / "baton").start()
+    stack = BatonStack(nats=None, data_dir=tmp_path_factory.mktemp("own-bus") / "baton")
     try:
-        yield stack
+        yield stack.start()
     finally:
-        stack.stop()
+        stop_soon(stack, None)
 
 
 class Recorder(BaseHTTPRequestHandler):

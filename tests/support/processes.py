@@ -192,14 +192,15 @@ def running_stack(
         stop_soon(stack, nats)
 
 
-def stop_soon(stack: BatonStack, nats: NatsServer) -> None:
-    """`baton up`, then its NATS, stopped in order: in a thread of its own while
-    `stops_off_the_tests_path` is open (the next test starts meanwhile), else here and now."""
+def stop_soon(stack: BatonStack, nats: NatsServer | None) -> None:
+    """`baton up`, then its NATS (if it was given one), stopped in order: in a thread of its own
+    while `stops_off_the_tests_path` is open (the next test starts meanwhile), else here and now."""
     def stop() -> None:
         try:
             stack.stop()
         finally:
-            nats.stop()
+            if nats is not None:
+                nats.stop()
 
     if _stopping is None:
         stop()
@@ -217,6 +218,11 @@ def stops_off_the_tests_path() -> Iterator[None]:
     try:
         yield
     finally:
-        stopping, _stopping = _stopping, None
-        for thread in stopping:
-            thread.join()
+        finish_stopping()
+        _stopping = None
+
+
+def finish_stopping() -> None:
+    """Wait until every stack `running_stack` is stopping off the test's path has stopped."""
+    while _stopping:
+        _stopping.pop().join()
