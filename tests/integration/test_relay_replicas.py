@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from events import STREAM, TaskFailed
@@ -175,3 +176,35 @@ async def test_a_replica_takes_over_relaying_when_the_holder_is_killed(
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
     assert await on_stream(bus) == len(before) + len(after)  # Each event on the stream once.
+
+
+async def test_a_holder_whose_database_session_is_cut_stops_and_a_replica_publishes(bus: Bus, postgres_url: str):
+    env = postgres_env(postgres_url, schema=f"baton_relay_{secrets.token_hex(4)}")
+    stores = [ServiceStore(STORE, env), ServiceStore(STORE, env)]
+    relays = [Relay(store, CountingPublisher(bus)) for store in stores]
+    running = [asyncio.create_task(relay.run()) for relay in relays]
+    try:
+        async def one_holds() -> bool:
+            return relays[0].holding != relays[1].holding
+        await until(one_holds, timeout_s=10, what="a relay to take the lease")
+        holder = relays[0] if relays[0].holding else relays[1]
+        # The database ends the holder's session (a failover, an admin, a network cut): its lock goes.
+        with psycopg.connect(postgres_url, autocommit=True) as db:
+            cut = db.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                             "AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                             ).fetchall()
+        assert len(cut) == 1
+
+        async def holder_noticed() -> bool:
+            return not holder.holding  # For at least a retry interval before it tries again.
+        await until(holder_noticed, timeout_s=10, what="the holder to notice its lease is gone")
+        recorded = await asyncio.to_thread(record, stores[0], 10)
+
+        async def all_on_stream() -> bool:
+            return await on_stream(bus) == len(recorded)
+        await until(all_on_stream, timeout_s=20, what="a relay to publish after the cut")
+        assert relays[0].holding != relays[1].holding  # One holds again, never both.
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
