@@ -41,7 +41,7 @@ from services.monitor.domain import Watch
 from services.monitor.handlers import Monitor
 from services.projector.handlers import Projector
 from services.runtime.bus import Bus, open_bus
-from services.runtime.consumer import BatchHandler, Handler, Subscription, consume, run_all
+from services.runtime.consumer import BatchHandler, Handler, HeldPartitions, Subscription, consume, run_all
 from services.runtime.store import ServiceStore, envelope_of, sqlite_env
 from tests.support.processes import NatsServer
 
@@ -131,6 +131,7 @@ class Replica:
     index: int
     nc: nats.NATS
     running: asyncio.Task[None]
+    held: HeldPartitions
 
     async def kill(self) -> None:
         if self.nc.is_closed:
@@ -144,7 +145,9 @@ async def start_replica(url: str, index: int, stores: Path, handled: Handled) ->
     nc = await nats.connect(url, name=f"replica-{index}")
     bus = Bus(nc=nc, js=nc.jetstream())
     monitor_store = ServiceStore("monitor", sqlite_env(stores / "monitor.sqlite"))
-    monitor = Monitor(monitor_store, GENEROUS, stall_after_s=600)
+    replica = (index, 2)
+    held = HeldPartitions(replica)  # As services/monitor/main.py wires it.
+    monitor = Monitor(monitor_store, GENEROUS, stall_after_s=600, held=held)
     monitor.resume()
     board = TaskBoard(SQLiteDatabase(stores / "task_board.sqlite"))
     projector = Projector(board, AuditLog(SQLiteDatabase(stores / "audit_log.sqlite")))
@@ -160,15 +163,14 @@ async def start_replica(url: str, index: int, stores: Path, handled: Handled) ->
         await project_and_check([(envelope, tracking)])
 
     project_one_noted = handled.wrap("projector", index, project_one)
-    replica = (index, 2)
     running = asyncio.create_task(run_all(
-        consume(bus, service="monitor", store=monitor_store, replica=replica, subscription=[
+        consume(bus, service="monitor", store=monitor_store, replica=replica, held_partitions=held, subscription=[
             Subscription(t, handled.wrap("monitor", index, h), watch_batch) for t, h in monitor.handlers().items()]),
         monitor.run_ticks(),
         consume(bus, service="projector", store=board, replica=replica, subscription=[
             Subscription(t, project_one_noted, project_batch) for t in projector.board_handlers()]),
     ))
-    return Replica(index, nc, running)
+    return Replica(index, nc, running, held)
 
 
 async def publish_interleaved(bus: Bus, tasks: list[str], *, on_batch: dict[int, asyncio.Event]) -> list[Envelope]:
@@ -259,6 +261,7 @@ async def test_a_flood_of_output_among_interleaved_handoffs_reaches_each_replica
     after_kill = handled.by_service["monitor"][killed_at:]
     assert {partition_of(t) % 2 for t, _, r in after_kill if r == 1} == {0, 1}
     assert {r for _, _, r in handled.by_service["monitor"][:killed_at]} == {0, 1}
+    assert replicas[1].held.partitions == set(range(8)), "the survivor's monitor does not know it took them"
     # The monitor named no gap, and saw every task end.
     store = ServiceStore("monitor", sqlite_env(tmp_path / "monitor.sqlite"))
     assert [(e.type, e.task_id, e.data) for e in recorded_by(store)] == []
