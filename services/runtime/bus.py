@@ -23,6 +23,7 @@ from events import STREAM, Envelope, stored_subject
 from events.envelope import STREAM_SUBJECTS, SUBJECT_TRANSFORM
 from events.versions import current_shape
 
+from services.runtime.nats_fast_path import has_writer_api, send_commands
 from services.runtime.settings import nats_server_urls
 
 if TYPE_CHECKING:
@@ -225,22 +226,6 @@ class _Batch:
         self.size = len(messages)
         self.acked: set[str] = set()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-
-def has_writer_api(nc: Client) -> bool:
-    """Whether this nats-py has the private writer `send_commands` uses (2.16 has); callers
-    fall back to its public API without it."""
-    return all(hasattr(nc, name) for name in ("_send_command", "_flush_queue", "_flush_pending"))
-
-
-async def send_commands(nc: Client, commands: bytes) -> None:
-    """Hand pre-built protocol commands to nats-py's writer, as `nc.publish` does for one.
-    (Its private API: one write for many messages instead of one call each.)"""
-    if nc.is_closed:
-        raise nats.errors.ConnectionClosedError
-    await nc._send_command(commands)
-    if nc._flush_queue is not None and nc._flush_queue.empty():
-        await nc._flush_pending()
 
 
 DEAD_LETTER_STREAM = "BATON_DEADLETTER"

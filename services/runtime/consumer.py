@@ -27,7 +27,8 @@ from pydantic import ValidationError
 from events import PARTITIONS, STREAM, Envelope, partition_of, stored_subject
 from events.envelope import STREAM_SUBJECTS, partition_subjects
 from events.versions import MissingUpcaster, current_shape
-from services.runtime.bus import DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, Bus, has_writer_api, send_commands
+from services.runtime.bus import DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, Bus
+from services.runtime.nats_fast_path import ack_all
 from services.runtime.logs import log_context
 from services.runtime.pinned_pull import ConsumerSetupError, PinnedPull
 
@@ -355,25 +356,6 @@ def _unprocessed(store: TrackingStore, items: list[tuple[Envelope, Tracking]]) -
             fresh.append((envelope, tracking))
         highest = max(highest, tracking.notification_id)
     return fresh
-
-
-async def ack_all(messages: Sequence[Msg]) -> None:
-    """Ack messages (each one: the consumers' ack policy is explicit) in one write to NATS."""
-    if not messages:
-        return
-    client = getattr(messages[0], "_client", None)
-    if client is None or not has_writer_api(client) or len(messages) == 1:
-        for message in messages:
-            await message.ack()
-        return
-    commands = []
-    for message in messages:
-        if not message.reply or message._ackd:
-            await message.ack()  # Raises as nats-py would.
-        commands.append(b"PUB %s 0\r\n\r\n" % message.reply.encode())
-    await send_commands(client, b"".join(commands))
-    for message in messages:
-        message._ackd = True
 
 
 async def _process(

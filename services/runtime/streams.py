@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from events import STREAM
+from services.runtime.nats_fast_path import connection_of
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class _Reader:
 
     def __init__(self, js: JetStreamContext, subject: str, *, window: int, exclude: frozenset[str]) -> None:
         self.js = js
-        self.nc = js._nc  # noqa: SLF001 - the connection nats-py's own JetStream calls use
+        self.nc = connection_of(js)
         self.subject = subject
         self.window = window
         self.exclude = exclude

@@ -48,7 +48,7 @@ async def test_a_batch_lands_in_order_with_its_ids_and_a_resent_batch_is_stored_
     bus: Bus, writer: str, monkeypatch: pytest.MonkeyPatch
 ):
     if writer.startswith("nats-py's public"):
-        monkeypatch.setattr("services.runtime.bus.has_writer_api", lambda nc: False)
+        monkeypatch.setattr("services.runtime.bus.has_writer_api", lambda nc: False)  # The fast path off.
     envelopes = outputs(600)
     messages = [outgoing_of(SimpleNamespace(envelope=e.model_dump(mode="json"))) for e in envelopes]
     await bus.publish_batch(messages[:400])
