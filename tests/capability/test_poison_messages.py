@@ -9,7 +9,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from events import STREAM, Envelope
+from events import STREAM, Envelope, partition_of
 from services.runtime.bus import DEAD_LETTER_STREAM
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
@@ -58,7 +58,7 @@ def test_undecodable_and_unhandleable_events_are_dead_lettered_and_the_flow_goes
     # Both are dead-lettered by the task runner (the garbage by every consumer of it)…
     def parked_by_the_task_runner() -> list[dict] | None:
         parked = [d for d in asyncio.run(dead_letters(stack.nats.url, credentials=stack.nats_credentials()))
-                  if d["consumer"] == "task-runner-TaskSubmitted"]
+                  if d["consumer"] in {f"task-runner-p{partition_of(t)}" for t in ("poison1", "poison2")}]
         return parked if {"poison1", "poison2"} <= {p for d in parked for p in ("poison1", "poison2")
                                                       if p in d["subject"]} else None
 
