@@ -73,6 +73,9 @@ class Monitor:
                 watch = self.store.repository.get(notification.originator_id)
                 if not watch.ended and self.held.holds_task(watch.task_id) and watch.task_id not in self.watches:
                     self.watches[watch.task_id] = watch
+                    # When its agent last printed was not kept: its silence is counted from now,
+                    # never from before (a resumed or taken-over task is not stalled by default).
+                    self.last_output_at.setdefault(watch.task_id, datetime.now(UTC))
             start = batch[-1].id
 
     @handles(*WATCHED_TYPES)

@@ -42,6 +42,8 @@ ACK_WAIT_S = 10.0
 """Short, so a message a killed process was handling is redelivered soon after its restart;
 a handler that runs longer keeps its message alive with `in_progress` (KEEPALIVE_S)."""
 KEEPALIVE_S = 2.0
+PIN_CHECK_S = 2.0
+"""How often an idle reader asks JetStream who holds its partition."""
 STANDBY_S = 2.0
 """How long a replica waits before pulling a partition another replica prefers."""
 RETRY_DELAYS_S = (0.2, 1.0, 3.0)
@@ -76,17 +78,23 @@ class Subscription:
 
 
 class HeldPartitions:
-    """The partitions this replica handles now, as far as it knows: at first the ones it prefers
-    (`partition % replicas == index`: they are pulled first), then each one it is pinned to when
-    its messages arrive, less each one the server says it is no longer pinned to. A service's own
-    loops (the monitor's deadlines) act on the tasks of these partitions only, so two replicas
-    never both act on one task; `listeners(partition, held)` hear each change."""
+    """The partitions this replica handles now, as its readers learn from JetStream: one it is
+    pinned to is held, one another replica is pinned to is not, and one nobody is pinned to (no
+    event since the last pin timed out) is held by the replica that prefers it (`partition %
+    replicas == index`: the one that pulls it first). A service's own loops (the monitor's
+    deadlines) act on the tasks of these partitions only, so two replicas never both act on one
+    task; `listeners(partition, held)` hear each change."""
 
     def __init__(self, replica: tuple[int, int] = (0, 1)) -> None:
         index, count = replica
         self.sole = count == 1  # The only replica holds every partition, whatever happens.
-        self.partitions = {k for k in range(PARTITIONS) if k % count == index}
+        self.preferred = frozenset(k for k in range(PARTITIONS) if k % count == index)
+        self.partitions = set(self.preferred)
         self.listeners: list[Callable[[int, bool], None]] = []
+
+    def observe(self, partition: int, pinned_here: bool | None) -> None:
+        """What JetStream said of the partition's pin: here, elsewhere, or nowhere (None)."""
+        self.change(partition, partition in self.preferred if pinned_here is None else pinned_here)
 
     def __contains__(self, partition: int) -> bool:
         return partition in self.partitions
@@ -127,6 +135,7 @@ class OrderedReader:
         self.held: dict[int, Msg] = {}  # stream seq -> latest delivery, not yet handled
         self.last_cseq: int | None = None
         self.in_order = False  # Every unacknowledged delivery is in `held`.
+        self.pin_checked_at = 0.0
 
     async def run(self) -> None:
         await self.pull.bind(self.filters, ack_wait_s=self.ack_wait_s)
@@ -145,8 +154,8 @@ class OrderedReader:
             log.warning("consumer %s: %s; retrying", self.durable, error)
             await asyncio.sleep(0.5)
             return
+        await self._note_pin()
         self._hold(messages)
-        self._note_pin()
         if not self.held:
             return
         if not self.in_order:
@@ -159,13 +168,21 @@ class OrderedReader:
         self.held.clear()
         await self._handle(run)
 
-    def _note_pin(self) -> None:
-        if self.held_partitions is not None and self.partition is not None:
-            if self.pull.pin_id:
-                self.held_partitions.change(self.partition, True)
-            elif self.pull.pin_lost:
-                self.pull.pin_lost = False
-                self.held_partitions.change(self.partition, False)
+    async def _note_pin(self) -> None:
+        """Tell `held_partitions` who holds this partition: on each pin gained or lost, and every
+        PIN_CHECK_S while idle (a replica never pinned hears no refusal, only silence)."""
+        held, partition = self.held_partitions, self.partition
+        if held is None or partition is None or held.sole:
+            return
+        if self.pull.pin_lost:
+            self.pull.pin_lost = False
+            held.observe(partition, False)
+        elif self.pull.pin_changed:
+            held.observe(partition, True)
+        now = asyncio.get_running_loop().time()
+        if not self.held and now - self.pin_checked_at >= PIN_CHECK_S:
+            self.pin_checked_at = now
+            held.observe(partition, await self.pull.pinned_here())
 
     def _hold(self, messages: list[Msg]) -> None:
         if self.pull.pin_changed:
@@ -471,7 +488,10 @@ async def run_all(*tasks: Awaitable[None]) -> None:
         while pending:
             for task in pending:
                 task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+            try:
+                _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+            except asyncio.CancelledError:
+                pass  # Cancelled again while stopping (an enclosing run_all): stop them all first.
         for task in running:  # Retrieve each outcome: no "exception was never retrieved".
             if not task.cancelled():
                 task.exception()

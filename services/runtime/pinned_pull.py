@@ -84,6 +84,16 @@ class PinnedPull:
         info = await self._api(f"$JS.API.CONSUMER.INFO.{self.stream}.{self.durable}", None)
         return int(info.get("num_ack_pending", 0))
 
+    async def pinned_here(self) -> bool | None:
+        """Whether this client is the group's pinned one (True), another is (False), or none is
+        (None: nothing was delivered since the last pin timed out)."""
+        info = await self._api(f"$JS.API.CONSUMER.INFO.{self.stream}.{self.durable}", None)
+        groups = [g for g in info.get("priority_groups") or [] if g.get("group") == GROUP]
+        pinned = groups[0].get("pinned_client_id") if groups else None
+        if not pinned:
+            return None
+        return pinned == self.pin_id
+
     async def request(self, batch: int, *, expires_s: float) -> None:
         """Ask for up to `batch` messages: what the consumer has now, else the first one within
         `expires_s`. Does nothing while an earlier request is still open."""

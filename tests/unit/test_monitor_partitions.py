@@ -70,3 +70,28 @@ async def test_a_sole_replica_holds_every_partition_whatever_it_hears():
     held = HeldPartitions((0, 1))
     held.change(3, False)
     assert all(k in held for k in range(8))
+
+
+def test_a_replica_holds_what_it_is_pinned_to_not_what_another_is_and_an_unpinned_one_if_it_prefers_it():
+    held = HeldPartitions((0, 2))
+    held.observe(0, False)  # Restarted while the other replica took its partition over.
+    held.observe(1, True)  # Pinned to the other's while it was away.
+    held.observe(2, None)  # Nobody pinned (quiet since the pin timed out): its preferrer holds it.
+    held.observe(3, None)
+    assert sorted(held.partitions) == [1, 2, 4, 6]
+
+
+async def test_a_resumed_task_is_not_stalled_for_the_silence_before_the_resume():
+    store, deadlines = popo_store(), parse_deadlines("PromptDelivered=30", DEADLINES)
+    first = Monitor(store, deadlines, stall_after_s=60)
+    task_id = task_in(4)
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    for event_type, data in (("WorkspaceReady", {}), ("PromptDelivered", {"session_id": "s", "prompt_sha256": "x"})):
+        await first.on_event(Envelope(type=event_type, task_id=task_id, actor="test", occurred_at=long_ago, data=data),
+                             Tracking("monitor-p4", next(_seq)))
+    taken_over = Monitor(store, deadlines, stall_after_s=60)
+    taken_over.resume()
+    taken_over.tick(datetime.now(UTC) + timedelta(seconds=30))
+    assert not [e for e in envelopes_in(store) if e.type == "AgentStalled"]
+    taken_over.tick(datetime.now(UTC) + timedelta(seconds=90))  # Silent a minute after the resume: stalled.
+    assert [e.type for e in envelopes_in(store) if e.type == "AgentStalled"] == ["AgentStalled"]
