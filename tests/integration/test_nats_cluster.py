@@ -1,5 +1,6 @@
 """A replicated stream on a real 3-node nats-server cluster keeps taking events when its leader
-is killed -9: a new leader is elected and publishing goes on, nothing acknowledged is lost."""
+is killed -9: a new leader is elected and publishing goes on (a relay's too, connected through the
+cluster's URL list), nothing acknowledged is lost."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from nats.js.api import StreamConfig
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from nats.js.client import JetStreamContext
 
+from events import STREAM as EVENTS
+from events import TaskFailed
+from services.runtime.bus import open_bus
 from services.runtime.nats_auth import bus_is_open
+from services.runtime.relay import Relay
+from services.runtime.store import ServiceStore, sqlite_env
+from services.task_runner.domain import Task
 from tests.support.nats_cluster import NatsCluster, running_nats_cluster, stream_leader
 
 STREAM = "CLUSTER_TEST"
@@ -89,3 +96,42 @@ def test_an_open_or_trusted_cluster_is_told_apart_through_any_live_node(tmp_path
         assert asyncio.run(bus_is_open(cluster.url))
     with running_nats_cluster(tmp_path / "trusted", trusting=tmp_path / "baton") as cluster:
         assert not asyncio.run(bus_is_open(cluster.url))
+
+
+async def test_a_relay_publishes_through_the_cluster_list_while_the_stream_leader_is_killed(tmp_path: Path):
+    def record(store: ServiceStore, count: int) -> None:
+        for number in range(count):
+            task = Task(f"t{number}-{time.monotonic_ns()}", "file:///r", "p", "shell", None)
+            task.emit(TaskFailed(reason="through the cluster"), actor="test")
+            store.save(task)
+
+    with running_nats_cluster(tmp_path / "cluster") as cluster:
+        # Baton's own connection takes the comma-separated list, and the stream is kept on 3 nodes.
+        async with open_bus(cluster.url, name="test") as bus:
+            assert (await bus.js.stream_info(EVENTS)).config.num_replicas == 3
+            store = ServiceStore("cluster_relay", sqlite_env(tmp_path / "store.sqlite"))
+            relay = asyncio.create_task(Relay(store, bus).run())
+            try:
+                record(store, 30)
+                await until_on_stream(bus.js, EVENTS, 30)
+                # The stream's leader dies; what is recorded meanwhile is published once a new one leads.
+                cluster.kill(await stream_leader(bus.js, EVENTS))
+                record(store, 30)
+                await until_on_stream(bus.js, EVENTS, 60)
+            finally:
+                relay.cancel()
+                await asyncio.gather(relay, return_exceptions=True)
+            info = await bus.js.stream_info(EVENTS)
+            assert (info.state.messages, info.state.last_seq) == (60, 60)  # Each event once.
+
+
+async def until_on_stream(js: JetStreamContext, stream: str, count: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if (await js.stream_info(stream)).state.messages >= count:
+                return
+        except NOT_NOW:
+            pass  # No leader yet.
+        assert time.monotonic() < deadline, f"{count} messages not on {stream} within {timeout_s:.0f}s"
+        await asyncio.sleep(0.2)
