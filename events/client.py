@@ -112,7 +112,8 @@ async def _ensure_consumer(js: JetStreamContext, durable: str, from_seq: int) ->
 
 @asynccontextmanager
 async def _connected(nats_url: str, creds: str | Path, durable: str) -> AsyncIterator[Client]:
-    nc = await nats.connect(nats_url, user_credentials=str(creds), inbox_prefix=reader_inbox(durable),
+    # A cluster's servers as a comma-separated list, as everywhere in Baton.
+    nc = await nats.connect([u.strip() for u in nats_url.split(",") if u.strip()], user_credentials=str(creds), inbox_prefix=reader_inbox(durable),
                             name=durable)
     try:
         yield nc

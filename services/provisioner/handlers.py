@@ -17,13 +17,13 @@ from collections.abc import Callable, Coroutine
 from eventsourcing.persistence import Tracking
 
 from events import (
-    BaseEvent, Envelope, SessionFailed, TaskCancelled, TaskFailed, WorkspaceRequested, parse_event,
+    BaseEvent, Envelope, SessionFailed, TaskCancelled, TaskFailed, WorkspaceRequested, parse_event, partition_of,
 )
 from services.provisioner.domain import Workspace, all_workspaces
 from services.provisioner.local import LocalProvider
 from services.provisioner.providers import LocalWorkspaces, ProvisionError, WorkspaceOrder, WorkspaceProvider
 from services.provisioner.remote import assign_remote_vm_agent
-from services.runtime.consumer import Handler
+from services.runtime.consumer import Handler, HeldPartitions
 from services.runtime.handlers import declared_handlers, handles
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore
@@ -41,8 +41,11 @@ class ProvisionerHandlers:
         on_ready: Callable[[str, int], None] = lambda task_id, attempt: None,
         *,
         settings: Settings | None = None,
+        held: HeldPartitions | None = None,
     ) -> None:
         self.store = store
+        self.held = held or HeldPartitions()
+        self.held.listeners.append(self._partition_changed)
         self.on_ready = on_ready
         self.local = local
         self.settings = settings
@@ -141,11 +144,21 @@ class ProvisionerHandlers:
             raise
         return task_address(workspace.task_id), expires_at
 
-    def resume_unsettled(self) -> None:
-        """After a restart, finish every workspace that was requested but never settled."""
+    def resume_unsettled(self, partition: int | None = None) -> None:
+        """After a restart, finish every workspace that was requested but never settled (of the
+        partitions this replica holds; of one `partition` just taken over)."""
         for workspace in self.unsettled():
+            if not self.held.holds_task(workspace.task_id) or workspace.task_id in self._running:
+                continue
+            if partition is not None and partition_of(workspace.task_id) != partition:
+                continue
             log.info("resuming provisioning of %s", workspace.task_id)
             self.provision_in_background(workspace)
+
+    def _partition_changed(self, partition: int, held: bool) -> None:
+        """A partition taken over: the workspaces its tasks were waiting for are finished here."""
+        if held:
+            self.resume_unsettled(partition)
 
     def unsettled(self) -> list[Workspace]:
         return [w for w in all_workspaces(self.store) if not w.is_settled]

@@ -10,7 +10,8 @@ from services.provisioner.remote_watcher import RemoteVmAgentWatcher
 from services.provisioner.watcher import VmAgentWatcher
 from services.runtime.bus import StreamLimits, open_bus
 from services.runtime.nats_auth import service_credentials, vm_member_credentials
-from services.runtime.service import serve
+from services.runtime.consumer import HeldPartitions
+from services.runtime.service import replica_of, serve
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore, store_env
 
@@ -43,7 +44,9 @@ async def run(settings: Settings) -> None:
     async with open_bus(settings.nats_url, name=NAME, credentials=service_credentials(settings, NAME),
                        stream_limits=StreamLimits.from_settings(settings)) as bus:
         watcher = VmAgentWatcher(store, local, bus)
-        handlers = ProvisionerHandlers(store, local, settings.faults, on_ready=watcher.watch, settings=settings)
+        held = HeldPartitions(replica_of(settings))
+        handlers = ProvisionerHandlers(store, local, settings.faults, on_ready=watcher.watch, settings=settings,
+                                       held=held)
         handlers.providers = providers_for(settings, local, handlers.record, calls_home=vm_agent_environment(settings),
                                            expect_hello=local.pool.members.expect_hello)
         cloud_loops = [Reaper(provider, live_attempts_in(store, name), every_s=settings.hcloud_reap_every_s).run()
@@ -58,6 +61,6 @@ async def run(settings: Settings) -> None:
         local.pool.refill_soon()
         try:
             await serve(bus, name=NAME, settings=settings, store=store, handlers=handlers.handlers(),
-                        loops=(watcher.run(), *cloud_loops), details=local.pool.status)
+                        loops=(watcher.run(), *cloud_loops), details=local.pool.status, held_partitions=held)
         finally:
             local.pool.stop_idle()

@@ -83,13 +83,15 @@ class HeldPartitions:
     event since the last pin timed out) is held by the replica that prefers it (`partition %
     replicas == index`: the one that pulls it first). A service's own loops (the monitor's
     deadlines) act on the tasks of these partitions only, so two replicas never both act on one
-    task; `listeners(partition, held)` hear each change."""
+    task; `listeners(partition, held)` hear each change (what a service resumes at its start, a
+    replica among several resumes as each partition is found held)."""
 
     def __init__(self, replica: tuple[int, int] = (0, 1)) -> None:
         index, count = replica
         self.sole = count == 1  # The only replica holds every partition, whatever happens.
         self.preferred = frozenset(k for k in range(PARTITIONS) if k % count == index)
-        self.partitions = set(self.preferred)
+        # One of several holds nothing until its readers have heard from JetStream.
+        self.partitions = set(range(PARTITIONS)) if self.sole else set()
         self.listeners: list[Callable[[int, bool], None]] = []
 
     def observe(self, partition: int, pinned_here: bool | None) -> None:

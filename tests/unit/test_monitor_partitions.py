@@ -17,6 +17,14 @@ T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 _seq = itertools.count(1)
 
 
+def held_as_preferred(replica: tuple[int, int]) -> HeldPartitions:
+    """A replica's partitions once its readers heard nobody is pinned anywhere: those it prefers."""
+    held = HeldPartitions(replica)
+    for partition in range(8):
+        held.observe(partition, None)
+    return held
+
+
 def task_in(partition: int) -> str:
     return next(t for t in (f"task{n}" for n in itertools.count()) if partition_of(t) == partition)
 
@@ -36,8 +44,8 @@ def overdue_tasks(m: Monitor) -> set[str]:
 
 async def test_each_replica_names_the_gaps_of_its_own_partitions_only():
     store, deadlines = popo_store(), parse_deadlines("PromptDelivered=30", DEADLINES)
-    first = Monitor(store, deadlines, stall_after_s=300, held=HeldPartitions((0, 2)))
-    second = Monitor(store, deadlines, stall_after_s=300, held=HeldPartitions((1, 2)))
+    first = Monitor(store, deadlines, stall_after_s=300, held=held_as_preferred((0, 2)))
+    second = Monitor(store, deadlines, stall_after_s=300, held=held_as_preferred((1, 2)))
     even, odd = task_in(0), task_in(1)
     await ready(first, even)
     await ready(second, odd)
@@ -52,8 +60,8 @@ async def test_each_replica_names_the_gaps_of_its_own_partitions_only():
 
 async def test_a_partition_taken_over_brings_its_timers_and_a_given_up_one_is_dropped():
     store, deadlines = popo_store(), parse_deadlines("PromptDelivered=30", DEADLINES)
-    first = Monitor(store, deadlines, stall_after_s=300, held=HeldPartitions((0, 2)))
-    second = Monitor(store, deadlines, stall_after_s=300, held=HeldPartitions((1, 2)))
+    first = Monitor(store, deadlines, stall_after_s=300, held=held_as_preferred((0, 2)))
+    second = Monitor(store, deadlines, stall_after_s=300, held=held_as_preferred((1, 2)))
     even = task_in(2)
     await ready(first, even)
     # The first replica dies; the second is pinned to partition 2 and takes its tasks over.
@@ -73,7 +81,7 @@ async def test_a_sole_replica_holds_every_partition_whatever_it_hears():
 
 
 def test_a_replica_holds_what_it_is_pinned_to_not_what_another_is_and_an_unpinned_one_if_it_prefers_it():
-    held = HeldPartitions((0, 2))
+    held = held_as_preferred((0, 2))
     held.observe(0, False)  # Restarted while the other replica took its partition over.
     held.observe(1, True)  # Pinned to the other's while it was away.
     held.observe(2, None)  # Nobody pinned (quiet since the pin timed out): its preferrer holds it.
@@ -95,3 +103,7 @@ async def test_a_resumed_task_is_not_stalled_for_the_silence_before_the_resume()
     assert not [e for e in envelopes_in(store) if e.type == "AgentStalled"]
     taken_over.tick(datetime.now(UTC) + timedelta(seconds=90))  # Silent a minute after the resume: stalled.
     assert [e.type for e in envelopes_in(store) if e.type == "AgentStalled"] == ["AgentStalled"]
+
+
+def test_one_of_several_replicas_holds_nothing_until_jetstream_says():
+    assert HeldPartitions((1, 2)).partitions == set()

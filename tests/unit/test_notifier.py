@@ -211,9 +211,15 @@ async def test_two_replicas_sharing_a_store_each_post_the_notifications_of_their
     from events import partition_of
     from services.runtime.consumer import HeldPartitions
 
+    def preferring(replica: tuple[int, int]) -> HeldPartitions:  # Nobody pinned: each holds what it prefers.
+        held = HeldPartitions(replica)
+        for partition in range(8):
+            held.observe(partition, None)
+        return held
+
     store, receivers = popo_store(), (FakeReceiver(), FakeReceiver())
     replicas = [Notifier(store, endpoints(), receivers[i], KnownTask(), public_url="https://baton.example.com",
-                         max_attempts=5, backoff_first_s=2.0, clock=Clock(), held=HeldPartitions((i, 2)))
+                         max_attempts=5, backoff_first_s=2.0, clock=Clock(), held=preferring((i, 2)))
                 for i in (0, 1)]
     tasks = [next(f"{n:016x}" for n in itertools.count(7) if partition_of(f"{n:016x}") == k) for k in (0, 1)]
     for replica, task_id in zip(replicas, tasks):  # Each handles its partition's event.
