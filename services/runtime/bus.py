@@ -324,15 +324,48 @@ _NOT_CLUSTERED = 10074
 """JetStream's error code for 'replicas > 1 not supported in non-clustered mode'."""
 
 
+ELECTION_WAIT_S = 30.0
+"""How long opening the bus waits out a cluster electing a stream's leader (a node just died)."""
+_ELECTING = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError)
+
+
 async def ensure_stream(
+    js: JetStreamContext, *, limits: StreamLimits | None = None, max_msg_size: int | None = None
+) -> None:
+    """`ensure_streams_now`, tried again while the cluster elects a leader (within ELECTION_WAIT_S)."""
+    deadline = asyncio.get_running_loop().time() + ELECTION_WAIT_S
+    while True:
+        try:
+            return await ensure_streams_now(js, limits=limits, max_msg_size=max_msg_size)
+        except _ELECTING as error:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            log.warning("the stream does not answer (%r): a leader election? trying again", error)
+            await asyncio.sleep(0.5)
+
+
+async def ensure_streams_now(
     js: JetStreamContext, *, limits: StreamLimits | None = None, max_msg_size: int | None = None
 ) -> None:
     """Create or update both streams idempotently, then verify what the server really kept.
 
     `limits` None keeps the stream's limits as they are (a process without the settings, e.g.
     a test, never undoes them); `max_msg_size` (the bus's max payload) overrides theirs. A
-    stream already as wanted is left untouched."""
-    await _create_or_update(js, dead_letter_stream_config())
+    stream already as wanted is left untouched. The dead-letter stream has as many copies as
+    the event stream (on a cluster, a node down never stops a service from starting)."""
+    replicas = await _ensure_event_stream(js, limits, max_msg_size)
+    wanted = replace(dead_letter_stream_config(), num_replicas=replicas)
+    try:
+        current = (await js.stream_info(DEAD_LETTER_STREAM)).config
+    except NotFoundError:
+        current = None
+    if current is None or (current.num_replicas or 1, current.subjects, current.max_msgs) != (
+            replicas, wanted.subjects, wanted.max_msgs):
+        await _create_or_update(js, wanted)
+
+
+async def _ensure_event_stream(js: JetStreamContext, limits: StreamLimits | None, max_msg_size: int | None) -> int:
+    """The event stream as wanted (see `ensure_stream`); its number of copies."""
     current = await _stream_config(js)
     limits = limits or (StreamLimits.of(current) if current else StreamLimits())
     if max_msg_size is not None:
@@ -341,7 +374,7 @@ async def ensure_stream(
         limits = replace(limits, replicas=current.num_replicas or 1)  # Auto: as it was created.
     wanted = stream_config(limits)
     if current is not None and not _mismatches(wanted, current):
-        return
+        return current.num_replicas or 1
     try:
         try:
             got = await _create_or_update(js, wanted)
@@ -359,6 +392,7 @@ async def ensure_stream(
             "; Baton needs nats-server 2.11 or newer" if "subject_transform" in mismatches else ""))
     if wanted.num_replicas and wanted.num_replicas > 1:
         await _verify_peers(js, wanted.num_replicas)
+    return got.num_replicas or 1
 
 
 async def _verify_peers(js: JetStreamContext, replicas: int) -> None:

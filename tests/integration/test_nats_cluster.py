@@ -135,3 +135,20 @@ async def until_on_stream(js: JetStreamContext, stream: str, count: int, timeout
             pass  # No leader yet.
         assert time.monotonic() < deadline, f"{count} messages not on {stream} within {timeout_s:.0f}s"
         await asyncio.sleep(0.2)
+
+
+async def test_both_of_batons_streams_are_made_r3_and_a_service_opens_the_bus_with_any_node_down(cluster: NatsCluster):
+    from services.runtime.bus import DEAD_LETTER_STREAM
+
+    async with open_bus(cluster.url, name="first") as bus:
+        for stream in (EVENTS, DEAD_LETTER_STREAM):
+            info = await bus.js.stream_info(stream)
+            assert info.config.num_replicas == 3 and len(info.cluster.replicas or []) == 2, stream
+    for down in ("n0", "n1", "n2"):
+        cluster.kill(down)
+        # A service (re)starting now still opens the bus: nothing it needs lives on one node only.
+        async with asyncio.timeout(60):
+            async with open_bus(cluster.url, name=f"with-{down}-down"):
+                pass
+        cluster.restart(down)
+        cluster.wait_for_meta_leader()
