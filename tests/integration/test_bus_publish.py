@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from events import STREAM, AgentOutput, Envelope, envelope_for
-from services.runtime.bus import Bus, Outgoing, open_bus
+from services.runtime.bus import Bus, Outgoing
 from services.runtime.relay import outgoing_of
-from tests.support.processes import NatsServer
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
-    async with open_bus(nats_server.url, name="test") as connected:
-        yield connected
 
 
 def outputs(n: int, task_id: str = "t1") -> list[Envelope]:

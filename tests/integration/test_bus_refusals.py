@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,23 +23,8 @@ from services.runtime.bus import (
 )
 from services.runtime.relay import Relay
 from services.task_runner.domain import Task
-from tests.support.processes import NatsServer, free_port, nats_server_binary
+from tests.support.processes import free_port, nats_server_binary
 from tests.unit.fakes import popo_store
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
-    async with open_bus(nats_server.url, name="test") as connected:
-        yield connected
 
 
 def failed(task_id: str, reason: str):

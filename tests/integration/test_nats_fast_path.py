@@ -4,34 +4,15 @@ nats-py upgrade moves the private parts it uses, this fails (and the fallbacks s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 from importlib.metadata import version
-from pathlib import Path
 
 import nats
-import pytest
 
 from events import STREAM, AgentOutput, envelope_for, partition_of
 from events.envelope import partition_subjects
-from services.runtime.bus import Bus, open_bus
+from services.runtime.bus import Bus
 from services.runtime.nats_fast_path import ack_all, connection_of, has_writer_api, send_commands
 from services.runtime.pinned_pull import PinnedPull
-from tests.support.processes import NatsServer
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
-    async with open_bus(nats_server.url, name="test") as connected:
-        yield connected
 
 
 def test_the_pinned_nats_py_has_the_private_writer():

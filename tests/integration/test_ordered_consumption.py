@@ -10,12 +10,11 @@ import random
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
-import pytest
 from eventsourcing.persistence import Tracking
 
 from events import (
@@ -40,7 +39,7 @@ from projections.task_board import PROJECTED_TYPES, STATE_OF, TaskBoard
 from services.monitor.domain import Watch
 from services.monitor.handlers import Monitor
 from services.projector.handlers import Projector
-from services.runtime.bus import Bus, open_bus
+from services.runtime.bus import Bus
 from services.runtime.consumer import BatchHandler, Handler, HeldPartitions, Subscription, consume, run_all
 from services.runtime.store import ServiceStore, envelope_of, sqlite_env
 from tests.support.processes import NatsServer
@@ -53,21 +52,6 @@ KILL_AFTER_BATCHES = 15
 GENEROUS = tuple(Deadline(d.expected, d.after, 600) for d in DEADLINES)
 """No deadline passes during the test: a gap the monitor names can only come from the order it
 folded the events in (a handoff seen before the one the flow puts ahead of it)."""
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
-    async with open_bus(nats_server.url, name="test") as connected:
-        yield connected
 
 
 def flow_of(task_id: str, lines: int) -> Iterator[Envelope]:

@@ -7,34 +7,16 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import nats
-import pytest
 from eventsourcing.persistence import Tracking
 
 from events import STREAM, AgentOutput, Envelope, envelope_for, partition_of, stored_subject
 from events.envelope import partition_subjects
-from services.runtime.bus import Bus, open_bus
+from services.runtime.bus import Bus
 from services.runtime.consumer import ALL_EVENTS, OrderedReader, Subscription, ack_all, readers_for
 from services.runtime.pinned_pull import PIN_TIMEOUT_S, PinnedPull
 from tests.support.processes import NatsServer
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
-    async with open_bus(nats_server.url, name="test") as connected:
-        yield connected
 
 
 def outputs(n: int, task_id: str) -> list[Envelope]:

@@ -12,14 +12,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from events import STREAM, TaskFailed
-from services.runtime.bus import Bus, Outgoing, open_bus
+from services.runtime.bus import Bus, Outgoing
 from services.runtime.relay import Relay
 from services.runtime.store import ServiceStore, postgres_env, sqlite_env
 from services.task_runner.domain import Task
@@ -27,21 +27,6 @@ from tests.support.processes import REPO_ROOT, NatsServer
 from tests.support.waiting import wait_for
 
 STORE = "relay_replicas"
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
-    async with open_bus(nats_server.url, name="test") as connected:
-        yield connected
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
