@@ -1,7 +1,7 @@
 """How long a dead replica's partition takes to move to a live one (issue 16).
 
 Two replicas, each on its own NATS connection, read one partition's durable consumer through the
-real reader (`services.runtime.consumer.OrderedReader`: the pinned priority group and its order
+real reader (`services.runtime.partitions.OrderedReader`: the pinned priority group and its order
 gate). One event shows which one is pinned; that one dies; the figure is the time from its death
 to the other replica handling the next event. Three deaths:
 
@@ -32,7 +32,8 @@ from eventsourcing.persistence import Tracking
 
 from events import PARTITIONS, AgentOutput, Envelope, envelope_for, partition_of
 from services.runtime.bus import Bus, open_bus
-from services.runtime.consumer import ACK_WAIT_S, OrderedReader, Subscription, readers_for, run_all
+from services.runtime.consumer import ACK_WAIT_S, Subscription, run_all
+from services.runtime.partitions import OrderedReader, readers_for
 from services.runtime.pinned_pull import PIN_TIMEOUT_S
 from tests.support.processes import NatsServer
 

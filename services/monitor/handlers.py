@@ -11,7 +11,8 @@ from eventsourcing.persistence import Tracking
 from events import FLOW_CONTRACT, Deadline, Envelope, TaskCancelled, TaskCancelRequested, TaskFailed, partition_of
 from events.flow import NEW_TURN, PROVIDER_DEADLINES, TURN_NUMBERED, WAITING_FOR
 from services.monitor.domain import Watch, skipped
-from services.runtime.consumer import Handler, HeldPartitions, Subscription
+from services.runtime.consumer import Handler, Subscription
+from services.runtime.partitions import HeldPartitions
 from services.runtime.handlers import declared_handlers, handles
 from services.runtime.store import ServiceStore
 

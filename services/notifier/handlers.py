@@ -23,7 +23,8 @@ from services.notifier.messages import (
     notification,
     signature,
 )
-from services.runtime.consumer import Handler, HeldPartitions, Subscription
+from services.runtime.consumer import Handler, Subscription
+from services.runtime.partitions import HeldPartitions
 from services.runtime.handlers import declared_handlers, handles
 from services.runtime.store import ServiceStore
 

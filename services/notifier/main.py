@@ -9,7 +9,7 @@ from services.notifier.endpoints import load_endpoints
 from services.notifier.handlers import Notifier
 from services.runtime.bus import StreamLimits, open_bus
 from services.runtime.nats_auth import service_credentials
-from services.runtime.consumer import HeldPartitions
+from services.runtime.partitions import HeldPartitions
 from services.runtime.service import replica_of, serve
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore, store_env

@@ -5,7 +5,8 @@ from __future__ import annotations
 from services.projector.handlers import Projector
 from services.projector.read_models import open_audit_log, open_task_board
 from services.runtime.bus import StreamLimits, open_bus
-from services.runtime.consumer import Subscription, consume, run_all
+from services.runtime.consumer import Subscription, run_all
+from services.runtime.partitions import consume
 from services.runtime.heartbeat import send_heartbeats
 from services.runtime.nats_auth import service_credentials
 from services.runtime.service import replica_of

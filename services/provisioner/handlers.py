@@ -23,7 +23,8 @@ from services.provisioner.domain import Workspace, all_workspaces
 from services.provisioner.local import LocalProvider
 from services.provisioner.providers import LocalWorkspaces, ProvisionError, WorkspaceOrder, WorkspaceProvider
 from services.provisioner.remote import assign_remote_vm_agent
-from services.runtime.consumer import Handler, HeldPartitions
+from services.runtime.consumer import Handler
+from services.runtime.partitions import HeldPartitions
 from services.runtime.handlers import declared_handlers, handles
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore

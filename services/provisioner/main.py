@@ -10,7 +10,7 @@ from services.provisioner.remote_watcher import RemoteVmAgentWatcher
 from services.provisioner.watcher import VmAgentWatcher
 from services.runtime.bus import StreamLimits, open_bus
 from services.runtime.nats_auth import service_credentials, vm_member_credentials
-from services.runtime.consumer import HeldPartitions
+from services.runtime.partitions import HeldPartitions
 from services.runtime.service import replica_of, serve
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore, store_env

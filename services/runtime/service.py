@@ -6,14 +6,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from services.runtime.bus import Bus
-from services.runtime.consumer import (
-    Handler,
-    HeldPartitions,
-    Subscription,
-    consume,
-    run_all,
-    subscriptions_for,
-)
+from services.runtime.consumer import Handler, Subscription, run_all, subscriptions_for
+from services.runtime.partitions import HeldPartitions, consume
 from services.runtime.heartbeat import send_heartbeats
 from services.runtime.relay import Relay
 from services.runtime.settings import Settings

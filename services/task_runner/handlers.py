@@ -29,7 +29,8 @@ from events import (
     parse_event,
 )
 from events.flow import NEW_TURN, TURN_CONTRACT, TURN_NUMBERED, contract_for_turn
-from services.runtime.consumer import Handler, HeldPartitions
+from services.runtime.consumer import Handler
+from services.runtime.partitions import HeldPartitions
 from services.runtime.handlers import declared_handlers, handles
 from services.runtime.store import ServiceStore
 from services.task_runner.domain import Task

@@ -17,7 +17,7 @@ from typing import Protocol
 from eventsourcing.persistence import IntegrityError
 
 from events import PromptDelivered, partition_of
-from services.runtime.consumer import HeldPartitions
+from services.runtime.partitions import HeldPartitions
 from services.runtime.store import ServiceStore
 from services.task_runner.domain import LateStep, Task
 

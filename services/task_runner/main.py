@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.runtime.bus import StreamLimits, open_bus
-from services.runtime.consumer import HeldPartitions
+from services.runtime.partitions import HeldPartitions
 from services.runtime.nats_auth import service_credentials
 from services.runtime.service import replica_of, serve
 from services.runtime.settings import Settings

@@ -40,7 +40,8 @@ from services.monitor.domain import Watch
 from services.monitor.handlers import Monitor
 from services.projector.handlers import Projector
 from services.runtime.bus import Bus
-from services.runtime.consumer import BatchHandler, Handler, HeldPartitions, Subscription, consume, run_all
+from services.runtime.consumer import BatchHandler, Handler, Subscription, run_all
+from services.runtime.partitions import HeldPartitions, consume
 from services.runtime.store import ServiceStore, envelope_of, sqlite_env
 from tests.support.processes import NatsServer
 

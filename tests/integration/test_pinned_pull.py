@@ -14,7 +14,8 @@ from eventsourcing.persistence import Tracking
 from events import STREAM, AgentOutput, Envelope, envelope_for, partition_of, stored_subject
 from events.envelope import partition_subjects
 from services.runtime.bus import Bus
-from services.runtime.consumer import ALL_EVENTS, OrderedReader, Subscription, ack_all, readers_for
+from services.runtime.consumer import ALL_EVENTS, Subscription, ack_all
+from services.runtime.partitions import OrderedReader, readers_for
 from services.runtime.pinned_pull import PIN_TIMEOUT_S, PinnedPull
 from tests.support.processes import NatsServer
 

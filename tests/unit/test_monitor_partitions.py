@@ -10,7 +10,7 @@ from eventsourcing.persistence import Tracking
 
 from events import DEADLINES, Envelope, parse_deadlines, partition_of
 from services.monitor.handlers import Monitor
-from services.runtime.consumer import HeldPartitions
+from services.runtime.partitions import HeldPartitions
 from tests.unit.fakes import envelopes_in, popo_store
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)

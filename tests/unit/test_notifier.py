@@ -209,7 +209,7 @@ async def test_an_opened_pull_request_is_told_with_its_url():
 
 async def test_two_replicas_sharing_a_store_each_post_the_notifications_of_their_own_partitions_once():
     from events import partition_of
-    from services.runtime.consumer import HeldPartitions
+    from services.runtime.partitions import HeldPartitions
 
     def preferring(replica: tuple[int, int]) -> HeldPartitions:  # Nobody pinned: each holds what it prefers.
         held = HeldPartitions(replica)

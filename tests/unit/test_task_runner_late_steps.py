@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from events import AgentFinished, StepOverdue, TaskCancelRequested, envelope_for, partition_of
-from services.runtime.consumer import HeldPartitions
+from services.runtime.partitions import HeldPartitions
 from tests.unit.test_task_runner_handlers import READY, SUBMITTED, TASK, Runner, event, started_runner
 
 PROMPT_OVERDUE = StepOverdue(expected="PromptDelivered", after="WorkspaceReady", waited_s=30.0)
