@@ -246,7 +246,10 @@ async def test_a_flood_of_output_among_interleaved_handoffs_reaches_each_replica
     after_kill = handled.by_service["monitor"][killed_at:]
     assert {partition_of(t) % 2 for t, _, r in after_kill if r == 1} == {0, 1}
     assert {r for _, _, r in handled.by_service["monitor"][:killed_at]} == {0, 1}
-    assert replicas[1].held.partitions == set(range(8)), "the survivor's monitor does not know it took them"
+    # The survivor's monitor knows what it took: every partition it was pinned to since, besides its
+    # own (one nobody was pinned to since the kill stays its preferring replica's, the dead one's).
+    taken = {partition_of(t) for t, _, r in after_kill if r == 1}
+    assert taken | {1, 3, 5, 7} <= replicas[1].held.partitions, "the survivor's monitor does not know it took them"
     # The monitor named no gap, and saw every task end.
     store = ServiceStore("monitor", sqlite_env(tmp_path / "monitor.sqlite"))
     assert [(e.type, e.task_id, e.data) for e in recorded_by(store)] == []
