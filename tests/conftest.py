@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,8 @@ from tests.support.agents import install_agents
 from tests.support.api import Api, end_every_task
 from tests.support.git_remote import make_origin
 from tests.support.postgres import fresh_postgres_database
-from tests.support.processes import BatonStack, finish_stopping, running_stack, stops_off_the_tests_path
+from services.runtime.bus import Bus, open_bus
+from tests.support.processes import BatonStack, NatsServer, finish_stopping, running_stack, stops_off_the_tests_path
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -20,6 +21,23 @@ def stacks_stop_off_the_tests_path() -> Iterator[None]:
     fixture is set up first, so it is torn down last, after the shared stacks')."""
     with stops_off_the_tests_path():
         yield
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server with JetStream of the test's own, on a free port."""
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    """Baton's bus on the test's own nats-server (streams set up as a service sets them up)."""
+    async with open_bus(nats_server.url, name="test") as connected:
+        yield connected
 
 
 @pytest.fixture(scope="session")

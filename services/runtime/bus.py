@@ -289,8 +289,7 @@ class StreamLimits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StreamLimits:
-        return cls(max_bytes=settings.stream_max_bytes, max_age_s=settings.stream_max_age_s,
-                   replicas=getattr(settings, "stream_replicas", 0))
+        return cls(max_bytes=settings.stream_max_bytes, max_age_s=settings.stream_max_age_s)
 
     @classmethod
     def of(cls, config: StreamConfig) -> StreamLimits:

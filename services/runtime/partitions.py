@@ -194,36 +194,26 @@ def _delivery(message: Msg) -> tuple[int, int, int]:
 def readers_for(bus: Bus, *, service: str, subscriptions: Sequence[Subscription], store: TrackingStore,
                 replica: tuple[int, int] = (0, 1), held_partitions: HeldPartitions | None = None,
                 **options: Any) -> list[OrderedReader]:
-    """The readers that serve `subscriptions`: one over every event (ALL_EVENTS), and one per
-    partition for the typed ones, each preferring replica `partition % replicas`."""
+    """The readers that serve `subscriptions`: one over every event (ALL_EVENTS, `<service>-all`,
+    preferring replica 0), and one per partition for the typed ones (`<service>-p<k>`, each
+    preferring replica `k % replicas`)."""
     index, count = replica
+    every = [s for s in subscriptions if s.event_type == ALL_EVENTS]
+    typed = [s for s in subscriptions if s.event_type != ALL_EVENTS]
     readers = []
-    for chosen, durables in ((_every(subscriptions), lambda: [(f"{service}-all", [STREAM_SUBJECTS[0]], 0)]),
-                             (_typed(subscriptions), lambda: [
-                                 (f"{service}-p{k}", partition_subjects(k, sorted(_typed_types(subscriptions))), k)
-                                 for k in range(PARTITIONS)])):
-        if not chosen:
-            continue
-        dispatch, handle_batch = _dispatcher(chosen)
-        for durable, filters, partition in durables():
-            readers.append(OrderedReader(
-                bus, durable=durable, filters=filters, dispatch=dispatch, handle_batch=handle_batch,
-                store=store, standby_s=0.0 if partition % count == index else STANDBY_S,
-                partition=partition if durable != f"{service}-all" else None,
-                held_partitions=held_partitions, **options))
+    if every:
+        dispatch, handle_batch = _dispatcher(every)
+        readers.append(OrderedReader(
+            bus, durable=f"{service}-all", filters=[STREAM_SUBJECTS[0]], dispatch=dispatch,
+            handle_batch=handle_batch, store=store, standby_s=0.0 if index == 0 else STANDBY_S, **options))
+    if typed:
+        dispatch, handle_batch = _dispatcher(typed)
+        types = sorted({s.event_type for s in typed})
+        readers.extend(OrderedReader(
+            bus, durable=f"{service}-p{k}", filters=partition_subjects(k, types), dispatch=dispatch,
+            handle_batch=handle_batch, store=store, standby_s=0.0 if k % count == index else STANDBY_S,
+            partition=k, held_partitions=held_partitions, **options) for k in range(PARTITIONS))
     return readers
-
-
-def _every(subscriptions: Sequence[Subscription]) -> list[Subscription]:
-    return [s for s in subscriptions if s.event_type == ALL_EVENTS]
-
-
-def _typed(subscriptions: Sequence[Subscription]) -> list[Subscription]:
-    return [s for s in subscriptions if s.event_type != ALL_EVENTS]
-
-
-def _typed_types(subscriptions: Sequence[Subscription]) -> set[str]:
-    return {s.event_type for s in _typed(subscriptions)}
 
 
 def _dispatcher(subscriptions: list[Subscription]) -> tuple[Handler, BatchHandler | None]:

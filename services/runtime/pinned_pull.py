@@ -81,14 +81,12 @@ class PinnedPull:
 
     async def pending_acks(self) -> int:
         """How many delivered messages of this consumer no replica has acknowledged yet."""
-        info = await self._api(f"$JS.API.CONSUMER.INFO.{self.stream}.{self.durable}", None)
-        return int(info.get("num_ack_pending", 0))
+        return int((await self._info()).get("num_ack_pending", 0))
 
     async def pinned_here(self) -> bool | None:
         """Whether this client is the group's pinned one (True), another is (False), or none is
         (None: nothing was delivered since the last pin timed out)."""
-        info = await self._api(f"$JS.API.CONSUMER.INFO.{self.stream}.{self.durable}", None)
-        groups = [g for g in info.get("priority_groups") or [] if g.get("group") == GROUP]
+        groups = [g for g in (await self._info()).get("priority_groups") or [] if g.get("group") == GROUP]
         pinned = groups[0].get("pinned_client_id") if groups else None
         if not pinned:
             return None
@@ -149,6 +147,9 @@ class PinnedPull:
                 await sub.unsubscribe()
             except Exception:  # noqa: BLE001 - closing: the connection may be gone already
                 pass
+
+    async def _info(self) -> dict[str, Any]:
+        return await self._api(f"$JS.API.CONSUMER.INFO.{self.stream}.{self.durable}", None)
 
     async def _api(self, subject: str, body: dict[str, Any] | None) -> dict[str, Any]:
         reply = await self.nc.request(subject, json.dumps(body).encode() if body is not None else b"",

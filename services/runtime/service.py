@@ -42,8 +42,7 @@ async def serve(
 
 def replica_of(settings: Settings) -> tuple[int, int]:
     """(index, count) of this process among its service's replicas (`BATON_REPLICA=i/N`)."""
-    replica = getattr(settings, "replica", None)
-    return tuple(replica) if replica else (0, 1)  # type: ignore[return-value]
+    return settings.replica
 
 
 def with_relay_backlog(relay: Relay, details: Callable[[], dict[str, Any]] | None) -> Callable[[], dict[str, Any]]:

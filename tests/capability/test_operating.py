@@ -82,7 +82,9 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="module")
 def json_stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[BatonStack]:
-    env = {"BATON_LOG_FORMAT": "json", "BATON_REPO_SCHEMES": "https,ssh,file,http",
+    # At debug level: the most any process writes (every handled event, libraries' own lines) is
+    # what the planted credential must stay out of.
+    env = {"BATON_LOG_FORMAT": "json", "BATON_LOG_LEVEL": "debug", "BATON_REPO_SCHEMES": "https,ssh,file,http",
            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     with running_stack(tmp_path_factory.mktemp("operating"), env=env) as stack:
         yield stack
@@ -171,6 +173,9 @@ def test_json_logs_parse_line_by_line_and_carry_the_task_id_and_never_the_creden
     records = [(name, json.loads(line)) for name, line in lines]  # every line is one JSON object
     assert all({"time", "level", "service", "message"} <= record.keys() for _, record in records)
     assert any(record.get("task_id") == completed_task["task_id"] for _, record in records)
+    # Each consumer's debug line names what it handled, the task's TaskSubmitted among them.
+    assert any(record.get("handled_task") == completed_task["task_id"] and record.get("handled_type") == "TaskSubmitted"
+               and record["consumer"].startswith("task-runner-p") for _, record in records)
     # The repo URL's password is in no log the stack wrote.
     for path in json_stack.data_dir.rglob("*.log"):
         assert PASSWORD not in path.read_text(errors="replace"), path

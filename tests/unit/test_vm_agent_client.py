@@ -4,8 +4,7 @@ not mistake for a refusal."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -16,15 +15,6 @@ from services.task_runner.vm_agent_client import AgentStartRefused, VmAgentClien
 from tests.support.processes import NatsServer
 
 TASK = "t-client"
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
