@@ -325,7 +325,14 @@ _NOT_CLUSTERED = 10074
 
 ELECTION_WAIT_S = 30.0
 """How long opening the bus waits out a cluster electing a stream's leader (a node just died)."""
-_ELECTING = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError)
+
+
+class StreamLeaderless(Exception):
+    """The stream has no leader right now: its cluster is electing one."""
+
+
+_ELECTING = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError,
+             StreamLeaderless)
 
 
 async def ensure_stream(
@@ -338,6 +345,10 @@ async def ensure_stream(
             return await ensure_streams_now(js, limits=limits, max_msg_size=max_msg_size)
         except _ELECTING as error:
             if asyncio.get_running_loop().time() > deadline:
+                if isinstance(error, StreamLeaderless):
+                    raise StreamSetupError({"leader": ("one", None)}, hint=(
+                        f"; no leader was elected within {ELECTION_WAIT_S:.0f}s: are most of the "
+                        "cluster's JetStream servers up?")) from error
                 raise
             log.warning("the stream does not answer (%r): a leader election? trying again", error)
             await asyncio.sleep(0.5)
@@ -398,7 +409,9 @@ async def _verify_peers(js: JetStreamContext, replicas: int) -> None:
     """The cluster really placed `replicas` copies (a leader and replicas - 1 peers)."""
     cluster = (await js.stream_info(STREAM)).cluster
     peers = len(cluster.replicas or []) if cluster is not None else 0
-    if cluster is None or cluster.leader is None or peers != replicas - 1:
+    if cluster is not None and cluster.leader is None:
+        raise StreamLeaderless(STREAM)
+    if cluster is None or peers != replicas - 1:
         raise StreamSetupError({"replicas": (replicas, 1 + peers if cluster and cluster.leader else 0)},
                                hint="; the cluster has too few JetStream servers up")
 

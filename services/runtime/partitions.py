@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from eventsourcing.persistence import Tracking
 from nats.aio.msg import Msg
 
@@ -37,6 +38,11 @@ from services.runtime.consumer import (
     run_all,
 )
 from services.runtime.pinned_pull import PinnedPull
+
+TRANSIENT = (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError, nats.errors.TimeoutError,
+             nats.js.errors.APIError)
+"""What a JetStream request may meet while a node dies or a leader is elected (an APIError only
+as 503, "no JetStream responders / not available"): retried, never the end of the service."""
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +115,12 @@ class OrderedReader:
         self.pin_checked_at = 0.0
 
     async def run(self) -> None:
-        await self.pull.bind(self.filters, ack_wait_s=self.ack_wait_s)
+        while True:
+            try:
+                await self.pull.bind(self.filters, ack_wait_s=self.ack_wait_s)
+                break
+            except TRANSIENT as error:
+                await self._wait_out(error)
         try:
             if self.standby_s:
                 await asyncio.sleep(self.standby_s)  # Another replica prefers this partition: let it pull first.
@@ -121,12 +132,21 @@ class OrderedReader:
     async def _step(self) -> None:
         try:
             messages = await self.pull.fetch(max(self.batch - len(self.held), 1), timeout_s=1.0)
-        except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as error:
-            log.warning("consumer %s: %s; retrying", self.durable, error)
-            await asyncio.sleep(0.5)
-            return
-        await self._note_pin()
-        self._hold(messages)
+            await self._note_pin()
+            self._hold(messages)
+            await self._handle_held()
+        except TRANSIENT as error:
+            await self._wait_out(error)  # What was fetched stays held, or is redelivered.
+
+    async def _wait_out(self, error: Exception) -> None:
+        """A NATS node died or the consumer's leader is being elected: go on once JetStream
+        answers again. Any other API error is raised."""
+        if isinstance(error, nats.js.errors.APIError) and error.code != 503:
+            raise error
+        log.warning("consumer %s: %s; retrying", self.durable, error or type(error).__name__)
+        await asyncio.sleep(0.5)
+
+    async def _handle_held(self) -> None:
         if not self.held:
             return
         if not self.in_order:

@@ -126,6 +126,10 @@ def test_nothing_is_lost_doubled_or_reordered_while_nats_nodes_and_replicas_die(
     assert handled_in_order(stack) == {}
     handled_by = {consumer.rsplit("-", 1)[0] for consumer in _consumers(stack)}
     assert {"task-runner", "provisioner", "monitor", "projector"} <= handled_by
+    # No service gave up on its own while nodes died: every exit `baton up` saw was one of our kill -9s.
+    exits = [line for line in stack.log_path.read_text().splitlines() if " exited with code " in line]
+    assert [line for line in exits if "exited with code -9;" not in line] == []
+    assert len(exits) == 3 * len(SERVICE_NAMES)
 
 
 def _consumers(stack: BatonStack) -> set[str]:

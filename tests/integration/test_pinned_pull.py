@@ -9,6 +9,7 @@ import secrets
 import time
 
 import nats
+import nats.errors
 from eventsourcing.persistence import Tracking
 
 from events import STREAM, AgentOutput, Envelope, envelope_for, partition_of, stored_subject
@@ -175,3 +176,38 @@ async def test_readers_cover_every_partition_and_prefer_their_own(bus: Bus):
     p3 = next(r for r in readers if r.durable == "svc-p3")
     assert p3.filters == ["baton.task.*.AgentOutput.3", "baton.task.*.TaskFailed.3"]
     assert p3.standby_s == 0 and next(r for r in readers if r.durable == "svc-p2").standby_s > 0
+
+
+async def test_a_reader_rides_out_jetstream_requests_that_time_out(bus: Bus):
+    """While a NATS node dies, the consumer's requests time out until its new leader answers (CI
+    saw every service's second replica exit on it, tests/capability/test_cluster.py): the reader
+    keeps what it fetched and goes on."""
+    task_id = task_in(5)
+    handled: list[int] = []
+
+    async def handle(envelope: Envelope, tracking: Tracking) -> None:
+        handled.append(envelope.data["seq"])
+
+    [reader] = [r for r in readers_for(bus, service="svc", subscriptions=[Subscription("AgentOutput", handle)],
+                                       store=HighWaterStore(), replica=(0, 2), batch=10)
+                if r.durable == "svc-p5"]
+    answer, failures = reader.pull._info, [nats.errors.TimeoutError(), nats.errors.NoRespondersError()]
+
+    async def info_while_a_node_dies() -> dict:
+        if failures:
+            raise failures.pop()
+        return await answer()
+
+    reader.pull._info = info_while_a_node_dies
+    reader.pin_checked_at = -1e9  # Its first idle step asks who is pinned.
+    reading = asyncio.create_task(reader.run())
+    try:
+        await bus.publish_batch(outputs(20, task_id))
+        deadline = time.monotonic() + 30
+        while len(handled) < 20 and time.monotonic() < deadline and not reading.done():
+            await asyncio.sleep(0.1)
+        assert not reading.done(), reading.exception()
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+    assert failures == [] and handled == list(range(1, 21))
