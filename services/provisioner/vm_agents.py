@@ -16,6 +16,7 @@ on a vm_agent.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -262,12 +263,45 @@ class Zygote:
             self._process.terminate()
 
 
+class BurstMemory:
+    """How many members of each kind a recent burst took: the most takes within any BURST_S of
+    the last REMEMBER_S. The pool keeps that many ready, so the next burst finds them warm
+    rather than waiting for each to start (a member's start is most of a second of CPU)."""
+
+    BURST_S = 5.0
+    REMEMBER_S = 600.0
+
+    def __init__(self) -> None:
+        self._takes: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+
+    def took(self, kind: str, now: float) -> None:
+        takes = self._takes[kind]
+        takes.append(now)
+        while takes and takes[0] < now - self.REMEMBER_S:
+            takes.popleft()
+
+    def kinds(self) -> list[str]:
+        return list(self._takes)
+
+    def peak(self, kind: str, now: float) -> int:
+        times = [t for t in self._takes.get(kind, ()) if t >= now - self.REMEMBER_S]
+        peak, first = 0, 0
+        for last, when in enumerate(times):
+            while when - times[first] > self.BURST_S:
+                first += 1
+            peak = max(peak, last - first + 1)
+        return peak
+
+
 class VmAgentPool:
     def __init__(self, settings: Settings, *, mix: Mapping[str, int], ready_timeout_s: float = 60.0) -> None:
         self._settings = settings
         self._mix = Counter({kind: count for kind, count in mix.items() if count > 0})
-        """How many members to keep ready, by the kind of agent each keeps warm."""
+        """How many members to keep ready at least, by the kind of agent each keeps warm."""
         self._size = sum(self._mix.values())
+        self._max_size = max(self._size, settings.warm_pool_max)
+        self._bursts = BurstMemory()
+        self._trim_later: asyncio.TimerHandle | None = None
         self._ready_timeout_s = ready_timeout_s
         self._ready: list[VmAgentProcess] = []
         self._numbers = itertools.count(1)
@@ -306,7 +340,8 @@ class VmAgentPool:
 
     def status(self) -> dict[str, int | str]:
         """For `/api/health`: how warm the pool is, and how its agents are sandboxed."""
-        return {"warm_vm_agents": len(self._ready), "warm_pool_size": self._size,
+        return {"warm_vm_agents": len(self._ready), "warm_pool_size": sum(self._wanted().values()),
+                "warm_pool_min": self._size, "warm_pool_max": self._max_size,
                 "warm_agents": dict(self._mix),
                 "vm_agents_starting": self._starting, "tasks_waiting_for_a_vm_agent": len(self._waiting),
                 "sandbox": self.sandbox.describe()}
@@ -325,12 +360,36 @@ class VmAgentPool:
         or starting of each kind. A kind that cannot run here (not installed, no credentials) is
         not warmed: a take waiting for it is served by a shell member."""
         ready_kinds = available_backends(self._settings.agents_root, agent_environ(self._settings))
-        wanted = Counter({kind: n for kind, n in self._mix.items() if kind in ready_kinds})
+        wanted = Counter({kind: n for kind, n in self._wanted().items() if kind in ready_kinds})
         wanted.update(kind if kind in ready_kinds else "shell" for kind in self._waiting)
         have = Counter(member.warm_agent for member in self._ready) + self._starting_kinds
         return list((wanted - have).elements())
 
+    def _wanted(self) -> Counter[str]:
+        """How many to keep ready, by kind: the mix, raised to the last bursts' takes (at most
+        `warm_pool_max` in all; the mix's kinds first, then the kinds that burst the most)."""
+        now = time.monotonic()
+        wanted = Counter(self._mix)
+        peaks = {kind: self._bursts.peak(kind, now) for kind in (*self._mix, *self._bursts.kinds())}
+        room = self._max_size - self._size
+        for kind, peak in sorted(peaks.items(), key=lambda item: -item[1]):
+            extra = min(max(0, peak - wanted[kind]), room)
+            wanted[kind] += extra
+            room -= extra
+        return +wanted
+
+    def _trim(self) -> None:
+        """Stop the ready members beyond what is wanted now (a burst forgotten)."""
+        surplus = Counter(member.warm_agent for member in self._ready) - self._wanted()
+        for member in list(reversed(self._ready)):
+            if surplus[member.warm_agent] > 0:
+                surplus[member.warm_agent] -= 1
+                self._ready.remove(member)
+                member.kill()
+
     async def _start_member(self, agent: str) -> None:
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
         try:
             member = await self.spawn(self.pool_dir / str(next(self._numbers)), warm_agent=agent)
         except (VmAgentError, OSError) as error:
@@ -339,6 +398,8 @@ class VmAgentPool:
         else:
             self._ready.append(member)
             self._failure = None
+            log.info("vm_agent %s warm (%s) in %.0f ms; %d ready, %d starting, %d tasks waiting", member.vm_id,
+                     agent, 1000 * (loop.time() - asked), len(self._ready), self._starting - 1, len(self._waiting))
         finally:
             self._starting -= 1
             self._starting_kinds[agent] -= 1
@@ -358,6 +419,7 @@ class VmAgentPool:
         """A warm, unassigned vm_agent (one warm with `agent` if there is), waiting for the next
         one to be ready if none is; raises VmAgentError if none could be started."""
         self._waiting.append(agent)
+        self._remember_take(agent)
         changed = self._condition()
         try:
             async with changed:  # Checked under the lock: a member made ready meanwhile is seen.
@@ -376,6 +438,13 @@ class VmAgentPool:
         finally:
             self._waiting.remove(agent)
             self.refill_soon()
+
+    def _remember_take(self, agent: str) -> None:
+        """Count the take towards the pool's size, and trim the pool once the burst is forgotten."""
+        self._bursts.took(agent, time.monotonic())
+        if self._trim_later is not None:
+            self._trim_later.cancel()
+        self._trim_later = asyncio.get_running_loop().call_later(BurstMemory.REMEMBER_S + 1, self._trim)
 
     def put_back(self, member: VmAgentProcess) -> None:
         """A member taken but never assigned (its task's clone failed) is still fresh."""
@@ -496,6 +565,8 @@ class VmAgentPool:
         """Stop the unassigned vm_agents and the zygote (assigned ones finish their task)."""
         for task in self._background:
             task.cancel()
+        if self._trim_later is not None:
+            self._trim_later.cancel()
         for member in self._ready:
             member.kill()
         self._ready.clear()

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     `<data dir>/agents`. Agents read it (read-only) in their sandbox."""
     warm_pool: int = Field(default=3, ge=0, le=64)
     """Local vm_agents kept started ahead of time (each with a shell agent warm); 0 turns it off."""
+    warm_pool_max: int = Field(default=16, ge=0, le=256)
+    """The most members the warm pool grows to after a burst of tasks (it keeps, by kind, as many
+    ready as were taken in the busiest few seconds of the last ten minutes; never fewer than its
+    mix). Each idle member holds memory (docs/benchmarks.md: memory per task); 0 keeps the mix."""
     warm_agents: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     """The warm pool by agent kind, `"shell=3,claude=1"` (replaces BATON_WARM_POOL's shell agents):
     a task for a kind kept warm starts with its agent already up. Kinds not ready here (adapter not

@@ -110,12 +110,19 @@ def test_ten_tasks_submitted_at_once_all_complete(api: Api, tmp_path: Path):
         assert branch_file(origin, f"baton/{task['task_id']}", "hello.txt") == nonce
 
 
-def test_health_shows_the_warm_vm_agent_pool_filling_up(api: Api, origin: Path):
-    """Tasks take warm vm_agents; the provisioner refills its pool and says so in /api/health."""
+def test_health_shows_the_warm_vm_agent_pool_growing_to_a_burst_and_filling_up(api: Api, origin: Path):
+    """Tasks take warm vm_agents; the provisioner refills its pool, grown to the size of the last
+    burst (six tasks at once here: more than its mix of three), and says so in /api/health."""
     def pool() -> dict:
         return api.http.get("/api/health").json()["details"]["provisioner"]
 
-    size = wait_for(lambda: pool()["warm_pool_size"], timeout_s=30, what="the provisioner's pool status")
-    assert_task_travels_the_whole_path(api, origin)
-    wait_for(lambda: pool()["warm_vm_agents"] == size, timeout_s=90,
-             what=f"{size} warm vm_agents in /api/health")
+    wait_for(lambda: pool()["warm_pool_size"], timeout_s=30, what="the provisioner's pool status")
+    assert pool()["warm_pool_min"] == 3 and pool()["warm_pool_max"] == 16
+    with ThreadPoolExecutor(max_workers=6) as threads:
+        tasks = list(threads.map(lambda n: api.submit(repo=origin.as_uri(), prompt=nonce_prompt(n), agent="shell"),
+                                 [secrets.token_hex(6) for _ in range(6)]))
+    for task in tasks:
+        assert_flow_completes(api, task["task_id"], timeout_s=180)
+    assert 6 <= pool()["warm_pool_size"] <= 16
+    wait_for(lambda: pool()["warm_vm_agents"] == pool()["warm_pool_size"], timeout_s=120,
+             what="the warm pool filled to its grown size in /api/health")

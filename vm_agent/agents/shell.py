@@ -34,9 +34,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vm_agent.agents import skip_schema_docstrings
+from vm_agent.agents import import_acp_cheaply
 
-skip_schema_docstrings()
+import_acp_cheaply()
 
 from acp import (  # noqa: E402 - after the import-time shortcut above
     PROTOCOL_VERSION,
