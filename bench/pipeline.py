@@ -117,27 +117,31 @@ async def output_throughput(stack: Stack, lines: int, *, timeout_s: float,
 # -- replay: a late viewer -----------------------------------------------------------------
 
 
-async def publish_replay_task(stack: Stack, events: int, *, line_bytes: int = LINE_BYTES) -> str:
+async def publish_replay_task(stack: Stack, events: int, *, line_bytes: int = LINE_BYTES,
+                              task_id: str | None = None, first_seq: int = 1, finished: bool = True) -> str:
     """A finished task of `events` events put straight on BATON_EVENTS, the way a relay publishes.
 
     `events - 1` AgentOutput envelopes shaped like the shell agent's (100-byte lines), then
     TaskCompleted. No type any service acts on (no TaskSubmitted, no WorkspaceRequested), so
-    nothing else runs; the monitor and the projector just read it.
+    nothing else runs; the monitor and the projector just read it. With `finished=False`: `events`
+    AgentOutput (seq from `first_seq`) and no TaskCompleted, onto `task_id` (a running task's) if given.
     """
     import nats
 
     from events import AgentOutput, TaskCompleted, envelope_for
 
     assert stack.nats is not None
-    task_id = f"{int(time.time() * 1e6) & (2**64 - 1):016x}"
+    task_id = task_id or f"{int(time.time() * 1e6) & (2**64 - 1):016x}"
     cause = f"{task_id}{'0' * 16}"
+    lines = events - 1 if finished else events
     envelopes = [
         envelope_for(AgentOutput(seq=i, stream="stdout", text=f"{i:08d} {'x' * (line_bytes - 10)}\n"),
                      task_id=task_id, actor="agent:shell", causation_id=cause)
-        for i in range(1, events)
+        for i in range(first_seq, first_seq + lines)
     ]
-    envelopes.append(envelope_for(TaskCompleted(branch=f"baton/{task_id}", commit="0" * 40),
-                                  task_id=task_id, actor="service:task-runner", causation_id=cause))
+    if finished:
+        envelopes.append(envelope_for(TaskCompleted(branch=f"baton/{task_id}", commit="0" * 40),
+                                      task_id=task_id, actor="service:task-runner", causation_id=cause))
     nc = await nats.connect(stack.nats.url, name="bench-replay-publisher")
     try:
         js = nc.jetstream()
