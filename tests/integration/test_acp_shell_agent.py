@@ -310,3 +310,15 @@ async def test_line_runs_split_back_into_exactly_the_lines_read() -> None:
     assert _lines_of(wrong, "stdout", "x\ny\n") == ["x\ny\n"]  # Never lose text over a bad count.
     plain = AgentMessageChunk(session_update="agent_message_chunk", content=text_block("x\ny\n"))
     assert _lines_of(plain, "message", "x\ny\n") == ["x\ny\n"]  # Other agents: pieces as sent.
+
+
+def test_the_shell_agent_starts_without_the_acp_sdk_or_pydantic() -> None:
+    """It starts once per task (each warm pool member): importing the SDK's models was 90 % of a
+    member's CPU. The SDK's client on the vm_agent's side validates what it sends (the tests above)."""
+    import subprocess
+
+    probe = "import sys, vm_agent.agents.shell; print(sorted({'acp', 'pydantic'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

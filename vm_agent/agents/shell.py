@@ -17,6 +17,12 @@ One prompt turn:
 3. answer ``session/prompt`` with stop reason ``end_turn`` (exit 0),
    ``refusal`` (non-zero exit) or ``cancelled`` (after ``session/cancel``),
    carrying ``_meta = {"exit_code": N}`` (negative N = killed by signal N).
+
+It speaks ACP's JSON-RPC itself (`JsonRpcPeer`) rather than through the ACP SDK: the agent starts
+once per task, and importing the SDK (its ~280 pydantic models) was 90 % of a warm pool member's
+CPU (0.27 of 0.3 s, docs/benchmarks.md, issue 17). The SDK stays on the other end: the vm_agent's
+client validates every message this agent sends (tests/integration/test_acp_shell_agent.py drives
+it through the SDK's own client).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -34,28 +41,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vm_agent.agents import import_acp_cheaply
-
-import_acp_cheaply()
-
-from acp import (  # noqa: E402 - after the import-time shortcut above
-    PROTOCOL_VERSION,
-    InitializeResponse,
-    NewSessionResponse,
-    PromptResponse,
-    RequestError,
-    run_agent,
-    text_block,
-)
-from acp.interfaces import Client
-from acp.schema import (
-    AgentCapabilities,
-    AgentMessageChunk,
-    Implementation,
-    TextContentBlock,
-    UserMessageChunk,
-)
-
 log = logging.getLogger("vm_agent.agents.shell")
 
 STREAM_META_KEY = "baton.stream"
@@ -63,7 +48,12 @@ LINES_META_KEY = "baton.lines"
 CONTINUES_META_KEY = "baton.continues"
 EXIT_CODE_META_KEY = "exit_code"
 
+PROTOCOL_VERSION = 1
+"""The ACP version this agent speaks (the SDK's `acp.PROTOCOL_VERSION`)."""
+
 _READ_CHUNK_BYTES = 64 * 1024
+# One JSON-RPC line may carry a whole prompt (a script of any size).
+_STDIO_LIMIT_BYTES = 64 * 1024 * 1024
 # A runaway line (e.g. minified JSON) is flushed in pieces so memory stays bounded.
 _MAX_LINE_BYTES = 1024 * 1024
 # Linux caps one argv string (MAX_ARG_STRLEN) at 128 KiB; larger scripts go via a file.
@@ -82,43 +72,122 @@ class _Session:
     proc: asyncio.subprocess.Process | None = None
 
 
-class ShellAgent:
-    """ACP ``Agent`` implementation: each prompt is a bash script."""
+class RequestError(Exception):
+    """A JSON-RPC error answer (codes as JSON-RPC 2.0 defines them)."""
 
-    def __init__(self) -> None:
-        self._conn: Client | None = None
+    def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.data = code, message, data
+
+    def as_error(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, **({"data": self.data} if self.data else {})}
+
+
+def _invalid_request(details: str) -> RequestError:
+    return RequestError(-32600, "Invalid request", {"details": details})
+
+
+def _invalid_params(details: str) -> RequestError:
+    return RequestError(-32602, "Invalid params", {"details": details})
+
+
+class JsonRpcPeer:
+    """ACP's transport, as far as this agent needs it: newline-delimited JSON-RPC 2.0 on
+    stdin/stdout. Each request is answered from a task of its own, so `session/cancel` is read
+    while a prompt runs; every line is written whole, in the order it was sent."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+        self._requests: set[asyncio.Task[None]] = set()
+
+    async def notify(self, method: str, params: dict[str, Any]) -> None:
+        await self._send({"jsonrpc": "2.0", "method": method, "params": params})
+
+    async def serve(self, agent: ShellAgent) -> None:
+        """Until stdin closes: dispatch each message to `agent`."""
+        while line := await self._reader.readline():
+            try:
+                message = json.loads(line)
+            except ValueError:
+                await self._send({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}})
+                continue
+            if not isinstance(message, dict) or "method" not in message:
+                continue  # A response: this agent asks the client nothing.
+            if "id" not in message:  # A notification.
+                if message["method"] == "session/cancel":
+                    await agent.cancel(**_params(message))
+                continue
+            task = asyncio.create_task(self._answer(agent, message))
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
+
+    async def _answer(self, agent: ShellAgent, request: dict[str, Any]) -> None:
+        reply: dict[str, Any] = {"jsonrpc": "2.0", "id": request["id"]}
+        handler = agent.methods().get(request["method"])
+        try:
+            if handler is None:
+                raise RequestError(-32601, "Method not found", {"method": request["method"]})
+            reply["result"] = await handler(**_params(request))
+        except RequestError as error:
+            reply["error"] = error.as_error()
+        except TypeError as error:  # Missing or unexpected params.
+            reply["error"] = _invalid_params(str(error)).as_error()
+        await self._send(reply)
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        self._writer.write(json.dumps(message, ensure_ascii=False).encode() + b"\n")
+        await self._writer.drain()
+
+    def stop(self) -> None:
+        for task in self._requests:
+            task.cancel()
+
+
+def _params(message: dict[str, Any]) -> dict[str, Any]:
+    """The params, under this module's names (`sessionId` → `session_id`)."""
+    params = message.get("params") or {}
+    return {_snake(key): value for key, value in params.items()} if isinstance(params, dict) else {}
+
+
+def _snake(name: str) -> str:
+    """`sessionId` → `session_id`; `_meta` → `meta`."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name.lstrip("_"))
+
+
+class ShellAgent:
+    """ACP agent: each prompt is a bash script."""
+
+    def __init__(self, peer: JsonRpcPeer | None = None) -> None:
+        self._peer = peer
         self._sessions: dict[str, _Session] = {}
         self._forwarded = 0  # Lines sent so far: how _drain tells a slow reader from a stuck pipe.
 
-    def on_connect(self, conn: Client) -> None:
-        """Keep the client connection so we can push ``session/update``s."""
-        self._conn = conn
+    def methods(self) -> dict[str, Callable[..., Any]]:
+        """The ACP requests it answers, by method name."""
+        return {"initialize": self.initialize, "session/new": self.new_session, "session/prompt": self.prompt}
 
-    async def initialize(self, protocol_version: int, **_: Any) -> InitializeResponse:
+    async def initialize(self, protocol_version: int, **_: Any) -> dict[str, Any]:
         """Advertise the (only) protocol version we speak and no extras."""
         log.info("initialize: client protocol version %s", protocol_version)
-        return InitializeResponse(
-            protocol_version=PROTOCOL_VERSION,
-            agent_capabilities=AgentCapabilities(),
-            agent_info=Implementation(name="baton-shell-agent", version="0.1.0"),
-        )
+        return {"protocolVersion": PROTOCOL_VERSION, "agentCapabilities": {}, "authMethods": [],
+                "agentInfo": {"name": "baton-shell-agent", "version": "0.1.0"}}
 
-    async def new_session(self, cwd: str, **_: Any) -> NewSessionResponse:
+    async def new_session(self, cwd: str, **_: Any) -> dict[str, Any]:
         """Create a session that runs its prompts in ``cwd``."""
         session_id = uuid.uuid4().hex
         self._sessions[session_id] = _Session(cwd=cwd)
         log.info("session %s created (cwd=%s)", session_id, cwd)
-        return NewSessionResponse(session_id=session_id)
+        return {"sessionId": session_id}
 
-    async def prompt(self, prompt: list[Any], session_id: str, **_: Any) -> PromptResponse:
+    async def prompt(self, prompt: list[Any], session_id: str, **_: Any) -> dict[str, Any]:
         """Echo the prompt, run it with bash, report how bash ended."""
         session = self._session(session_id)
         if session.busy:
-            raise RequestError.invalid_request({"details": "a prompt is already running in this session"})
+            raise _invalid_request("a prompt is already running in this session")
         session.busy, session.cancelled = True, False
         try:
             script = _prompt_text(prompt)
-            await self._send(session_id, UserMessageChunk(session_update="user_message_chunk", content=text_block(script)))
+            await self._send(session_id, {"sessionUpdate": "user_message_chunk", "content": _text(script)})
             exit_code = None if session.cancelled else await self._run_script(session, session_id, script)
             if exit_code is not None and not session.cancelled:
                 # Always report how the script ended: even a silent script shows the agent worked.
@@ -146,12 +215,12 @@ class ShellAgent:
     def _session(self, session_id: str) -> _Session:
         session = self._sessions.get(session_id)
         if session is None:
-            raise RequestError.invalid_params({"details": f"unknown session {session_id!r}"})
+            raise _invalid_params(f"unknown session {session_id!r}")
         return session
 
-    async def _send(self, session_id: str, update: UserMessageChunk | AgentMessageChunk) -> None:
-        assert self._conn is not None, "on_connect was not called"
-        await self._conn.session_update(session_id=session_id, update=update)
+    async def _send(self, session_id: str, update: dict[str, Any]) -> None:
+        assert self._peer is not None, "no peer to send to"
+        await self._peer.notify("session/update", {"sessionId": session_id, "update": update})
 
     async def _run_script(self, session: _Session, session_id: str, script: str) -> int:
         with _script_argv(script) as argv:
@@ -199,41 +268,36 @@ class ShellAgent:
         meta: dict[str, Any] = {STREAM_META_KEY: stream}
         if continues:
             meta[CONTINUES_META_KEY] = True
-        chunk = AgentMessageChunk(
-            session_update="agent_message_chunk",
-            content=text_block(text),
-            field_meta=meta,
-        )
-        await self._send(session_id, chunk)
+        await self._send(session_id, {"sessionUpdate": "agent_message_chunk", "content": _text(text), "_meta": meta})
 
     async def _forward_lines(self, session_id: str, stream: str, lines: list[str]) -> None:
         """Whole lines read together go out in one message, marked with how many lines it holds
         (`_meta["baton.lines"]`): the client records each line as before, without paying a
         message per line on both sides."""
         self._forwarded += len(lines)
-        chunk = AgentMessageChunk(
-            session_update="agent_message_chunk",
-            content=text_block("".join(lines)),
-            field_meta={STREAM_META_KEY: stream, LINES_META_KEY: len(lines)},
-        )
-        await self._send(session_id, chunk)
+        await self._send(session_id, {"sessionUpdate": "agent_message_chunk", "content": _text("".join(lines)),
+                                      "_meta": {STREAM_META_KEY: stream, LINES_META_KEY: len(lines)}})
+
+
+def _text(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
 
 
 def _prompt_text(prompt: list[Any]) -> str:
     """The script is the concatenation of the prompt's text blocks."""
-    texts = [block.text for block in prompt if isinstance(block, TextContentBlock)]
+    texts = [block["text"] for block in prompt
+             if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str)]
     if len(texts) != len(prompt):
         log.warning("ignoring %d non-text prompt block(s)", len(prompt) - len(texts))
     return "".join(texts)
 
 
-def _turn_response(exit_code: int | None, *, cancelled: bool) -> PromptResponse:
+def _turn_response(exit_code: int | None, *, cancelled: bool) -> dict[str, Any]:
     if cancelled:
         stop_reason = "cancelled"
     else:
         stop_reason = "end_turn" if exit_code == 0 else "refusal"
-    meta = None if exit_code is None else {EXIT_CODE_META_KEY: exit_code}
-    return PromptResponse(stop_reason=stop_reason, field_meta=meta)
+    return {"stopReason": stop_reason, **({} if exit_code is None else {"_meta": {EXIT_CODE_META_KEY: exit_code}})}
 
 
 @contextlib.contextmanager
@@ -322,8 +386,17 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+async def _stdio() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_STDIO_LIMIT_BYTES)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout)
+    return reader, asyncio.StreamWriter(transport, protocol, None, loop)
+
+
 async def _serve() -> None:
-    agent = ShellAgent()
+    peer = JsonRpcPeer(*await _stdio())
+    agent = ShellAgent(peer)
     main_task = asyncio.current_task()
     assert main_task is not None
     loop = asyncio.get_running_loop()
@@ -331,10 +404,11 @@ async def _serve() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, main_task.cancel)
     try:
-        # Note: the SDK's receive loop swallows cancellation, so a signal makes
-        # run_agent return normally rather than raise CancelledError.
-        await run_agent(agent)
+        await peer.serve(agent)
+    except asyncio.CancelledError:
+        pass
     finally:
+        peer.stop()
         agent.kill_all()
         log.info("shell agent exiting")
 
