@@ -1,13 +1,15 @@
 """Real agents' start: submit → `PromptDelivered` per agent kind, beside the adapter's own start-up.
 
 For each real kind (its pinned adapter, against the scripted fake model servers of the tests,
-so no network and no key): a stack whose warm pool keeps one agent of every kind ready; tasks
-submitted one at a time (each waits for its end, so the pool refills between them), timed from
-the POST to the `PromptDelivered` the vm_agent recorded. Beside it, in the same run, the
-adapter started alone as the vm_agent starts it (sandboxed, its kind's environment, ACP
-`initialize`), timed to ready: what a task would wait without the warm pool.
+so no network and no key): a stack whose warm pool keeps one agent of every kind ready, and the
+shell agent's figures measured the same way (`bench.pipeline.submit_to_prompt`): one task in
+flight (each waits for its end, so the pool refills between them), then `--concurrency` at a
+time (each worker POSTs, waits for `PromptDelivered`, POSTs the next), timed from the POST to
+the `PromptDelivered` the vm_agent recorded, split by handoff (`pipeline.STAGES`). Beside it, in
+the same run, the adapter started alone as the vm_agent starts it (sandboxed, its kind's
+environment, ACP `initialize`), timed to ready: what a task would wait without the warm pool.
 
-    .venv/bin/python -m bench.agents [--tasks 3] [--kinds claude,codex,gemini,opencode]
+    .venv/bin/python -m bench.agents [--tasks 3] [--kinds claude,codex,gemini,opencode] [--concurrency 1,5]
 
 Prints a table, then one JSON line.
 """
@@ -18,25 +20,27 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench import pipeline
+from bench.stack import Stack, wait_until_pool_warm
 from tests.support.agents import install_agents
 from tests.support.fake_anthropic import ClaudeScript, running_fake_anthropic
 from tests.support.fake_gemini import running_fake_gemini
 from tests.support.fake_openai_chat import ToolScript, serving_fake_openai_chat
 from tests.support.fake_openai_responses import ResponsesScript, fake_openai_responses
 from tests.support.git_remote import make_origin
-from tests.support.processes import running_stack
+from tests.support.processes import BatonStack, NatsServer
 from vm_agent.backends import BACKENDS
 from vm_agent.runner import AgentLauncher
 from vm_agent.sandbox import Sandbox
@@ -65,30 +69,41 @@ def fake_models(key: str) -> Iterator[dict[str, str]]:
         }
 
 
-def _seconds(occurred_at: str) -> float:
-    return datetime.fromisoformat(occurred_at).timestamp()
+@contextlib.contextmanager
+def submitting_as(kind: str) -> Iterator[None]:
+    """While open, `bench.pipeline` posts its tasks for `kind` rather than the shell agent.
+
+    `pipeline._submit` names the shell agent; it is swapped (as bench/run.py swaps it to profile)
+    so that `pipeline.submit_to_prompt` measures a real agent by the very same definition.
+    """
+    if kind == "shell":
+        yield
+        return
+    shell_submit = pipeline._submit
+
+    async def submit(client: httpx.AsyncClient, stack: Stack, prompt: str) -> tuple[str, float]:
+        assert stack.origin is not None
+        sent_at = time.time()
+        response = await client.post(f"{stack.api}/api/tasks",
+                                     json={"repo": stack.origin.as_uri(), "prompt": prompt, "agent": kind})
+        if response.status_code != 201:
+            raise RuntimeError(f"POST /api/tasks: {response.status_code} {response.text[:300]}")
+        return response.json()["task_id"], sent_at
+
+    pipeline._submit = submit
+    try:
+        yield
+    finally:
+        pipeline._submit = shell_submit
 
 
-def submit_to_prompt(api: str, headers: dict[str, str], repo: str, kind: str, tasks: int) -> list[float]:
-    """Seconds from each POST to its PromptDelivered, one task at a time, each run to its end."""
-    latencies = []
-    with httpx.Client(base_url=api, headers=headers, timeout=30) as client:
-        for i in range(tasks):
-            sent = time.time()
-            response = client.post("/api/tasks", json={"repo": repo, "agent": kind, "prompt": f"write {FILE} ({i})"})
-            response.raise_for_status()
-            task_id = response.json()["task_id"]
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                events = client.get(f"/api/tasks/{task_id}/events").json()["events"]
-                if any(e["type"] in ("TaskCompleted", "TaskFailed") for e in events):
-                    break
-                time.sleep(0.2)
-            delivered = [e for e in events if e["type"] == "PromptDelivered"]
-            if not delivered:
-                raise RuntimeError(f"{kind}: task {task_id} never delivered its prompt: {[e['type'] for e in events]}")
-            latencies.append(_seconds(delivered[0]["occurred_at"]) - sent)
-    return latencies
+async def submit_to_prompt(stack: Stack, kind: str, tasks: int, concurrency: int) -> dict[str, Any]:
+    """`pipeline.submit_to_prompt` for `kind`: one in flight runs each task to its end (the pool
+    refills between them); more at a time waits only for each PromptDelivered."""
+    await wait_until_pool_warm(stack, timeout_s=120)
+    with submitting_as(kind):
+        return await pipeline.submit_to_prompt(stack, tasks, concurrency=concurrency, until_end=concurrency == 1,
+                                               timeout_s=60 + 30 * tasks)
 
 
 async def adapter_start_alone(kind: str, agents_dir: Path, settings: dict[str, str], runs: int) -> list[float]:
@@ -100,17 +115,33 @@ async def adapter_start_alone(kind: str, agents_dir: Path, settings: dict[str, s
             workspace, home = Path(root) / "workspace", Path(root) / "home"
             workspace.mkdir()
             launcher = AgentLauncher(Sandbox.from_setting("auto", hidden=()), home, agents_dir)
-            environ_before = dict(__import__("os").environ)
-            __import__("os").environ.update(settings)
+            environ_before = dict(os.environ)
+            os.environ.update(settings)
             try:
                 started = time.monotonic()
                 agent = await launcher.start(backend, workspace=workspace)
                 took.append(time.monotonic() - started)
                 await agent.close()
             finally:
-                __import__("os").environ.clear()
-                __import__("os").environ.update(environ_before)
+                os.environ.clear()
+                os.environ.update(environ_before)
     return took
+
+
+@contextlib.contextmanager
+def stack_with(root: Path, env: dict[str, str], agents_dir: Path | None) -> Iterator[Stack]:
+    """`bench.stack.Stack` (its NATS open to the benchmark's own readers) with `env` for `baton up`
+    (agent keys only reach it this way); stopped, and whatever it left ended, on exit."""
+    if agents_dir is not None:
+        env = {**env, "BATON_AGENTS_DIR": str(agents_dir)}
+    stack = Stack(root, origin=make_origin(root))
+    try:
+        stack.nats = NatsServer(store_dir=root / "nats").start()
+        stack.baton = BatonStack(nats=stack.nats, data_dir=stack.data_dir, extra_env=env)
+        stack.baton.start()
+        yield stack
+    finally:
+        stack.stop()
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -122,29 +153,38 @@ def summary(values: list[float]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench.agents", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=3, help="tasks per kind")
+    parser.add_argument("--tasks", type=int, default=3, help="tasks per kind and concurrency")
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--concurrency", default="1", help="tasks at a time, one run each: 1,5")
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     agents_dir = install_agents(*kinds)
     key = f"sk-bench-{secrets.token_hex(12)}"
     result: dict[str, Any] = {"kinds": {}}
     with tempfile.TemporaryDirectory(prefix="baton-bench-agents-") as root, fake_models(key) as settings:
         for kind in kinds:
             alone = asyncio.run(adapter_start_alone(kind, agents_dir, settings, runs=args.tasks))
-            result["kinds"][kind] = {"adapter_start_alone": summary(alone)}
+            result["kinds"][kind] = {"adapter_start_alone": summary(alone), "submit_to_prompt": {}}
         warm = ",".join(["shell=1", *(f"{kind}=1" for kind in kinds)])
-        with running_stack(Path(root), env={**settings, "BATON_WARM_AGENTS": warm}, agents_dir=agents_dir) as stack:
-            origin = make_origin(Path(root))
+        with stack_with(Path(root), {**settings, "BATON_WARM_AGENTS": warm}, agents_dir) as stack:
             for kind in kinds:
-                latencies = submit_to_prompt(stack.api, stack.auth, origin.as_uri(), kind, args.tasks)
-                result["kinds"][kind]["submit_to_prompt"] = summary(latencies)
-    print(f"{'kind':<10}{'submit→PromptDelivered p50':>28}{'max':>10}{'adapter alone p50':>20}{'max':>10}")
-    for kind, figures in result["kinds"].items():
-        sub, alone = figures["submit_to_prompt"], figures["adapter_start_alone"]
-        print(f"{kind:<10}{sub['p50_ms']:>25.0f} ms{sub['max_ms']:>7.0f} ms{alone['p50_ms']:>17.0f} ms"
-              f"{alone['max_ms']:>7.0f} ms")
+                for concurrency in concurrencies:
+                    figures = asyncio.run(submit_to_prompt(stack, kind, args.tasks, concurrency))
+                    result["kinds"][kind]["submit_to_prompt"][str(concurrency)] = figures
+    print_table(result)
     print(json.dumps(result))
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'kind':<10}{'at a time':>10}{'submit→PromptDelivered p50':>28}{'p99':>10}{'adapter alone p50':>20}"
+          f"{'max':>10}  stage p50 (ms)")
+    for kind, figures in result["kinds"].items():
+        alone = figures["adapter_start_alone"]
+        for concurrency, sub in figures["submit_to_prompt"].items():
+            stages = ", ".join(f"{gap.split('->')[1]} {ms:.0f}" for gap, ms in sub["stage_p50_ms"].items())
+            print(f"{kind:<10}{concurrency:>10}{sub['p50_ms']:>25.0f} ms{sub['p99_ms']:>7.0f} ms"
+                  f"{alone['p50_ms']:>17.0f} ms{alone['max_ms']:>7.0f} ms  {stages}")
 
 
 if __name__ == "__main__":
