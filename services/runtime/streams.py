@@ -53,7 +53,7 @@ class StreamInterrupted(Exception):
 
 async def stream_raw(
     js: JetStreamContext,
-    subject: str,
+    subject: str | list[str],
     *,
     from_seq: int = 1,
     follow: bool = True,
@@ -63,7 +63,8 @@ async def stream_raw(
     """Batches of events on `subject` from `from_seq` on, in order, each at most `batch` long.
 
     With `follow=False` it ends once the history is read; otherwise it waits for new events.
-    Events whose type is in `exclude` are left out. At most `batch` events are held at a time
+    Events whose type is in `exclude` are left out; a list of subjects is filtered by JetStream
+    (what it leaves out never reaches the reader). At most `batch` events are held at a time
     (the consumer's `max_ack_pending`): the next ones come as the caller takes these.
     """
     reader = _Reader(js, subject, window=max(batch, 2), exclude=exclude)
@@ -80,7 +81,7 @@ async def stream_raw(
 
 
 async def stream_events(
-    js: JetStreamContext, subject: str, *, from_seq: int = 1, follow: bool = True, batch: int = 1000
+    js: JetStreamContext, subject: str | list[str], *, from_seq: int = 1, follow: bool = True, batch: int = 1000
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """Like stream_raw, as decoded envelopes (each with its `stream_seq`)."""
     async for raw in stream_raw(js, subject, from_seq=from_seq, follow=follow, batch=batch):
@@ -102,7 +103,8 @@ def _ack_fields(reply: str) -> tuple[int, int, bool]:
 class _Reader:
     """One ephemeral push consumer with a bounded window, and what it delivered so far."""
 
-    def __init__(self, js: JetStreamContext, subject: str, *, window: int, exclude: frozenset[str]) -> None:
+    def __init__(self, js: JetStreamContext, subject: str | list[str], *, window: int,
+                 exclude: frozenset[str]) -> None:
         self.js = js
         self.nc = connection_of(js)
         self.subject = subject
@@ -134,7 +136,8 @@ class _Reader:
                                            pending_msgs_limit=0, pending_bytes_limit=0)
         config = ConsumerConfig(
             deliver_subject=inbox,
-            filter_subject=self.subject,
+            filter_subject=self.subject if isinstance(self.subject, str) else None,
+            filter_subjects=None if isinstance(self.subject, str) else self.subject,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=from_seq,
             ack_policy=AckPolicy.ALL,

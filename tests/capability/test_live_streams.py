@@ -195,3 +195,27 @@ def test_the_board_feed_excludes_types_in_batches_too(stack, api, origin):
     assert key(mine) == key(expected)
     assert "AgentOutput" not in {e["type"] for e in seen}
     assert [e["stream_seq"] for e in seen] == sorted({e["stream_seq"] for e in seen})
+
+
+def test_a_late_viewer_reads_a_tasks_newest_events_first_then_pages_back(stack, api, origin):
+    # Two tasks at once, so each one's events are interleaved with the other's on the stream.
+    task_ids = [submit_counting(api, origin, 40, pause_s=0.01) for _ in range(2)]
+    events = [api.wait_for_end(task_id) for task_id in task_ids][0]
+
+    def read(**params: object) -> list[dict]:
+        response = api.http.get(f"/api/tasks/{task_ids[0]}/events", params=params)
+        assert response.status_code == 200, response.text
+        return response.json()["events"]
+
+    # The newest 10, then the 10 before them, then the rest: exactly the history, in order.
+    newest = read(last=10)
+    older = read(last=10, before_seq=newest[0]["stream_seq"])
+    rest = read(before_seq=older[0]["stream_seq"])
+    assert len(newest) == len(older) == 10
+    assert key(rest + older + newest) == key(events)
+    # Everything but the output before a position (JetStream leaves the output out).
+    handoffs = read(exclude="AgentOutput", before_seq=newest[0]["stream_seq"])
+    assert key(handoffs) == key([e for e in events if e["type"] != "AgentOutput"
+                                 and e["stream_seq"] < newest[0]["stream_seq"]])
+    # Asking for more than there is gives all of it.
+    assert key(read(last=10_000)) == key(events)

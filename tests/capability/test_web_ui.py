@@ -161,6 +161,39 @@ def test_a_task_submitted_in_the_browser_streams_live_and_survives_a_reload(
         page.screenshot(path=str(SCREENSHOT))
 
 
+ROWS = 1000
+"""Output lines of the long task: more than the task page opens with (its last 400 events)."""
+
+
+def test_a_long_task_opens_on_its_newest_output_and_shows_earlier_output_on_demand(
+    stack: BatonStack, api: Api, origin: Path, page: Page
+):
+    nonce = secrets.token_hex(6)
+    task = api.submit(repo=origin.as_uri(), prompt=f'for i in $(seq 1 {ROWS}); do echo "row $i {nonce}"; done\n',
+                      agent="shell")
+    api.wait_for_end(task["task_id"])
+
+    # A late viewer: the newest lines first, the whole flow in the timeline, the outcome.
+    log_in(page, stack, f"/tasks/{task['task_id']}")
+    expect(page.locator("#output")).to_contain_text(f"row {ROWS} {nonce}", timeout=30_000)
+    expect(page.locator("#state .badge")).to_have_text("completed")
+    for step in FLOW_CONTRACT:
+        expect(page.locator(f'#timeline [data-step="{step}"]')).to_have_class(re.compile(r"\breached\b"))
+    assert f"row 1 {nonce}" not in page.locator("#output").inner_text()
+
+    # Earlier output comes a page at a time, above what is shown, until the first line.
+    earlier = page.locator("#earlier")
+    for _ in range(5):
+        if not earlier.is_visible():
+            break
+        earlier.click()
+        expect(earlier).to_be_enabled()
+    expect(earlier).to_be_hidden()
+    assert output_lines(page, nonce) == Counter(f"row {i} {nonce}" for i in range(1, ROWS + 1))
+    assert page.locator("#output").inner_text().find(f"row 1 {nonce}") < page.locator("#output").inner_text().find(
+        f"row {ROWS} {nonce}"), "the earlier output is not above the newest"
+
+
 def test_the_board_moves_a_task_to_completed_live(stack: BatonStack, api: Api, origin: Path, page: Page):
     log_in(page, stack)
     expect(page.locator(".conn")).to_have_text("live", timeout=10_000)

@@ -69,9 +69,14 @@ def get_task(task_id: TaskIdDep, gateway: GatewayDep) -> TaskPublic:
 
 @router.get("/{task_id}/events")
 async def get_task_events(
-    task_id: TaskIdDep, gateway: GatewayDep, from_seq: int = Query(1, ge=1, le=MAX_STREAM_SEQ)
+    task_id: TaskIdDep, gateway: GatewayDep, from_seq: int = Query(1, ge=1, le=MAX_STREAM_SEQ),
+    before_seq: int | None = Query(None, ge=1, le=MAX_STREAM_SEQ), last: int | None = Query(None, ge=1, le=10_000),
+    exclude: str = "",
 ) -> TaskEvents:
-    events = await read_task_events(gateway.bus.js, task_id, from_seq=from_seq)
+    """The task's history (from_seq ≤ stream_seq < before_seq, `exclude`d types left out); with
+    `last=N` only its newest N: the web UI reads a long task's last screenful, then pages back."""
+    events = await read_task_events(gateway.bus.js, task_id, from_seq=from_seq, before_seq=before_seq, last=last,
+                                    exclude=frozenset(t for t in exclude.split(",") if t))
     if not events and gateway.board.get(task_id) is None:
         submission_or_404(gateway, task_id)  # 404 for a task nobody submitted.
     return TaskEvents(task_id=task_id, events=events)

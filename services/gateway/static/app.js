@@ -99,10 +99,10 @@ async function api(path, options) {
   return response;
 }
 
-/** Follow a WebSocket event stream from stream_seq 1; on a drop, resume from last + 1.
- *  Events are deduplicated by stream_seq, so a replayed event is never applied twice. */
-function follow(path, onEvent, onStatus = () => {}) {
-  let last = 0, delay = 500;
+/** Follow a WebSocket event stream from stream_seq `from` (1: the start); on a drop, resume from
+ *  last + 1. Events are deduplicated by stream_seq, so a replayed event is never applied twice. */
+function follow(path, onEvent, onStatus = () => {}, from = 1) {
+  let last = from - 1, delay = 500;
   const open = () => {
     const url = new URL(path, location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
@@ -399,6 +399,8 @@ async function taskPage(app, id) {
   const result = h("div", { id: "result" });
   const timeline = h("ol", { class: "timeline", id: "timeline" });
   const output = h("div", { class: "conversation", id: "output", "aria-live": "off" });
+  const earlier = h("button", { type: "button", class: "earlier", id: "earlier", hidden: true,
+    title: "The page opened on the newest output; this loads what came before it" }, "Show earlier output");
   const outputCount = h("span", { class: "count" }, "0 lines");
   const plan = h("section", { class: "plan", id: "plan", hidden: true });
   const usage = h("span", { class: "usage", id: "usage", title: "Tokens and cost the agent reported", hidden: true });
@@ -418,7 +420,7 @@ async function taskPage(app, id) {
     result,
     h("div", { class: "task-body" },
       h("section", { class: "panel" }, h("h2", {}, "Flow"), timeline),
-      h("section", { class: "panel output-panel" }, h("h2", {}, "Agent output", outputCount), plan, output)));
+      h("section", { class: "panel output-panel" }, h("h2", {}, "Agent output", outputCount), plan, earlier, output)));
 
   let response;
   try {
@@ -534,7 +536,26 @@ async function taskPage(app, id) {
     }[event.type] || "";
   };
 
-  const apply = (event) => {
+  // Follow-ups run in the order they were sent, each once: turn n is the (n-1)th.
+  const turnPrompt = (n) => h("div", { class: "turn-prompt", "data-turn": n },
+    h("span", { class: "turn-label" }, `Turn ${n} · ${byWhom(followUps[n - 2])}:`), " ", followUps[n - 2]?.data?.prompt || "");
+  // Whether the output was scrolled to its end is read once a frame (before that frame's first
+  // line), and it is scrolled back there once, after: no layout is forced per line.
+  let atEnd = null;
+  const keepAtBottom = (draw) => {
+    if (atEnd === null) {
+      atEnd = output.scrollTop + output.clientHeight >= output.scrollHeight - 24;
+      requestAnimationFrame(() => {
+        if (atEnd) output.scrollTop = output.scrollHeight;
+        atEnd = null;
+      });
+    }
+    draw();
+  };
+
+  // `transcript` false: an event from before the newest screenful, for the flow, the header,
+  // the plan and the usage only; its place in the output is drawn if the viewer scrolls back to it.
+  const apply = (event, transcript = true) => {
     const data = event.data || {};
     notifyOf(event, id, openedAt);
     if (event.type === "TaskSubmitted" && event.occurred_at) t0 = Date.parse(event.occurred_at);
@@ -544,26 +565,19 @@ async function taskPage(app, id) {
     // A later turn starts with its TurnRequested, or its PromptDelivered when that is on the stream first.
     if ((event.type === "TurnRequested" || event.type === "PromptDelivered") && (data.turn || 1) > turn) {
       turn = data.turn;
-      // Follow-ups run in the order they were sent, each once: turn n is the (n-1)th.
-      output.append(h("div", { class: "turn-prompt", "data-turn": turn },
-        h("span", { class: "turn-label" }, `Turn ${turn} · ${byWhom(followUps[turn - 2])}:`), " ",
-        followUps[turn - 2]?.data?.prompt || ""));
+      if (transcript) keepAtBottom(() => output.append(turnPrompt(turn)));
     }
     fold(task, event);
     if (CONVERSATION_TYPES.has(event.type)) {
-      const stick = output.scrollTop + output.clientHeight >= output.scrollHeight - 24;
-      talk.event(event);
-      if (stick) output.scrollTop = output.scrollHeight;
+      keepAtBottom(() => talk.event(event));
       return;  // the conversation shows it; the flow's timeline stays the handoffs
     }
     if (event.type === "AgentOutput") {
       if (seenOutput.has(`${attempt}:${data.seq}`)) return;
       seenOutput.add(`${attempt}:${data.seq}`);
-      const stick = output.scrollTop + output.clientHeight >= output.scrollHeight - 24;
-      talk.output(data);
+      keepAtBottom(() => talk.output(data));
       lines += (data.text.match(/\n/g) || []).length;
       outputCount.textContent = `${lines} line${lines === 1 ? "" : "s"}`;
-      if (stick) output.scrollTop = output.scrollHeight;
     }
     const row = turn > 1 ? null : rows[event.type];
     if (row && !row.classList.contains("reached")) {
@@ -590,7 +604,60 @@ async function taskPage(app, id) {
     }
     if (event.type !== "AgentOutput") showHeader();
   };
-  follow(`/api/tasks/${encodeURIComponent(id)}/stream`, apply, connection(conn));
+  // A late viewer sees the newest screenful first: the task's last events (the gateway finds
+  // where they start), with everything but the output before them for the flow and the header;
+  // the live stream goes on from the last of them, and earlier output comes on demand.
+  const history = (query) => api(`/api/tasks/${encodeURIComponent(id)}/events?${query}`)
+    .then((r) => (r.ok ? r.json() : { events: [] })).then((body) => body.events);
+  let newest, before = [];
+  try {
+    newest = await history(`last=${SCREENFULS}`);
+    if (newest.length) before = await history(`before_seq=${newest[0].stream_seq}&exclude=${TRANSCRIPT_ONLY.join(",")}`);
+  } catch (error) {
+    if (error instanceof LoginNeeded) return;
+    throw error;
+  }
+  before.forEach((event) => apply(event, false));
+  newest.forEach((event) => apply(event));
+  let oldest = newest.length ? newest[0].stream_seq : null;
+  earlier.hidden = newest.length < SCREENFULS;
+  const showEarlier = async () => {
+    if (earlier.disabled || earlier.hidden) return;
+    earlier.disabled = true;
+    const page = await history(`before_seq=${oldest}&last=${SCREENFULS}`).catch(() => null);
+    earlier.disabled = false;
+    if (!page) return;
+    if (page.length) {
+      oldest = page[0].stream_seq;
+      const height = output.scrollHeight;
+      output.prepend(earlierOutput(page, turnPrompt, answersFor(task)));
+      output.scrollTop += output.scrollHeight - height;  // what was on screen stays put
+    }
+    earlier.hidden = page.length < SCREENFULS;
+  };
+  earlier.addEventListener("click", showEarlier);
+  output.addEventListener("scroll", () => { if (output.scrollTop < 40) showEarlier(); });
+  const last = newest.length ? newest[newest.length - 1].stream_seq : 0;
+  follow(`/api/tasks/${encodeURIComponent(id)}/stream`, apply, connection(conn), last + 1);
+}
+
+// Events a task page opens with: enough for several screens of output, a small read however long the task.
+const SCREENFULS = 400;
+// What only the output shows: older ones are read when the viewer scrolls back to them.
+const TRANSCRIPT_ONLY = ["AgentOutput", "ToolCallStarted", "ToolCallUpdated", "PermissionRequested", "PermissionAnswered"];
+
+/** The output of `events` (a page from before what is shown), drawn off-screen in one fragment:
+ *  lines, tool calls, permission requests and the later turns' prompts. */
+function earlierOutput(events, turnPrompt, answers) {
+  const fragment = document.createDocumentFragment();
+  const talk = conversation(fragment, h("section"), h("span"), h, answers);
+  for (const event of events) {
+    const data = event.data || {};
+    if (event.type === "AgentOutput") talk.output(data);
+    else if (TRANSCRIPT_ONLY.includes(event.type)) talk.event(event);
+    else if (event.type === "TurnRequested" && data.turn > 1) fragment.append(turnPrompt(data.turn));
+  }
+  return fragment;
 }
 
 // ---- routing ------------------------------------------------------------------------------------
