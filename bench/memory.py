@@ -1,13 +1,15 @@
 """Memory per running task, and the most tasks one 24 GB machine runs at once (issue 17).
 
-`tasks` tasks whose prompt keeps running (the shell agent runs `sleep`; a Claude task is read
-once its prompt is delivered), submitted at once. Once every one has `PromptDelivered`, PSS
-(`/proc/<pid>/smaps_rollup`) of each task's vm_agent (`<data_dir>/vm_agents/<task>/pid`) and of
-every process under it (the agent: for the shell agent bwrap, its python and bash; for Claude the
-Node adapter and the CLI it runs); of the warm pool's idle members (`vm_agents/pool*/`); and of
-the fixed cost: `baton up`, its services (`run/*.pid`) with their own children (the vm_agent
-zygote), and nats-server. PSS splits each shared page among the processes sharing it, so the
-sum over every process is what the machine holds; USS (private pages) is what one more task adds.
+`tasks` tasks whose prompt keeps running (the shell agent runs `sleep`; a Claude task runs its
+turn against the fake model server), submitted at once. Once every one has `PromptDelivered`:
+PSS (`/proc/<pid>/smaps_rollup`; each task at the largest of 6 readings 0.5 s apart, as a real
+agent's tree grows and shrinks with the tools it runs) of each task's vm_agent
+(`<data_dir>/vm_agents/<task>/pid`) and of every process under it (the agent: for the shell
+agent bwrap and its python, which runs the prompt; for Claude the Node adapter and the CLI it
+runs); of the warm pool's idle members (`vm_agents/pool*/`); and of the fixed cost: `baton up`,
+its services (`run/*.pid`) with their own children (the vm_agent zygote), and nats-server. PSS
+splits each shared page among the processes sharing it, so the sum over every process is what
+the machine holds; USS (private pages) is what one more task adds.
 
     max_tasks_24gb = floor((24 GiB × (1 − HEADROOM) − fixed − idle pool) / per-task total PSS p90)
 
@@ -51,6 +53,7 @@ from tests.support.agents import install_agents
 MACHINE_GIB = 24
 HEADROOM = 0.10
 ENDED = ("TaskCancelled", *TERMINAL)
+READINGS, READING_EVERY_S = 6, 0.5
 HOLD_S = 900
 """The shell task's `sleep`: longer than any run; the tasks are cancelled once read."""
 
@@ -157,6 +160,20 @@ def read_memory(stack: Stack, task_ids: list[str]) -> dict[str, Any]:
     return {"tasks": tasks, "pool_member_mb": pool_mb, "fixed_mb": fixed}
 
 
+async def peak_reading(stack: Stack, task_ids: list[str]) -> dict[str, Any]:
+    """READINGS readings READING_EVERY_S apart; each task's as it was at its largest (a real
+    agent's tree changes size as its turn runs tools), the pool and the fixed cost as last read."""
+    reading = read_memory(stack, task_ids)
+    largest = dict(reading["tasks"])
+    for _ in range(READINGS - 1):
+        await asyncio.sleep(READING_EVERY_S)
+        reading = read_memory(stack, task_ids)
+        for task_id, task in reading["tasks"].items():
+            if task["total_mb"] > largest.get(task_id, {"total_mb": 0})["total_mb"]:
+                largest[task_id] = task
+    return {**reading, "tasks": largest}
+
+
 def _spread(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     return {"p50": round(statistics.median(ordered), 1), "p90": round(pipeline._percentile(ordered, 90), 1),
@@ -192,7 +209,7 @@ async def memory_per_task(stack: Stack, tasks: int, *, timeout_s: float, agent: 
         delivered = [t for t, s in zip(task_ids, seen, strict=True) if s and "PromptDelivered" in s.events]
         delivered_s = time.monotonic() - started
         log(f"memory: {len(delivered)}/{tasks} {agent} tasks delivered their prompt in {delivered_s:.1f} s")
-        reading = read_memory(stack, delivered)
+        reading = await peak_reading(stack, delivered)
         available_drop = available_before - mem_available_mb()
         for task_id in task_ids:
             await client.post(f"{stack.api}/api/tasks/{task_id}/cancel")
