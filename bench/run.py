@@ -25,6 +25,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench import partitions, pipeline, projection, raw_nats, replicas
+from bench.cpu_ledger import CpuLedger
 from bench.stack import RssSampler, Stack, log, wait_until_consumers_idle, wait_until_pool_warm
 
 SIZES = {
@@ -179,9 +180,8 @@ class Bench:
                 timeout_s=self.budget(120 if self.quick else 300)))
         if self.wants("concurrent"):
             await self.settle(stack)
-            await self.step("concurrent", lambda: self._profiled("concurrent", stack, lambda: (
-                pipeline.concurrent_tasks(stack, self.size["concurrent_tasks"], sampler,
-                                          timeout_s=self.budget(100 if self.quick else 420))), services=everything))
+            await self.step("concurrent", lambda: self._profiled("concurrent", stack, lambda: self._concurrent(
+                stack, sampler), services=everything))
 
     async def run_replicas(self, root: Path) -> None:
         """The concurrent run again on `baton up --replicas N`, on a stack of its own."""
@@ -190,6 +190,14 @@ class Bench:
             await self.step("concurrent_replicas", lambda: replicas.concurrent_on_replicas(
                 root / "replicas", replicas=self.size["replicas"], tasks=self.size["concurrent_tasks"],
                 settle=self.settle, timeout_s=lambda: self.budget(120 if self.quick else 420)))
+
+    async def _concurrent(self, stack: Stack, sampler: RssSampler) -> dict[str, Any]:
+        """Many tasks at once, with where the CPU went (bench/cpu_ledger.py)."""
+        assert stack.nats is not None and stack.nats.process is not None
+        with CpuLedger(stack.data_dir, nats_pid=stack.nats.process.pid) as ledger:
+            result = await pipeline.concurrent_tasks(stack, self.size["concurrent_tasks"], sampler,
+                                                     timeout_s=self.budget(100 if self.quick else 420))
+        return {**result, "cpu_s_by_kind": ledger.by_kind(), "machine_busy_s": ledger.machine_busy_s}
 
     async def _output(self, stack: Stack, lines: int) -> dict[str, Any]:
         timeout_s = 900 if self.profile_dir else self.budget(120 if self.quick else 600)
@@ -298,6 +306,11 @@ class Bench:
             "concurrent_outcomes": con and con["outcomes"],
             "concurrent_submit_s": con and con["submit_s"],
             "concurrent_feed_drops": con and con["feed_drops"],
+            # Where the CPU went, per task, by kind of process (bench/cpu_ledger.py); and the whole
+            # machine's busy CPU per task over the same time (other work on the machine included).
+            "concurrent_cpu_ms_per_task": con and {
+                kind: round(1000 * s / con["tasks"]) for kind, s in con["cpu_s_by_kind"].items()},
+            "concurrent_machine_cpu_ms_per_task": con and 1000 * con["machine_busy_s"] / con["tasks"],
             **replica_figures(d.get("partition_move"), d.get("concurrent_replicas")),
             "gateway_restarts": sampler.gateway_restarts if sampler else None,
             "gateway_peak_rss_mb": con and con["gateway_peak_rss_mb"],
