@@ -142,7 +142,9 @@ def read_memory(stack: Stack, task_ids: list[str]) -> dict[str, Any]:
             agent_mb, agent_uss = _mb(agent)
             tasks[task_id] = {"vm_agent_mb": vm_mb, "agent_tree_mb": agent_mb, "total_mb": vm_mb + agent_mb,
                               "total_uss_mb": vm_uss + agent_uss, "processes": [_name(p) for p in (pid, *agent)],
-                              "cpu_s": _cpu_s([pid, *agent])}
+                              "cpu_s": _cpu_s([pid, *agent]),
+                              "cpu_s_by_process": {f"{i}:{_name(p)}": round(_cpu_s([p]), 2)
+                                                   for i, p in enumerate((pid, *agent))}}
     pool = [pid for f in vm_agents.glob("pool*/*/pid") if (pid := _pid_in(f)) in parents]
     pool_mb = [_mb(_tree(pid, children))[0] for pid in pool]
     # Every vm_agent (ours, the pool's, any other still lingering) is a task's cost, not a fixed one.
@@ -230,6 +232,7 @@ async def memory_per_task(stack: Stack, tasks: int, *, timeout_s: float, agent: 
         "cpu_s_per_task": _spread([t["cpu_s"] for t in per_task]),
         "processes_per_task": statistics.median(len(t["processes"]) for t in per_task),
         "a_task_s_processes": per_task[0]["processes"],
+        "a_task_s_cpu_s_by_process": per_task[0]["cpu_s_by_process"],
         "pool_members": len(reading["pool_member_mb"]),
         "pool_member_mb": _spread(reading["pool_member_mb"]) if reading["pool_member_mb"] else None,
         "pool_mb": round(pool_mb, 1),
