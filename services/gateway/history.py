@@ -53,16 +53,19 @@ async def start_of_last(js: JetStreamContext, subjects: str | list[str], count: 
         return 1
     lo, hi, step = 1, end, count  # pending(lo) - beyond ≥ count > pending(hi) - beyond
     while end - step > lo:  # the newest events are usually close together: look near the end first
-        if await _pending_from(js, subjects, end - step) - beyond >= count:
+        found = await _pending_from(js, subjects, end - step) - beyond
+        if found == count:
+            return end - step  # exactly: a read from here starts at the first of them
+        if found > count:
             lo = end - step
             break
         hi, step = end - step, step * 4
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if await _pending_from(js, subjects, mid) - beyond >= count:
-            lo = mid
-        else:
-            hi = mid
+        found = await _pending_from(js, subjects, mid) - beyond
+        if found == count:
+            return mid
+        lo, hi = (mid, hi) if found > count else (lo, mid)
     return lo
 
 

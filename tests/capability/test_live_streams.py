@@ -219,3 +219,7 @@ def test_a_late_viewer_reads_a_tasks_newest_events_first_then_pages_back(stack, 
                                  and e["stream_seq"] < newest[0]["stream_seq"]])
     # Asking for more than there is gives all of it.
     assert key(read(last=10_000)) == key(events)
+
+    # The task's stream can start at its 10th newest event, as the task page opens.
+    path = f"/api/tasks/{task_ids[0]}/stream?last=10&batch=1"
+    assert key(asyncio.run(collect_batched_until_end(api, path))) == key(newest)

@@ -12,6 +12,7 @@ from events import task_subjects
 from events.envelope import STREAM_SUBJECTS, task_id_problem
 from services.gateway.context import Gateway
 from services.gateway.errors import close_with_reason
+from services.gateway.history import start_of_last
 from services.gateway.limits import MAX_STREAM_SEQ
 from services.runtime.streams import RawEvent, stream_raw
 
@@ -22,17 +23,27 @@ router = APIRouter(prefix="/api", tags=["streams"])
 
 # A batched message stays under this size (one event bigger than it goes alone).
 BATCH_MESSAGE_BYTES = 256 * 1024
+MAX_LAST = 10_000
 
 
 @router.websocket("/tasks/{task_id}/stream")
-async def task_stream(websocket: WebSocket, task_id: str, from_seq: int = 1, batch: bool = False) -> None:
+async def task_stream(
+    websocket: WebSocket, task_id: str, from_seq: int = 1, batch: bool = False, last: int | None = None
+) -> None:
     """Every event of the task with stream_seq ≥ from_seq, then the live ones; resume with last + 1.
 
     With `batch=1` each message is a JSON array of one or more events (in order) instead of one event.
+    With `last=N` it starts at the task's N-th newest event (a late viewer's screenful first).
     """
     if (problem := task_id_problem(task_id)) is not None:
         await close_with_reason(websocket, 1008, problem)
         return
+    if last is not None:
+        if not 1 <= last <= MAX_LAST:
+            await close_with_reason(websocket, 1008, f"last must be 1 to {MAX_LAST} (events from the newest)")
+            return
+        gateway: Gateway = websocket.app.state.gateway
+        from_seq = max(from_seq, await start_of_last(gateway.bus.js, task_subjects(task_id), last))
     await _serve(websocket, task_subjects(task_id), from_seq, exclude=frozenset(), batched=batch)
 
 

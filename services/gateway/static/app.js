@@ -99,14 +99,16 @@ async function api(path, options) {
   return response;
 }
 
-/** Follow a WebSocket event stream from stream_seq `from` (1: the start); on a drop, resume from
- *  last + 1. Events are deduplicated by stream_seq, so a replayed event is never applied twice. */
-function follow(path, onEvent, onStatus = () => {}, from = 1) {
-  let last = from - 1, delay = 500;
+/** Follow a WebSocket event stream from stream_seq 1 (with `newest`: from the task's `newest`-th
+ *  newest event); on a drop, resume from last + 1. Events are deduplicated by stream_seq, so a
+ *  replayed event is never applied twice. */
+function follow(path, onEvent, onStatus = () => {}, newest = null) {
+  let last = 0, delay = 500;
   const open = () => {
     const url = new URL(path, location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-    url.searchParams.set("from_seq", String(last + 1));
+    if (newest && !last) url.searchParams.set("last", String(newest));
+    else url.searchParams.set("from_seq", String(last + 1));
     url.searchParams.set("batch", "1");  // each message: an array of events, in stream order
     const ws = new WebSocket(url);
     ws.onopen = () => { delay = 500; onStatus("live"); };
@@ -604,23 +606,29 @@ async function taskPage(app, id) {
     }
     if (event.type !== "AgentOutput") showHeader();
   };
-  // A late viewer sees the newest screenful first: the task's last events (the gateway finds
-  // where they start), with everything but the output before them for the flow and the header;
-  // the live stream goes on from the last of them, and earlier output comes on demand.
+  // A late viewer sees the newest screenful first: the stream starts at the task's last events
+  // (the gateway finds where they start); everything but the output before them is read for the
+  // flow and the header before they are shown, and earlier output comes on demand.
   const history = (query) => api(`/api/tasks/${encodeURIComponent(id)}/events?${query}`)
     .then((r) => (r.ok ? r.json() : { events: [] })).then((body) => body.events);
-  let newest, before = [];
-  try {
-    newest = await history(`last=${SCREENFULS}`);
-    if (newest.length) before = await history(`before_seq=${newest[0].stream_seq}&exclude=${TRANSCRIPT_ONLY.join(",")}`);
-  } catch (error) {
-    if (error instanceof LoginNeeded) return;
-    throw error;
-  }
-  before.forEach((event) => apply(event, false));
-  newest.forEach((event) => apply(event));
-  let oldest = newest.length ? newest[0].stream_seq : null;
-  earlier.hidden = newest.length < SCREENFULS;
+  let oldest = null, waiting = null;  // the first event streamed; what arrived while the rest was read
+  const take = (event) => {
+    if (oldest === null) {
+      oldest = event.stream_seq;
+      if (event.type !== "TaskSubmitted") {  // not the task's first event: there is more before it
+        earlier.hidden = false;
+        waiting = [];
+        history(`before_seq=${oldest}&exclude=${TRANSCRIPT_ONLY.join(",")}`).catch(() => []).then((before) => {
+          before.forEach((e) => apply(e, false));
+          const arrived = waiting;
+          waiting = null;
+          arrived.forEach((e) => apply(e));
+        });
+      }
+    }
+    if (waiting) waiting.push(event);
+    else apply(event);
+  };
   const showEarlier = async () => {
     if (earlier.disabled || earlier.hidden) return;
     earlier.disabled = true;
@@ -637,8 +645,7 @@ async function taskPage(app, id) {
   };
   earlier.addEventListener("click", showEarlier);
   output.addEventListener("scroll", () => { if (output.scrollTop < 40) showEarlier(); });
-  const last = newest.length ? newest[newest.length - 1].stream_seq : 0;
-  follow(`/api/tasks/${encodeURIComponent(id)}/stream`, apply, connection(conn), last + 1);
+  follow(`/api/tasks/${encodeURIComponent(id)}/stream`, take, connection(conn), SCREENFULS);
 }
 
 // Events a task page opens with: enough for several screens of output, a small read however long the task.
