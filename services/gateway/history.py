@@ -23,6 +23,8 @@ async def read_task_events(
     Left-out types are filtered by JetStream, so a task's few handoffs come back at once however
     much output lies between them; `last` starts the read where the newest `last` begin."""
     subjects = _subjects(task_id, exclude)
+    if not subjects:
+        return []  # every type left out (an empty filter would be no filter at all)
     if last is not None:
         from_seq = max(from_seq, await start_of_last(js, subjects, last, before_seq=before_seq))
     events: list[dict[str, Any]] = []
