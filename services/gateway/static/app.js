@@ -557,6 +557,12 @@ async function taskPage(app, id) {
 
   // `transcript` false: an event from before the newest screenful, for the flow, the header,
   // the plan and the usage only; its place in the output is drawn if the viewer scrolls back to it.
+  let pieces = 0;
+  // The lines shown (the newest of them until earlier output is loaded).
+  const countLines = (text) => {
+    lines += (text.match(/\n/g) || []).length;
+    outputCount.textContent = `${lines} line${lines === 1 ? "" : "s"}${earlier.hidden ? "" : " shown"}`;
+  };
   const apply = (event, transcript = true) => {
     const data = event.data || {};
     notifyOf(event, id, openedAt);
@@ -578,8 +584,7 @@ async function taskPage(app, id) {
       if (seenOutput.has(`${attempt}:${data.seq}`)) return;
       seenOutput.add(`${attempt}:${data.seq}`);
       keepAtBottom(() => talk.output(data));
-      lines += (data.text.match(/\n/g) || []).length;
-      outputCount.textContent = `${lines} line${lines === 1 ? "" : "s"}`;
+      countLines(data.text);
     }
     const row = turn > 1 ? null : rows[event.type];
     if (row && !row.classList.contains("reached")) {
@@ -592,7 +597,10 @@ async function taskPage(app, id) {
       if (event.type !== "AgentOutput" || !outputRowOf.has(turn)) extraRow(event);
       if (event.type === "AgentOutput") outputRowOf.add(turn);
     }
-    if (event.type === "AgentOutput" && turn === 1) $(".info", rows.AgentOutput).textContent = `${seenOutput.size} piece${seenOutput.size === 1 ? "" : "s"}`;
+    if (event.type === "AgentOutput" && turn === 1) {
+      pieces = Math.max(pieces + 1, data.seq || 0);  // seq counts from 1: what came before the newest screenful too
+      $(".info", rows.AgentOutput).textContent = `${pieces} piece${pieces === 1 ? "" : "s"}`;
+    }
     if (TERMINAL.has(event.type)) {
       conn.hidden = true;
       output.dataset.ended = "true";
@@ -642,6 +650,7 @@ async function taskPage(app, id) {
       output.scrollTop += output.scrollHeight - height;  // what was on screen stays put
     }
     earlier.hidden = page.length < SCREENFULS;
+    countLines(page.filter((e) => e.type === "AgentOutput").map((e) => e.data.text).join(""));
   };
   earlier.addEventListener("click", showEarlier);
   output.addEventListener("scroll", () => { if (output.scrollTop < 40) showEarlier(); });
