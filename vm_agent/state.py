@@ -102,10 +102,11 @@ class VmAgent:
         end_unfinished_session(
             store, task_id, reason="the vm_agent restarted while the agent was running; the run was lost"
         )
-        # No lease: only this process records in its store while it runs (no replicas).
+        # No lease: only this process records in its store while it runs (no replicas), and each
+        # record wakes the relay; its poll is a rare safety net (a lingering vm_agent stays idle).
         relay = asyncio.get_running_loop().create_task(Relay(
             store, self.publisher, dead_letter_subject=vm_agent_dead_letter_subject(task_id),
-            on_dead_letter=self._end_session_for_lost_event, lease=None).run())
+            on_dead_letter=self._end_session_for_lost_event, lease=None).run(poll_interval_s=10.0))
         existing = store.get_task_aggregate(Session, task_id)
         self.assigned = Assigned(task_id, workspace, credential_expires_at, store, relay, existing)
         # The provisioner copies the clone's git dir there once the clone is done.

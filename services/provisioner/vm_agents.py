@@ -367,9 +367,12 @@ class VmAgentPool:
 
     def _wanted(self) -> Counter[str]:
         """How many to keep ready, by kind: the mix, raised to the last bursts' takes (at most
-        `warm_pool_max` in all; the mix's kinds first, then the kinds that burst the most)."""
+        `warm_pool_max` in all; the mix's kinds first, then the kinds that burst the most) while
+        members start."""
         now = time.monotonic()
         wanted = Counter(self._mix)
+        if self._failure is not None:
+            return wanted  # Members fail to start: the pool does not grow (a take says why).
         peaks = {kind: self._bursts.peak(kind, now) for kind in (*self._mix, *self._bursts.kinds())}
         room = self._max_size - self._size
         for kind, peak in sorted(peaks.items(), key=lambda item: -item[1]):

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     `<data dir>/agents`. Agents read it (read-only) in their sandbox."""
     warm_pool: int = Field(default=3, ge=0, le=64)
     """Local vm_agents kept started ahead of time (each with a shell agent warm); 0 turns it off."""
+    task_nice: int = Field(default=5, ge=0, le=19)
+    """How much lower the CPU priority (nice) of a task's vm_agent, agent and everything they run
+    is than Baton's services': a burst of new tasks is cloned and started while running tasks wait
+    for the CPU, not the other way round. 0: the same priority."""
     warm_pool_max: int = Field(default=16, ge=0, le=256)
     """The most members the warm pool grows to after a burst of tasks (it keeps, by kind, as many
     ready as were taken in the busiest few seconds of the last ten minutes; never fewer than its
