@@ -58,6 +58,16 @@ the output box, and the state badge reads `badge` if given. Polled on every anim
 is when it is painted."""
 
 
+RESPONSES = """() => {
+  const end = (pattern) => performance.getEntriesByType("resource").find((r) => pattern.test(r.name))?.responseEnd ?? null;
+  return { app_js_ms: end(/\\/static\\/app\\.js/), task_ms: end(/\\/api\\/tasks\\/[^/?]+$/),
+           handoffs_ms: end(/\\/events\\?before_seq=/) };
+}"""
+"""Where the time went: when (ms since navigation start) app.js, the task's GET and the GET of the handoffs
+before the newest screenful had arrived (null: not asked for). The newest screenful itself comes over
+the task's WebSocket, which the Resource Timing API does not time."""
+
+
 async def first_paint(stack: Stack, events: int, *, timeout_s: float, rounds: int = 3) -> dict[str, Any]:
     """The late viewer's figures for a finished and a running task of `events` events (ms, medians)."""
     from playwright.async_api import async_playwright
@@ -105,6 +115,7 @@ async def _open(context: Any, stack: Stack, task_id: str, last_seq: int, badge: 
             figures["tail_ms"] = await _when_drawn(page, last_seq, badge, timeout_s=timeout_s)
         figures["fcp_ms"] = await page.evaluate(
             "performance.getEntriesByName('first-contentful-paint')[0]?.startTime ?? null")
+        figures.update(await page.evaluate(RESPONSES))
         if live_seq is not None and figures["tail_ms"] is not None:
             published = time.perf_counter()
             await publish_replay_task(stack, 1, task_id=task_id, first_seq=live_seq, finished=False)
