@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench import partitions, pipeline, projection, raw_nats, replicas
+from bench import first_paint, memory, partitions, pipeline, projection, raw_nats, replicas
 from bench.cpu_ledger import CpuLedger
 from bench.stack import RssSampler, Stack, log, wait_until_consumers_idle, wait_until_pool_warm
 
@@ -38,7 +38,11 @@ SIZES = {
     "submit_concurrency":    (5,      5),
     "submit_wide_tasks":     (40,     100),     # then `submit_wide_concurrency` at a time (issue 17)
     "submit_wide_concurrency": (20,   20),
-    "concurrent_tasks":      (40,     200),
+    "concurrent_tasks":      (200,    200),     # issue 17: "200 tasks at once" in the quick run too
+    "replicas_tasks":        (40,     200),     # the concurrent run again on `baton up --replicas 2`
+    "memory_tasks":          (8,      8),       # running at once, read for their memory (≤ the stack's limit)
+    "first_paint_events":    (100_000, 100_000),  # the late viewer's task (the goal is defined at 100k)
+    "first_paint_rounds":    (1,      3),
     "projection_events":     (20_000, 100_000),
     "tail_sleep_s":          (5,      5),       # 0 shows the shell agent's lost output tail
     "move_killed_rounds":    (3,      4),       # partition moves, all at once (8 rounds at most)
@@ -47,14 +51,15 @@ SIZES = {
     "replicas":              (2,      2),       # `baton up --replicas N` for concurrent_tasks again
 }
 
-RUN_BUDGET_S = (300, 1080)
+RUN_BUDGET_S = (420, 1200)
 """Quick and full: benchmarks stop by then; stopping the stack (up to ~30 s) and printing follow.
 (140 and 840 s before the second stack, `baton up --replicas 2`, was measured too.)"""
 
 REPLICAS_SHARE_S = (130, 330)
 """Of RUN_BUDGET_S, what the replicas' stack gets (its start, a warm pool, the concurrent run, its stop)."""
 
-BENCHMARKS = ("projection", "partitions", "output", "replay", "submit", "concurrent", "replicas")
+BENCHMARKS = ("projection", "partitions", "output", "replay", "submit", "memory", "first_paint", "concurrent",
+              "replicas")
 
 GOALS = {
     "output_ratio": (">=", 0.5),
@@ -69,6 +74,10 @@ GOALS = {
     "projection_rebuild_eps": (">=", 20_000),
     "gateway_peak_rss_mb": ("<", 300),
     "partition_move_s": ("<=", 10),  # issue 16: "a dead replica's partitions move to a live one within seconds"
+    # Issue 17: 200 tasks at once, and a late viewer's first screen of a 100,000-event task.
+    "concurrent_tasks_s": ("<=", 60),
+    "late_viewer_first_line_ms": ("<=", 1000),
+    "late_viewer_tail_ms": ("<=", 1000),
 }
 
 
@@ -178,6 +187,17 @@ class Bench:
             await self.step("submit_wide", lambda: pipeline.submit_to_prompt(
                 stack, self.size["submit_wide_tasks"], concurrency=self.size["submit_wide_concurrency"],
                 timeout_s=self.budget(120 if self.quick else 300)))
+        if self.wants("memory"):
+            await self.settle(stack)
+            sampler.phase = "memory"
+            await self.step("memory", lambda: memory.memory_per_task(
+                stack, self.size["memory_tasks"], timeout_s=self.budget(60 if self.quick else 120)))
+        if self.wants("first_paint"):
+            await self.settle(stack)
+            sampler.phase = "first_paint"
+            await self.step("first_paint", lambda: first_paint.first_paint(
+                stack, self.size["first_paint_events"], rounds=self.size["first_paint_rounds"],
+                timeout_s=self.budget(90 if self.quick else 180)))
         if self.wants("concurrent"):
             await self.settle(stack)
             await self.step("concurrent", lambda: self._profiled("concurrent", stack, lambda: self._concurrent(
@@ -188,7 +208,7 @@ class Bench:
         self.deadline, self.reserved_s = self.deadline + self.reserved_s, 0
         if self.wants("replicas"):
             await self.step("concurrent_replicas", lambda: replicas.concurrent_on_replicas(
-                root / "replicas", replicas=self.size["replicas"], tasks=self.size["concurrent_tasks"],
+                root / "replicas", replicas=self.size["replicas"], tasks=self.size["replicas_tasks"],
                 settle=self.settle, timeout_s=lambda: self.budget(120 if self.quick else 420)))
 
     async def _concurrent(self, stack: Stack, sampler: RssSampler) -> dict[str, Any]:
@@ -312,6 +332,8 @@ class Bench:
                 kind: round(1000 * s / con["tasks"]) for kind, s in con["cpu_s_by_kind"].items()},
             "concurrent_machine_cpu_ms_per_task": con and 1000 * con["machine_busy_s"] / con["tasks"],
             **replica_figures(d.get("partition_move"), d.get("concurrent_replicas")),
+            **late_viewer_figures(d.get("first_paint")),
+            **memory_figures(d.get("memory")),
             "gateway_restarts": sampler.gateway_restarts if sampler else None,
             "gateway_peak_rss_mb": con and con["gateway_peak_rss_mb"],
             "gateway_peak_rss_mb_any_phase": sampler.overall_peak if sampler else None,
@@ -340,6 +362,40 @@ def replica_figures(move: dict[str, Any] | None, rep: dict[str, Any] | None) -> 
         "concurrent_replicas_prompt_p50_s": rep and rep["prompt_p50_s"],
         "concurrent_replicas_gateway_peak_rss_mb": rep and rep["gateway_peak_rss_mb"],
         "concurrent_replicas_stack_start_s": rep and rep["stack_start_s"],
+    }
+
+
+def late_viewer_figures(paint: dict[str, Any] | None) -> dict[str, Any]:
+    """Issue 17: a late viewer of a task of 100,000 events in Chromium (bench/first_paint.py), ms."""
+    finished, running = (paint or {}).get("finished") or {}, (paint or {}).get("running") or {}
+    return {
+        "late_viewer_events": paint and paint["events"],
+        "late_viewer_first_line_ms": finished.get("first_line_ms"),
+        "late_viewer_tail_ms": finished.get("tail_ms"),
+        "late_viewer_running_first_line_ms": running.get("first_line_ms"),
+        "late_viewer_running_tail_ms": running.get("tail_ms"),
+        "late_viewer_live_line_ms": running.get("live_line_ms"),
+        "late_viewer_fcp_ms": finished.get("fcp_ms"),
+    }
+
+
+def memory_figures(mem: dict[str, Any] | None) -> dict[str, Any]:
+    """Issue 17: what a running shell task holds (PSS of its vm_agent and all under it, MB), what
+    Baton holds besides, and how many such tasks one 24 GB machine holds (bench/memory.py)."""
+    if not mem:
+        return {"memory_per_task_mb": None}
+    return {
+        "memory_tasks": mem["delivered"],
+        "memory_per_task_mb": mem["per_task_mb"]["total"]["p50"],
+        "memory_per_task_p90_mb": mem["per_task_mb"]["total"]["p90"],
+        "memory_per_task_uss_mb": mem["per_task_mb"]["total_uss"]["p50"],
+        "memory_vm_agent_mb": mem["per_task_mb"]["vm_agent"]["p50"],
+        "memory_agent_tree_mb": mem["per_task_mb"]["agent_tree"]["p50"],
+        "memory_fixed_mb": mem["fixed_mb"],
+        "memory_idle_pool_mb": mem["pool_mb"],
+        "memory_pool_members": mem["pool_members"],
+        "max_tasks_24gb": mem["max_tasks_24gb"],
+        "max_tasks_formula": mem["formula"],
     }
 
 
@@ -432,11 +488,26 @@ def print_table(result: dict[str, Any], bench: Bench) -> None:
                       f"{fmt(proj['audit_eps'])}/s ({fmt(proj['events'])} events), {proj['mode']}"
                       + (f"; one event per transaction: {fmt(proj['per_event']['combined_eps'])}/s"
                          if proj.get("per_event") else ""))
+    if d.get("first_paint"):
+        for key in ("late_viewer_first_line_ms", "late_viewer_tail_ms"):
+            table.add_row(key, fmt(result[key], " ms"), goal(key), verdict(key),
+                          f"{fmt(result['late_viewer_events'])} events, Chromium, from navigation start; a running "
+                          f"task: first line {fmt(result['late_viewer_running_first_line_ms'])} ms, tail "
+                          f"{fmt(result['late_viewer_running_tail_ms'])} ms, a new live line "
+                          f"{fmt(result['late_viewer_live_line_ms'])} ms")
+    if d.get("memory"):
+        table.add_row("memory_per_task_mb", fmt(result["memory_per_task_mb"], " MB"), "—", "",
+                      f"PSS of a running shell task's vm_agent and all under it, p50 of {result['memory_tasks']} "
+                      f"(USS {fmt(result['memory_per_task_uss_mb'])} MB); fixed {fmt(result['memory_fixed_mb'])} MB, "
+                      f"idle pool {fmt(result['memory_idle_pool_mb'])} MB ({result['memory_pool_members']} members); "
+                      f"max tasks on 24 GB: {result['max_tasks_24gb']} = {result['max_tasks_formula']}")
     con = d.get("concurrent")
     if con:
-        table.add_row("concurrent_tasks_s", fmt(result["concurrent_tasks_s"], " s"), "—",
-                      "" if result["concurrent_all_completed"] else "[red]not all completed[/]",
+        table.add_row("concurrent_tasks_s", fmt(result["concurrent_tasks_s"], " s"), goal("concurrent_tasks_s"),
+                      verdict("concurrent_tasks_s") if result["concurrent_all_completed"]
+                      else "[red]not all completed[/]",
                       f"{con['tasks']} at once (the POSTs took {fmt(con['submit_s'])} s); outcomes {con['outcomes']}"
+                      f"; CPU per task (ms) {result['concurrent_cpu_ms_per_task']}"
                       + (f"; failures {con['failure_reasons']}" if con["failure_reasons"] else "")
                       + (f"; last end after {fmt(con['last_end_s'])} s" if con["seconds"] is None else "")
                       + (f"; ABORTED: {con['aborted']}" if con["aborted"] else "")
