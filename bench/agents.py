@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 from bench import pipeline
 from bench.stack import Stack, wait_until_pool_warm
@@ -69,41 +68,12 @@ def fake_models(key: str) -> Iterator[dict[str, str]]:
         }
 
 
-@contextlib.contextmanager
-def submitting_as(kind: str) -> Iterator[None]:
-    """While open, `bench.pipeline` posts its tasks for `kind` rather than the shell agent.
-
-    `pipeline._submit` names the shell agent; it is swapped (as bench/run.py swaps it to profile)
-    so that `pipeline.submit_to_prompt` measures a real agent by the very same definition.
-    """
-    if kind == "shell":
-        yield
-        return
-    shell_submit = pipeline._submit
-
-    async def submit(client: httpx.AsyncClient, stack: Stack, prompt: str) -> tuple[str, float]:
-        assert stack.origin is not None
-        sent_at = time.time()
-        response = await client.post(f"{stack.api}/api/tasks",
-                                     json={"repo": stack.origin.as_uri(), "prompt": prompt, "agent": kind})
-        if response.status_code != 201:
-            raise RuntimeError(f"POST /api/tasks: {response.status_code} {response.text[:300]}")
-        return response.json()["task_id"], sent_at
-
-    pipeline._submit = submit
-    try:
-        yield
-    finally:
-        pipeline._submit = shell_submit
-
-
 async def submit_to_prompt(stack: Stack, kind: str, tasks: int, concurrency: int) -> dict[str, Any]:
     """`pipeline.submit_to_prompt` for `kind`: one in flight runs each task to its end (the pool
     refills between them); more at a time waits only for each PromptDelivered."""
     await wait_until_pool_warm(stack, timeout_s=120)
-    with submitting_as(kind):
-        return await pipeline.submit_to_prompt(stack, tasks, concurrency=concurrency, until_end=concurrency == 1,
-                                               timeout_s=60 + 30 * tasks)
+    return await pipeline.submit_to_prompt(stack, tasks, concurrency=concurrency, until_end=concurrency == 1,
+                                           timeout_s=60 + 30 * tasks, agent=kind)
 
 
 async def adapter_start_alone(kind: str, agents_dir: Path, settings: dict[str, str], runs: int) -> list[float]:

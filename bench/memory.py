@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 
 from bench import pipeline
-from bench.agents import fake_models, stack_with, submitting_as
+from bench.agents import fake_models, stack_with
 from bench.stack import TERMINAL, BoardFeed, Stack, log, mem_available_mb, stream_last_seq, wait_until_pool_warm
 from services.runtime.settings import default_max_running_tasks
 from tests.support.agents import install_agents
@@ -202,9 +202,8 @@ async def memory_per_task(stack: Stack, tasks: int, *, timeout_s: float, agent: 
             httpx.AsyncClient(timeout=60, limits=limits, headers=stack.auth) as client:
         available_before = mem_available_mb()
         started = time.monotonic()
-        with submitting_as(agent):
-            submitted = await asyncio.gather(*(pipeline._submit(client, stack, f"sleep {HOLD_S}\n")
-                                               for _ in range(tasks)))
+        submitted = await asyncio.gather(*(pipeline._submit(client, stack, f"sleep {HOLD_S}\n", agent=agent)
+                                           for _ in range(tasks)))
         task_ids = [task_id for task_id, _ in submitted]
         seen = await asyncio.gather(*(feed.wait_for(t, ("PromptDelivered", *TERMINAL), timeout_s=timeout_s)
                                       for t in task_ids))

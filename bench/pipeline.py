@@ -45,12 +45,12 @@ def _when(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["occurred_at"]).timestamp()
 
 
-async def _submit(client: httpx.AsyncClient, stack: Stack, prompt: str) -> tuple[str, float]:
+async def _submit(client: httpx.AsyncClient, stack: Stack, prompt: str, *, agent: str = "shell") -> tuple[str, float]:
     """POST /api/tasks; returns the task id and the wall-clock time the request was sent."""
     assert stack.origin is not None
     sent_at = time.time()
     response = await client.post(f"{stack.api}/api/tasks",
-                                 json={"repo": stack.origin.as_uri(), "prompt": prompt, "agent": "shell"})
+                                 json={"repo": stack.origin.as_uri(), "prompt": prompt, "agent": agent})
     if response.status_code != 201:
         raise RuntimeError(f"POST /api/tasks: {response.status_code} {response.text[:300]}")
     return response.json()["task_id"], sent_at
@@ -220,9 +220,9 @@ def _percentile(values: list[float], p: float) -> float:
 
 
 async def submit_to_prompt(stack: Stack, tasks: int, *, concurrency: int, timeout_s: float,
-                           until_end: bool = False) -> dict[str, Any]:
-    """`tasks` tasks, at most `concurrency` between POST and PromptDelivered at any time (with
-    `until_end`, between POST and the task's terminal event: that many tasks in flight)."""
+                           until_end: bool = False, agent: str = "shell") -> dict[str, Any]:
+    """`tasks` tasks for `agent`, at most `concurrency` between POST and PromptDelivered at any time
+    (with `until_end`, between POST and the task's terminal event: that many tasks in flight)."""
     assert stack.nats is not None
     from_seq = await stream_last_seq(stack.nats.url) + 1
     latencies: list[float] = []     # PromptDelivered.occurred_at - POST sent (wall clock)
@@ -239,7 +239,7 @@ async def submit_to_prompt(stack: Stack, tasks: int, *, concurrency: int, timeou
         async def worker() -> None:
             while not queue.empty() and time.monotonic() < deadline:
                 i = queue.get_nowait()
-                task_id, sent_at = await _submit(client, stack, f"echo {i} > bench.txt\n")
+                task_id, sent_at = await _submit(client, stack, f"echo {i} > bench.txt\n", agent=agent)
                 task_ids.append(task_id)
                 seen = await feed.wait_for(task_id, ("PromptDelivered", *TERMINAL),
                                            timeout_s=max(deadline - time.monotonic(), 0))

@@ -253,8 +253,8 @@ class Bench:
         # Attach to the task's vm_agent (and its agent) as soon as the provisioner starts it.
         original = pipeline._submit
 
-        async def submit_and_follow(client: Any, stack_: Stack, prompt: str) -> tuple[str, float]:
-            task_id, sent_at = await original(client, stack_, prompt)
+        async def submit_and_follow(client: Any, stack_: Stack, prompt: str, **kwargs: Any) -> tuple[str, float]:
+            task_id, sent_at = await original(client, stack_, prompt, **kwargs)
             profilers.follow_task(task_id)
             return task_id, sent_at
 
