@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import IntegrityError, Tracking
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
@@ -38,6 +39,11 @@ a handler that runs longer keeps its message alive with `in_progress` (KEEPALIVE
 KEEPALIVE_S = 2.0
 RETRY_DELAYS_S = (0.2, 1.0, 3.0)
 """In-place retries of a failing handler before its message is dead-lettered."""
+CONFLICT_RETRY_S = 60.0
+"""How long a handler that lost a race for an aggregate is retried (another replica saved a new
+version of it first: `IntegrityError`), each time after a random 20–300 ms: such a loss is
+resolved by reading the aggregate again, and many replicas racing for one (the task runner's
+queue, a burst of 200 tasks) can lose more than RETRY_DELAYS_S allows."""
 
 FETCH_BATCH = 500
 """Messages asked for per fetch: a backlog (a chatty agent's output) is read, handled in one
@@ -182,12 +188,19 @@ async def _process(
     except MissingUpcaster as error:
         await _give_up(bus, durable, message, store, tracking, str(error))
         return
-    for delay_s in (*(RETRY_DELAYS_S if retry_delays_s is None else retry_delays_s), None):
+    delays = iter((*(RETRY_DELAYS_S if retry_delays_s is None else retry_delays_s), None))
+    conflicts_until = asyncio.get_running_loop().time() + CONFLICT_RETRY_S
+    while True:
         try:
             await _handle_keeping_alive(message, handle, envelope, tracking, pulse)
             break
         except Exception as error:
-            log.exception("consumer %s failed on %s", durable, envelope.event_id)
+            if isinstance(error, IntegrityError) and asyncio.get_running_loop().time() < conflicts_until:
+                log.info("consumer %s lost a race for an aggregate on %s; retrying", durable, envelope.event_id)
+                delay_s: float | None = random.uniform(0.02, 0.3)
+            else:
+                log.exception("consumer %s failed on %s", durable, envelope.event_id)
+                delay_s = next(delays)
             if delay_s is None:
                 await _give_up(bus, durable, message, store, tracking, repr(error))
                 return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import IntegrityError, Tracking
 
 from events import Envelope, TaskFailed, envelope_for
 from services.runtime.bus import DEAD_LETTER_PREFIX
@@ -110,6 +110,25 @@ async def test_a_handler_that_fails_once_is_retried_in_place_and_its_effect_happ
     assert handler.seen == [("five", 5)]
     assert msg.acks == ["in_progress", "ack"]
     assert store.is_processed(Tracking(DURABLE, 5))
+
+
+async def test_a_handler_that_loses_races_for_an_aggregate_is_retried_past_the_ordinary_retries():
+    """Replicas racing for one aggregate (the task runner's queue in a burst): another saved it
+    first, again and again; the handler reads it again and wins, nothing is dead-lettered."""
+    store, bus = popo_store(), FakeBus()
+
+    class LosesRaces(Recorder):
+        losses = 5
+
+        async def __call__(self, envelope, tracking: Tracking) -> None:
+            if self.losses:
+                self.losses -= 1
+                raise IntegrityError("UNIQUE constraint failed: stored_events.originator_id, originator_version")
+            await super().__call__(envelope, tracking)
+
+    handler = LosesRaces()
+    await _process(bus, DURABLE, message(7, "seven"), handler, store, retry_delays_s=(0, 0))
+    assert handler.seen == [("seven", 7)] and bus.js.published == []
 
 
 async def test_messages_stay_in_order_so_a_failure_never_lets_a_later_one_overtake_it():
