@@ -98,6 +98,7 @@ class Bench:
         self.details: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
         self.load_at_start = os.getloadavg()[0]
+        self.source = source_state()  # The code measured: as it was when the run started.
         # Everything must end in time (quick: 5.5 min, full: 19 min), stopping the stacks included.
         self.deadline = time.monotonic() + (RUN_BUDGET_S[0 if quick else 1] if profile_dir is None else 3600)
         # The replicas' stack runs last: its share is kept back, so a slow run shortens each part
@@ -275,7 +276,7 @@ class Bench:
         wide = d.get("submit_wide")
         result: dict[str, Any] = {
             "quick": self.quick,
-            "source": source_state(),
+            "source": self.source,
             "output_ratio": out["rate"] / raw["rate"] if out and raw else None,
             "output_rate_eps": out and out["rate"],
             "output_raw_rate_eps": raw and raw["rate"],
