@@ -32,3 +32,23 @@ def test_the_pool_wants_its_mix_raised_to_the_bursts_within_its_maximum(tmp_path
     assert pool.status()["warm_pool_size"] == 8 and pool.status()["warm_pool_min"] == 4
     now += BurstMemory.REMEMBER_S + 10
     assert pool._wanted() == {"shell": 3, "claude": 1}
+
+
+def test_once_the_burst_is_forgotten_the_pool_stops_its_extra_members(tmp_path: Path, monkeypatch):
+    import subprocess
+
+    from services.provisioner.vm_agents import VmAgentProcess, process_alive
+
+    pool = VmAgentPool(Settings(data_dir=tmp_path), mix={"shell": 1})
+    sleepers = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(3)]
+    try:
+        pool._ready = [VmAgentProcess(f"vm-{p.pid}", p.pid, tmp_path, "shell") for p in sleepers]
+        pool._trim()  # Nothing remembered: the mix (one) is all it keeps.
+        assert [m.pid for m in pool._ready] == [sleepers[0].pid]
+        for sleeper in sleepers[1:]:
+            sleeper.wait(10)
+        assert process_alive(sleepers[0].pid)
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
