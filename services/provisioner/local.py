@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 from dataclasses import replace
@@ -90,21 +92,32 @@ class LocalProvider:
         is copied to the vm_agent's state dir: the only git dir the vm_agent runs git on.
         """
         target = self.workspace_dir(task_id, attempt=attempt)
-        if target.exists():
-            shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
+        # Cloned beside it under a name of its own, then renamed into place: a clone a killed
+        # provisioner started (git outlives it) writes only into its own directory.
+        cloning = target.parent / f".{target.name}.{secrets.token_hex(4)}"
+        replaced: Path | None = None
         branch = ["--branch", base_branch] if base_branch else []
         process = await asyncio.create_subprocess_exec(
             "git", *hardened_config(self._settings.repo_schemes), *credential_config(credential),
-            "clone", "--quiet", "--no-hardlinks", *branch, "--", repo, str(target),
+            "clone", "--quiet", "--no-hardlinks", *branch, "--", repo, str(cloning),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=git_environment(credential),
         )
-        _, stderr = await process.communicate()
-        if process.returncode != 0:
-            message = f"git clone {repo} failed: {stderr.decode(errors='replace').strip()}"
-            raise ProvisionError(redact(message, credential))
+        try:
+            _, stderr = await process.communicate()
+            if process.returncode != 0:
+                message = f"git clone {repo} failed: {stderr.decode(errors='replace').strip()}"
+                raise ProvisionError(redact(message, credential))
+            replaced = target.parent / f".{target.name}.replaced.{secrets.token_hex(4)}"
+            with contextlib.suppress(FileNotFoundError):
+                target.rename(replaced)  # A partial workspace of an earlier try.
+            cloning.rename(target)
+        finally:
+            shutil.rmtree(cloning, ignore_errors=True)
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
         save_clone_git_dir(target, self.vm_agent_dir(task_id, attempt=attempt))
         return target
 

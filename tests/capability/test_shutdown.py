@@ -92,6 +92,10 @@ def start_stack(stacks: list[BatonStack], nats: NatsServer, data_dir: Path) -> B
     return stack.start()
 
 
+def nice_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def start_long_task(api: Api, origin: Path) -> str:
     """A task whose agent is still running when the stack is stopped; its id."""
     task = api.submit(repo=origin.as_uri(), prompt=counting_prompt("long", 3000, pause_s=0.1), agent="shell")
@@ -113,6 +117,10 @@ def test_sigterm_stops_every_process_of_the_data_dir(tmp_path: Path, nats: NatsS
     assert vm_agent in running, running
     # The vm_agent's agent, and what the agent runs, are found the same way.
     assert any("vm_agent.agents.shell" in command for command in running.values()), running
+    # Task work runs at a lower CPU priority than the services (BATON_TASK_NICE, 5 by default):
+    # the vm_agent and everything it started.
+    assert nice_of(vm_agent) == 5 and nice_of(stack.service_pid("provisioner")) == 0
+    assert {nice_of(pid) for pid, command in running.items() if "vm_agent.agents.shell" in command} == {5}
 
     # A second `baton up` on the same data dir refuses, and leaves the first alone.
     second = subprocess.run(
