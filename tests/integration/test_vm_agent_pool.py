@@ -44,12 +44,25 @@ def _parent_and_session(pid: int) -> tuple[int, int]:
 
 
 def _end_all(pool: VmAgentPool) -> None:
-    """Whatever happened in the test, no vm_agent it started outlives it."""
+    """Whatever happened in the test, no vm_agent it started outlives it: those with a pid file,
+    and one the zygote forked for a refill still in flight when the test ended (found by where its
+    output goes, once the zygote is gone)."""
     pool.stop_idle()
-    for pid_file in pool.pool_dir.glob("*/pid"):
+    zygote = pool.zygote._process
+    if zygote is not None:
+        wait_for(lambda: zygote.poll() is not None, timeout_s=DEADLINE_S, what="the zygote to exit")
+    pids = {int(pid_file.read_text()) for pid_file in pool.pool_dir.glob("*/pid")}
+    data_dir = str(pool.pool_dir.parent.parent)  # Its output: its own log, or the zygote's before it has one.
+    for entry in Path("/proc").iterdir():
         try:
-            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-        except (ProcessLookupError, ValueError):
+            if entry.name.isdigit() and os.readlink(entry / "fd" / "1").startswith(data_dir):
+                pids.add(int(entry.name))
+        except OSError:
+            pass
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
             pass
 
 
