@@ -331,8 +331,12 @@ class StreamLeaderless(Exception):
     """The stream has no leader right now: its cluster is electing one."""
 
 
-_ELECTING = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError,
-             StreamLeaderless)
+JETSTREAM_UNAVAILABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                         nats.js.errors.ServiceUnavailableError)
+"""What a JetStream request meets while a node dies or a leader is elected (503: "JetStream not
+available"): waited out and tried again, never the end of a service."""
+
+_ELECTING = (*JETSTREAM_UNAVAILABLE, StreamLeaderless)
 
 
 async def ensure_stream(

@@ -16,13 +16,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import nats.errors
-import nats.js.errors
 from eventsourcing.persistence import Tracking
 from nats.aio.msg import Msg
 
 from events import PARTITIONS, STREAM, Envelope, partition_of
 from events.envelope import STREAM_SUBJECTS, partition_subjects
-from services.runtime.bus import Bus
+from services.runtime.bus import JETSTREAM_UNAVAILABLE, Bus
 from services.runtime.consumer import (
     ACK_WAIT_S,
     ALL_EVENTS,
@@ -39,10 +38,8 @@ from services.runtime.consumer import (
 )
 from services.runtime.pinned_pull import PinnedPull
 
-TRANSIENT = (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError, nats.errors.TimeoutError,
-             nats.js.errors.APIError)
-"""What a JetStream request may meet while a node dies or a leader is elected (an APIError only
-as 503, "no JetStream responders / not available"): retried, never the end of the service."""
+TRANSIENT = (*JETSTREAM_UNAVAILABLE, nats.errors.ConnectionClosedError)
+"""What a reader's JetStream request may meet while a node dies or a leader is elected: retried."""
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +137,7 @@ class OrderedReader:
 
     async def _wait_out(self, error: Exception) -> None:
         """A NATS node died or the consumer's leader is being elected: go on once JetStream
-        answers again. Any other API error is raised."""
-        if isinstance(error, nats.js.errors.APIError) and error.code != 503:
-            raise error
+        answers again."""
         log.warning("consumer %s: %s; retrying", self.durable, error or type(error).__name__)
         await asyncio.sleep(0.5)
 

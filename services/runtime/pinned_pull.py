@@ -156,7 +156,5 @@ class PinnedPull:
                                       timeout=_API_TIMEOUT_S)
         answer = json.loads(reply.data)
         if "error" in answer:
-            error = answer["error"]
-            raise nats.js.errors.APIError(code=error.get("code"), err_code=error.get("err_code"),
-                                          description=error.get("description"))
+            nats.js.errors.APIError.from_error(answer["error"])  # Raises its kind (503: ServiceUnavailableError).
         return answer
