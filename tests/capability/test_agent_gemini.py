@@ -70,6 +70,10 @@ def test_a_gemini_task_writes_the_scripted_file_and_reports_its_turn(
         assert branch_file(origin, branch, "hello.txt") == content.strip()
         assert branch_commit(origin, branch) == pushed["commit"]
 
+        # Kept warm, the task's Gemini CLI is the one its vm_agent started before it was assigned;
+        # started for the task, it starts after.
+        assert _agent_started_before_assignment(stack, task["task_id"]) == bool(warm_agents)
+
         # The key went to the model and nowhere else Baton writes.
         assert api_key not in json.dumps(api.events(task["task_id"]))
         assert not _files_holding(stack, api_key), "the API key was written under the data dir"
@@ -77,6 +81,18 @@ def test_a_gemini_task_writes_the_scripted_file_and_reports_its_turn(
 
 def _pool(api: Api) -> dict:
     return api.http.get("/api/health").json()["details"]["provisioner"]
+
+
+def _agent_started_before_assignment(stack: BatonStack, task_id: str) -> bool:
+    """Whether the task's vm_agent started its one Gemini CLI before it was assigned the task (its
+    log: `agent pid N started: [... .bin/gemini --acp]`, `assigned to task`)."""
+    log = (stack.data_dir / "vm_agents" / task_id / "vm_agent.log").read_text()
+    lines = log.splitlines()
+    assigned = next(i for i, line in enumerate(lines) if f"assigned to task {task_id}" in line)
+    started = [i for i, line in enumerate(lines)
+               if "agent pid " in line and " started: [" in line and "/.bin/gemini" in line]
+    assert len(started) == 1, log
+    return started[0] < assigned
 
 
 def _the(events: list[dict], type_: str) -> dict:
