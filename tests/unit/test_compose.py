@@ -51,6 +51,22 @@ def _compose_command() -> list[str] | None:
     return ["docker-compose"] if shutil.which("docker-compose") else None
 
 
+def test_docker_compose_opens_no_door_beyond_this_machine_s_loopback():
+    """Issue 11: only the gateways are published, on 127.0.0.1 (each request needs the API token);
+    NATS and PostgreSQL are reached only inside compose's network, and NATS trusts the install's keys."""
+    compose = (REPO_ROOT / "docker-compose.yml").read_text()
+    blocks = _service_blocks(compose)
+    published = {name: re.findall(r"ports: \[(.*)\]", block) for name, block in blocks.items()}
+    assert {name for name, ports in published.items() if ports} == {"gateway-0", "gateway-1"}
+    for name in ("gateway-0", "gateway-1"):
+        for port in re.findall(r'"([^"]+)"', published[name][0]):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond the loopback"
+    assert "ports:" not in compose.split("x-nats: &nats\n", 1)[1].split("\n\n", 1)[0]
+    for node in ("nats-1", "nats-2", "nats-3"):
+        assert '"-c", "/nats-conf/nats.conf"' in blocks[node], f"{node} must run the install's configuration"
+    assert '"nats-config"' in blocks["nats-config"]
+
+
 def test_docker_compose_file_is_valid_where_compose_is_installed():
     command = _compose_command()
     if command is None:

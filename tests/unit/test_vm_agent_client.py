@@ -78,3 +78,22 @@ async def test_a_refusal_reply_is_a_definite_refusal_saying_why(nc: Client):
         await start_turn_2(VmAgentClient(nc, timeout_s=5.0))
     assert not isinstance(refused.value, VmAgentSilent)
     assert str(refused.value) == "vm_agent refused turn 2 (410): the session ended"
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:9/", task_address("another-task")],
+                         ids=["forged-http-url", "another-task-s-address"])
+async def test_a_vm_agent_url_that_is_not_its_task_s_bus_address_is_never_asked(nc: Client, address: str):
+    # Issue 11: nothing acts on a vm_agent_url it did not get from the provisioner (a forged
+    # WorkspaceReady pointing at a URL, or at another task's vm_agent).
+    heard: list[bytes] = []
+
+    async def note(msg) -> None:
+        heard.append(msg.data)
+
+    await nc.subscribe("baton.vm.task.*.*", cb=note)
+    await nc.flush()
+    with pytest.raises(AgentStartRefused) as refused:
+        await VmAgentClient(nc, timeout_s=1.0).start_turn(address, task_id=TASK, attempt_id=f"{TASK}-a1",
+                                                          turn=2, prompt="echo two", causation_id="f1")
+    assert "only talks to a vm_agent over the bus" in str(refused.value)
+    assert heard == []
