@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import websockets
 
 from tests.support.api import Api
 from tests.support.processes import BatonStack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
 
@@ -134,6 +136,19 @@ def test_the_login_url_sets_a_strict_httponly_cookie_without_the_token_and_drops
 
     wrong = httpx.get(f"{stack.api}/?token=not-the-token", timeout=10)
     assert wrong.status_code == 401 and "login URL" in wrong.json()["detail"]
+
+
+def test_baton_up_prints_the_login_url_and_opening_it_logs_the_browser_in(stack: BatonStack):
+    # Printed once the stack is healthy (a moment after /api/health first answers 200).
+    printed = wait_for(lambda: re.findall(r"Open the web UI \(this URL logs you in\): (\S+)",
+                                          stack.log_path.read_text()), timeout_s=30, what="the login URL")
+    assert printed[-1] == f"{stack.api}/?token={stack.token}", printed
+    with httpx.Client(timeout=10) as browser:
+        assert browser.get(f"{stack.api}/api/tasks").status_code == 401
+        assert browser.get(printed[-1]).status_code == 303
+        assert browser.get(f"{stack.api}/api/tasks").status_code == 200
+    # The token is created once, readable by its owner alone.
+    assert (stack.data_dir / "api-token").stat().st_mode & 0o777 == 0o600
 
 
 def test_the_pages_and_assets_load_without_the_token_but_hold_no_data(stack: BatonStack):

@@ -22,7 +22,7 @@ from services.runtime.nats_auth import InstallAuth, raw_credentials, vm_agent_in
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import make_origin
-from tests.support.processes import BatonStack, stop_soon
+from tests.support.processes import BatonStack, NatsServer, stop_soon
 
 pytestmark = pytest.mark.capability
 
@@ -209,3 +209,20 @@ def test_stores_and_secrets_are_private(own_bus_stack: BatonStack):
     for path in [data_dir / "secret", data_dir / "api-token", *(data_dir / "nats-auth").glob("*.nk"),
                  *(data_dir / "stores").glob("*"), *(data_dir / "logs").glob("*.log")]:
         assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+
+
+def test_an_open_nats_url_is_called_out_loudly_by_baton_up_and_health(tmp_path: Path):
+    """`--nats-url` of a NATS that lets anyone in (no credentials configured): Baton still runs, and
+    says so where the operator looks."""
+    open_nats = NatsServer(store_dir=tmp_path / "nats").start()
+    stack = BatonStack(nats=open_nats, data_dir=tmp_path / "baton")
+    try:
+        stack.start()
+        health = Api(stack.api, stack.token).http.get("/api/health").json()
+        assert health["bus"] == "open", health
+        assert "THE BUS IS OPEN" in health["warning"], health
+        assert "THE BUS IS OPEN" in stack.log_path.read_text()
+        # Without the token, health still says only up or down.
+        assert Api(stack.api, "not-the-token").http.get("/api/health").json().keys() == {"status"}
+    finally:
+        stop_soon(stack, open_nats)
