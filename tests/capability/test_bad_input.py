@@ -18,7 +18,7 @@ from events.envelope import new_task_id
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import make_origin
-from tests.support.processes import BatonStack, free_port, running_stack
+from tests.support.processes import BatonStack, NatsServer, free_port, running_stack
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
@@ -247,6 +247,24 @@ def test_audit_verify_without_nats_says_where_it_looked_in_one_line_and_exits_2(
         assert len(output.splitlines()) == 1 and "Traceback" not in output, output
         assert nowhere in output and str(stack.data_dir) in output and "BATON_EVENTS" in output
         assert "--nats-url" in output and "--data-dir" in output
+
+
+def test_audit_verify_on_a_nats_without_the_stream_says_so_in_one_line_and_exits_2(stack: BatonStack, tmp_path: Path):
+    # A NATS that answers but holds no Baton stream (another install's, or a fresh one).
+    empty = NatsServer(store_dir=tmp_path / "nats").start()
+    try:
+        env = {**os.environ, "BATON_DATA_DIR": str(stack.data_dir), "COLUMNS": "80"}
+        for command in ("verify", "rebuild"):
+            done = subprocess.run([sys.executable, "-m", "services.cli.main", "audit", command,
+                                   "--nats-url", empty.url], env=env, capture_output=True, text=True, timeout=60)
+
+            output = (done.stdout + done.stderr).strip()
+            assert done.returncode == 2, output
+            assert len(output.splitlines()) == 1 and "Traceback" not in output, output
+            assert "NATS has no stream BATON_EVENTS" in output and empty.url in output, output
+            assert "--nats-url" in output and "--data-dir" in output
+    finally:
+        empty.stop()
 
 
 @pytest.fixture(scope="module")
