@@ -29,6 +29,7 @@ from vm_agent.clone import CloneError, clone_workspace
 from vm_agent.permissions import PermissionDesk
 from vm_agent.runner import SessionRunner
 from vm_agent.state import VmAgent
+from vm_agent.workspace_lock import WorkspaceTaken
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class VmAgentCommands:
                             repo_credential=_repo_credential(body.repo_credential))
         except ConnectionError as error:  # Unreachable, or the credential refused: say which.
             return CommandReply.refused(503, f"this vm_agent cannot publish its task's events: {error}")
+        except WorkspaceTaken as error:
+            return CommandReply.refused(409, str(error))
         # From now on the task's commands come on the task's own connection (its credential may).
         await serve_task_commands(vm.publisher.nc, body.task_id, self)  # type: ignore[union-attr]
         return CommandReply.ok(task_id=body.task_id, assigned_now=True)

@@ -8,7 +8,9 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from services.runtime.git_safety import (
 from services.runtime.repo_url import RepoCredential, RepoUrl, RepoUrlError, parse_repo_url
 from services.runtime.settings import Settings
 from services.runtime.vm_agent_commands import task_address
+from vm_agent import workspace_lock
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,7 @@ class LocalProvider:
         url_file = state_dir / "url"
         if url_file.exists() and _assigned_vm_agent_alive(state_dir):
             return url_file.read_text().strip()
+        await asyncio.to_thread(stop_unrecorded_vm_agent, state_dir)
         loop = asyncio.get_running_loop()
         started, ready_before = loop.time(), self.pool.ready_count
         workspace = self.workspace_dir(task_id, attempt=attempt)
@@ -216,6 +220,30 @@ def _assigned_vm_agent_alive(state_dir: Path) -> bool:
         return (state_dir / "credential_expires_at").exists() and process_alive(int((state_dir / "pid").read_text()))
     except (OSError, ValueError):
         return False
+
+
+UNRECORDED_STOP_S = 10.0
+"""How long a vm_agent that serves a workspace unrecorded is given to stop (then it is killed)."""
+
+
+def stop_unrecorded_vm_agent(state_dir: Path) -> None:
+    """Stop a vm_agent that holds the workspace (vm_agent/workspace_lock.py) but was never recorded
+    as its own: a provisioner died or stalled between assigning it and recording it, and this one
+    is about to assign another. One vm_agent per workspace, so a task never runs twice."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pid = workspace_lock.holder(state_dir)
+        if pid is None:
+            return
+        log.warning("stopping vm_agent %d: it serves %s but was never recorded (a provisioner died "
+                    "assigning it)", pid, state_dir.name)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)  # Its session: it and the agent it started.
+        deadline = time.monotonic() + UNRECORDED_STOP_S
+        while workspace_lock.holder(state_dir) == pid and time.monotonic() < deadline:
+            time.sleep(0.05)  # A worker thread, waiting out a process's exit.
+    if workspace_lock.holder(state_dir) is not None:
+        raise ProvisionError(f"a vm_agent of an earlier provisioning holds the workspace of {state_dir.name} "
+                             "and does not stop")
 
 
 def _attempt_dir_name(task_id: str, attempt: int) -> str:

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from services.provisioner.local import stop_unrecorded_vm_agent
 from services.provisioner.vm_agents import VmAgentError, VmAgentPool, process_alive
 from services.runtime.settings import Settings
 from tests.support.processes import NatsServer, free_port
 from tests.support.waiting import wait_for
+from vm_agent import workspace_lock
 
 DEADLINE_S = 60.0
 CANNOT_START_DEADLINE_S = 3.0
@@ -124,5 +126,42 @@ def test_a_vm_agent_that_cannot_start_fails_the_take_with_its_reason(tmp_path: P
         pids = [int(p.read_text()) for p in pool.pool_dir.glob("*/pid")]
         await asyncio.to_thread(wait_for, lambda: not any(map(process_alive, pids)), timeout_s=DEADLINE_S,
                                 what="the vm_agent that did not start to be gone")
+
+    asyncio.run(scenario())
+
+
+def test_one_vm_agent_serves_a_workspace_and_one_left_unrecorded_is_stopped_before_another(
+        tmp_path: Path, nats: NatsServer) -> None:
+    """A provisioner that died (or stalled) between assigning a vm_agent and recording it leaves
+    that vm_agent serving the task: another vm_agent assigned the same workspace refuses it, and
+    the replica that takes the task over stops the first before it assigns its own."""
+    async def scenario() -> None:
+        settings = _settings(tmp_path, nats.url)
+        pool = VmAgentPool(settings, mix={}, ready_timeout_s=DEADLINE_S)
+        state_dir, workspace = settings.data_dir / "vm_agents" / "t1", settings.data_dir / "workspaces" / "t1"
+        workspace.mkdir(parents=True)
+
+        async def assign(member) -> None:
+            await pool.assign(member, task_id="t1", workspace=workspace, state_dir=state_dir)
+
+        try:
+            first, second, third = await asyncio.wait_for(
+                asyncio.gather(*(pool.take("shell") for _ in range(3))), DEADLINE_S)
+            await assign(first)  # ... and its provisioner dies before recording it.
+            assert workspace_lock.holder(state_dir) == first.pid
+
+            with pytest.raises(VmAgentError, match=rf"refused the assignment \(409\): another vm_agent "
+                                                   rf"\(pid {first.pid}\) serves the workspace of t1"):
+                await assign(second)
+            assert (await pool.members.ask_alive("t1"))["task_id"] == "t1", "the first still serves it"
+
+            await asyncio.to_thread(stop_unrecorded_vm_agent, state_dir)
+            assert not process_alive(first.pid)
+            assert workspace_lock.holder(state_dir) is None
+            await assign(third)
+            assert workspace_lock.holder(state_dir) == third.pid
+            assert (await pool.members.ask_alive("t1"))["task_id"] == "t1"
+        finally:
+            _end_all(pool)
 
     asyncio.run(scenario())
