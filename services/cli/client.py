@@ -61,6 +61,15 @@ class BatonClient:
         self.token = token
         self._http = httpx.Client(base_url=self.api, timeout=timeout_s, headers=token.headers)
 
+    def _call(self, method: str, path: str, **options: Any) -> Any:
+        """The API's JSON answer; an API that cannot be reached is an ApiError naming its URL."""
+        try:
+            response = self._http.request(method, path, **options)
+        except httpx.TransportError as error:
+            raise ApiError(f"cannot reach the Baton API at {self.api} ({error}): is `baton up` running "
+                           "there? (--api or BATON_API)") from None
+        return self._json(response)
+
     def _json(self, response: httpx.Response) -> Any:
         if response.status_code == 401:
             raise ApiError(self.token.refused())
@@ -80,30 +89,28 @@ class BatonClient:
                 "permission_policy": permission_policy, "pull_request": pull_request, "draft": draft}
         if provider is not None:
             body["provider"] = provider
-        return self._json(self._http.post("/api/tasks", json=body))
+        return self._call("POST", "/api/tasks", json=body)
 
     def permissions(self, task_id: str) -> list[dict]:
-        return self._json(self._http.get(f"/api/tasks/{task_id}/permissions"))["permissions"]
+        return self._call("GET", f"/api/tasks/{task_id}/permissions")["permissions"]
 
     def answer_permission(self, task_id: str, request_id: str, option_id: str) -> dict:
-        response = self._http.post(f"/api/tasks/{task_id}/permissions/{request_id}", json={"option_id": option_id})
-        return self._json(response)
+        return self._call("POST", f"/api/tasks/{task_id}/permissions/{request_id}", json={"option_id": option_id})
 
     def task(self, task_id: str) -> dict:
-        return self._json(self._http.get(f"/api/tasks/{task_id}"))
+        return self._call("GET", f"/api/tasks/{task_id}")
 
     def cancel(self, task_id: str, *, reason: str | None = None) -> dict:
-        return self._json(self._http.post(f"/api/tasks/{task_id}/cancel", json={"reason": reason}))
+        return self._call("POST", f"/api/tasks/{task_id}/cancel", json={"reason": reason})
 
     def say(self, task_id: str, prompt: str) -> dict:
-        return self._json(self._http.post(f"/api/tasks/{task_id}/messages", json={"prompt": prompt}))
+        return self._call("POST", f"/api/tasks/{task_id}/messages", json={"prompt": prompt})
 
     def tasks(self) -> list[dict]:
-        return self._json(self._http.get("/api/tasks"))["tasks"]
+        return self._call("GET", "/api/tasks")["tasks"]
 
     def events(self, task_id: str, *, from_seq: int = 1) -> list[dict]:
-        response = self._http.get(f"/api/tasks/{task_id}/events", params={"from_seq": from_seq})
-        return self._json(response)["events"]
+        return self._call("GET", f"/api/tasks/{task_id}/events", params={"from_seq": from_seq})["events"]
 
     def health(self) -> tuple[int, dict]:
         response = self._http.get("/api/health")

@@ -10,7 +10,7 @@ allows publishing only its own task's vm_agent events and hearing only its own t
 The keys live in `<data dir>/nats-auth/` (0600, created once, atomically); they never leave the
 control plane. A JWT is three base64url parts (header, claims, Ed25519 signature by the issuer's
 nkey); `nkeys` (nats-io's own package) does the cryptography, and the format is checked against a
-real nats-server by tests/integration/test_nats_auth.py.
+real nats-server by tests/capability/test_bus_auth.py and test_vm_agent_bus_permissions.py.
 """
 
 from __future__ import annotations

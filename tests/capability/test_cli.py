@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.git_remote import branch_file
-from tests.support.processes import BatonStack
+from tests.support.processes import BatonStack, free_port
 
 pytestmark = pytest.mark.capability
 
@@ -51,3 +51,14 @@ def test_baton_submit_reports_bad_input_without_a_traceback(stack: BatonStack):
     assert done.returncode == 2
     assert "unknown agent" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("command", [["tasks"], ["submit", "--repo", "file:///x.git", "--no-follow", "hi"]])
+def test_an_api_that_cannot_be_reached_is_named_in_one_line(command: list[str]) -> None:
+    api = f"http://127.0.0.1:{free_port()}"  # Nothing listens there.
+    done = subprocess.run([sys.executable, "-m", "services.cli.main", *command, "--api", api, "--token", "t"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = " ".join(done.stdout.split())
+    assert said.startswith(f"error: cannot reach the Baton API at {api}") and "baton up" in said, said
+    assert "Traceback" not in done.stderr
