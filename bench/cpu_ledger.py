@@ -12,15 +12,14 @@ that start and end between two samples. CPU a process spends after its last samp
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import procfs
 from bench.stack import started_by_this_run
 
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -31,15 +30,6 @@ class _Seen:
     children: float
     own_at_start: float
     children_at_start: float
-
-
-def _stat(pid: int) -> tuple[int, float, float] | None:
-    """(ppid, own CPU s, waited children's CPU s) of a live pid."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS, (int(fields[13]) + int(fields[14])) / TICKS
 
 
 def kind_of(pid: int) -> str:
@@ -67,7 +57,7 @@ def busy_s() -> float:
     """The whole machine's busy CPU time so far (every CPU), from /proc/stat."""
     user, nice, system, _idle, _iowait, irq, softirq, steal, *_ = (
         int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:])
-    return (user + nice + system + irq + softirq + steal) / TICKS
+    return (user + nice + system + irq + softirq + steal) / procfs.TICKS
 
 
 class CpuLedger:
@@ -98,10 +88,10 @@ class CpuLedger:
     def _sample(self, *, at_start: bool) -> None:
         pids = started_by_this_run(self._data_dir) + ([self._nats_pid] if self._nats_pid else [])
         for pid in pids:
-            stat = _stat(pid)
-            if stat is None:
+            found = procfs.stat(pid)
+            if found is None:
                 continue
-            ppid, own, children = stat
+            ppid, own, children = found.ppid, found.cpu_s, found.children_cpu_s
             seen = self._seen.get(pid)
             if seen is None:
                 self._seen[pid] = _Seen(kind_of(pid), ppid, own, children,

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import secrets
 import statistics
 import sys
@@ -44,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from bench import pipeline
+from bench import pipeline, procfs
 from bench.agents import fake_models, stack_with
 from bench.stack import TERMINAL, BoardFeed, Stack, log, mem_available_mb, stream_last_seq, wait_until_pool_warm
 from services.runtime.settings import default_max_running_tasks
@@ -59,17 +58,8 @@ HOLD_S = 900
 
 
 def _parents() -> dict[int, int]:
-    """Every live process's parent, from /proc/<pid>/stat."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
-    return parents
+    """Every live process's parent."""
+    return {pid: found.ppid for pid in procfs.pids() if (found := procfs.stat(pid)) is not None and found.alive}
 
 
 def _tree(root: int, children: dict[int, list[int]]) -> list[int]:
@@ -99,22 +89,8 @@ def _mb(pids: list[int]) -> tuple[float, float]:
 
 
 def _cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds the processes have used so far (/proc/<pid>/stat)."""
-    ticks = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return "?"
+    """User + system CPU seconds the processes have used so far."""
+    return sum(found.cpu_s for pid in pids if (found := procfs.stat(pid)) is not None)
 
 
 def _pid_in(path: Path) -> int | None:
@@ -141,9 +117,9 @@ def read_memory(stack: Stack, task_ids: list[str]) -> dict[str, Any]:
             vm_mb, vm_uss = _mb([pid])
             agent_mb, agent_uss = _mb(agent)
             tasks[task_id] = {"vm_agent_mb": vm_mb, "agent_tree_mb": agent_mb, "total_mb": vm_mb + agent_mb,
-                              "total_uss_mb": vm_uss + agent_uss, "processes": [_name(p) for p in (pid, *agent)],
+                              "total_uss_mb": vm_uss + agent_uss, "processes": [procfs.comm(p) for p in (pid, *agent)],
                               "cpu_s": _cpu_s([pid, *agent]),
-                              "cpu_s_by_process": {f"{i}:{_name(p)}": round(_cpu_s([p]), 2)
+                              "cpu_s_by_process": {f"{i}:{procfs.comm(p)}": round(_cpu_s([p]), 2)
                                                    for i, p in enumerate((pid, *agent))}}
     pool = [pid for f in vm_agents.glob("pool*/*/pid") if (pid := _pid_in(f)) in parents]
     pool_mb = [_mb(_tree(pid, children))[0] for pid in pool]

@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench import procfs
 from tests.support.git_remote import make_origin
 from tests.support.processes import BatonStack, NatsServer
 
@@ -112,7 +113,7 @@ class Stack:
             deadline = time.monotonic() + 5
             while leftovers and time.monotonic() < deadline:
                 time.sleep(0.1)
-                leftovers = [pid for pid in leftovers if _alive(pid)]
+                leftovers = [pid for pid in leftovers if procfs.alive(pid)]
         self.still_running = len(started_by_this_run(self.data_dir))
 
 
@@ -127,18 +128,9 @@ def started_by_this_run(data_dir: Path) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if marker in environ.split(b"\0") and _alive(int(entry.name)):
+        if marker in environ.split(b"\0") and procfs.alive(int(entry.name)):
             found.append(int(entry.name))
     return found
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie has exited and is only waiting to be reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def rss_mb(pid: int) -> float | None:
