@@ -14,9 +14,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from services.provisioner.members import VmAgentError, VmAgentProcess, process_alive, this_machine
 from services.provisioner.providers import ProvisionError
+from services.provisioner.vm_agents import VmAgentPool
 from services.pull_requests.github import token_credential
-from services.provisioner.vm_agents import VmAgentError, VmAgentPool, VmAgentProcess, process_alive, this_machine
 from services.runtime.credentials import CredentialVault
 from services.runtime.git_safety import (
     credential_config, git_environment, hardened_config, redact, save_clone_git_dir,

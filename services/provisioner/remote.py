@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from services.provisioner.cloud_init import STATE_DIR
+from services.provisioner.members import MemberBus, VmAgentError
 from services.provisioner.providers import Placement, ProvisionError, WorkspaceOrder
-from services.provisioner.vm_agents import MemberBus, VmAgentError
 from services.runtime.nats_auth import vm_agent_credentials
 from services.runtime.repo_url import RepoUrl
 from services.runtime.settings import Settings

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from services.provisioner.domain import Workspace, all_workspaces
 from services.provisioner.local import LocalProvider
-from services.provisioner.vm_agents import process_alive, this_machine
+from services.provisioner.members import process_alive, this_machine
 from services.runtime.bus import vm_agent_dead_letter_subject
 from services.runtime.relay import BatchPublisher, Relay
 from services.runtime.store import ServiceStore

@@ -27,7 +27,7 @@ from services.provisioner.cloud_init import vm_agent_artifact
 from services.provisioner.hetzner import HetznerConfig, HetznerProvider, install_id
 from services.provisioner.providers import WorkspaceOrder
 from services.provisioner.reaper import Reaper
-from services.provisioner.vm_agents import MemberBus
+from services.provisioner.members import MemberBus
 from services.runtime.nats_auth import InstallAuth, install_auth_dir, vm_member_credentials
 from services.runtime.settings import Settings
 from tests.support.fake_hetzner import FakeHetzner, NetnsBooter, netns_available

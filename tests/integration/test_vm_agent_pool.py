@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from services.provisioner.local import stop_unrecorded_vm_agent
-from services.provisioner.vm_agents import VmAgentError, VmAgentPool, process_alive
+from services.provisioner.members import VmAgentError, process_alive
+from services.provisioner.vm_agents import VmAgentPool
 from services.runtime.settings import Settings
 from tests.support.processes import NatsServer, free_port
 from tests.support.waiting import wait_for

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.provisioner.vm_agents import VmAgentPool, VmAgentProcess
+from services.provisioner.members import VmAgentProcess
+from services.provisioner.vm_agents import VmAgentPool
 from services.runtime.agent_secrets import AgentSecrets, UnknownSecretName, agent_environ
 from services.runtime.settings import Settings
 from vm_agent.backends import AGENT_KINDS, refusal

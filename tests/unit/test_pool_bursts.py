@@ -37,7 +37,7 @@ def test_the_pool_wants_its_mix_raised_to_the_bursts_within_its_maximum(tmp_path
 def test_once_the_burst_is_forgotten_the_pool_stops_its_extra_members(tmp_path: Path, monkeypatch):
     import subprocess
 
-    from services.provisioner.vm_agents import VmAgentProcess, process_alive
+    from services.provisioner.members import VmAgentProcess, process_alive
 
     pool = VmAgentPool(Settings(data_dir=tmp_path), mix={"shell": 1})
     sleepers = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(3)]

@@ -12,7 +12,7 @@ from events import TaskFailed, envelope_for
 from services.provisioner.domain import Workspace
 from services.provisioner.handlers import ProvisionerHandlers
 from services.provisioner.local import LocalProvider
-from services.provisioner.vm_agents import VmAgentProcess
+from services.provisioner.members import VmAgentProcess
 from services.provisioner.watcher import VmAgentWatcher
 from services.runtime.repo_url import RepoCredential
 from services.runtime.settings import Settings

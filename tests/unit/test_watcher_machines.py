@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from services.provisioner.local import LocalProvider
-from services.provisioner.vm_agents import this_machine
+from services.provisioner.members import this_machine
 from services.provisioner.watcher import VmAgentWatcher, _alone_in
 from services.runtime.settings import Settings
 from tests.unit.fakes import FakePublisher, popo_store
