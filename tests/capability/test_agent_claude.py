@@ -18,8 +18,9 @@ from tests.capability.test_web_ui import browser, log_in, page  # noqa: F401 (fi
 from tests.support.api import Api
 from tests.support.fake_anthropic import ClaudeScript, FakeAnthropic, running_fake_anthropic
 from tests.support.flow import assert_flow_completes
-from tests.support.git_remote import branch_file, make_origin
+from tests.support.git_remote import branch_file, make_origin, push_file
 from tests.support.processes import BatonStack, running_stack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.capability
 
@@ -141,3 +142,40 @@ def test_the_task_page_shows_claude_s_tool_call_its_diff_and_tokens(claude_task:
     # The tokens the fake reported, on the task's head.
     input_tokens, output_tokens = claude_task.fake.reported_usage
     expect(page.locator("#usage")).to_contain_text(f"{input_tokens:,} in · {output_tokens:,} out tokens")
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["started_for_the_task", "kept_warm"])
+def test_the_repos_claude_md_reaches_the_model_whether_claude_was_kept_warm_or_not(
+        tmp_path: Path, installed_agents: Callable[..., Path], warm: bool) -> None:
+    """Claude Code reads the repo's instructions (CLAUDE.md) when its session opens: a warm one is
+    started ahead of its task, but its session opens only once the task's clone is in its workspace
+    (opening it ahead, to save the CLI's start, was tried: the model then never saw CLAUDE.md)."""
+    nonce, instruction = secrets.token_hex(8), f"house-rule-{secrets.token_hex(8)}"
+    api_key = f"sk-ant-api03-{secrets.token_hex(16)}"
+    script = ClaudeScript(file_name=FILE_NAME, file_content=written(nonce), final_text=f"Wrote {FILE_NAME}.",
+                          input_tokens=11, output_tokens=7)
+    origin = make_origin(tmp_path)
+    push_file(origin, "main", "CLAUDE.md", f"# Rules of this repo\nAlways follow {instruction}.\n")
+    with running_fake_anthropic(api_key, script) as fake, running_stack(
+        tmp_path / "stack", env={"ANTHROPIC_BASE_URL": fake.url, "ANTHROPIC_API_KEY": api_key,
+                                 "BATON_WARM_AGENTS": "claude=1" if warm else ""},
+        agents_dir=installed_agents("claude"),
+    ) as stack:
+        api = Api(stack.api, stack.token)
+        if warm:
+            wait_for(lambda: api.http.get("/api/health").json()["details"]["provisioner"]["warm_vm_agents"] == 1,
+                     timeout_s=120, what="a warm Claude Code")
+        prompt = f"Put the nonce {nonce} into {FILE_NAME}."
+        task_id = api.submit(repo=origin.as_uri(), prompt=prompt, agent="claude")["task_id"]
+        events = assert_flow_completes(api, task_id, timeout_s=180)
+
+        # Kept warm, its adapter was started before the task was assigned; its session after.
+        log = (stack.data_dir / "vm_agents" / task_id / "vm_agent.log").read_text().splitlines()
+        assigned = next(i for i, line in enumerate(log) if f"assigned to task {task_id}" in line)
+        [agent_started] = [i for i, line in enumerate(log) if " started: [" in line and "claude-agent-acp" in line]
+        [opened] = [i for i, line in enumerate(log) if " session " in line and line.endswith(" ready")]
+        assert (agent_started < assigned) == warm and opened > assigned, "\n".join(log)
+
+        assert of_type(events, "PromptDelivered")[0]["prompt_sha256"] == hashlib.sha256(prompt.encode()).hexdigest()
+        assert fake.saw(nonce) and fake.saw(instruction), "the prompt and the repo's CLAUDE.md reached the model"
+        assert branch_file(origin, f"baton/{task_id}", FILE_NAME) == written(nonce).strip()
