@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +116,26 @@ def test_claude_s_tool_call_permission_and_usage_are_events(claude_task: ClaudeT
     usage = of_type(events, "UsageRecorded")
     turn = [(u["input_tokens"], u["output_tokens"]) for u in usage if u["source"] == "prompt_response"]
     assert turn == [claude_task.fake.reported_usage], (usage, len(claude_task.fake.main_turn_calls()))
+
+
+def test_baton_watch_shows_claude_s_turn_as_a_conversation(claude_task: ClaudeTask):
+    """`baton watch` (a real CLI process, over the WebSocket) prints the finished task's turn: the
+    model's message, its tool call with its status and the size of the diff it made, the
+    permission asked and how it was answered, the tokens; and exits 0 for a completed task."""
+    stack = claude_task.stack
+    env = {**os.environ, "BATON_API": stack.api, "BATON_DATA_DIR": str(stack.data_dir), "COLUMNS": "200"}
+    env.pop("BATON_API_TOKEN", None)
+    done = subprocess.run([sys.executable, "-m", "services.cli.main", "watch", claude_task.task_id],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    shown = done.stdout
+    [started] = of_type(claude_task.events, "ToolCallStarted")
+    assert f"⚙ {started['title']}" in shown and "completed" in shown, shown
+    assert f"✎ {FILE_NAME} +1 -0" in shown, shown
+    assert "? permission asked:" in shown and "by policy:auto" in shown, shown
+    tokens_in, tokens_out = claude_task.fake.reported_usage
+    assert f"{tokens_in:,} in · {tokens_out:,} out tokens" in shown, shown
+    assert f"Wrote {FILE_NAME}." in shown, shown  # The model's closing message.
 
 
 def test_the_api_key_is_in_no_event_log_or_store(claude_task: ClaudeTask):
