@@ -142,6 +142,13 @@ def test_the_api_key_is_in_no_event_log_or_store(claude_task: ClaudeTask):
     key = claude_task.fake.api_key
     assert key not in json.dumps(claude_task.events)
     assert key not in json.dumps(claude_task.api.http.get("/api/tasks").json())
+    # Nor in what an auditor exports (`baton audit export`, every event of every task).
+    stack = claude_task.stack
+    env = {**os.environ, "BATON_API": stack.api, "BATON_DATA_DIR": str(stack.data_dir)}
+    exported = subprocess.run([sys.executable, "-m", "services.cli.main", "audit", "export"],
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 0 and claude_task.task_id in exported.stdout, exported.stderr
+    assert key not in exported.stdout
     # Nor in any file of the install: logs, stores, the agent's own home (Claude Code keeps a
     # key's last 20 characters in ~/.claude.json once a person approves it).
     for path in claude_task.stack.data_dir.rglob("*"):
