@@ -44,7 +44,8 @@ from services.cli.supervisor import (
 )
 from events.asyncapi import asyncapi_document
 from events.envelope import task_id_problem
-from services.runtime.logs import setup_logging
+from services.runtime.logs import mask_credentials, setup_logging
+from services.runtime.nats_auth import InstallAuth, install_auth_dir
 from services.runtime.settings import Settings
 from vm_agent.sandbox import Sandbox
 
@@ -248,9 +249,12 @@ def up(
     token = ApiToken(settings.api_token_value(), "BATON_API_TOKEN" if settings.api_token else "the data dir")
     try:
         supervisor.start()
-        console.print(f"[dim]data: {settings.data_dir}  nats: {supervisor.nats_url}[/]")
+        console.print(f"[dim]data: {settings.data_dir}  nats: {mask_credentials(supervisor.nats_url)}[/]")
         if supervisor.bus_open is False:
-            console.print("[dim]bus: authenticated (each service and each workspace has its own NATS credential)[/]")
+            console.print("[dim]bus: authenticated (each service and each workspace has its own NATS credential)[/]"
+                          if InstallAuth.exists_in(install_auth_dir(settings)) else
+                          "[dim]bus: authenticated with the credentials configured (--nats-url's user or token, "
+                          "or BATON_NATS_CREDS), shared by every service and vm_agent[/]")
         if settings.faults:
             console.print(f"[bold red]FAULT INJECTION ON: {', '.join(sorted(settings.faults))}[/]")
         _say_sandbox(settings)

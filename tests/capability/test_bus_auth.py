@@ -6,6 +6,7 @@ Driven as an attacker on the same machine would: straight at the NATS port `bato
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import threading
 from collections.abc import Iterator
@@ -226,3 +227,31 @@ def test_an_open_nats_url_is_called_out_loudly_by_baton_up_and_health(tmp_path: 
         assert Api(stack.api, "not-the-token").http.get("/api/health").json().keys() == {"status"}
     finally:
         stop_soon(stack, open_nats)
+
+
+def test_a_nats_url_with_a_token_runs_a_task_and_the_token_is_nowhere(tmp_path: Path, origin: Path):
+    """`--nats-url nats://TOKEN@host` (credentials given by configuration): every service and the
+    task's vm_agent get in with it, a task completes, the bus is not called open, and the token is
+    in no event, log or file of the install."""
+    token = f"nats-token-{secrets.token_hex(12)}"
+    nats = NatsServer(store_dir=tmp_path / "nats", token=token).start()
+    stack = BatonStack(nats=nats, data_dir=tmp_path / "baton")
+    try:
+        stack.start()
+        api = Api(stack.api, stack.token)
+        health = api.http.get("/api/health").json()
+        assert health["bus"] != "open" and "THE BUS IS OPEN" not in json.dumps(health), health
+        task_id = api.submit(repo=origin.as_uri(), prompt="echo hi > hi.txt", agent="shell")["task_id"]
+        events = assert_flow_completes(api, task_id, timeout_s=120)
+        assert token not in json.dumps(events) and token not in json.dumps(health)
+        said = stack.log_path.read_text()
+        assert token not in said and "nats: nats://***@127.0.0.1" in said, said
+        assert "bus: authenticated with the credentials configured" in said, said
+        # Only where `baton audit` and `baton credentials` find the running bus (owner-only).
+        url_file = stack.data_dir / "run" / "nats.url"
+        assert url_file.stat().st_mode & 0o777 == 0o600
+        for path in stack.data_dir.rglob("*"):
+            if path.is_file() and path != url_file:
+                assert token.encode() not in path.read_bytes(), path
+    finally:
+        stop_soon(stack, nats)

@@ -44,10 +44,12 @@ class NatsServer:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     trusting: Path | None = None
+    token: str | None = None
+    """A server that lets in only clients giving this token (nats-server's own `--auth`)."""
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self.token + '@' if self.token else ''}127.0.0.1:{self.port}"
 
     def start(self) -> NatsServer:
         if self.trusting is None:
@@ -57,6 +59,8 @@ class NatsServer:
             self.store_dir.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(InstallAuth(self.trusting / "nats-auth").server_config(store_dir=self.store_dir))
             options = ["-c", str(config)]
+        if self.token is not None:
+            options += ["--auth", self.token]
         self.process = subprocess.Popen(
             [nats_server_binary(), *options, "-a", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
