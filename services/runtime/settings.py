@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from pathlib import Path
@@ -295,25 +296,32 @@ def write_private(path: Path, text: str) -> Path:
 
 def read_or_create_secret(path: Path) -> str:
     """The secret in `path`, created atomically (0600) on first call: N processes starting at
-    once all read the same non-empty value (the first link wins; the others read it)."""
-    try:
-        value = path.read_text().strip()
-    except FileNotFoundError:
-        value = ""
+    once all read the same non-empty value (one creates it, holding a lock on its directory; the
+    others then read it). An empty file, left by an older Baton that crashed, is no secret: replaced."""
+    value = _read_secret(path)
     if value:
         return value
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.write(fd, secrets.token_hex(32).encode())
-        os.fsync(fd)
+        fcntl.flock(directory, fcntl.LOCK_EX)  # Released when the descriptor closes.
+        value = _read_secret(path)
+        if value:
+            return value  # Another process made it while this one waited.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # Whole or not at all.
     finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # Atomic, and fails if another process got there first.
-    except FileExistsError:
-        if not path.read_text().strip():  # Left empty by an older Baton that crashed: not a secret.
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        os.close(directory)
     return path.read_text().strip()
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""

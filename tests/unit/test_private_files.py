@@ -24,6 +24,16 @@ def test_processes_starting_at_once_all_read_the_same_non_empty_secret(tmp_path:
     assert [p.name for p in tmp_path.iterdir()] == ["secret"], "no temporary file is left behind"
 
 
+def test_processes_starting_at_once_over_an_empty_secret_file_all_read_the_same_secret(tmp_path: Path):
+    target = tmp_path / "secret"
+    target.touch(mode=0o600)  # Left empty by an older Baton that crashed.
+    processes = [subprocess.Popen([sys.executable, "-c", READ_SECRET, str(target)], stdout=subprocess.PIPE,
+                                  text=True) for _ in range(12)]
+    values = {process.communicate(timeout=60)[0].strip() for process in processes}
+    assert len(values) == 1 and len(values.pop()) == 64
+    assert [p.name for p in tmp_path.iterdir()] == ["secret"], "no temporary file is left behind"
+
+
 def test_an_empty_secret_file_is_filled_not_trusted(tmp_path: Path):
     target = tmp_path / "secret"
     target.touch(mode=0o600)
