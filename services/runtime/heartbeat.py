@@ -25,9 +25,11 @@ async def send_heartbeats(
     faults: frozenset[str],
     details: Callable[[], dict[str, Any]] | None = None,
     interval_s: float = 1.0,
+    replica: int = 0,
 ) -> None:
-    """`details`, if given, is what the service reports about itself in `/api/health`."""
-    body: dict[str, Any] = {"service": service, "pid": os.getpid(), "faults": sorted(faults)}
+    """`details`, if given, is what the service reports about itself in `/api/health`; `replica`:
+    which of its service's replicas this process is (ReplicaLiveness)."""
+    body: dict[str, Any] = {"service": service, "pid": os.getpid(), "faults": sorted(faults), "replica": replica}
     while True:
         if nc.is_connected:
             if details is not None:
@@ -61,3 +63,31 @@ class HeartbeatBoard:
             name: name in self.last_seen and now - self.last_seen[name] < self.stale_after_s
             for name in REQUIRED_SERVICES
         }
+
+
+@dataclass
+class ReplicaLiveness:
+    """Which replicas of one service are alive: those heard on `baton.heartbeat.<service>` within
+    `stale_after_s` (each heartbeat says its replica). Until it has listened that long, it takes
+    every replica for alive: it may not have heard them yet."""
+
+    service: str
+    stale_after_s: float = 5.0
+    last_seen: dict[int, float] = field(default_factory=dict)
+    listening_since: float | None = None
+
+    async def follow(self, nc: Client) -> None:
+        async def on_beat(msg) -> None:
+            replica = json.loads(msg.data).get("replica")
+            if isinstance(replica, int):
+                self.last_seen[replica] = time.monotonic()
+
+        await nc.subscribe(f"{HEARTBEAT_SUBJECT}.{self.service}", cb=on_beat)
+        self.listening_since = time.monotonic()
+
+    def alive(self, replica: int) -> bool:
+        now = time.monotonic()
+        if self.listening_since is None or now - self.listening_since < self.stale_after_s:
+            return True
+        seen = self.last_seen.get(replica)
+        return seen is not None and now - seen < self.stale_after_s

@@ -60,15 +60,28 @@ class HeldPartitions:
 
     def __init__(self, replica: tuple[int, int] = (0, 1)) -> None:
         index, count = replica
+        self.index, self.count = index, count
         self.sole = count == 1  # The only replica holds every partition, whatever happens.
         self.preferred = frozenset(k for k in range(PARTITIONS) if k % count == index)
+        self.replica_alive: Callable[[int], bool] = lambda replica: True
+        """Whether this service's replica `replica` is alive (its heartbeats: `serve` sets it)."""
         # One of several holds nothing until its readers have heard from JetStream.
         self.partitions = set(range(PARTITIONS)) if self.sole else set()
         self.listeners: list[Callable[[int, bool], None]] = []
 
     def observe(self, partition: int, pinned_here: bool | None) -> None:
         """What JetStream said of the partition's pin: here, elsewhere, or nowhere (None)."""
-        self.change(partition, partition in self.preferred if pinned_here is None else pinned_here)
+        self.change(partition, self.quiet_holder(partition) == self.index if pinned_here is None else pinned_here)
+
+    def quiet_holder(self, partition: int) -> int:
+        """The replica that handles a partition nobody is pinned to: the one that prefers it, or,
+        while that one is silent (dead), the next live one after it. So a dead replica's quiet
+        partitions (no event to move a pin) are still watched: their deadlines, their unsettled work."""
+        for step in range(self.count):
+            replica = (partition + step) % self.count
+            if replica == self.index or self.replica_alive(replica):
+                return replica
+        return self.index
 
     def __contains__(self, partition: int) -> bool:
         return partition in self.partitions

@@ -8,7 +8,7 @@ from typing import Any
 from services.runtime.bus import Bus
 from services.runtime.consumer import Handler, Subscription, run_all, subscriptions_for
 from services.runtime.partitions import HeldPartitions, consume
-from services.runtime.heartbeat import send_heartbeats
+from services.runtime.heartbeat import ReplicaLiveness, send_heartbeats
 from services.runtime.relay import Relay
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore
@@ -31,9 +31,14 @@ async def serve(
     relay's backlog (`relay_backlog`: events recorded, not yet published)."""
     subscriptions = [*(subscriptions or ()), *subscriptions_for(handlers or {})]
     relay = Relay(store, bus)
+    if held_partitions is not None and not held_partitions.sole:
+        liveness = ReplicaLiveness(name)  # Who takes a dead replica's quiet partitions.
+        await liveness.follow(bus.nc)
+        held_partitions.replica_alive = liveness.alive
     await run_all(
         relay.run(),
-        send_heartbeats(bus.nc, name, faults=settings.faults, details=with_relay_backlog(relay, details)),
+        send_heartbeats(bus.nc, name, faults=settings.faults, details=with_relay_backlog(relay, details),
+                        replica=replica_of(settings)[0]),
         *loops,
         consume(bus, service=name, subscription=subscriptions, store=store, replica=replica_of(settings),
                 held_partitions=held_partitions),

@@ -107,3 +107,52 @@ async def test_a_resumed_task_is_not_stalled_for_the_silence_before_the_resume()
 
 def test_one_of_several_replicas_holds_nothing_until_jetstream_says():
     assert HeldPartitions((1, 2)).partitions == set()
+
+
+def test_a_quiet_partition_whose_preferring_replica_is_dead_is_held_by_the_next_live_one():
+    """No pin (no event since the last pin timed out): the replica that prefers the partition
+    holds it; while that one is silent, the next live replica after it does, and gives it back
+    once it is heard again."""
+    dead: set[int] = set()
+    replicas = [HeldPartitions((index, 3)) for index in range(3)]
+    for held in replicas:
+        held.replica_alive = lambda replica: replica not in dead
+    changes: list[tuple[int, int, bool]] = []
+    for held in replicas:
+        held.listeners.append(lambda partition, now_held, index=held.index: changes.append((index, partition, now_held)))
+
+    def observe_all(partition: int) -> list[int]:
+        for held in replicas:
+            if held.index not in dead:
+                held.observe(partition, None)
+        return [held.index for held in replicas if partition in held and held.index not in dead]
+
+    assert observe_all(4) == [1]  # 4 % 3: replica 1 prefers it.
+    dead.add(1)
+    assert observe_all(4) == [2]  # The next live one after it.
+    dead.add(2)
+    assert observe_all(4) == [0]  # ... and after that one, wrapping round.
+    dead.clear()
+    assert observe_all(4) == [1]  # Heard again: given back.
+    assert (2, 4, True) in changes and (2, 4, False) in changes
+    # A pin, where there is one, decides whatever the heartbeats say.
+    dead.add(1)
+    replicas[0].observe(4, False)
+    replicas[2].observe(4, False)
+    assert 4 not in replicas[0] and 4 not in replicas[2]
+
+
+def test_replica_liveness_hears_each_replica_and_trusts_all_until_it_has_listened_long_enough(monkeypatch):
+    from services.runtime.heartbeat import ReplicaLiveness
+
+    liveness = ReplicaLiveness("monitor", stale_after_s=5.0)
+    assert liveness.alive(1), "not listening yet: taken for alive"
+    now = 1000.0
+    monkeypatch.setattr("services.runtime.heartbeat.time.monotonic", lambda: now)
+    liveness.listening_since = now - 1.0
+    liveness.last_seen = {0: now - 0.5}
+    assert liveness.alive(1), "listening for only a second: not judged yet"
+    liveness.listening_since = now - 6.0
+    assert liveness.alive(0) and not liveness.alive(1)
+    liveness.last_seen[0] = now - 5.5
+    assert not liveness.alive(0)

@@ -1,0 +1,83 @@
+"""A replica that dies holding a quiet partition: no event comes to move the partition's pin (the
+handoff its tasks wait for is the one that went missing), so the other replicas learn of the death
+from its silence on the heartbeat subject and take the partition over: the gap is still named."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from events import partition_of
+from services.monitor.domain import Watch
+from services.runtime.store import ServiceStore, sqlite_env
+from tests.capability.test_flow_monitor import fast_monitor
+from tests.support.api import Api
+from tests.support.git_remote import make_origin
+from tests.support.processes import BatonStack, NatsServer, stop_soon
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.capability
+
+
+def test_a_frozen_monitor_replicas_quiet_partition_is_taken_over_and_the_missing_handoff_named(tmp_path: Path):
+    nats = NatsServer(store_dir=tmp_path / "nats", trusting=tmp_path / "baton").start()
+    # WorkspaceReady never comes (fault); its deadline is short, every other one long.
+    stack = BatonStack(nats=nats, data_dir=tmp_path / "baton", replicas=2, faults="workspace_ready",
+                       extra_env=fast_monitor("WorkspaceReady"))
+    try:
+        stack.start()
+        api = Api(stack.api, stack.token)
+        origin = make_origin(tmp_path).as_uri()
+        # Only monitor-0 reads for now: the task's events, and so its partition's pin, go to it.
+        with frozen(stack, "monitor-1"):
+            task_id = _submit_until_in_a_partition_of(api, origin, replica=0)
+            wait_for(lambda: task_id in _watched_by_the_monitor(stack), timeout_s=60,
+                     what="monitor-0 to watch the task")
+        # monitor-0 hangs (a frozen process, a vanished machine) while it holds the partition,
+        # which monitor-0 also prefers. No event comes: the pin times out, and only monitor-0's
+        # silence tells monitor-1 to take the quiet partition over.
+        with frozen(stack, "monitor-0"):
+            events = api.wait_for_end(task_id, timeout_s=120)
+        overdue = [e for e in events if e["type"] == "StepOverdue"]
+        assert overdue and overdue[0]["data"]["expected"] == "WorkspaceReady", [e["type"] for e in events]
+        assert events[-1]["type"] == "TaskFailed" and "WorkspaceReady" in events[-1]["data"]["reason"]
+        log = (stack.data_dir / "logs" / "monitor-1.log").read_text()
+        assert f"partition {partition_of(task_id)} taken" in log, log[-3000:]
+    finally:
+        stop_soon(stack, nats)
+
+
+@contextmanager
+def frozen(stack: BatonStack, service: str) -> Iterator[None]:
+    """The service's process stopped (SIGSTOP: alive, silent) for the duration of the block."""
+    pid = stack.service_pid(service)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _submit_until_in_a_partition_of(api: Api, origin: str, *, replica: int) -> str:
+    """A task whose partition `replica` of two prefers (its id is the gateway's to choose)."""
+    for _ in range(32):
+        task_id = api.submit(repo=origin, prompt="echo hi\n", agent="shell")["task_id"]
+        if partition_of(task_id) % 2 == replica:
+            return task_id
+    raise AssertionError("32 tasks and none in the partitions of that replica")
+
+
+def _watched_by_the_monitor(stack: BatonStack) -> set[str]:
+    """The tasks the monitor's store has a watch for (read as an auditor would, never written)."""
+    store = ServiceStore("monitor", sqlite_env(stack.data_dir / "stores" / "monitor.sqlite"))
+    try:
+        topic = f"{Watch.__module__}:{Watch.__qualname__}.Opened"
+        notifications = store.process_recorder.select_notifications(0, 10_000, topics=[topic])
+        return {store.repository.get(n.originator_id).task_id for n in notifications}
+    finally:
+        store.close()
