@@ -411,7 +411,10 @@ async def _ensure_event_stream(js: JetStreamContext, limits: StreamLimits | None
 
 async def _verify_peers(js: JetStreamContext, replicas: int) -> None:
     """The cluster really placed `replicas` copies (a leader and replicas - 1 peers)."""
-    cluster = (await js.stream_info(STREAM)).cluster
+    try:
+        cluster = (await js.stream_info(STREAM)).cluster
+    except NotFoundError:  # Just created: its group is still forming.
+        raise StreamLeaderless(STREAM) from None
     peers = len(cluster.replicas or []) if cluster is not None else 0
     if cluster is not None and cluster.leader is None:
         raise StreamLeaderless(STREAM)
@@ -453,12 +456,13 @@ async def _stream_config(js: JetStreamContext) -> StreamConfig | None:
 
 
 async def _create_or_update(js: JetStreamContext, wanted: StreamConfig) -> StreamConfig:
+    """The stream as the server kept it, from its answer to the create or update (on a cluster,
+    asking again at once may meet a stream whose group is still forming: "not found")."""
     try:
         await js.stream_info(wanted.name)
-        await js.update_stream(wanted)
+        return (await js.update_stream(wanted)).config
     except NotFoundError:
-        await js.add_stream(wanted)
-    return (await js.stream_info(wanted.name)).config
+        return (await js.add_stream(wanted)).config
 
 
 async def dead_letter_count(js: JetStreamContext) -> int:
