@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Coroutine
 
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import IntegrityError, Tracking
 
 from events import (
     BaseEvent, Envelope, SessionFailed, TaskCancelled, TaskFailed, WorkspaceRequested, parse_event, partition_of,
@@ -120,7 +120,11 @@ class ProvisionerHandlers:
                 return
             workspace.ready(workspace_id=workspace.workspace_id, vm_agent_url=url,
                             credential_expires_at=expires_at)
-        self.store.save(workspace)
+        try:
+            self.store.save(workspace)
+        except IntegrityError:  # Another replica provisioned it (one at a time: local.provisioning) and said so.
+            log.info("workspace of %s was recorded by another provisioner first", workspace.task_id)
+            return
         if workspace.vm_agent_url and workspace.provider == "local":  # The watcher follows local pids.
             self.on_ready(workspace.task_id, workspace.attempt)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -152,10 +154,17 @@ class LocalProvider:
         """If the task already has its vm_agent (a provisioner restarted after assigning it),
         that one's URL: the clone was done before it was assigned."""
         state_dir = self.vm_agent_dir(task_id, attempt=attempt)
+        async with provisioning(state_dir):  # One provisioner at a time (replicas share the data dir).
+            url_file = state_dir / "url"
+            if url_file.exists() and _assigned_vm_agent_alive(state_dir):
+                return url_file.read_text().strip()  # Another provisioner (or this one, before) did it.
+            await asyncio.to_thread(stop_unrecorded_vm_agent, state_dir)
+            return await self._clone_and_assign(task_id, repo, base_branch, agent=agent, attempt=attempt)
+
+    async def _clone_and_assign(self, task_id: str, repo: RepoUrl, base_branch: str | None, *, agent: str,
+                                attempt: int) -> str:
+        state_dir = self.vm_agent_dir(task_id, attempt=attempt)
         url_file = state_dir / "url"
-        if url_file.exists() and _assigned_vm_agent_alive(state_dir):
-            return url_file.read_text().strip()
-        await asyncio.to_thread(stop_unrecorded_vm_agent, state_dir)
         loop = asyncio.get_running_loop()
         started, ready_before = loop.time(), self.pool.ready_count
         workspace = self.workspace_dir(task_id, attempt=attempt)
@@ -221,6 +230,26 @@ def _assigned_vm_agent_alive(state_dir: Path) -> bool:
         return (state_dir / "credential_expires_at").exists() and process_alive(int((state_dir / "pid").read_text()))
     except (OSError, ValueError):
         return False
+
+
+@contextlib.asynccontextmanager
+async def provisioning(state_dir: Path) -> AsyncIterator[None]:
+    """Hold the workspace's provisioning lock (`state_dir/provisioning.lock`, an exclusive `flock`)
+    for the block: provisioner replicas sharing the data dir provision a workspace one at a time,
+    and one that died mid-way lets go (the kernel releases its lock), so whoever comes next may
+    stop the vm_agent it left unrecorded. Waits, without blocking the loop, while another holds it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "provisioning.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.1)  # Another provisioner is at it: its work decides ours.
+        yield
+    finally:
+        os.close(fd)  # Releases the lock.
 
 
 UNRECORDED_STOP_S = 10.0

@@ -166,3 +166,36 @@ def test_one_vm_agent_serves_a_workspace_and_one_left_unrecorded_is_stopped_befo
             _end_all(pool)
 
     asyncio.run(scenario())
+
+
+def test_two_provisioner_replicas_provisioning_one_workspace_at_once_give_it_one_vm_agent(
+        tmp_path: Path, nats: NatsServer) -> None:
+    """Replicas sharing the data dir may both set out to provision a task's workspace (one took
+    the partition over while the other still worked on it): they do it one at a time, the second
+    finds the first's vm_agent recorded and uses it; one clone, one vm_agent, both told its address."""
+    from services.provisioner.local import LocalProvider
+    from tests.support.git_remote import make_origin
+
+    async def scenario() -> None:
+        base = _settings(tmp_path, nats.url)
+        first, second = (LocalProvider(base.model_copy(update={"replica": (index, 2)}), ready_timeout_s=DEADLINE_S)
+                         for index in range(2))
+        origin = make_origin(tmp_path).as_uri()
+        try:
+            urls = await asyncio.wait_for(asyncio.gather(
+                first.provision("t1", origin, None, agent="shell"),
+                second.provision("t1", origin, None, agent="shell")), DEADLINE_S)
+            assert urls[0] == urls[1]
+            state_dir = first.vm_agent_dir("t1")
+            holder = workspace_lock.holder(state_dir)
+            assert holder is not None and holder == int((state_dir / "pid").read_text())
+            assert (first.workspace_dir("t1") / "README.md").exists(), "the clone is in the workspace"
+            assert (await first.pool.members.ask_alive("t1"))["task_id"] == "t1"
+        finally:
+            for provider in (first, second):
+                _end_all(provider.pool)
+            holder = workspace_lock.holder(first.vm_agent_dir("t1"))
+            if holder is not None:
+                os.killpg(holder, signal.SIGTERM)
+
+    asyncio.run(scenario())
