@@ -33,6 +33,14 @@ def test_a_frozen_monitor_replicas_quiet_partition_is_taken_over_and_the_missing
         stack.start()
         api = Api(stack.api, stack.token)
         origin = make_origin(tmp_path).as_uri()
+        # monitor-1 is to publish what it records once it takes over: it must hold the relay lease
+        # of the monitor's store, which only a dead holder gives up (a frozen one keeps it).
+        lease = stack.data_dir / "stores" / "monitor.sqlite.relay-lock"
+        wait_for(lambda: _lease_holder(lease) is not None, timeout_s=60, what="a monitor relay to hold the lease")
+        if _lease_holder(lease) != stack.service_pid("monitor-1"):
+            stack.kill_service("monitor-0")  # Its lease goes with it; monitor-1 takes it.
+        wait_for(lambda: _lease_holder(lease) == stack.service_pid("monitor-1"), timeout_s=60,
+                 what="monitor-1 to hold the relay lease")
         # Only monitor-0 reads for now: the task's events, and so its partition's pin, go to it.
         with frozen(stack, "monitor-1"):
             task_id = _submit_until_in_a_partition_of(api, origin, replica=0)
@@ -70,6 +78,14 @@ def _submit_until_in_a_partition_of(api: Api, origin: str, *, replica: int) -> s
         if partition_of(task_id) % 2 == replica:
             return task_id
     raise AssertionError("32 tasks and none in the partitions of that replica")
+
+
+def _lease_holder(lease: Path) -> int | None:
+    """The pid the relay holding a SQLite store's lease wrote in its lock file."""
+    try:
+        return int(lease.read_text().strip() or "x")
+    except (OSError, ValueError):
+        return None
 
 
 def _watched_by_the_monitor(stack: BatonStack) -> set[str]:
