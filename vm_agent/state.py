@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from pathlib import Path
 from services.runtime.bus import vm_agent_dead_letter_subject
 from services.runtime.git_safety import vm_agent_git_dir
 from services.runtime.relay import BatchPublisher, Relay
+from services.runtime.relay_lease import FileLease
 from services.runtime.repo_url import RepoCredential
 from services.runtime.store import ServiceStore, sqlite_env
 from vm_agent import workspace_lock
@@ -90,6 +90,8 @@ class VmAgent:
     permission_timeout_s: float = DEFAULT_TIMEOUT_S
     permissions: PermissionDesk | None = None
     """The session's open permission requests, when its task's policy is `ask`."""
+    workspace_lease: FileLease | None = None
+    """Its hold on its assigned state dir: one vm_agent per workspace (vm_agent/workspace_lock.py)."""
 
     @property
     def credential_expired(self) -> bool:
@@ -99,18 +101,20 @@ class VmAgent:
     async def assign(self, task_id: str, workspace: Path, state_dir: Path, *,
                      credential_expires_at: float, nats_credentials: str | None,
                      repo_credential: RepoCredential | None = None) -> None:
-        lock = workspace_lock.hold(state_dir)  # WorkspaceTaken: another vm_agent serves it.
+        lease = workspace_lock.hold(state_dir)  # WorkspaceTaken: another vm_agent serves it.
         try:
             self.publisher = await self.connect(task_id, nats_credentials)
         except BaseException:
-            os.close(lock)
+            lease.release()
             raise
+        self.workspace_lease = lease  # Kept for this process's life.
         store = open_vm_agent_store(state_dir)
         end_unfinished_session(
             store, task_id, reason="the vm_agent restarted while the agent was running; the run was lost"
         )
-        # No lease: only this process records in its store while it runs (it holds the state dir's
-        # lock, kept open for its whole life), and each record wakes the relay; its poll is a rare safety net (a lingering vm_agent stays idle).
+        # No relay lease: only this process records in its store while it runs (it holds the state
+        # dir's lease for its whole life), and each record wakes the relay; its poll is a rare
+        # safety net (a lingering vm_agent stays idle).
         relay = asyncio.get_running_loop().create_task(Relay(
             store, self.publisher, dead_letter_subject=vm_agent_dead_letter_subject(task_id),
             on_dead_letter=self._end_session_for_lost_event, lease=None).run(poll_interval_s=10.0))

@@ -15,6 +15,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from services.runtime.relay_lease import FileLease
+
 LOCK_NAME = "vm_agent.lock"
 
 
@@ -27,19 +29,14 @@ class WorkspaceTaken(Exception):
                          f"workspace of {state_dir.name}")
 
 
-def hold(state_dir: Path) -> int:
-    """Hold `state_dir` for this process's life; the lock's file descriptor (close it to let go).
-    Raises WorkspaceTaken if another process holds it."""
+def hold(state_dir: Path) -> FileLease:
+    """Hold `state_dir` while the returned lease is kept (its `release` lets go; so does the
+    process's end). Raises WorkspaceTaken if another process holds it."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise WorkspaceTaken(state_dir, holder(state_dir)) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
+    lease = FileLease(state_dir / LOCK_NAME)  # The relays' lock on a file: flock, its holder's pid in it.
+    if not lease.take():
+        raise WorkspaceTaken(state_dir, holder(state_dir))
+    return lease
 
 
 def holder(state_dir: Path) -> int | None:

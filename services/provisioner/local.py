@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import secrets
@@ -21,6 +20,7 @@ from services.provisioner.providers import ProvisionError
 from services.provisioner.vm_agents import VmAgentPool
 from services.pull_requests.github import token_credential
 from services.runtime.credentials import CredentialVault
+from services.runtime.relay_lease import FileLease
 from services.runtime.git_safety import (
     credential_config, git_environment, hardened_config, redact, save_clone_git_dir,
 )
@@ -239,17 +239,13 @@ async def provisioning(state_dir: Path) -> AsyncIterator[None]:
     and one that died mid-way lets go (the kernel releases its lock), so whoever comes next may
     stop the vm_agent it left unrecorded. Waits, without blocking the loop, while another holds it."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "provisioning.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    lease = FileLease(state_dir / "provisioning.lock")  # The relays' lock on a file.
+    while not lease.take():
+        await asyncio.sleep(0.1)  # Another provisioner is at it: its work decides ours.
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                await asyncio.sleep(0.1)  # Another provisioner is at it: its work decides ours.
         yield
     finally:
-        os.close(fd)  # Releases the lock.
+        lease.release()
 
 
 UNRECORDED_STOP_S = 10.0

@@ -28,7 +28,7 @@ async def send_heartbeats(
     replica: int = 0,
 ) -> None:
     """`details`, if given, is what the service reports about itself in `/api/health`; `replica`:
-    which of its service's replicas this process is (ReplicaLiveness)."""
+    which of its service's replicas this process is (HeartbeatBoard.replica_alive)."""
     body: dict[str, Any] = {"service": service, "pid": os.getpid(), "faults": sorted(faults), "replica": replica}
     while True:
         if nc.is_connected:
@@ -40,22 +40,29 @@ async def send_heartbeats(
 
 @dataclass
 class HeartbeatBoard:
-    """Who was heard from, and when (monotonic seconds)."""
+    """Who was heard from, and when (monotonic seconds): each service, and each of its replicas."""
 
     stale_after_s: float = 5.0
     last_seen: dict[str, float] = field(default_factory=dict)
+    replicas_seen: dict[tuple[str, int], float] = field(default_factory=dict)
     faults: dict[str, list[str]] = field(default_factory=dict)
     details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    listening_since: float | None = None
 
-    async def follow(self, nc: Client) -> None:
+    async def follow(self, nc: Client, service: str = "*") -> None:
+        """Hear the heartbeats of `service` (every service: "*")."""
         async def on_beat(msg) -> None:
             body = json.loads(msg.data)
-            self.last_seen[body["service"]] = time.monotonic()
+            now = time.monotonic()
+            self.last_seen[body["service"]] = now
+            if isinstance(body.get("replica"), int):
+                self.replicas_seen[(body["service"], body["replica"])] = now
             self.faults[body["service"]] = body.get("faults", [])
             if "details" in body:
                 self.details[body["service"]] = body["details"]
 
-        await nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=on_beat)
+        await nc.subscribe(f"{HEARTBEAT_SUBJECT}.{service}", cb=on_beat)
+        self.listening_since = time.monotonic()
 
     def status(self) -> dict[str, bool]:
         now = time.monotonic()
@@ -64,30 +71,11 @@ class HeartbeatBoard:
             for name in REQUIRED_SERVICES
         }
 
-
-@dataclass
-class ReplicaLiveness:
-    """Which replicas of one service are alive: those heard on `baton.heartbeat.<service>` within
-    `stale_after_s` (each heartbeat says its replica). Until it has listened that long, it takes
-    every replica for alive: it may not have heard them yet."""
-
-    service: str
-    stale_after_s: float = 5.0
-    last_seen: dict[int, float] = field(default_factory=dict)
-    listening_since: float | None = None
-
-    async def follow(self, nc: Client) -> None:
-        async def on_beat(msg) -> None:
-            replica = json.loads(msg.data).get("replica")
-            if isinstance(replica, int):
-                self.last_seen[replica] = time.monotonic()
-
-        await nc.subscribe(f"{HEARTBEAT_SUBJECT}.{self.service}", cb=on_beat)
-        self.listening_since = time.monotonic()
-
-    def alive(self, replica: int) -> bool:
+    def replica_alive(self, service: str, replica: int) -> bool:
+        """Whether `service`'s replica `replica` was heard within `stale_after_s`. Until the board
+        has listened that long it takes every replica for alive: it may not have heard them yet."""
         now = time.monotonic()
         if self.listening_since is None or now - self.listening_since < self.stale_after_s:
             return True
-        seen = self.last_seen.get(replica)
+        seen = self.replicas_seen.get((service, replica))
         return seen is not None and now - seen < self.stale_after_s

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from services.runtime.bus import Bus
 from services.runtime.consumer import Handler, Subscription, run_all, subscriptions_for
 from services.runtime.partitions import HeldPartitions, consume
-from services.runtime.heartbeat import ReplicaLiveness, send_heartbeats
+from services.runtime.heartbeat import HeartbeatBoard, send_heartbeats
 from services.runtime.relay import Relay
 from services.runtime.settings import Settings
 from services.runtime.store import ServiceStore
@@ -32,9 +33,9 @@ async def serve(
     subscriptions = [*(subscriptions or ()), *subscriptions_for(handlers or {})]
     relay = Relay(store, bus)
     if held_partitions is not None and not held_partitions.sole:
-        liveness = ReplicaLiveness(name)  # Who takes a dead replica's quiet partitions.
-        await liveness.follow(bus.nc)
-        held_partitions.replica_alive = liveness.alive
+        replicas = HeartbeatBoard()  # Who takes a dead replica's quiet partitions.
+        await replicas.follow(bus.nc, service=name)
+        held_partitions.replica_alive = functools.partial(replicas.replica_alive, name)
     await run_all(
         relay.run(),
         send_heartbeats(bus.nc, name, faults=settings.faults, details=with_relay_backlog(relay, details),

@@ -143,16 +143,16 @@ def test_a_quiet_partition_whose_preferring_replica_is_dead_is_held_by_the_next_
 
 
 def test_replica_liveness_hears_each_replica_and_trusts_all_until_it_has_listened_long_enough(monkeypatch):
-    from services.runtime.heartbeat import ReplicaLiveness
+    from services.runtime.heartbeat import HeartbeatBoard
 
-    liveness = ReplicaLiveness("monitor", stale_after_s=5.0)
-    assert liveness.alive(1), "not listening yet: taken for alive"
+    board = HeartbeatBoard(stale_after_s=5.0)
+    assert board.replica_alive("monitor", 1), "not listening yet: taken for alive"
     now = 1000.0
     monkeypatch.setattr("services.runtime.heartbeat.time.monotonic", lambda: now)
-    liveness.listening_since = now - 1.0
-    liveness.last_seen = {0: now - 0.5}
-    assert liveness.alive(1), "listening for only a second: not judged yet"
-    liveness.listening_since = now - 6.0
-    assert liveness.alive(0) and not liveness.alive(1)
-    liveness.last_seen[0] = now - 5.5
-    assert not liveness.alive(0)
+    board.listening_since = now - 1.0
+    board.replicas_seen = {("monitor", 0): now - 0.5}
+    assert board.replica_alive("monitor", 1), "listening for only a second: not judged yet"
+    board.listening_since = now - 6.0
+    assert board.replica_alive("monitor", 0) and not board.replica_alive("monitor", 1)
+    board.replicas_seen[("monitor", 0)] = now - 5.5
+    assert not board.replica_alive("monitor", 0)
