@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nats
-import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -64,8 +63,10 @@ async def subscribe(nats_url: str, creds: str | Path, durable: str, *,
         while True:
             try:
                 messages = await reader.fetch(FETCH_BATCH, timeout=FETCH_WAIT_S)
-            except nats.errors.TimeoutError:
-                continue  # Nothing new yet.
+            except TimeoutError:
+                # Nothing new yet. (nats-py raises its own TimeoutError, or a bare one when the
+                # fetch's deadline runs out between its two pull requests, as under load.)
+                continue
             for message in messages:
                 received = _received(message.data, message.metadata.sequence.stream)
                 if received is not None:

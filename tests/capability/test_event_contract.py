@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import jsonschema
 import nats
-import nats.errors
 import pytest
 
 from events import STREAM, task_subjects
@@ -27,12 +26,13 @@ async def stream_envelopes(stack: BatonStack, task_id: str) -> list[dict]:
     try:
         reader = await nc.jetstream().pull_subscribe(task_subjects(task_id), stream=STREAM)
         envelopes: list[dict] = []
-        while True:
-            try:
-                batch = await reader.fetch(100, timeout=2)
-            except nats.errors.TimeoutError:
-                return envelopes
-            envelopes += [json.loads(message.data) for message in batch]
+        # As many as the consumer says the stream holds for the task: no timeout stands for "the end".
+        pending = (await reader.consumer_info()).num_pending
+        while len(envelopes) < pending:
+            for message in await reader.fetch(min(pending - len(envelopes), 100), timeout=30):
+                envelopes.append(json.loads(message.data))
+                await message.ack()
+        return envelopes
     finally:
         await nc.close()
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import nats
 import nats.errors
 import pytest
+from nats.js import JetStreamContext
 
 from events import STREAM, Envelope, TaskCompleted
 from events.client import reader_inbox, subscribe
@@ -107,6 +108,29 @@ def test_a_read_only_credential_consumes_and_cannot_publish_or_delete_anything(
     events = api.events(task_id)
     assert [e["type"] for e in events].count("TaskCompleted") == 1
     assert all(e["data"].get("branch") != "evil" for e in events)
+
+
+def test_a_reader_goes_on_past_a_fetch_that_times_out_with_a_bare_timeout_error(
+        stack: BatonStack, api: Api, origin: Path, tmp_path: Path, reader_name: str,
+        monkeypatch: pytest.MonkeyPatch):
+    # nats-py's fetch raises a bare asyncio.TimeoutError, not its own, when its deadline runs out
+    # between its two pull requests (seen under load in CI); for a reader that is "nothing yet".
+    fetch = JetStreamContext.PullSubscription.fetch
+    timed_out: list[int] = []
+
+    async def first_times_out(self, *args, **kwargs):  # noqa: ANN001, ANN202 - fetch's own signature
+        if not timed_out:
+            timed_out.append(1)
+            raise asyncio.TimeoutError
+        return await fetch(self, *args, **kwargs)
+
+    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", first_times_out)
+    task_id = api.submit(repo=origin.as_uri(), prompt="echo late > late.txt", agent="shell")["task_id"]
+    assert_flow_completes(api, task_id, timeout_s=120)
+    creds = issue(stack, tmp_path, reader_name)
+
+    assert asyncio.run(first_event(stack, creds, f"reader-{reader_name}")).type == "TaskSubmitted"
+    assert timed_out
 
 
 def test_a_revoked_credential_is_refused_at_once(stack: BatonStack, tmp_path: Path, reader_name: str):
