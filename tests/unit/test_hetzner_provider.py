@@ -91,11 +91,10 @@ async def test_no_location_with_room_fails_naming_resource_unavailable(fake, tok
 
 
 async def test_a_bad_token_fails_at_once_with_a_clear_reason(fake, token):
-    started = time.monotonic()
     with pytest.raises(ProvisionError) as failure:
         await provider_on(fake, "not-the-token", Recorded()).provision(order())
     assert str(failure.value) == "Hetzner refused the API token (unauthorized): check BATON_HCLOUD_TOKEN"
-    assert time.monotonic() - started < 2 and len(fake.state.requests) == 1  # not retried
+    assert len(fake.state.requests) == 1  # Not retried: one request, then the reason.
     assert fake.servers() == []
 
 
