@@ -47,6 +47,7 @@ from events.envelope import task_id_problem
 from services.runtime.logs import mask_credentials, setup_logging
 from services.runtime.nats_auth import InstallAuth, install_auth_dir
 from services.runtime.settings import Settings
+from services.runtime.watchdog import feed_watchdog
 from vm_agent.sandbox import Sandbox
 
 app = typer.Typer(
@@ -100,7 +101,11 @@ def service(name: Annotated[str, typer.Argument(help=", ".join(SERVICE_NAMES))])
 
     async def main() -> None:
         stopper.attach(asyncio.get_running_loop(), asyncio.current_task())
-        await module.run(Settings())
+        alive = asyncio.create_task(feed_watchdog())  # Pings from this loop while it turns.
+        try:
+            await module.run(Settings())
+        finally:
+            alive.cancel()
 
     try:
         asyncio.run(main())

@@ -14,6 +14,11 @@ dir in its environment, which is how it is found again:
 - One `baton up` per data dir (a lock), and it first stops whatever a previous one on the
   same data dir left running: those processes belong to a run that is over, and a vm_agent of
   it, once gone, is settled by the provisioner's watcher (its task ends with a reason).
+
+A service that hangs (stopped, its event loop blocked) is killed and restarted too: each pings
+the supervisor's watchdog socket from its event loop, systemd's way (`runtime/watchdog.py`), and
+one silent for `BATON_WATCHDOG_S` gets SIGKILL, which frees what it held (its store's relay
+lease first of all).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import ctypes
 import fcntl
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -35,6 +41,7 @@ from services import registry
 from services.runtime.nats_auth import InstallAuth, bus_is_open, install_auth_dir
 from services.runtime.nats_server import NatsServerError, nats_server_binary
 from services.runtime.settings import Settings, write_private
+from services.runtime.watchdog import WatchdogListener
 
 SERVICE_NAMES = registry.SERVICE_NAMES
 
@@ -188,10 +195,13 @@ class Child:
     process: subprocess.Popen | None = None
     restarts: int = 0
     restart_at: float | None = None
+    pinged_at: float | None = None
+    """When its last watchdog ping came (time.monotonic()); None until its first one."""
     own_env: dict[str, str] = field(default_factory=dict)
     """What this one process gets besides the shared environment (a replica: BATON_REPLICA, its port)."""
 
     def start(self, env: dict[str, str]) -> None:
+        self.pinged_at = None
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**env, **self.own_env},
@@ -245,6 +255,7 @@ class Supervisor:
     """Whether NATS let an anonymous client in (checked at start); None if it was not reached."""
     replicas: int = 1
     """Processes of each service (`baton up --replicas N`)."""
+    watchdog: WatchdogListener | None = None
 
     def start(self) -> None:
         """Start NATS (if needed) and every service; returns once all are spawned."""
@@ -267,6 +278,12 @@ class Supervisor:
             "BATON_PORT": str(self.settings.port),
             "BATON_FAULTS": ",".join(sorted(self.settings.faults)),
         }
+        for inherited in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # Ours to give, not systemd's.
+            env.pop(inherited, None)
+        if self.settings.watchdog_s > 0:
+            self.watchdog = WatchdogListener(f"baton-watchdog-{os.getpid()}-{secrets.token_hex(4)}",
+                                             self.settings.watchdog_s)
+            env.update(self.watchdog.env())
         if self.settings.database_url:
             env["BATON_DATABASE_URL"] = self.settings.database_url
         self._env = env
@@ -367,8 +384,10 @@ class Supervisor:
         return f"nats://127.0.0.1:{port}"
 
     def check(self) -> None:
-        """Restart any service that died (with backoff); call this every fraction of a second."""
+        """Restart any service that died (with backoff), kill any that hung (its watchdog pings
+        stopped); call this every fraction of a second."""
         now = time.monotonic()
+        self._kill_the_hung(now)
         for child in self.children.values():
             assert child.process is not None
             if child.process.poll() is None:
@@ -386,6 +405,21 @@ class Supervisor:
             raise SupervisorError(f"nats-server exited with code {self.nats.returncode}; "
                                   f"see {self.settings.data_dir / 'logs' / 'nats.log'}")
 
+    def _kill_the_hung(self, now: float) -> None:
+        """SIGKILL to every running service that pinged the watchdog once and then fell silent
+        for its interval: stopped or stuck, it holds leases only a live process should."""
+        if self.watchdog is None:
+            return
+        by_pid = {child.process.pid: child for child in self.children.values() if child.running}
+        for pid in self.watchdog.senders():
+            if pid in by_pid:
+                by_pid[pid].pinged_at = now
+        for child in by_pid.values():
+            if child.pinged_at is not None and now - child.pinged_at > self.watchdog.interval_s:
+                self.say(f"service {child.name} (pid {child.process.pid}) sent no watchdog ping for "
+                         f"{now - child.pinged_at:.0f}s (hung or stopped); killed (log: {child.log_path})")
+                child.kill()
+
     def stop(self) -> None:
         """Services (all at once), then every vm_agent and agent, then NATS: each step runs even
         if the one before it was interrupted, and each is bounded by `stop_deadline_s`."""
@@ -399,6 +433,8 @@ class Supervisor:
             finally:
                 marks.append(("vm_agents", time.monotonic()))
                 running_nats_url_path(self.settings).unlink(missing_ok=True)
+                if self.watchdog is not None:
+                    self.watchdog.close()
                 self._stop_nats()
                 marks.append(("nats", time.monotonic()))
                 if self.children:

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     works, else none, said loudly), `none`."""
     vm_agent_credential_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     """How long a vm_agent's token and NATS credential stay valid after its workspace is assigned."""
+    watchdog_s: float = Field(default=10.0, ge=0)
+    """`baton up` kills and restarts a service that pinged its watchdog and then fell silent
+    this long (a stopped or stuck process keeps its store's relay lease); 0 turns it off."""
 
     # --- Providers (issue 14): where a task's workspace runs (docs/hetzner.md). ---
     provider: str = "local"

@@ -1,6 +1,11 @@
-"""A replica that dies holding a quiet partition: no event comes to move the partition's pin (the
-handoff its tasks wait for is the one that went missing), so the other replicas learn of the death
-from its silence on the heartbeat subject and take the partition over: the gap is still named."""
+"""Replicas that hang (SIGSTOP: alive, silent) lose nothing.
+
+- One holding a quiet partition: no event comes to move the partition's pin (the handoff its
+  tasks wait for is the one that went missing), so the other replicas learn of the hang from its
+  silence on the heartbeat subject and take the partition over: the gap is still named.
+- One holding its store's relay lease, which the kernel keeps for as long as the process
+  exists: `baton up`'s watchdog kills it (and restarts it), so what the other replica records
+  for the task is published and the task completes."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from events import partition_of
+from events.flow import DEADLINES
 from services.monitor.domain import Watch
 from services.runtime.store import ServiceStore, sqlite_env
 from tests.capability.test_flow_monitor import fast_monitor
@@ -27,8 +33,9 @@ pytestmark = pytest.mark.capability
 def test_a_frozen_monitor_replicas_quiet_partition_is_taken_over_and_the_missing_handoff_named(tmp_path: Path):
     nats = NatsServer(store_dir=tmp_path / "nats", trusting=tmp_path / "baton").start()
     # WorkspaceReady never comes (fault); its deadline is short, every other one long.
+    # The watchdog off: this is the heartbeats' doing, and monitor-0 stays frozen past its interval.
     stack = BatonStack(nats=nats, data_dir=tmp_path / "baton", replicas=2, faults="workspace_ready",
-                       extra_env=fast_monitor("WorkspaceReady"))
+                       extra_env={**fast_monitor("WorkspaceReady"), "BATON_WATCHDOG_S": "0"})
     try:
         stack.start()
         api = Api(stack.api, stack.token)
@@ -58,6 +65,45 @@ def test_a_frozen_monitor_replicas_quiet_partition_is_taken_over_and_the_missing
         assert f"partition {partition_of(task_id)} taken" in log, log[-3000:]
     finally:
         stop_soon(stack, nats)
+
+
+def test_a_frozen_replica_holding_its_stores_relay_lease_is_killed_and_the_task_completes(tmp_path: Path):
+    nats = NatsServer(store_dir=tmp_path / "nats", trusting=tmp_path / "baton").start()
+    generous = ",".join(f"{d.expected}=600" for d in DEADLINES)  # Only the watchdog is on trial.
+    stack = BatonStack(nats=nats, data_dir=tmp_path / "baton", replicas=2,
+                       extra_env={"BATON_DEADLINES": generous, "BATON_WATCHDOG_S": "4"})
+    try:
+        stack.start()
+        api = Api(stack.api, stack.token)
+        lease = stack.data_dir / "stores" / "task-runner.sqlite.relay-lock"
+        wait_for(lambda: _lease_holder(lease) is not None, timeout_s=60, what="a task-runner relay to hold the lease")
+        [holder] = [name for name in ("task-runner-0", "task-runner-1")
+                    if stack.service_pid(name) == _lease_holder(lease)]
+        frozen_pid = stack.service_pid(holder)
+        os.kill(frozen_pid, signal.SIGSTOP)
+        try:
+            # Whichever replica's partition the task is in, the other handles it (the frozen one
+            # is silent on the heartbeats) and records what it did in the shared store; only the
+            # lease holder's relay may publish it.
+            task_id = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="echo hi > hi.txt\n",
+                                 agent="shell")["task_id"]
+            events = api.wait_for_end(task_id, timeout_s=120)
+        finally:
+            _resume(frozen_pid)
+        assert events[-1]["type"] == "TaskCompleted", [e["type"] for e in events]
+        said = stack.log_path.read_text()
+        assert f"service {holder} (pid {frozen_pid}) sent no watchdog ping" in said, said[-3000:]
+        wait_for(lambda: stack.service_pid(holder) != frozen_pid, timeout_s=30, what=f"{holder} restarted")
+        assert _lease_holder(lease) != frozen_pid
+    finally:
+        stop_soon(stack, nats)
+
+
+def _resume(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass  # Killed, as it should be.
 
 
 @contextmanager

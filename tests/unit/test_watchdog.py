@@ -1,0 +1,64 @@
+"""The watchdog protocol (systemd's sd_notify `WATCHDOG=1`) between a service and `baton up`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from services.runtime.watchdog import WatchdogListener, watchdog_interval_s
+from tests.support.waiting import wait_for
+
+FEEDER = "import asyncio; from services.runtime.watchdog import feed_watchdog; asyncio.run(feed_watchdog())"
+
+
+@pytest.fixture
+def listener() -> Iterator[WatchdogListener]:
+    watchdog = WatchdogListener(f"baton-test-watchdog-{os.getpid()}-{time.monotonic_ns()}", 0.4)
+    try:
+        yield watchdog
+    finally:
+        watchdog.close()
+
+
+def test_a_process_is_watched_only_with_a_socket_and_an_interval_meant_for_it():
+    assert watchdog_interval_s({}) is None
+    assert watchdog_interval_s({"NOTIFY_SOCKET": "@x"}) is None
+    assert watchdog_interval_s({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "0"}) is None
+    assert watchdog_interval_s({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "2500000"}) == 2.5
+    # systemd names the process the interval is for: a child of it is not watched.
+    assert watchdog_interval_s({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "2500000",
+                                "WATCHDOG_PID": str(os.getpid() + 1)}) is None
+    assert watchdog_interval_s({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "2500000",
+                                "WATCHDOG_PID": str(os.getpid())}) == 2.5
+
+
+def test_pings_are_told_apart_by_their_sender_and_stop_when_the_sender_is_stopped(listener: WatchdogListener):
+    env = {**os.environ, **listener.env()}
+    feeder = subprocess.Popen([sys.executable, "-c", FEEDER], env=env)
+    try:
+        heard: list[int] = []
+        wait_for(lambda: heard.extend(listener.senders()) or feeder.pid in heard, timeout_s=30,
+                 what="a ping from the feeder")
+        assert set(heard) == {feeder.pid}  # The kernel's word for who sent it, not the message's.
+        os.kill(feeder.pid, signal.SIGSTOP)
+        wait_for(lambda: _state(feeder.pid) == "T", timeout_s=30, what="the feeder stopped")
+        listener.senders()  # What it sent before it stopped.
+        time.sleep(1.0)  # The window watched: 2.5 intervals, in which a running feeder pings ~10 times.
+        assert listener.senders() == []
+        os.kill(feeder.pid, signal.SIGCONT)
+        wait_for(lambda: feeder.pid in listener.senders(), timeout_s=30, what="pings again once resumed")
+    finally:
+        feeder.kill()
+        feeder.wait()
+
+
+def _state(pid: int) -> str:
+    """The process's state letter in /proc (T: stopped)."""
+    stat = open(f"/proc/{pid}/stat").read()
+    return stat[stat.rindex(")") + 2]
