@@ -41,7 +41,7 @@ from services import registry
 from services.runtime.nats_auth import InstallAuth, bus_is_open, install_auth_dir
 from services.runtime.nats_server import NatsServerError, nats_server_binary
 from services.runtime.settings import Settings, write_private
-from services.runtime.watchdog import WatchdogListener
+from services.runtime.watchdog import WatchdogListener, WatchdogPinger
 
 SERVICE_NAMES = registry.SERVICE_NAMES
 
@@ -256,6 +256,9 @@ class Supervisor:
     replicas: int = 1
     """Processes of each service (`baton up --replicas N`)."""
     watchdog: WatchdogListener | None = None
+    """Where the services' watchdog pings arrive (None: BATON_WATCHDOG_S=0)."""
+    watched_by: WatchdogPinger | None = None
+    """`baton up`'s own watchdog, when systemd gives it one (its unit's WatchdogSec)."""
 
     def start(self) -> None:
         """Start NATS (if needed) and every service; returns once all are spawned."""
@@ -278,6 +281,7 @@ class Supervisor:
             "BATON_PORT": str(self.settings.port),
             "BATON_FAULTS": ",".join(sorted(self.settings.faults)),
         }
+        self.watched_by = WatchdogPinger.for_this_process()
         for inherited in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # Ours to give, not systemd's.
             env.pop(inherited, None)
         if self.settings.watchdog_s > 0:
@@ -387,6 +391,8 @@ class Supervisor:
         """Restart any service that died (with backoff), kill any that hung (its watchdog pings
         stopped); call this every fraction of a second."""
         now = time.monotonic()
+        if self.watched_by is not None:
+            self.watched_by.ping_if_due(now)
         self._kill_the_hung(now)
         for child in self.children.values():
             assert child.process is not None

@@ -12,7 +12,8 @@ environment, its event loop sends `WATCHDOG=1` to that socket several times per 
   heard from and then goes silent for the interval is killed (SIGKILL also ends a stopped
   process), which frees its leases, and restarted like any dead child.
 - Under systemd (a service per unit, `WatchdogSec=` and `NotifyAccess=main`), systemd is the
-  listener and does the same; nothing in Baton changes.
+  listener and does the same; nothing in Baton changes. `baton up` itself pings a watchdog systemd
+  gives it from its supervising loop.
 """
 
 from __future__ import annotations
@@ -48,21 +49,50 @@ def _address(name: str) -> str | bytes:
     return b"\0" + name[1:].encode() if name.startswith("@") else name
 
 
+class WatchdogPinger:
+    """What a watched process sends its watchdog: `WATCHDOG=1` every `every_s`."""
+
+    def __init__(self, socket_name: str, interval_s: float) -> None:
+        self.every_s = interval_s / PINGS_PER_INTERVAL
+        self._address = _address(socket_name)
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._socket.setblocking(False)
+        self._last = float("-inf")
+
+    @classmethod
+    def for_this_process(cls, env: Mapping[str, str] = os.environ) -> WatchdogPinger | None:
+        """The pinger `env` asks this process for, or None when nobody watches it."""
+        interval_s = watchdog_interval_s(env)
+        return None if interval_s is None else cls(env["NOTIFY_SOCKET"], interval_s)
+
+    def ping(self) -> None:
+        try:
+            self._socket.sendto(b"WATCHDOG=1", self._address)
+        except OSError as error:  # The listener is gone or busy: it judges by what arrives.
+            log.debug("watchdog ping not sent: %s", error)
+
+    def ping_if_due(self, now: float) -> None:
+        """For a loop that turns more often than `every_s` (time.monotonic() as `now`)."""
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.ping()
+
+    def close(self) -> None:
+        self._socket.close()
+
+
 async def feed_watchdog(env: Mapping[str, str] = os.environ) -> None:
     """Say `WATCHDOG=1` from the event loop, PINGS_PER_INTERVAL times per interval, until
     cancelled: when the loop stops turning, so do the pings. Returns at once if unwatched."""
-    interval_s = watchdog_interval_s(env)
-    if interval_s is None:
+    pinger = WatchdogPinger.for_this_process(env)
+    if pinger is None:
         return
-    address = _address(env["NOTIFY_SOCKET"])
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
-        notify.setblocking(False)
+    try:
         while True:
-            try:
-                notify.sendto(b"WATCHDOG=1", address)
-            except OSError as error:  # The listener is gone or busy: it judges by what arrives.
-                log.debug("watchdog ping not sent: %s", error)
-            await asyncio.sleep(interval_s / PINGS_PER_INTERVAL)
+            pinger.ping()
+            await asyncio.sleep(pinger.every_s)
+    finally:
+        pinger.close()
 
 
 class WatchdogListener:

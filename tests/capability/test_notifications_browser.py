@@ -50,8 +50,9 @@ def recording_context(browser: Browser, stack: BatonStack, *, granted: bool) -> 
 def test_the_watched_task_notifies_when_it_completes_or_fails_and_permission_is_asked_on_a_click(
         tmp_path: Path, browser: Browser):
     # A follow-up's push never comes (fault follow_up_push): the task fails in its second turn,
-    # while its page is open, seconds after the follow-up (a deadline of 2 s for the push).
-    faulty_turn_two = {"BATON_DEADLINES": "BranchPushed=2", "BATON_OVERDUE_BACKOFF_S": "0.5"}
+    # while its page is open, seconds after the follow-up (a deadline for the push short enough for
+    # the test, long enough that the first turn's real push makes it on a loaded machine: 2 s did not).
+    faulty_turn_two = {"BATON_DEADLINES": "BranchPushed=12", "BATON_OVERDUE_BACKOFF_S": "0.5"}
     with running_stack(tmp_path / "stack", faults="follow_up_push", env=faulty_turn_two) as stack:
         api = Api(stack.api, stack.token)
         origin = make_origin(tmp_path)

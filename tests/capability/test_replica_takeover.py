@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from events import partition_of
 from events.flow import DEADLINES
 from services.monitor.domain import Watch
 from services.runtime.store import ServiceStore, sqlite_env
+from services.runtime.watchdog import WatchdogListener
 from tests.capability.test_flow_monitor import fast_monitor
 from tests.support.api import Api
 from tests.support.git_remote import make_origin
@@ -70,8 +72,10 @@ def test_a_frozen_monitor_replicas_quiet_partition_is_taken_over_and_the_missing
 def test_a_frozen_replica_holding_its_stores_relay_lease_is_killed_and_the_task_completes(tmp_path: Path):
     nats = NatsServer(store_dir=tmp_path / "nats", trusting=tmp_path / "baton").start()
     generous = ",".join(f"{d.expected}=600" for d in DEADLINES)  # Only the watchdog is on trial.
+    # baton up run as a systemd unit with WatchdogSec: this test listens where systemd would.
+    systemd = WatchdogListener(f"baton-test-systemd-{os.getpid()}-{time.monotonic_ns()}", 60.0)
     stack = BatonStack(nats=nats, data_dir=tmp_path / "baton", replicas=2,
-                       extra_env={"BATON_DEADLINES": generous, "BATON_WATCHDOG_S": "4"})
+                       extra_env={"BATON_DEADLINES": generous, "BATON_WATCHDOG_S": "4", **systemd.env()})
     try:
         stack.start()
         api = Api(stack.api, stack.token)
@@ -95,7 +99,10 @@ def test_a_frozen_replica_holding_its_stores_relay_lease_is_killed_and_the_task_
         assert f"service {holder} (pid {frozen_pid}) sent no watchdog ping" in said, said[-3000:]
         wait_for(lambda: stack.service_pid(holder) != frozen_pid, timeout_s=30, what=f"{holder} restarted")
         assert _lease_holder(lease) != frozen_pid
+        # baton up pings systemd's watchdog itself, and keeps it from its services (they ping its own).
+        assert set(systemd.senders()) == {stack.process.pid}
     finally:
+        systemd.close()
         stop_soon(stack, nats)
 
 
