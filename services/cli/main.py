@@ -32,16 +32,10 @@ from services.cli.client import ApiError, ApiToken, BatonClient, TokenOption, fi
 from services.cli.follow import follow_task, render_event
 from services.cli.nats_config import nats_config
 from services.cli.permissions import permissions
-from services.cli.supervisor import (
-    SERVICE_NAMES,
-    SERVICE_STOP_GRACE_S,
-    STOP_DEADLINE_S,
-    SUPERVISOR_PID_ENV,
-    Supervisor,
-    SupervisorError,
-    die_with_parent,
-    stop_data_dir_processes,
+from services.cli.data_dir_processes import (
+    STOP_DEADLINE_S, SUPERVISOR_PID_ENV, die_with_parent, stop_data_dir_processes,
 )
+from services.cli.supervisor import SERVICE_NAMES, SERVICE_STOP_GRACE_S, Supervisor, SupervisorError
 from events.asyncapi import asyncapi_document
 from events.envelope import task_id_problem
 from services.runtime.logs import mask_credentials, setup_logging

@@ -19,6 +19,7 @@ from services.runtime.streams import stream_events
 from services.cli.supervisor import SERVICE_NAMES
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
+from tests.support.gate import Gate, gate
 from tests.support.nats_cluster import NatsCluster, running_nats_cluster, stream_leader
 from tests.support.postgres import fresh_postgres_database
 from tests.support.processes import BatonStack
@@ -27,8 +28,14 @@ from tests.support.waiting import wait_for
 pytestmark = pytest.mark.capability
 
 TASKS = 10
-LINES = 60
-PROMPT = f"for i in $(seq 1 {LINES}); do echo line-$i; sleep 0.5; done\necho done > out.txt"
+
+
+def prompt(until: Gate) -> str:
+    """A line every half second until the test has done its rounds (a loaded machine makes the
+    rounds slow, and a task that ended before the last one would leave nothing to move on), then
+    how many lines it wrote."""
+    return (f"i=0\nuntil {until.is_open_command()}; do i=$((i+1)); echo line-$i; sleep 0.5; done\n"
+            "echo lines-$i\necho done > out.txt\n")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +50,13 @@ def cluster_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ba
             yield stack, cluster
         finally:
             stack.stop()
+
+
+@pytest.fixture
+def rounds_done() -> Iterator[Gate]:
+    """Shut while the test kills things; the tasks run until it opens."""
+    with gate() as shut:
+        yield shut
 
 
 async def stream_facts(stack: BatonStack, cluster: NatsCluster) -> tuple[str | None, int, list[str]]:
@@ -87,12 +101,13 @@ def outputs_per_attempt(events: list[dict]) -> list[list[dict]]:
 
 
 def test_nothing_is_lost_doubled_or_reordered_while_nats_nodes_and_replicas_die(
-        cluster_stack: tuple[BatonStack, NatsCluster], origin: Path):
+        cluster_stack: tuple[BatonStack, NatsCluster], origin: Path, rounds_done: Gate):
     stack, cluster = cluster_stack
     api = Api(stack.api, stack.token)
     leader, replicas, _ = asyncio.run(stream_facts(stack, cluster))
     assert replicas == 3 and leader is not None  # The stream was made R3 on the cluster.
-    tasks = [api.submit(repo=origin.as_uri(), prompt=PROMPT, agent="shell")["task_id"] for _ in range(TASKS)]
+    tasks = [api.submit(repo=origin.as_uri(), prompt=prompt(until=rounds_done), agent="shell")["task_id"]
+             for _ in range(TASKS)]
 
     # Three rounds: kill -9 one NATS node (the stream's leader in the first) and one replica of
     # every service, let the tasks go on, bring the node back.
@@ -100,7 +115,8 @@ def test_nothing_is_lost_doubled_or_reordered_while_nats_nodes_and_replicas_die(
         return sum(len(api.events(task_id)) for task_id in tasks)
 
     for round_ in range(3):
-        before = events_so_far()
+        # (Right after the last round's node came back the stream may still be electing: 503, retried.)
+        [before] = wait_for(lambda: (events_so_far(),), timeout_s=60, what="the tasks' events so far")
         node = asyncio.run(stream_facts(stack, cluster))[0] if round_ == 0 else f"n{round_}"
         cluster.kill(node)
         for name in SERVICE_NAMES:
@@ -108,16 +124,21 @@ def test_nothing_is_lost_doubled_or_reordered_while_nats_nodes_and_replicas_die(
         wait_for(lambda: events_so_far() > before + TASKS, timeout_s=120,
                  what=f"round {round_}: the tasks move on with {node} down")
         cluster.restart(node)
+    rounds_done.open()
 
     for task_id in tasks:
         events = assert_flow_completes(api, task_id, timeout_s=300)
         # One PromptDelivered per attempt; every output line once, in order, per attempt.
         sessions = Counter(e["data"]["session_id"] for e in events if e["type"] == "PromptDelivered")
         assert set(sessions.values()) == {1}, (task_id, sessions)
-        for outputs in outputs_per_attempt(events):
+        attempts = outputs_per_attempt(events)
+        for outputs in attempts:
             assert [o["data"]["seq"] for o in outputs] == list(range(1, len(outputs) + 1)), task_id
-            lines = "".join(o["data"]["text"] for o in outputs).split()
-            assert [line for line in lines if line.startswith("line-")] == [f"line-{i}" for i in range(1, LINES + 1)]
+            lines = [line for line in "".join(o["data"]["text"] for o in outputs).split() if line.startswith("line-")]
+            assert lines == [f"line-{i}" for i in range(1, len(lines) + 1)], task_id
+        # The last attempt's own count of its lines: none went missing at the end either.
+        words = "".join(o["data"]["text"] for o in attempts[-1]).split()
+        assert [w for w in words if w.startswith("lines-")] == [f"lines-{sum(w.startswith('line-') for w in words)}"]
 
     # Every event on the stream once.
     _, _, ids = asyncio.run(stream_facts(stack, cluster))

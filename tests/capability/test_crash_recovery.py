@@ -126,6 +126,10 @@ def test_nothing_is_lost_when_nats_stops_mid_run_and_comes_back(tmp_path: Path):
         # NATS goes away mid-run: health says so…
         stack.nats.stop()
         wait_for(lambda: api.http.get("/api/health").json()["nats"] is False, timeout_s=30, what="health to see NATS down")
+        # …and what reads the stream meanwhile is told to come back, not given a 500.
+        history = api.http.get(f"/api/tasks/{task['task_id']}/events", timeout=60)
+        assert history.status_code == 503 and history.headers["retry-after"].isdigit(), history.text
+        assert "event bus is not answering" in history.json()["detail"]
         # …and comes back on the same port and store.
         stack.nats.start()
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.cli.supervisor import SERVICE_NAMES, _environ
+from services.cli.data_dir_processes import process_environ
+from services.cli.supervisor import SERVICE_NAMES
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.processes import BatonStack, NatsServer
@@ -54,7 +55,7 @@ def gateway(stack: BatonStack, index: int) -> Api:
 
 def test_each_service_runs_as_replicas_that_know_their_place_and_every_gateway_answers(replicated: BatonStack):
     for name in SERVICE_NAMES:
-        places = [_environ(replicated.service_pid(f"{name}-{i}")).get("BATON_REPLICA") for i in range(REPLICAS)]
+        places = [process_environ(replicated.service_pid(f"{name}-{i}")).get("BATON_REPLICA") for i in range(REPLICAS)]
         assert places == [f"{i}/{REPLICAS}" for i in range(REPLICAS)], name
     assert all(gateway_healthy(replicated, index) for index in range(REPLICAS))
 
