@@ -27,7 +27,6 @@ import asyncio
 import ctypes
 import fcntl
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -190,8 +189,7 @@ class Supervisor:
         for inherited in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # Ours to give, not systemd's.
             env.pop(inherited, None)
         if self.settings.watchdog_s > 0:
-            self.watchdog = WatchdogListener(f"baton-watchdog-{os.getpid()}-{secrets.token_hex(4)}",
-                                             self.settings.watchdog_s)
+            self.watchdog = WatchdogListener(self.settings.watchdog_s)
             env.update(self.watchdog.env())
         if self.settings.database_url:
             env["BATON_DATABASE_URL"] = self.settings.database_url

@@ -23,7 +23,9 @@ import logging
 import os
 import socket
 import struct
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +98,25 @@ async def feed_watchdog(env: Mapping[str, str] = os.environ) -> None:
 
 
 class WatchdogListener:
-    """The supervisor's end: one datagram socket in the abstract namespace that every child is
-    given as `NOTIFY_SOCKET`; each ping is attributed by the kernel's record of its sender
-    (SCM_CREDENTIALS), so a child cannot ping for another and nothing else can ping for one."""
+    """The supervisor's end: one datagram socket that every child is given as `NOTIFY_SOCKET`.
 
-    def __init__(self, name: str, interval_s: float) -> None:
-        self.name, self.interval_s = f"@{name}", interval_s
+    It is a file in a directory of its own, private to the user (0700, in the temp dir: a short
+    path, as a socket's must be), not a name in the abstract namespace: an agent shares the host's
+    network namespace, where every abstract socket is listed and reachable, and a flood from it
+    would crowd the services' pings out and get them killed. An agent's sandbox has its own /tmp.
+    Each ping is attributed by the kernel's record of its sender (SCM_CREDENTIALS), so a child
+    cannot ping for another and nothing else can ping for one."""
+
+    MAX_READ = 10_000
+    """Datagrams read per `senders()` call: a flood cannot keep the supervisor reading."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._directory = Path(tempfile.mkdtemp(prefix="baton-watchdog-"))  # 0700
+        self.name = str(self._directory / "notify")
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self._socket.bind(_address(self.name))
+        self._socket.bind(self.name)
         self._socket.setblocking(False)
 
     def env(self) -> dict[str, str]:
@@ -114,16 +126,19 @@ class WatchdogListener:
     def senders(self) -> list[int]:
         """The pids that pinged (`WATCHDOG=1`) since the last call, oldest first."""
         pids = []
-        while True:
+        for _ in range(self.MAX_READ):
             try:
                 data, ancillary, _, _ = self._socket.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
             except BlockingIOError:
-                return pids
+                break
             if b"WATCHDOG=1" not in data.split(b"\n"):
                 continue
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pids.append(_UCRED.unpack(payload[:_UCRED.size])[0])
+        return pids
 
     def close(self) -> None:
         self._socket.close()
+        Path(self.name).unlink(missing_ok=True)
+        self._directory.rmdir()

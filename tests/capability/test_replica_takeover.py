@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,7 +72,7 @@ def test_a_frozen_replica_holding_its_stores_relay_lease_is_killed_and_the_task_
     nats = NatsServer(store_dir=tmp_path / "nats", trusting=tmp_path / "baton").start()
     generous = ",".join(f"{d.expected}=600" for d in DEADLINES)  # Only the watchdog is on trial.
     # baton up run as a systemd unit with WatchdogSec: this test listens where systemd would.
-    systemd = WatchdogListener(f"baton-test-systemd-{os.getpid()}-{time.monotonic_ns()}", 60.0)
+    systemd = WatchdogListener(60.0)
     stack = BatonStack(nats=nats, data_dir=tmp_path / "baton", replicas=2,
                        extra_env={"BATON_DEADLINES": generous, "BATON_WATCHDOG_S": "4", **systemd.env()})
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from services.cli.data_dir_processes import process_environ
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import branch_file, make_origin
@@ -26,9 +27,10 @@ SHELL_OWN_ENV = frozenset({"HOME", "PWD", "OLDPWD", "SHLVL", "_"})
 LISTING_START, LISTING_END = "--- listing of the data dir", "--- end of listing"
 
 
-def prying_prompt(data_dir: Path) -> str:
+def prying_prompt(data_dir: Path, watchdog_socket: str) -> str:
     return (
         "env\n"
+        f"ls {watchdog_socket}\n"
         'cat "$BATON_DATA_DIR/secret"\n'
         f"echo '{LISTING_START}'; ls -A {data_dir}; echo '{LISTING_END}'\n"
         f"cat {data_dir}/secret\n"
@@ -51,7 +53,10 @@ def baton_secrets(stack: BatonStack) -> dict[str, str]:
 
 def run_prying_task(api: Api, stack: BatonStack, origin: Path) -> None:
     # The shell agent pries; the task still goes the whole way.
-    task = api.submit(repo=origin.as_uri(), prompt=prying_prompt(stack.data_dir), agent="shell")
+    # baton up's watchdog socket, as its services were given it: an agent that reached it could
+    # crowd their pings out and get them killed.
+    watchdog_socket = process_environ(stack.service_pid("gateway"))["NOTIFY_SOCKET"]
+    task = api.submit(repo=origin.as_uri(), prompt=prying_prompt(stack.data_dir, watchdog_socket), agent="shell")
     events = assert_flow_completes(api, task["task_id"], timeout_s=90)
     outputs = [e["data"] for e in events if e["type"] == "AgentOutput"]
     stdout = "".join(o["text"] for o in outputs if o["stream"] == "stdout")
@@ -71,6 +76,7 @@ def run_prying_task(api: Api, stack: BatonStack, origin: Path) -> None:
     # Every read of the data dir failed: not there, as far as the agent can see.
     for path in ("/secret", f"{stack.data_dir}/secret", f"{stack.data_dir}/api-token"):
         assert f"cat: {path}: No such file or directory" in stderr, stderr
+    assert f"ls: cannot access '{watchdog_socket}': No such file or directory" in stderr, stderr
     listing = stdout.split(LISTING_START, 1)[1].split(LISTING_END, 1)[0].split()
     assert listing == [], f"the agent listed the data dir: {listing}"
 

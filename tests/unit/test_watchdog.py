@@ -19,7 +19,7 @@ FEEDER = "import asyncio; from services.runtime.watchdog import feed_watchdog; a
 
 @pytest.fixture
 def listener() -> Iterator[WatchdogListener]:
-    watchdog = WatchdogListener(f"baton-test-watchdog-{os.getpid()}-{time.monotonic_ns()}", 0.4)
+    watchdog = WatchdogListener(0.4)
     try:
         yield watchdog
     finally:
@@ -62,3 +62,14 @@ def _state(pid: int) -> str:
     """The process's state letter in /proc (T: stopped)."""
     stat = open(f"/proc/{pid}/stat").read()
     return stat[stat.rindex(")") + 2]
+
+
+def test_the_socket_is_a_private_file_not_a_name_anyone_on_the_host_can_reach():
+    watchdog = WatchdogListener(10.0)
+    try:
+        path = watchdog.env()["NOTIFY_SOCKET"]
+        assert not path.startswith("@")  # The abstract namespace: listed and open to every process.
+        assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+    finally:
+        watchdog.close()
+    assert not os.path.exists(os.path.dirname(path))  # Closed: nothing left behind.
