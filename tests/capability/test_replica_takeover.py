@@ -83,16 +83,13 @@ def test_a_frozen_replica_holding_its_stores_relay_lease_is_killed_and_the_task_
         [holder] = [name for name in ("task-runner-0", "task-runner-1")
                     if stack.service_pid(name) == _lease_holder(lease)]
         frozen_pid = stack.service_pid(holder)
-        os.kill(frozen_pid, signal.SIGSTOP)
-        try:
+        with frozen(stack, holder):  # Until the watchdog kills it.
             # Whichever replica's partition the task is in, the other handles it (the frozen one
             # is silent on the heartbeats) and records what it did in the shared store; only the
             # lease holder's relay may publish it.
             task_id = api.submit(repo=make_origin(tmp_path).as_uri(), prompt="echo hi > hi.txt\n",
                                  agent="shell")["task_id"]
             events = api.wait_for_end(task_id, timeout_s=120)
-        finally:
-            _resume(frozen_pid)
         assert events[-1]["type"] == "TaskCompleted", [e["type"] for e in events]
         said = stack.log_path.read_text()
         assert f"service {holder} (pid {frozen_pid}) sent no watchdog ping" in said, said[-3000:]
@@ -105,22 +102,19 @@ def test_a_frozen_replica_holding_its_stores_relay_lease_is_killed_and_the_task_
         stop_soon(stack, nats)
 
 
-def _resume(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGCONT)
-    except ProcessLookupError:
-        pass  # Killed, as it should be.
-
-
 @contextmanager
 def frozen(stack: BatonStack, service: str) -> Iterator[None]:
-    """The service's process stopped (SIGSTOP: alive, silent) for the duration of the block."""
+    """The service's process stopped (SIGSTOP: alive, silent) for the duration of the block, unless
+    the watchdog killed it meanwhile."""
     pid = stack.service_pid(service)
     os.kill(pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        os.kill(pid, signal.SIGCONT)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 def _submit_until_in_a_partition_of(api: Api, origin: str, *, replica: int) -> str:

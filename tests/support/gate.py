@@ -35,9 +35,7 @@ class Gate:
 
     def wait_command(self) -> str:
         """A shell line that returns once the gate is open."""
-        return (f"python3 -c 'import time, urllib.request\nwhile True:\n  try:\n"
-                f"    urllib.request.urlopen(\"{self.url}\", timeout=5); break\n"
-                f"  except Exception: time.sleep(0.05)'\n")
+        return f"until {self.is_open_command()}; do sleep 0.05; done\n"
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from services.cli.data_dir_processes import process_state
 from services.runtime.watchdog import WatchdogListener, watchdog_interval_s
 from tests.support.waiting import wait_for
 
@@ -47,7 +48,7 @@ def test_pings_are_told_apart_by_their_sender_and_stop_when_the_sender_is_stoppe
                  what="a ping from the feeder")
         assert set(heard) == {feeder.pid}  # The kernel's word for who sent it, not the message's.
         os.kill(feeder.pid, signal.SIGSTOP)
-        wait_for(lambda: _state(feeder.pid) == "T", timeout_s=30, what="the feeder stopped")
+        wait_for(lambda: (process_state(feeder.pid) or ("",))[0] == "T", timeout_s=30, what="the feeder stopped")
         listener.senders()  # What it sent before it stopped.
         time.sleep(1.0)  # The window watched: 2.5 intervals, in which a running feeder pings ~10 times.
         assert listener.senders() == []
@@ -56,12 +57,6 @@ def test_pings_are_told_apart_by_their_sender_and_stop_when_the_sender_is_stoppe
     finally:
         feeder.kill()
         feeder.wait()
-
-
-def _state(pid: int) -> str:
-    """The process's state letter in /proc (T: stopped)."""
-    stat = open(f"/proc/{pid}/stat").read()
-    return stat[stat.rindex(")") + 2]
 
 
 def test_the_socket_is_a_private_file_not_a_name_anyone_on_the_host_can_reach():
