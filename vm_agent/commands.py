@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
+from services.runtime.nats_fast_path import flush
 from services.runtime.repo_url import RepoCredential
 from services.runtime.vm_agent_commands import (
     COMMAND_BODIES, AliveProbe, Assignment, CommandReply, Hello, PermissionAnswer, RepoCredentialBody, SessionCancel,
@@ -198,7 +199,7 @@ async def serve_task_commands(nc: Client, task_id: str, commands: VmAgentCommand
             await msg.respond(CommandReply.refused(404, f"no command {name!r}").model_dump_json().encode())
 
     await nc.subscribe(task_subject(task_id, "*"), cb=on_command)
-    await nc.flush()
+    await flush(nc)
 
 
 async def serve_assignment(member: Client, vm_id: str, commands: VmAgentCommands) -> None:
@@ -211,7 +212,7 @@ async def serve_assignment(member: Client, vm_id: str, commands: VmAgentCommands
             asyncio.get_running_loop().create_task(member.close())
 
     await member.subscribe(member_subject(vm_id, "assign"), cb=on_assign)
-    await member.flush()
+    await flush(member)
 
 
 async def say_hello(member: Client, vm_id: str, vm: VmAgent, *, every_s: float = 10.0) -> None:
@@ -224,5 +225,5 @@ async def say_hello(member: Client, vm_id: str, vm: VmAgent, *, every_s: float =
         hello = Hello(vm_id=vm_id, warm_agent=vm.warm_backend, warm_agent_state=vm.warm_agent_state)
         with contextlib.suppress(nats.errors.Error):  # Closed (assigned meanwhile) or reconnecting: next time.
             await member.publish(member_subject(vm_id, "hello"), hello.model_dump_json().encode())
-            await member.flush()
+            await flush(member)
         await asyncio.sleep(every_s)

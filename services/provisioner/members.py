@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from services.runtime.bus import connect_nats
 from services.runtime.nats_auth import service_credentials
+from services.runtime.nats_fast_path import flush
 from services.runtime.settings import Settings, secret_setting_names
 from services.runtime.vm_agent_commands import AliveProbe, Assignment, CommandReply, Hello, member_subject, task_subject
 
@@ -122,7 +123,7 @@ class MemberBus:
                                         credentials=service_credentials(self._settings, "provisioner"),
                                         timeout_s=self._connect_timeout_s)
                 await nc.subscribe(member_subject("*", "hello"), cb=self._on_hello)
-                await nc.flush()
+                await flush(nc)
                 self._nc = nc
 
     def expect_hello(self, vm_id: str) -> asyncio.Future[Hello]:

@@ -28,7 +28,7 @@ import nats
 import nkeys
 from nats.aio.client import Credentials, RawCredentials
 
-from events.catalog import EVENT_TYPES, types_emitted_by
+from events.catalog import types_emitted_by
 from events.client import reader_inbox
 from events.envelope import STREAM
 from services.runtime.settings import Settings, ensure_private_dir, nats_server_urls, write_private

@@ -4,6 +4,11 @@
   write, as `Client.publish` does for one (the relay's batches, a batch of acks).
 - `ack_all`: acks many JetStream messages in one such write, marking each acked as `Msg.ack` does.
 - `connection_of`: the connection a JetStream context runs on (nats-py keeps it private).
+- `flush`: `Client.flush` as its name promises. nats-py 2.16 writes flush's PING straight to the
+  socket, ahead of the commands still waiting for its writer task (the SUB that `subscribe` just
+  queued, a PUB), so the PONG can come back before the server has seen them: a subscription
+  "flushed" that way may miss the next message another connection publishes (seen here 5 times
+  in 100 on a busy machine, and in CI as "no responders" to a vm_agent that had subscribed).
 
 Each falls back to nats-py's public API where the private one is missing, and
 `tests/integration/test_nats_fast_path.py` holds them to the pinned nats-py and nats-server
@@ -12,6 +17,7 @@ Each falls back to nats-py's public API where the private one is missing, and
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import nats.errors
@@ -54,6 +60,22 @@ async def ack_all(messages: Sequence[Msg]) -> None:
     await send_commands(client, b"".join(commands))
     for message in messages:
         message._ackd = True  # noqa: SLF001
+
+
+async def flush(nc: Client, timeout_s: float = 10.0) -> None:
+    """Every command given to `nc` before this call has reached the server and been processed (a
+    subscription is in place, a publish delivered to the subscribers there were): the writer task
+    first writes what is queued, then `Client.flush`'s PING/PONG round trip comes after it."""
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    if nc.is_connected and has_writer_api(nc) and nc._flush_queue is not None:  # noqa: SLF001
+        written = asyncio.get_running_loop().create_future()
+        await nc._flush_queue.put(written)  # noqa: SLF001 - the writer resolves it once it has written
+        try:
+            await asyncio.wait_for(written, timeout_s)
+        except TimeoutError as error:
+            raise nats.errors.FlushTimeoutError from error
+    await nc.flush(timeout_s)
 
 
 def connection_of(js: JetStreamContext) -> Client:

@@ -36,6 +36,7 @@ from services.runtime.consumer import (
     _process_batch,
     run_all,
 )
+from services.runtime.nats_fast_path import flush
 from services.runtime.pinned_pull import PinnedPull
 
 TRANSIENT = (*JETSTREAM_UNAVAILABLE, nats.errors.ConnectionClosedError)
@@ -158,7 +159,7 @@ class OrderedReader:
         if not self.held:
             return
         if not self.in_order:
-            await self.bus.nc.flush()  # Our own acks reach the server before it is asked.
+            await flush(self.bus.nc)  # Our own acks reach the server before it is asked.
             self.in_order = await self.pull.pending_acks() <= len(self.held)
             if not self.in_order:
                 await asyncio.gather(*(message.in_progress() for message in self.held.values()))

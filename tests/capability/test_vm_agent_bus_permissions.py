@@ -21,6 +21,7 @@ from services.runtime.nats_auth import (
     InstallAuth, Permissions, auditor_permissions, raw_credentials, service_permissions, vm_agent_permissions,
     vm_member_permissions,
 )
+from services.runtime.nats_fast_path import flush
 from services.runtime.vm_agent_commands import CommandReply, member_subject, task_subject
 from tests.support.processes import NatsServer
 
@@ -70,7 +71,7 @@ async def answering(nc: Client, subject: str, heard: list[bytes]) -> None:
         await msg.respond(CommandReply.ok(202, heard=len(heard)).model_dump_json().encode())
 
     await nc.subscribe(subject, cb=on_request)
-    await nc.flush()
+    await flush(nc)
 
 
 async def answered(nc: Client, subject: str, payload: bytes):
@@ -122,17 +123,17 @@ def test_a_vm_agent_s_credential_cannot_hear_another_task_s_commands_nor_publish
                 holder(server, auth, "auditor", auditor_permissions()) as reader:
             # Subscribing to the victim's commands is refused by the server.
             await vm.subscribe(task_subject(victim, "*"))
-            await vm.flush()
+            await flush(vm)
             await until(lambda: any("permissions violation for subscription" in r for r in vm.refusals),
                         "the subscription refused")
             # Publishing the victim's events or commands is refused; a reader hears none of it.
             seen: list[str] = []
             await reader.subscribe("baton.task.>", cb=recorder(seen))
-            await reader.flush()
+            await flush(reader)
             await vm.publish(f"baton.task.{victim}.AgentOutput", b"{}")
             await vm.publish(task_subject(victim, "sessions"), b"{}")
             await vm.publish(f"baton.task.{mine}.AgentOutput", b"{}")  # its own: delivered, last
-            await vm.flush()
+            await flush(vm)
             # The server says so (how many of its -ERRs the client reports under load is the client's
             # business); what it let through is what the reader hears, below.
             await until(lambda: any("permissions violation for publish" in r for r in vm.refusals),
@@ -177,7 +178,7 @@ def test_a_member_takes_only_its_own_assignment_and_only_the_provisioner_sends_i
             # It may not listen for another member's assignment, nor speak for another.
             await member.subscribe(member_subject(other, "assign"))
             await member.publish(member_subject(other, "hello"), b"{}")
-            await member.flush()
+            await flush(member)
             await until(lambda: len([r for r in member.refusals if "permissions violation" in r]) >= 2,
                         "both refused")
             # The task runner may not assign; the provisioner may.
@@ -207,13 +208,13 @@ def test_no_control_plane_reader_hears_an_assignment_or_a_command(trusted_nats):
                 await nc.subscribe(">", cb=recorder(overheard))
             await provisioner.subscribe(">", cb=recorder(overheard, unless=".hello", other=hellos))
             for nc in (gateway, reader, runner, provisioner):
-                await nc.flush()
+                await flush(nc)
             await answering(member, member_subject(vm_id, "assign"), [])
             await answering(vm, task_subject(task, "*"), [])
             await answered(provisioner, member_subject(vm_id, "assign"), b"secret creds")
             await answered(runner, task_subject(task, "sessions"), b"a prompt")
             await member.publish(member_subject(vm_id, "hello"), b"{}")
-            await member.flush()
+            await flush(member)
             # The provisioner hears the hello (sent after both requests): by then anything
             # overheard would have been delivered.
             await until(lambda: hellos == [member_subject(vm_id, "hello")], "the provisioner hears the hello")

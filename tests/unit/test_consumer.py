@@ -189,7 +189,6 @@ async def test_a_failing_batch_falls_back_to_one_at_a_time_and_dead_letters_only
 
     handler = FailsOnBad()
     msgs = [message(1, "ok1"), message(2, "bad"), message(3, "ok3")]
-    batch = handler, broken_batch
     monkeypatch.setattr("services.runtime.consumer.RETRY_DELAYS_S", (0,))
 
     await _process_batch(bus, DURABLE, msgs, handler, broken_batch, store)

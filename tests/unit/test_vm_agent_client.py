@@ -10,6 +10,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from services.runtime.nats_fast_path import flush
 from services.runtime.vm_agent_commands import CommandReply, TurnStart, task_address, task_subject
 from services.task_runner.vm_agent_client import AgentStartRefused, VmAgentClient, VmAgentSilent
 from tests.support.processes import NatsServer
@@ -91,7 +92,7 @@ async def test_a_vm_agent_url_that_is_not_its_task_s_bus_address_is_never_asked(
         heard.append(msg.data)
 
     await nc.subscribe("baton.vm.task.*.*", cb=note)
-    await nc.flush()
+    await flush(nc)
     with pytest.raises(AgentStartRefused) as refused:
         await VmAgentClient(nc, timeout_s=1.0).start_turn(address, task_id=TASK, attempt_id=f"{TASK}-a1",
                                                           turn=2, prompt="echo two", causation_id="f1")
