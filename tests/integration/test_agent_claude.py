@@ -106,13 +106,15 @@ async def test_claude_writes_the_scripted_file_and_reports_tool_call_permission_
 
 
 def _assert_the_write_was_reported(sink: RecordingSink, path: str, content: str) -> None:
-    """One edit tool call, whose diff (`path` relative to the workspace) made `content`, completed."""
+    """One edit tool call, whose diff (`path` relative to the workspace) made `content`, completed. The
+    diff comes with the start or an update: Claude Code may ask permission (the adapter then announces
+    the call, input and all) before or after the call's tool_use block streams in."""
     [started] = sink.reported("ToolCallStarted")
     assert started["kind"] == "edit"
     updates = [u for u in sink.reported("ToolCallUpdated") if u["tool_call_id"] == started["tool_call_id"]]
-    diffs = [diff for update in updates for diff in update["diffs"]]
+    diffs = [diff for update in [started, *updates] for diff in update["diffs"]]
     assert {"path": path, "new_text": content} in [
-        {"path": d["path"], "new_text": d["new_text"]} for d in diffs], updates
+        {"path": d["path"], "new_text": d["new_text"]} for d in diffs], (started, updates)
     assert updates[-1]["status"] == "completed", updates
 
 
