@@ -3,6 +3,9 @@ here); a task submitted to either gateway completes while a replica of every ser
 
 from __future__ import annotations
 
+import asyncio
+import json
+import secrets
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,10 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from events import TERMINAL_TYPES
+
 from services.cli.data_dir_processes import process_environ
 from services.cli.supervisor import SERVICE_NAMES
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
+from tests.support.gate import gate
 from tests.support.processes import BatonStack, NatsServer
 from tests.support.waiting import wait_for
 
@@ -58,6 +64,47 @@ def test_each_service_runs_as_replicas_that_know_their_place_and_every_gateway_a
         places = [process_environ(replicated.service_pid(f"{name}-{i}")).get("BATON_REPLICA") for i in range(REPLICAS)]
         assert places == [f"{i}/{REPLICAS}" for i in range(REPLICAS)], name
     assert all(gateway_healthy(replicated, index) for index in range(REPLICAS))
+
+
+def test_a_viewer_follows_a_task_live_on_one_gateway_and_resumes_on_the_other(replicated: BatonStack, origin: Path):
+    # Submitted through gateway 0, watched live through gateway 1 until the agent waits at the
+    # gate; then resumed through gateway 0 from the last sequence seen: one whole history.
+    nonce = secrets.token_hex(4)
+    first, second = gateway(replicated, 0), gateway(replicated, 1)
+    with gate() as the_gate:
+        prompt = (f"echo 'before {nonce}'\n{the_gate.wait_command()}"
+                  f"for i in 1 2 3; do echo \"after $i {nonce}\"; done\n")
+        task_id = first.submit(repo=origin.as_uri(), prompt=prompt, agent="shell")["task_id"]
+
+        async def watch_until_before() -> list[dict]:
+            seen: list[dict] = []
+            async with asyncio.timeout(120), second.stream(f"/api/tasks/{task_id}/stream") as socket:
+                async for raw in socket:
+                    seen.append(json.loads(raw))
+                    if f"before {nonce}" in seen[-1]["data"].get("text", ""):
+                        return seen
+            raise AssertionError("gateway 1's stream closed before the agent's first line")
+
+        live = asyncio.run(watch_until_before())
+        the_gate.open()
+
+        async def resume() -> list[dict]:
+            rest: list[dict] = []
+            path = f"/api/tasks/{task_id}/stream?from_seq={live[-1]['stream_seq'] + 1}"
+            async with asyncio.timeout(120), first.stream(path) as socket:
+                async for raw in socket:
+                    rest.append(json.loads(raw))
+                    if rest[-1]["type"] in TERMINAL_TYPES:
+                        return rest
+            raise AssertionError("gateway 0's stream closed before the task ended")
+
+        rest = asyncio.run(resume())
+    assert rest[-1]["type"] == "TaskCompleted", rest[-1]
+    history = first.events(task_id)
+    assert [(e["stream_seq"], e["event_id"]) for e in live + rest] == \
+        [(e["stream_seq"], e["event_id"]) for e in history]
+    said = "".join(e["data"]["text"] for e in live + rest if e["type"] == "AgentOutput")
+    assert said.index(f"before {nonce}") < said.index(f"after 3 {nonce}")
 
 
 @pytest.mark.parametrize("killed", range(REPLICAS))

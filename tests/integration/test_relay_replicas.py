@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from eventsourcing.persistence import IntegrityError
 
 from events import STREAM, TaskFailed
 from services.runtime.bus import Bus, Outgoing
@@ -193,3 +194,23 @@ async def test_a_holder_whose_database_session_is_cut_stops_and_a_replica_publis
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+
+
+def test_two_replicas_updating_one_aggregate_never_lose_an_update(store_env: dict[str, str]):
+    # Optimistic concurrency, as the database enforces it between two replicas' stores: the later
+    # save of the same version is refused whole (IntegrityError: what the consumer retries), and
+    # the update made again on what the winner saved keeps both.
+    first, second = ServiceStore(STORE, store_env), ServiceStore(STORE, store_env)
+    task = Task(f"t{secrets.token_hex(6)}", "file:///r", "p", "shell", None)
+    first.save(task)
+    mine, theirs = first.repository.get(task.id), second.repository.get(task.id)
+    mine.emit(TaskFailed(reason="the first replica's"), actor="test")
+    theirs.emit(TaskFailed(reason="the second replica's"), actor="test")
+    first.save(mine)
+    with pytest.raises(IntegrityError):
+        second.save(theirs)
+    again = second.repository.get(task.id)
+    again.emit(TaskFailed(reason="the second replica's"), actor="test")
+    second.save(again)
+    recorded = [event.envelope for event in first.events.get(task.id) if hasattr(event, "envelope")]
+    assert [e["data"]["reason"] for e in recorded] == ["the first replica's", "the second replica's"]
