@@ -14,7 +14,7 @@ from services.monitor.domain import Watch, skipped
 from services.runtime.consumer import Handler, Subscription
 from services.runtime.partitions import HeldPartitions
 from services.runtime.handlers import declared_handlers, handles
-from services.runtime.store import ServiceStore
+from services.runtime.store import ServiceStore, forgotten_if_unsaved
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ class Monitor:
         for watch in watches.values():
             if watch.ended and watch.counted_seq != watch.last_seq:
                 watch.output_counted(watch.last_seq)
-        self.store.save_processed(items[-1][1], *watches.values())
+        with forgotten_if_unsaved(self.watches, *watches):
+            self.store.save_processed(items[-1][1], *watches.values())
         for task_id, watch in watches.items():
             if watch.ended:
                 self.watches.pop(task_id, None)
@@ -190,7 +191,8 @@ class Monitor:
                     changed = True
             changed |= self._check_stall(watch, now)
             if changed:
-                self.store.save(watch)
+                with forgotten_if_unsaved(self.watches, watch.task_id):
+                    self.store.save(watch)
 
     def _check_stall(self, watch: Watch, now: datetime) -> bool:
         if "PromptDelivered" not in watch.seen or "AgentFinished" in watch.seen or watch.ended:

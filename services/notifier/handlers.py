@@ -26,7 +26,7 @@ from services.notifier.messages import (
 from services.runtime.consumer import Handler, Subscription
 from services.runtime.partitions import HeldPartitions
 from services.runtime.handlers import declared_handlers, handles
-from services.runtime.store import ServiceStore
+from services.runtime.store import ServiceStore, forgotten_if_unsaved
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ class Notifier:
         for name in wanting:
             outbox.queue(delivery_id(envelope.event_id, name), name, envelope.model_dump(mode="json"),
                          self.clock().isoformat())
-        self.store.save_processed(tracking, outbox)
+        with forgotten_if_unsaved(self.outboxes, outbox.task_id):
+            self.store.save_processed(tracking, outbox)
 
     def pending_count(self) -> int:
         return sum(len(outbox.pending) for outbox in self.outboxes.values())
@@ -139,7 +140,8 @@ class Notifier:
                 outbox.skip(entry.delivery_id, "the task's policy answers its permission requests")
             else:
                 self._record(outbox, entry, await self._post(entry, submitted))
-            self.store.save(outbox)
+            with forgotten_if_unsaved(self.outboxes, outbox.task_id):
+                self.store.save(outbox)
         finally:
             self.in_flight.pop(entry.delivery_id, None)
 

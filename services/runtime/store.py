@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,10 @@ from events.versions import current_shape
 from services.runtime.settings import Settings
 
 _ID_NAMESPACE = uuid.UUID("6f1c1d1e-8a56-4a59-9a8e-6b0a7f3b9a10")
+
+
+class SpoiledAggregate(RuntimeError):
+    """An aggregate object whose save failed was given to a save again (ServiceStore)."""
 
 
 def aggregate_id(kind: str, task_id: str) -> uuid.UUID:
@@ -248,6 +253,7 @@ class ServiceStore(Application):
                 # loser's first tracking record collides with the winner's. The tables exist now.
                 super().__init__(env)
         self._listeners: list[Callable[[list[Recording]], None]] = []
+        self._spoiled: weakref.WeakValueDictionary[int, Aggregate] = weakref.WeakValueDictionary()
 
     @property
     def process_recorder(self) -> ProcessRecorder:
@@ -264,15 +270,34 @@ class ServiceStore(Application):
         self._listeners.append(listener)
 
     def save(self, *objs: Any, **kwargs: Any) -> Any:
-        recordings = super().save(*objs, **kwargs)
+        with self._spoiling_if_unsaved(objs):
+            recordings = super().save(*objs, **kwargs)
         self._fire(recordings)
         return recordings
 
     def save_processed(self, tracking: Tracking, *aggregates: Aggregate | None) -> None:
         """Save the aggregates' new events and the consumer position in one transaction."""
-        processing = ProcessingEvent(tracking)
-        processing.collect_events(*aggregates)
-        self._fire(self._record(processing))
+        with self._spoiling_if_unsaved(aggregates):
+            processing = ProcessingEvent(tracking)
+            processing.collect_events(*aggregates)
+            recordings = self._record(processing)
+        self._fire(recordings)
+
+    @contextmanager
+    def _spoiling_if_unsaved(self, objs: tuple[Any, ...]) -> Iterator[None]:
+        """A save takes the aggregates' pending events before writing them: if it fails, they are
+        lost and each aggregate object is ahead of the store. Such an object is never saved again
+        (it would record a version after one never stored); read the aggregate again instead."""
+        if spoiled := [obj for obj in objs if self._spoiled.get(id(obj)) is obj]:
+            raise SpoiledAggregate(f"{type(spoiled[0]).__name__} {spoiled[0].id} failed to save before; "
+                                   "read it again from the store")
+        try:
+            yield
+        except BaseException:
+            for obj in objs:
+                if isinstance(obj, Aggregate):
+                    self._spoiled[id(obj)] = obj
+            raise
 
     def is_processed(self, tracking: Tracking) -> bool:
         return self.process_recorder.has_tracking_id(
@@ -294,3 +319,19 @@ class ServiceStore(Application):
     def _fire(self, recordings: list[Recording]) -> None:
         for listener in self._listeners:
             listener(recordings)
+
+
+@contextmanager
+def forgotten_if_unsaved(cache: MutableMapping[str, Any], *task_ids: str) -> Iterator[None]:
+    """Around a save of aggregates a handler keeps in `cache` between events (by task id): if the
+    save fails, they are forgotten, and the next event reads them from the store again.
+    eventsourcing takes an aggregate's pending events from it before writing them, so an aggregate
+    whose save failed (a replica that saved first, a lost connection) is ahead of its store in
+    memory; saved on top of, it would record a version after one never stored, and no replica
+    could read it back."""
+    try:
+        yield
+    except BaseException:
+        for task_id in task_ids:
+            cache.pop(task_id, None)
+        raise

@@ -89,6 +89,8 @@ class BatonStack:
     process: subprocess.Popen | None = None
     replicas: int = 1
     """`baton up --replicas`: processes of each service (gateway i on `port` + i)."""
+    options: tuple[str, ...] = ()
+    """More of `baton up`'s options (`--demo`)."""
 
     @property
     def api(self) -> str:
@@ -132,7 +134,7 @@ class BatonStack:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "services.cli.main", "up", "--port", str(self.port),
                  "--data-dir", str(self.data_dir), *(["--nats-url", self.nats.url] if self.nats else []),
-                 *(["--replicas", str(self.replicas)] if self.replicas > 1 else [])],
+                 *(["--replicas", str(self.replicas)] if self.replicas > 1 else []), *self.options],
                 stdout=log, stderr=log, env=env, cwd=REPO_ROOT, start_new_session=True,
             )
         wait_for(self.healthy, timeout_s=90, what="GET /api/health = 200")

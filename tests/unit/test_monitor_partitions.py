@@ -6,11 +6,14 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, datetime, timedelta
 
-from eventsourcing.persistence import Tracking
+import pytest
+from eventsourcing.persistence import IntegrityError, Tracking
 
 from events import DEADLINES, Envelope, parse_deadlines, partition_of
+from services.monitor.domain import Watch
 from services.monitor.handlers import Monitor
 from services.runtime.partitions import HeldPartitions
+from services.runtime.store import SpoiledAggregate
 from tests.unit.fakes import envelopes_in, popo_store
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -156,3 +159,47 @@ def test_replica_liveness_hears_each_replica_and_trusts_all_until_it_has_listene
     assert board.replica_alive("monitor", 0) and not board.replica_alive("monitor", 1)
     board.replicas_seen[("monitor", 0)] = now - 5.5
     assert not board.replica_alive("monitor", 0)
+
+
+async def test_a_replica_whose_batch_lost_a_race_reads_its_watches_again_and_never_records_past_a_gap():
+    # Both replicas folded two tasks (their partition moving between them); the other saved one
+    # first, so the late replica's batch of both is refused whole.
+    store, deadlines = popo_store(), parse_deadlines("PromptDelivered=30", DEADLINES)
+    late, first = Monitor(store, deadlines, stall_after_s=300), Monitor(store, deadlines, stall_after_s=300)
+    raced, bystander = task_in(3), next(t for t in (f"other{n}" for n in itertools.count()) if partition_of(t) == 3)
+    for task_id in (raced, bystander):
+        await ready(late, task_id)
+        await ready(first, task_id)  # Both cache each watch as saved.
+
+    def started(task_id: str) -> tuple[Envelope, Tracking]:
+        return (Envelope(type="AgentSessionStarted", task_id=task_id, actor="test", occurred_at=at(1)),
+                Tracking("monitor-p3", next(_seq)))
+
+    await first.on_event(*started(raced))
+    batch = [started(raced), started(bystander)]
+    with pytest.raises(IntegrityError):
+        await late.on_batch(batch)
+    # Handled again one at a time (as the consumer does after a failed batch), then on.
+    for envelope, tracking in batch:
+        await late.on_event(envelope, tracking)
+    await late.on_event(Envelope(type="PromptDelivered", task_id=bystander, actor="test", occurred_at=at(2),
+                                 data={"session_id": "s", "prompt_sha256": "x"}), Tracking("monitor-p3", next(_seq)))
+    for task_id in (raced, bystander):  # Readable: no version recorded after one never stored.
+        assert "AgentSessionStarted" in store.get_task_aggregate(Watch, task_id).seen
+    assert "PromptDelivered" in store.get_task_aggregate(Watch, bystander).seen
+
+
+async def test_an_aggregate_whose_save_failed_is_never_saved_again():
+    store = popo_store()
+    watch = Watch(task_in(2))
+    store.save(watch)
+    stale = store.get_task_aggregate(Watch, watch.task_id)
+    watch.observe("WorkspaceReady", at(0).isoformat(), "e1")
+    stale.observe("WorkspaceReady", at(0).isoformat(), "e2")
+    store.save(watch)
+    with pytest.raises(IntegrityError):
+        store.save(stale)
+    stale.observe("PromptDelivered", at(1).isoformat(), "e3")  # Its lost event is not in the store…
+    with pytest.raises(SpoiledAggregate):  # …so this one, on top of it, is refused.
+        store.save(stale)
+    assert store.get_task_aggregate(Watch, watch.task_id).seen == watch.seen
