@@ -111,8 +111,8 @@ async def _process_batch(
     try:
         if fresh:
             await handle_batch(fresh)
-    except Exception:
-        log.warning("consumer %s: batch of %d failed; handling one at a time", durable, len(fresh))
+    except Exception as error:
+        log.warning("consumer %s: batch of %d failed (%r); handling one at a time", durable, len(fresh), error)
         items = []
     await ack_all(messages[: len(items)])
     _log_handled(durable, fresh if items else [])
