@@ -42,8 +42,8 @@ def kind_of(pid: int) -> str:
     args = [a.decode(errors="replace") for a in argv if a]
     if comm == "baton-vm_agent":
         return "vm_agent"
-    if "service" in args and "services.cli.main" in args:
-        return args[args.index("service") + 1]
+    if "services.cli.service" in args:
+        return args[args.index("services.cli.service") + 1]
     if "up" in args and "services.cli.main" in args:
         return "baton up"
     for module in ("vm_agent.zygote", "vm_agent.agents.shell"):

@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.runtime.bus import vm_agent_dead_letter_subject
 from services.runtime.git_safety import vm_agent_git_dir
@@ -16,11 +17,13 @@ from services.runtime.relay_lease import FileLease
 from services.runtime.repo_url import RepoCredential
 from services.runtime.store import ServiceStore, sqlite_env
 from vm_agent import workspace_lock
-from vm_agent.acp_session import AgentProcess
 from vm_agent.domain import Session
 from vm_agent.gitops import PushAccess
 from vm_agent.permissions import DEFAULT_TIMEOUT_S, PermissionDesk
-from vm_agent.runner import AgentLauncher
+
+if TYPE_CHECKING:  # (the ACP client is not needed to read or end a vm_agent's session)
+    from vm_agent.acp_session import AgentProcess
+    from vm_agent.runner import AgentLauncher
 
 log = logging.getLogger(__name__)
 

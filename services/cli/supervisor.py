@@ -47,10 +47,6 @@ from services.runtime.watchdog import WatchdogListener, WatchdogPinger
 
 SERVICE_NAMES = registry.SERVICE_NAMES
 
-SERVICE_STOP_GRACE_S = 3.0
-"""After SIGTERM, how long a service's own shutdown may run before it exits regardless (its
-effects are committed with their positions: ending it is as safe as a crash, which Baton handles)."""
-
 
 class SupervisorError(RuntimeError):
     """Something `baton up` needs is missing; str() says what to do."""
@@ -202,7 +198,7 @@ class Supervisor:
     def _replicas_of(self, service: str) -> list[Child]:
         """The service's processes: one named after it, or with --replicas N, `<service>-<i>`
         (i from 0) with BATON_REPLICA=i/N, each gateway on the next port."""
-        argv = [sys.executable, "-m", "services.cli.main", "service", service]
+        argv = [sys.executable, "-m", "services.cli.service", service]
         if self.replicas == 1:
             return [Child(service, argv, self.settings.path("logs", f"{service}.log"),
                           self.settings.path("run", f"{service}.pid"))]

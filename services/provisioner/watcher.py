@@ -27,7 +27,7 @@ from services.provisioner.members import process_alive, this_machine
 from services.runtime.bus import vm_agent_dead_letter_subject
 from services.runtime.relay import BatchPublisher, Relay
 from services.runtime.store import ServiceStore
-from vm_agent.main import end_unfinished_session, open_vm_agent_store
+from vm_agent.state import end_unfinished_session, open_vm_agent_store
 
 log = logging.getLogger(__name__)
 

@@ -140,7 +140,7 @@ def test_every_handoff_of_the_flow_has_a_service_acting_on_it():
 
 
 def test_the_lists_of_services_are_derived_from_the_registry():
-    from services.cli.main import SERVICE_MODULES
+    from services.cli.service import SERVICE_MODULES
     from services.cli.supervisor import SERVICE_NAMES
     from services.projector.audit_sources import PRODUCERS
     from services.runtime.heartbeat import REQUIRED_SERVICES
