@@ -331,12 +331,21 @@ class StreamLeaderless(Exception):
     """The stream has no leader right now: its cluster is electing one."""
 
 
+_NO_PEERS = 10005
+"""JetStream's error code for 'no suitable peers for placement'."""
+
+
+class PeersMissing(Exception):
+    """Too few of the cluster's JetStream servers are up (or have joined yet) to place the stream's
+    copies: a cluster still forming, or a node down while the stream is created or changed."""
+
+
 JETSTREAM_UNAVAILABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                          nats.js.errors.ServiceUnavailableError)
 """What a JetStream request meets while a node dies or a leader is elected (503: "JetStream not
 available"): waited out and tried again, never the end of a service."""
 
-_ELECTING = (*JETSTREAM_UNAVAILABLE, StreamLeaderless)
+_ELECTING = (*JETSTREAM_UNAVAILABLE, StreamLeaderless, PeersMissing)
 
 
 async def ensure_stream(
@@ -353,6 +362,10 @@ async def ensure_stream(
                     raise StreamSetupError({"leader": ("one", None)}, hint=(
                         f"; no leader was elected within {ELECTION_WAIT_S:.0f}s: are most of the "
                         "cluster's JetStream servers up?")) from error
+                if isinstance(error, PeersMissing):
+                    raise StreamSetupError({"placement": ("every copy placed", str(error))}, hint=(
+                        f"; within {ELECTION_WAIT_S:.0f}s: are all of the cluster's JetStream servers "
+                        "up?")) from error
                 raise
             log.warning("the stream does not answer (%r): a leader election? trying again", error)
             await asyncio.sleep(0.5)
@@ -375,7 +388,12 @@ async def ensure_streams_now(
         current = None
     if current is None or (current.num_replicas or 1, current.subjects, current.max_msgs) != (
             replicas, wanted.subjects, wanted.max_msgs):
-        await _create_or_update(js, wanted)
+        try:
+            await _create_or_update(js, wanted)
+        except nats.js.errors.APIError as error:
+            if error.err_code == _NO_PEERS:
+                raise PeersMissing(error.description) from error
+            raise
 
 
 async def _ensure_event_stream(js: JetStreamContext, limits: StreamLimits | None, max_msg_size: int | None) -> int:
@@ -398,6 +416,8 @@ async def _ensure_event_stream(js: JetStreamContext, limits: StreamLimits | None
             wanted = stream_config(replace(limits, replicas=1))  # A single server: one copy.
             got = await _create_or_update(js, wanted)
     except nats.js.errors.APIError as error:
+        if error.err_code == _NO_PEERS:
+            raise PeersMissing(error.description) from error
         raise StreamSetupError({"setup": (limits, error.description)}, hint=(
             "; lower BATON_STREAM_MAX_BYTES or give NATS more JetStream storage"
             if error.err_code == 10047 else "")) from error

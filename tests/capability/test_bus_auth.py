@@ -19,7 +19,9 @@ import pytest
 
 from events import STREAM, Envelope, WorkspaceReady
 from events.catalog import envelope_for
-from services.runtime.nats_auth import InstallAuth, raw_credentials, vm_agent_inbox, vm_agent_permissions
+from services.runtime.nats_auth import (
+    InstallAuth, Permissions, raw_credentials, vm_agent_inbox, vm_agent_permissions,
+)
 from tests.support.api import Api
 from tests.support.flow import assert_flow_completes
 from tests.support.git_remote import make_origin
@@ -227,6 +229,36 @@ def test_an_open_nats_url_is_called_out_loudly_by_baton_up_and_health(tmp_path: 
         assert Api(stack.api, "not-the-token").http.get("/api/health").json().keys() == {"status"}
     finally:
         stop_soon(stack, open_nats)
+
+
+def test_a_nats_creds_file_runs_a_task_and_its_secrets_are_nowhere(tmp_path: Path, origin: Path):
+    """`--nats-url` to a NATS that only lets in users of its own operator, and BATON_NATS_CREDS (a
+    `.creds` file its operator issued): every service and the vm_agent get in with it, a task
+    completes, the bus is not called open, and neither the file's JWT nor its seed is in an event,
+    a log or a file of the install."""
+    operator = InstallAuth(tmp_path / "their-nats" / "nats-auth")
+    creds_text = operator.user_creds("baton", Permissions(publish=(">",), subscribe=(">",)))
+    creds = tmp_path / "baton.creds"
+    creds.write_text(creds_text)
+    creds.chmod(0o600)
+    jwt, seed = (line.strip() for line in creds_text.splitlines() if line.startswith(("eyJ", "SU")))
+    nats = NatsServer(store_dir=tmp_path / "nats", trusting=tmp_path / "their-nats").start()
+    stack = BatonStack(nats=nats, data_dir=tmp_path / "baton", extra_env={"BATON_NATS_CREDS": str(creds)})
+    try:
+        stack.start()
+        api = Api(stack.api, stack.token)
+        health = api.http.get("/api/health").json()
+        assert health["bus"] != "open" and "THE BUS IS OPEN" not in json.dumps(health), health
+        task_id = api.submit(repo=origin.as_uri(), prompt="echo hi > hi.txt", agent="shell")["task_id"]
+        events = assert_flow_completes(api, task_id, timeout_s=120)
+        assert "bus: authenticated with the credentials configured" in stack.log_path.read_text()
+        for secret in (jwt, seed):
+            assert secret not in json.dumps(events) and secret not in json.dumps(health)
+            for path in stack.data_dir.rglob("*"):
+                if path.is_file():
+                    assert secret.encode() not in path.read_bytes(), path
+    finally:
+        stop_soon(stack, nats)
 
 
 def test_a_nats_url_with_a_token_runs_a_task_and_the_token_is_nowhere(tmp_path: Path, origin: Path):
