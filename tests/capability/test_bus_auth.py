@@ -245,20 +245,31 @@ def test_a_nats_creds_file_runs_a_task_and_its_secrets_are_nowhere(tmp_path: Pat
     nats = NatsServer(store_dir=tmp_path / "nats", trusting=tmp_path / "their-nats").start()
     stack = BatonStack(nats=nats, data_dir=tmp_path / "baton", extra_env={"BATON_NATS_CREDS": str(creds)})
     try:
-        stack.start()
-        api = Api(stack.api, stack.token)
-        health = api.http.get("/api/health").json()
-        assert health["bus"] != "open" and "THE BUS IS OPEN" not in json.dumps(health), health
-        task_id = api.submit(repo=origin.as_uri(), prompt="echo hi > hi.txt", agent="shell")["task_id"]
-        events = assert_flow_completes(api, task_id, timeout_s=120)
-        assert "bus: authenticated with the credentials configured" in stack.log_path.read_text()
+        events, health = a_task_through_the_configured_bus(stack, origin)
         for secret in (jwt, seed):
             assert secret not in json.dumps(events) and secret not in json.dumps(health)
-            for path in stack.data_dir.rglob("*"):
-                if path.is_file():
-                    assert secret.encode() not in path.read_bytes(), path
+            assert files_holding(stack.data_dir, secret) == []
     finally:
         stop_soon(stack, nats)
+
+
+def a_task_through_the_configured_bus(stack: BatonStack, origin: Path) -> tuple[list[dict], dict]:
+    """Start `stack` on a bus whose credentials are configured, see it is not called open, and
+    run a task to completion: its events and the health the gateway answered."""
+    stack.start()
+    api = Api(stack.api, stack.token)
+    health = api.http.get("/api/health").json()
+    assert health["bus"] != "open" and "THE BUS IS OPEN" not in json.dumps(health), health
+    task_id = api.submit(repo=origin.as_uri(), prompt="echo hi > hi.txt", agent="shell")["task_id"]
+    events = assert_flow_completes(api, task_id, timeout_s=120)
+    said = stack.log_path.read_text()
+    assert "bus: authenticated with the credentials configured" in said, said
+    return events, health
+
+
+def files_holding(data_dir: Path, secret: str, *, but: tuple[Path, ...] = ()) -> list[Path]:
+    return [path for path in data_dir.rglob("*")
+            if path.is_file() and path not in but and secret.encode() in path.read_bytes()]
 
 
 def test_a_nats_url_with_a_token_runs_a_task_and_the_token_is_nowhere(tmp_path: Path, origin: Path):
@@ -269,21 +280,13 @@ def test_a_nats_url_with_a_token_runs_a_task_and_the_token_is_nowhere(tmp_path: 
     nats = NatsServer(store_dir=tmp_path / "nats", token=token).start()
     stack = BatonStack(nats=nats, data_dir=tmp_path / "baton")
     try:
-        stack.start()
-        api = Api(stack.api, stack.token)
-        health = api.http.get("/api/health").json()
-        assert health["bus"] != "open" and "THE BUS IS OPEN" not in json.dumps(health), health
-        task_id = api.submit(repo=origin.as_uri(), prompt="echo hi > hi.txt", agent="shell")["task_id"]
-        events = assert_flow_completes(api, task_id, timeout_s=120)
+        events, health = a_task_through_the_configured_bus(stack, origin)
         assert token not in json.dumps(events) and token not in json.dumps(health)
         said = stack.log_path.read_text()
         assert token not in said and "nats: nats://***@127.0.0.1" in said, said
-        assert "bus: authenticated with the credentials configured" in said, said
         # Only where `baton audit` and `baton credentials` find the running bus (owner-only).
         url_file = stack.data_dir / "run" / "nats.url"
         assert url_file.stat().st_mode & 0o777 == 0o600
-        for path in stack.data_dir.rglob("*"):
-            if path.is_file() and path != url_file:
-                assert token.encode() not in path.read_bytes(), path
+        assert files_holding(stack.data_dir, token, but=(url_file,)) == []
     finally:
         stop_soon(stack, nats)
