@@ -388,12 +388,7 @@ async def ensure_streams_now(
         current = None
     if current is None or (current.num_replicas or 1, current.subjects, current.max_msgs) != (
             replicas, wanted.subjects, wanted.max_msgs):
-        try:
-            await _create_or_update(js, wanted)
-        except nats.js.errors.APIError as error:
-            if error.err_code == _NO_PEERS:
-                raise PeersMissing(error.description) from error
-            raise
+        await _create_or_update(js, wanted)
 
 
 async def _ensure_event_stream(js: JetStreamContext, limits: StreamLimits | None, max_msg_size: int | None) -> int:
@@ -416,8 +411,6 @@ async def _ensure_event_stream(js: JetStreamContext, limits: StreamLimits | None
             wanted = stream_config(replace(limits, replicas=1))  # A single server: one copy.
             got = await _create_or_update(js, wanted)
     except nats.js.errors.APIError as error:
-        if error.err_code == _NO_PEERS:
-            raise PeersMissing(error.description) from error
         raise StreamSetupError({"setup": (limits, error.description)}, hint=(
             "; lower BATON_STREAM_MAX_BYTES or give NATS more JetStream storage"
             if error.err_code == 10047 else "")) from error
@@ -477,12 +470,18 @@ async def _stream_config(js: JetStreamContext) -> StreamConfig | None:
 
 async def _create_or_update(js: JetStreamContext, wanted: StreamConfig) -> StreamConfig:
     """The stream as the server kept it, from its answer to the create or update (on a cluster,
-    asking again at once may meet a stream whose group is still forming: "not found")."""
+    asking again at once may meet a stream whose group is still forming: "not found"). Too few
+    servers to place its copies is PeersMissing, waited out by `ensure_stream`."""
     try:
-        await js.stream_info(wanted.name)
-        return (await js.update_stream(wanted)).config
-    except NotFoundError:
-        return (await js.add_stream(wanted)).config
+        try:
+            await js.stream_info(wanted.name)
+            return (await js.update_stream(wanted)).config
+        except NotFoundError:
+            return (await js.add_stream(wanted)).config
+    except nats.js.errors.APIError as error:
+        if error.err_code == _NO_PEERS:  # Not an error in the config: the cluster is not all there.
+            raise PeersMissing(error.description) from error
+        raise
 
 
 async def dead_letter_count(js: JetStreamContext) -> int:
